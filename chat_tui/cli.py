@@ -1,0 +1,195 @@
+"""The `chat-tui` command: the app by default, `ask` for a headless reply, `train` for models.
+
+Every error exits non-zero with one clear line on stderr, never a traceback. Heavy imports
+(torch, transformers, textual) happen inside the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Sequence
+
+from chat_tui import __version__
+
+SUBCOMMANDS = ("ask", "train")
+
+
+class CLIError(Exception):
+    """An error to print as one line and exit with status 2."""
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="PATH", help="a checkpoint folder or Hugging Face hub id (default: the bundled mini-GPT)")
+    parser.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (default: the model's generation_config.json)")
+    group.add_argument("--temperature", type=str, metavar="T", help="0 = greedy")
+    group.add_argument("--top-k", type=str, metavar="K", help="0 = off")
+    group.add_argument("--top-p", type=str, metavar="P", help="in (0, 1]; 1 = off")
+    group.add_argument("--min-p", type=str, metavar="P", help="in [0, 1]; 0 = off")
+    group.add_argument("--typical-p", type=str, metavar="P", help="in (0, 1]; 1 = off")
+    group.add_argument("--repetition-penalty", type=str, metavar="R", help="1 = off")
+    group.add_argument("--presence-penalty", type=str, metavar="X")
+    group.add_argument("--frequency-penalty", type=str, metavar="X")
+    group.add_argument("--seed", type=str, metavar="S", help="fixed seed = reproducible reply")
+    group.add_argument("--max-new-tokens", type=str, metavar="N")
+    group.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+
+
+SAMPLING_FLAGS = (
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "max_new_tokens",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chat-tui",
+        description="Chat with a language model in your terminal, tune its sampling, watch its attention. "
+        "With no command, opens the app.",
+    )
+    parser.add_argument("--version", action="version", version=f"chat-tui {__version__}")
+    _add_model_options(parser)
+    parser.add_argument("--new", action="store_true", help="start with a new conversation")
+    parser.add_argument("--conversation", type=int, metavar="ID", help="open a saved conversation")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ask = sub.add_parser("ask", help="print the model's reply to PROMPT (no UI)")
+    ask.add_argument("prompt", metavar="PROMPT")
+    _add_model_options(ask)
+    ask.add_argument("--system", metavar="TEXT", help="system prompt")
+    _add_sampling_options(ask)
+    ask.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
+
+    train = sub.add_parser("train", help="train a mini-GPT")
+    train_sub = train.add_subparsers(dest="train_command", metavar="STAGE", required=True)
+    bundled = train_sub.add_parser("bundled", help="re-train the bundled model from scratch (chatterbot corpus)")
+    bundled.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder")
+    bundled.add_argument("--pretrain-steps", type=int, default=300)
+    bundled.add_argument("--sft-steps", type=int, default=700)
+    return parser
+
+
+def sampling_params(args: argparse.Namespace, defaults):
+    from chat_tui.engine import SamplingParams
+
+    changes = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name, None) is not None}
+    if args.stop:
+        changes["stop"] = tuple(args.stop)
+    base = defaults if defaults is not None else SamplingParams()
+    return base.with_(**changes)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from chat_tui.engine import Message, SamplingParams, load_engine
+    from chat_tui.ui.text import clean
+
+    # Validate the flags before the (slow) model load, so a typo fails at once.
+    sampling_params(args, SamplingParams())
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty")
+    engine = load_engine(args.model, device=args.device)
+    params = sampling_params(args, engine.default_params())
+    conversation = []
+    if args.system:
+        conversation.append(Message("system", args.system))
+    conversation.append(Message("user", args.prompt))
+    out = sys.stdout
+    safe = clean if out.isatty() else (lambda s: s)  # a terminal never receives escape codes
+    tokens, reason, dropped, prefill, decode_s = 0, None, 0, 0.0, 0.0
+    cancel = threading.Event()
+    try:
+        for step in engine.stream(conversation, params, cancel=cancel):
+            tokens += 1
+            if step.prompt is not None:
+                prefill = step.prompt.prefill_s
+                dropped = step.prompt.dropped_tokens
+            decode_s = step.elapsed_s - prefill
+            reason = step.finish_reason or reason
+            if args.json:
+                record = {
+                    "token": step.text,
+                    "id": step.token_id,
+                    "prob": round(step.prob, 6),
+                    "top": [{"token": c.text, "id": c.id, "prob": round(c.prob, 6)} for c in step.top],
+                }
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            else:
+                out.write(safe(step.text))
+            out.flush()
+    except KeyboardInterrupt:
+        cancel.set()
+        reason = "cancelled"
+    if args.json:
+        summary = {
+            "done": True,
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / decode_s, 2) if tokens and decode_s > 0 else 0.0,
+            "stop_reason": reason or "cancelled",
+            "dropped_tokens": dropped,
+        }
+        out.write(json.dumps(summary) + "\n")
+    else:
+        out.write("\n")
+    out.flush()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from chat_tui.train.trainer import build_bundled
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    build_bundled(Path(args.out), pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps, log=log)
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from chat_tui.ui import run_app
+
+    return run_app(model=args.model, new=args.new, conversation_id=args.conversation, device=args.device)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"ask": cmd_ask, "train": cmd_train, None: cmd_app}
+    try:
+        return handlers[args.command](args) or 0
+    except KeyboardInterrupt:
+        print("chat-tui: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
+        return _report(exc)
+
+
+def _report(exc: BaseException) -> int:
+    from chat_tui.engine.params import InvalidParameter
+    from chat_tui.engine.types import EngineError
+
+    known = (CLIError, EngineError, InvalidParameter, FileNotFoundError, PermissionError, OSError, ValueError)
+    try:
+        from chat_tui.train.data import DataError
+
+        known = (*known, DataError)
+    except ImportError:  # pragma: no cover
+        pass
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not isinstance(exc, known):
+        message = f"unexpected error: {type(exc).__name__}: {message}"
+    print(f"chat-tui: error: {message}", file=sys.stderr)
+    return 2 if isinstance(exc, (CLIError, InvalidParameter)) else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""The engine: models, tokenizers, sampling and the decode loop, with no UI.
+
+Nothing heavy is imported here: torch and transformers load inside `load_engine`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from chat_tui.engine.params import InvalidParameter, SamplingParams
+from chat_tui.engine.types import (
+    Candidate,
+    CheckpointError,
+    Conversation,
+    Engine,
+    EngineError,
+    Message,
+    MessageSpan,
+    PromptInfo,
+    Reply,
+    Step,
+    collect,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = [
+    "Candidate",
+    "CheckpointError",
+    "Conversation",
+    "Engine",
+    "EngineError",
+    "InvalidParameter",
+    "Message",
+    "MessageSpan",
+    "PromptInfo",
+    "Reply",
+    "SamplingParams",
+    "Step",
+    "bundled_model_path",
+    "collect",
+    "load_engine",
+]
+
+BUNDLED_MODEL = "minigpt"
+
+
+def bundled_model_path() -> Path:
+    """The mini-GPT shipped with the package (inside the wheel, or `assets/` in a source checkout)."""
+    package_dir = Path(__file__).resolve().parent.parent
+    for candidate in (package_dir / "assets" / BUNDLED_MODEL, package_dir.parent / "assets" / BUNDLED_MODEL):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise CheckpointError(
+        f"the bundled model is missing: looked in {package_dir / 'assets' / BUNDLED_MODEL} "
+        f"and {package_dir.parent / 'assets' / BUNDLED_MODEL}"
+    )
+
+
+def load_engine(
+    model: str | Path | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    **options: object,
+) -> Engine:
+    """Load a model by path (a mini-GPT checkpoint folder or a Hugging Face folder) or hub id.
+
+    `None` loads the bundled mini-GPT. Raises EngineError with a one-line message on bad input.
+    """
+    path = bundled_model_path() if model is None else Path(str(model)).expanduser()
+    if _is_minigpt_checkpoint(path):
+        from chat_tui.engine.minigpt import MiniGPTEngine
+
+        return MiniGPTEngine.load(path, device=device, progress=progress)
+    try:
+        from chat_tui.engine.hf import HFEngine
+    except ImportError:  # the Hugging Face backend is not part of this build
+        raise CheckpointError(f"{model}: not a chat-tui mini-GPT checkpoint (no config.json with model_type 'chat-tui-minigpt')") from None
+    return HFEngine.load(str(model), device=device, dtype=dtype, progress=progress, **options)
+
+
+def _is_minigpt_checkpoint(path: Path) -> bool:
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "chat-tui-minigpt"
+    except (OSError, ValueError, AttributeError):
+        # a folder of ours with a broken config: let the mini-GPT loader name the problem
+        return (path / "model.safetensors").exists() or (path / "model.pt").exists()

@@ -1,0 +1,179 @@
+"""Sampling parameters: one validated, immutable value shared by every backend and the UI.
+
+Pure Python on purpose (no torch): the UI validates what the user types before the model loads.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+# The stages of the sampling chain, by name. The default order follows Hugging Face's
+# `generate`: penalties on the raw logits, then temperature, then the truncations.
+STAGES = ("repetition", "presence_frequency", "temperature", "top_k", "top_p", "min_p", "typical_p")
+DEFAULT_ORDER = STAGES
+
+
+class InvalidParameter(ValueError):
+    """A sampling parameter outside its range; the message names the parameter, value and range."""
+
+    def __init__(self, name: str, value: Any, allowed: str) -> None:
+        self.name, self.value, self.allowed = name, value, allowed
+        super().__init__(f"{name} = {value!r} is invalid: allowed {allowed}")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How one numeric parameter is shown, stepped and checked."""
+
+    name: str
+    kind: type  # float or int
+    low: float
+    high: float
+    low_open: bool = False  # True: the low end itself is not allowed
+    step: float = 0.1
+    help: str = ""
+    optional: bool = False  # None allowed (seed)
+
+    @property
+    def range_text(self) -> str:
+        left = "(" if self.low_open else "["
+        high = "∞" if math.isinf(self.high) else _fmt(self.high)
+        right = ")" if math.isinf(self.high) else "]"
+        return f"{left}{_fmt(self.low)}, {high}{right}"
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+SPECS: dict[str, ParamSpec] = {
+    s.name: s
+    for s in (
+        ParamSpec("temperature", float, 0.0, 100.0, step=0.05, help="0 = greedy; higher = flatter"),
+        ParamSpec("top_k", int, 0, 1_000_000, step=1, help="keep the k most likely tokens; 0 = off"),
+        ParamSpec("top_p", float, 0.0, 1.0, low_open=True, step=0.05, help="nucleus: smallest set with mass p"),
+        ParamSpec("min_p", float, 0.0, 1.0, step=0.01, help="drop tokens below min_p × top probability"),
+        ParamSpec("typical_p", float, 0.0, 1.0, low_open=True, step=0.05, help="locally typical sampling"),
+        ParamSpec("repetition_penalty", float, 0.0, 100.0, low_open=True, step=0.05,
+                  help="divide logits of seen tokens (>1 discourages repeats)"),
+        ParamSpec("repetition_window", int, 0, 1_000_000, step=16,
+                  help="how many recent tokens the penalties look at; 0 = all"),
+        ParamSpec("presence_penalty", float, -2.0, 2.0, step=0.1, help="OpenAI: subtract once per seen token"),
+        ParamSpec("frequency_penalty", float, -2.0, 2.0, step=0.1, help="OpenAI: subtract per occurrence"),
+        ParamSpec("max_new_tokens", int, 1, 1_000_000, step=16, help="longest reply in tokens"),
+        ParamSpec("seed", int, 0, 2**63 - 1, step=1, optional=True, help="fixed seed = reproducible; empty = random"),
+        ParamSpec("top_candidates", int, 1, 256, step=1, help="candidates reported per token"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    repetition_window: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    order: tuple[str, ...] = field(default=DEFAULT_ORDER)
+    top_candidates: int = 10
+
+    def __post_init__(self) -> None:
+        for spec in SPECS.values():
+            value = getattr(self, spec.name)
+            object.__setattr__(self, spec.name, check_value(spec, value))
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) for s in stop):
+            raise InvalidParameter("stop", stop, "a list of strings")
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        order = self.order
+        allowed = "a permutation of " + ", ".join(STAGES)
+        try:
+            order = tuple(order) if not isinstance(order, str) else (order,)
+        except TypeError:  # None, a number
+            raise InvalidParameter("order", self.order, allowed) from None
+        if not all(isinstance(stage, str) for stage in order) or sorted(order) != sorted(STAGES):
+            raise InvalidParameter("order", self.order, allowed)
+        object.__setattr__(self, "order", order)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def with_(self, **changes: Any) -> SamplingParams:
+        """A validated copy with some values changed (raises InvalidParameter)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        d["order"] = list(self.order)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
+        """Build from a dict (a preset file, generation_config.json); unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if "stop" in kwargs and isinstance(kwargs["stop"], list):
+            kwargs["stop"] = tuple(kwargs["stop"])
+        if "order" in kwargs and isinstance(kwargs["order"], list):
+            kwargs["order"] = tuple(kwargs["order"])
+        return cls(**kwargs)
+
+    @classmethod
+    def neutral(cls) -> SamplingParams:
+        """Every processor off: plain softmax sampling at temperature 1."""
+        return cls()
+
+
+def check_value(spec: ParamSpec, value: Any) -> Any:
+    """Coerce `value` to the parameter's type or raise InvalidParameter naming the range.
+
+    Strings are parsed ("0.7", " 40 ", and "40.0" or "1e3" for an integer parameter); numpy
+    scalars are numbers too; booleans are not.
+    """
+    if value is None and spec.optional:
+        return None
+    original = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "" and spec.optional:
+            return None
+        try:
+            value = int(text) if spec.kind is int else float(text)
+        except ValueError:
+            try:  # "40.0" or "1e3" for an integer: checked as the float it is
+                value = float(text)
+            except ValueError:
+                raise InvalidParameter(spec.name, original, spec.range_text) from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidParameter(spec.name, original, spec.range_text)
+    if spec.kind is int:
+        if not isinstance(value, numbers.Integral):
+            value = float(value)
+            if not value.is_integer():
+                raise InvalidParameter(spec.name, original, f"an integer in {spec.range_text}")
+        value = int(value)
+    else:
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float
+            raise InvalidParameter(spec.name, original, spec.range_text) from None
+        if math.isnan(value) or math.isinf(value):
+            raise InvalidParameter(spec.name, original, spec.range_text)
+    too_low = value <= spec.low if spec.low_open else value < spec.low
+    if too_low or value > spec.high:
+        raise InvalidParameter(spec.name, original, spec.range_text)
+    return value

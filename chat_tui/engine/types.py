@@ -1,0 +1,175 @@
+"""The engine's typed interface: what every backend takes and yields.
+
+Pure Python plus numpy (no torch, no Textual), so the UI and the tests can build these
+values without loading a model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from chat_tui.engine.params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+FinishReason = Literal["eos", "stop", "length", "context", "cancelled"]
+
+
+class EngineError(Exception):
+    """A problem the user can fix, with a one-line message fit to show as it is."""
+
+
+class CheckpointError(EngineError):
+    """A checkpoint that is missing, truncated, mismatched or in a refused format."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
+        if not isinstance(self.content, str):
+            raise TypeError("message content must be a string")
+
+
+Conversation = Sequence[Message]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One possible next token."""
+
+    id: int
+    text: str  # the token's own text (may be part of a multi-byte character: shown with U+FFFD)
+    prob: float  # softmax of the raw logits (temperature 1, no penalties)
+    chain_prob: float  # probability after the whole sampling chain; 0.0 if a stage dropped it
+
+
+@dataclass(frozen=True)
+class MessageSpan:
+    """Which prompt positions [start, end) hold which message (index into the conversation)."""
+
+    message_index: int  # -1 for the generation prompt (e.g. the `<|assistant|>` header)
+    role: str
+    start: int
+    end: int
+
+
+@dataclass
+class PromptInfo:
+    """What was prefilled: carried by the first Step of a stream."""
+
+    ids: list[int]
+    tokens: list[str]  # each token's own text, for labels
+    spans: list[MessageSpan]
+    dropped_messages: int  # whole old turns left out to fit the context
+    dropped_tokens: int  # tokens left out in all (whole turns and a cut prompt)
+    seed: int  # the seed actually used (chosen at random when params.seed is None)
+    prefill_s: float
+    # float16 (layers, heads, P, P) when inspecting and the backend can provide it
+    attention: np.ndarray | None = None
+
+
+@dataclass
+class Step:
+    """One generated token."""
+
+    index: int  # 0 for the first token of the reply
+    position: int  # the token's position in the context window
+    token_id: int
+    token: str  # the token's own text (for labels; may hold U+FFFD for a partial character)
+    text: str  # text released to the stream by this step: never half a character, never part of a stop string
+    prob: float  # raw probability of the chosen token
+    chain_prob: float  # its probability after the sampling chain
+    top: list[Candidate]  # the top candidates by raw probability (params.top_candidates of them)
+    # float16 (layers, heads, position + 1): this token's query row, when inspecting
+    attention: np.ndarray | None
+    # the raw logits of the most likely tokens (ids, float32 logits) and the log of the softmax normaliser,
+    # so a view can replay the sampling chain with other settings without the whole vocabulary
+    top_ids: np.ndarray | None
+    top_logits: np.ndarray | None
+    logsumexp: float
+    step_s: float  # wall time from the previous step (or from the end of the prefill)
+    elapsed_s: float  # wall time since stream() was called
+    finish_reason: FinishReason | None = None  # set on the last step of the stream
+    prompt: PromptInfo | None = None  # set on the first step only
+    params: SamplingParams | None = None  # the settings this token was sampled with
+
+
+ParamsSource = SamplingParams | Callable[[], SamplingParams]
+
+
+def resolve_params(source: ParamsSource) -> SamplingParams:
+    """The current settings: a callable is asked again at every token, so edits apply mid-reply."""
+    return source() if callable(source) else source
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the UI and the CLI need from a backend (mini-GPT, Hugging Face, a test fake)."""
+
+    backend: str  # "minigpt", "hf", "fake"
+    model_name: str
+    device: str
+    context_length: int
+    n_layer: int
+    n_head: int
+    chat_format: str
+    checkpoint_hash: str
+    # None when attention can be captured, else the reason it cannot (shown by the inspector)
+    attention_unavailable: str | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def default_params(self) -> SamplingParams: ...
+
+    def render(self, conversation: Conversation) -> tuple[list[int], list[MessageSpan]]: ...
+
+    def stream(
+        self,
+        conversation: Conversation,
+        params: ParamsSource,
+        *,
+        inspect: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Step]: ...
+
+
+@dataclass
+class Reply:
+    """A finished generation, as the CLI and tests collect it."""
+
+    text: str = ""
+    steps: list[Step] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt: PromptInfo | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.steps)
+
+
+def collect(steps: Iterator[Step]) -> Reply:
+    reply = Reply()
+    for step in steps:
+        if step.prompt is not None:
+            reply.prompt = step.prompt
+        reply.steps.append(step)
+        reply.text += step.text
+        if step.finish_reason is not None:
+            reply.finish_reason = step.finish_reason
+    return reply
