@@ -14,16 +14,41 @@ from collections.abc import Sequence
 
 from chat_tui import __version__
 
-SUBCOMMANDS = ("ask", "train")
+SUBCOMMANDS = ("ask", "train", "export", "import")
 
 
 class CLIError(Exception):
     """An error to print as one line and exit with status 2."""
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="PATH", help="a checkpoint folder or Hugging Face hub id (default: the bundled mini-GPT)")
-    parser.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+def _add_model_options(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
+    # In a subcommand, an option left out must not undo the same option given before the subcommand.
+    unset = {"default": argparse.SUPPRESS} if sub else {}
+    parser.add_argument("--model", metavar="PATH", help="a checkpoint folder or Hugging Face hub id (default: the bundled mini-GPT)", **unset)
+    parser.add_argument("--device", help="cpu, cuda or mps (default: the best available)", **unset)
+    hf = parser.add_argument_group("Hugging Face models")
+    hf.add_argument("--dtype", metavar="DTYPE", help="float32, bfloat16, float16 or auto (default: float32 on CPU, "
+                    "bfloat16 or float16 on a GPU)", **unset)
+    hf.add_argument("--device-map", metavar="MAP", help="'auto': spread a model too big for one device over the GPUs "
+                    "and the CPU (needs accelerate: pip install accelerate)", **unset)
+    hf.add_argument("--chat-format", choices=("template", "dialogpt", "plain", "raw"), help="how a conversation becomes "
+                    "a prompt (default: the tokenizer's chat template, DialoGPT's format, else plain)", **unset)
+    hf.add_argument("--offline", action="store_true", default=argparse.SUPPRESS if sub else False,
+                    help="never use the network: a hub id must be in the local cache (like HF_HUB_OFFLINE=1)")
+    hf.add_argument("--trust-remote-code", action="store_true", default=argparse.SUPPRESS if sub else False,
+                    help="let a model run the Python code of its repository (read that code first)")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The Hugging Face loading options that were given, for load_engine(**options)."""
+    options: dict = {}
+    for name in ("device_map", "chat_format"):
+        if getattr(args, name, None):
+            options[name] = getattr(args, name)
+    for name in ("offline", "trust_remote_code"):
+        if getattr(args, name, False):
+            options[name] = True
+    return options
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="print the model's reply to PROMPT (no UI)")
     ask.add_argument("prompt", metavar="PROMPT")
-    _add_model_options(ask)
+    _add_model_options(ask, sub=True)
     ask.add_argument("--system", metavar="TEXT", help="system prompt")
     _add_sampling_options(ask)
     ask.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
@@ -72,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     bundled.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder")
     bundled.add_argument("--pretrain-steps", type=int, default=300)
     bundled.add_argument("--sft-steps", type=int, default=700)
+    bundled.add_argument("--sft2-steps", type=int, default=600)
+    from chat_tui.train.cli_train import add_import_command, add_train_commands
+
+    add_train_commands(train_sub)  # pretrain, sft
+    add_import_command(sub)  # import nanogpt
+
+    export = sub.add_parser("export", help="write a mini-GPT checkpoint as a standard Hugging Face model folder",
+                            description="Write CHECKPOINT (a mini-GPT folder) to OUT as a GPT2LMHeadModel with its "
+                            "tokenizer and chat template; load it back with --model OUT or transformers.")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a mini-GPT checkpoint folder")
+    export.add_argument("--format", choices=("hf",), default="hf", help="hf: Hugging Face transformers (the default)")
+    export.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
     return parser
 
 
@@ -93,7 +130,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     sampling_params(args, SamplingParams())
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
-    engine = load_engine(args.model, device=args.device)
+    engine = load_engine(args.model, device=args.device, dtype=args.dtype, **model_options(args))
     params = sampling_params(args, engine.default_params())
     conversation = []
     if args.system:
@@ -143,25 +180,47 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.train_command != "bundled":
+        from chat_tui.train.cli_train import cmd_train_run
+
+        return cmd_train_run(args, getattr(args, "argv", None))
+
     from chat_tui.train.trainer import build_bundled
 
     def log(line: str) -> None:
         print(line, flush=True)
 
-    build_bundled(Path(args.out), pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps, log=log)
+    build_bundled(Path(args.out), pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps,
+                  sft2_steps=args.sft2_steps, log=log)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from chat_tui.engine.export import export_hf
+
+    out = export_hf(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} to {out} (GPT2LMHeadModel, Hugging Face format); "
+          f"chat with it: chat-tui --model {out}")
     return 0
 
 
 def cmd_app(args: argparse.Namespace) -> int:
     from chat_tui.ui import run_app
 
-    return run_app(model=args.model, new=args.new, conversation_id=args.conversation, device=args.device)
+    options = model_options(args)
+    if args.dtype:
+        options["dtype"] = args.dtype
+    return run_app(model=args.model, new=args.new, conversation_id=args.conversation, device=args.device,
+                   load_options=options or None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"ask": cmd_ask, "train": cmd_train, None: cmd_app}
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    from chat_tui.train.cli_train import cmd_import
+
+    handlers = {"ask": cmd_ask, "train": cmd_train, "export": cmd_export, "import": cmd_import, None: cmd_app}
     try:
         return handlers[args.command](args) or 0
     except KeyboardInterrupt:
@@ -180,8 +239,9 @@ def _report(exc: BaseException) -> int:
     known = (CLIError, EngineError, InvalidParameter, FileNotFoundError, PermissionError, OSError, ValueError)
     try:
         from chat_tui.train.data import DataError
+        from chat_tui.train.loop import TrainingError
 
-        known = (*known, DataError)
+        known = (*known, DataError, TrainingError)
     except ImportError:  # pragma: no cover
         pass
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from chat_tui.engine.sampling import apply_chain, sample
@@ -65,57 +66,36 @@ def fit_to_context(conversation: Conversation, render: Render, budget: int) -> F
     messages = list(conversation)
     if not messages:
         raise EngineError("the conversation is empty: nothing to reply to")
-    ids, spans = render(messages)
+    kept = list(range(len(messages)))  # indices into the caller's conversation
+
+    def rendered() -> tuple[list[int], list[MessageSpan]]:
+        ids, spans = render([messages[i] for i in kept])
+        # spans count the kept messages: map them back to the caller's indices
+        return ids, [
+            MessageSpan(kept[s.message_index] if s.message_index >= 0 else -1, s.role, s.start, s.end) for s in spans
+        ]
+
+    ids, spans = rendered()
     full_length = len(ids)
-    dropped_messages = 0
     while len(ids) > budget:
-        droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]
+        droppable = [i for i in kept[:-1] if messages[i].role != "system"]
         if not droppable:
             break
-        del messages[droppable[0]]
-        dropped_messages += 1
-        ids, spans = render(messages)
+        kept.remove(droppable[0])
+        ids, spans = rendered()
+    last = kept[-1]
+    content = messages[last].content
+    for _ in range(64):  # only the system prompt and the newest message are left: cut the newest's start
+        excess = len(ids) - budget
+        if excess <= 0 or not content:
+            break
+        chars_per_token = max(len(content) / max(len(ids), 1), 0.25)
+        content = content[max(1, int(excess * chars_per_token)) :]
+        messages[last] = Message(messages[last].role, content)
+        ids, spans = rendered()
     if len(ids) > budget:
-        # Only the system prompt and the newest message are left: cut the start of the newest.
-        last = messages[-1]
-        content = last.content
-        for _ in range(64):
-            excess = len(ids) - budget
-            if excess <= 0 or not content:
-                break
-            chars_per_token = max(len(content) / max(len(ids), 1), 0.25)
-            cut = max(1, int(excess * chars_per_token))
-            content = content[cut:]
-            messages[-1] = Message(last.role, content)
-            ids, spans = render(messages)
-        if len(ids) > budget:
-            raise EngineError(
-                f"the prompt needs {len(ids)} tokens but the context holds {budget}: shorten the system prompt"
-            )
-    return FittedPrompt(ids, _renumber(spans, conversation, messages), dropped_messages, full_length - len(ids))
-
-
-def _renumber(spans: list[MessageSpan], original: Conversation, kept: list[Message]) -> list[MessageSpan]:
-    """Map span indices from the kept messages back to the caller's conversation."""
-    if len(kept) == len(original):
-        return spans
-    index_map: list[int] = []
-    j = len(original) - 1
-    # kept messages are a subsequence of the original; match from the end (the newest is always kept)
-    for i in range(len(kept) - 1, -1, -1):
-        while j >= 0 and original[j].role != kept[i].role:
-            j -= 1
-        index_map.append(max(j, 0))
-        j -= 1
-    index_map.reverse()
-    # the system messages sit at the front; rematch them by position
-    for i, message in enumerate(kept):
-        if message.role == "system" and i < len(original) and original[i].role == "system":
-            index_map[i] = i
-    return [
-        MessageSpan(index_map[s.message_index] if s.message_index >= 0 else -1, s.role, s.start, s.end)
-        for s in spans
-    ]
+        raise EngineError(f"the prompt needs {len(ids)} tokens but the context holds {budget}: shorten the system prompt")
+    return FittedPrompt(ids, spans, len(conversation) - len(kept), full_length - len(ids))
 
 
 class IncrementalDetokenizer:
@@ -201,19 +181,21 @@ def run_stream(
                 stops, stop_strings = StopStringFilter(current.stop), current.stop
             else:
                 released = ""
-            raw = logits.float()
-            window = history[:n_history]
-            chain = apply_chain(raw, window, current)
+            # sampling runs on the CPU: the generator is a CPU one, and the token id is needed here anyway
+            raw = logits.detach().to("cpu", torch.float32)
+            chain = apply_chain(raw, history[:n_history], current)
             token = sample(chain, current, generator)
 
-            log_z = torch.logsumexp(raw, dim=-1)
+            # The candidates: a few torch calls, then plain numpy/Python on 256 numbers.
+            log_z = float(torch.logsumexp(raw, dim=-1))
             k = min(RAW_LOGITS_KEPT, raw.numel())
-            top_logits, top_ids = torch.topk(raw, k)
+            top_logits_t, top_ids_t = torch.topk(raw, k)
+            top_logits, top_ids = top_logits_t.numpy(), top_ids_t.numpy()
             n_top = min(current.top_candidates, k)
             top_ids_list = top_ids[:n_top].tolist()
-            top_raw = torch.exp(top_logits[:n_top] - log_z).tolist()
-            top_chain = chain.probs[top_ids[:n_top]].tolist()
-            prob = float(torch.exp(raw[token] - log_z))
+            top_raw = np.exp(top_logits[:n_top] - log_z).tolist()
+            top_chain = chain.probs[top_ids_t[:n_top]].tolist()
+            prob = float(np.exp(float(raw[token]) - log_z))
             chain_prob = float(chain.probs[token])
 
             finish: str | None = None
@@ -255,9 +237,9 @@ def run_stream(
                     for i, p, c in zip(top_ids_list, top_raw, top_chain, strict=True)
                 ],
                 attention=attention,
-                top_ids=top_ids.numpy().astype("int32"),
-                top_logits=top_logits.numpy().astype("float32"),
-                logsumexp=float(log_z),
+                top_ids=top_ids,
+                top_logits=top_logits,
+                logsumexp=log_z,
                 step_s=now - last_time,
                 elapsed_s=now - started,
                 finish_reason=finish,  # type: ignore[arg-type]

@@ -186,7 +186,8 @@ def with_system_prompts(conversations: list[list[Message]], rng: random.Random, 
     return out
 
 
-def build_bundled(out: Path, *, pretrain_steps: int = 300, sft_steps: int = 700, log: Callable[[str], None] = print) -> Path:
+def build_bundled(out: Path, *, pretrain_steps: int = 300, sft_steps: int = 700, sft2_steps: int = 600,
+                  log: Callable[[str], None] = print) -> Path:
     """Train the bundled mini-GPT from scratch on the chatterbot corpus (all offline)."""
     rng = random.Random(1337)
     torch.manual_seed(1337)
@@ -224,19 +225,46 @@ def build_bundled(out: Path, *, pretrain_steps: int = 300, sft_steps: int = 700,
     pre_metrics = train(model, train_stream, OptimConfig(steps=pretrain_steps, batch_size=8, lr=1e-3, warmup=100),
                         evaluate=val_loss, log=show)
 
-    # 2. Fine-tuning on dialogues: loss on the replies only.
+    # 2. Fine-tuning on dialogues: loss on the replies only (a first round at a gentle rate).
     conversations = with_system_prompts(sft, rng, share=0.3)
     rendered = [tokenizer.render_conversation(c, add_generation_prompt=False)[:2] for c in conversations]
     log(f"fine-tuning on {len(rendered)} conversations ({sum(len(r[0]) for r in rendered):,} tokens)")
     packed = PackedConversations(rendered, cfg.block_size, seed=3)
     sft_metrics = train(model, packed, OptimConfig(steps=sft_steps, batch_size=8, lr=5e-4, min_lr=5e-5, warmup=50,
                                                    eval_every=10**9), log=show)
-
-    save_checkpoint(out, model, tokenizer, BUNDLED_DEFAULTS,
-                    extra_config={"trained_by": "chat-tui train bundled", "data": "chatterbot-corpus"})
-    (out / "training_log.json").write_text(
-        json.dumps({"config": asdict(cfg), "pretrain": pre_metrics, "sft": sft_metrics}, indent=1) + "\n"
-    )
-    load_model(out)  # prove the folder loads
+    log_data = {"config": asdict(cfg), "pretrain": pre_metrics, "sft": sft_metrics}
+    # 3. A second, longer round that makes the replies stick (its own seeds, so it can also run
+    #    on a saved first-round checkpoint: see `finish_bundled`).
+    log_data["sft_round_2"] = finetune_round_2(model, tokenizer, sft, sft2_steps, log=show)
+    _save_bundled(out, model, tokenizer, log_data)
     log(f"saved {out}")
     return out
+
+
+def finetune_round_2(model: GPT, tokenizer: ChatTokenizer, sft: list[list[Message]], steps: int,
+                     log: Callable[[dict], None] | None = None) -> list[dict]:
+    conversations = with_system_prompts(sft, random.Random(2), share=0.3)
+    rendered = [tokenizer.render_conversation(c, add_generation_prompt=False)[:2] for c in conversations]
+    packed = PackedConversations(rendered, model.config.block_size, seed=4)
+    return train(model, packed, OptimConfig(steps=steps, batch_size=8, lr=1e-3, min_lr=1e-4, warmup=30,
+                                            eval_every=10**9, seed=7), log=log)
+
+
+def finish_bundled(first_round: Path, out: Path, *, sft2_steps: int = 600, log: Callable[[str], None] = print) -> Path:
+    """Run fine-tuning round 2 on a checkpoint saved after round 1 (same result as one go)."""
+    model, tokenizer, _ = load_model(first_round)
+    sft = [c for lang in BUNDLED_SFT_LANGUAGES for c in corpus_conversations(BUNDLED_SFT_LANGUAGES)[lang]]
+    log_path = first_round / "training_log.json"
+    log_data = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    log_data["sft_round_2"] = finetune_round_2(
+        model, tokenizer, sft, sft2_steps, log=lambda e: log("  " + "  ".join(f"{k} {v}" for k, v in e.items()))
+    )
+    _save_bundled(out, model, tokenizer, log_data)
+    return out
+
+
+def _save_bundled(out: Path, model: GPT, tokenizer: ChatTokenizer, log_data: dict) -> None:
+    save_checkpoint(out, model, tokenizer, BUNDLED_DEFAULTS,
+                    extra_config={"trained_by": "chat-tui train bundled", "data": "chatterbot-corpus"})
+    (out / "training_log.json").write_text(json.dumps(log_data, indent=1) + "\n")
+    load_model(out)  # prove the folder loads

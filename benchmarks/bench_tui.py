@@ -1,0 +1,273 @@
+"""How the Textual UI performs, three ways.
+
+1. First frame: wall time from process start to the first frame on a real pseudo-terminal, for
+   `chat-tui` (the app, with the real model loader) and for a bare Textual app showing one Static.
+   Target: app / bare <= 1.5.
+2. Tokens per second that reach the screen in the app, against the same engine headless
+   (iterating `Engine.stream` with nothing else). Target: app / headless >= 0.9.
+3. Responsiveness: a 1,000-message conversation is open and a reply streams; keys are pressed and
+   the time until each is handled is measured. Target: every key under 100 ms.
+
+    python benchmarks/bench_tui.py [--runs 5] [--tokens 400] [--delay 0.002] [--engine fake|bundled]
+
+`--engine fake` (default) uses the deterministic FakeEngine with a per-token delay that stands in
+for a model; `--engine bundled` streams from the bundled mini-GPT for parts 2 and 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import os
+import pty
+import re
+import select
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BARE_APP = """
+from textual.app import App
+from textual.widgets import Static
+
+class Bare(App):
+    def compose(self):
+        yield Static("FIRST-FRAME-MARKER")
+
+Bare().run()
+"""
+
+CHAT_APP = """
+from chat_tui.ui import run_app
+run_app(new=True)
+"""
+CHAT_MARKER = "Sampling"  # the title of the sampling pane, painted in the first frame
+
+ANSI = re.compile(r"\x1b\[[0-9;?<>=$]*[A-Za-z]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][A-Za-z0-9]|\x1b[=>78]")
+
+
+def first_frame_seconds(code: str, marker: str, home: str, size=(120, 40), timeout: float = 60.0) -> float:
+    """Spawn `python -c code` on a pty and time until `marker` is painted."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
+    env = dict(os.environ, TERM="xterm-256color", COLORTERM="truecolor", CHAT_TUI_HOME=home,
+               PYTHONPATH=str(ROOT), COLUMNS=str(size[0]), LINES=str(size[1]))
+    env.pop("TEXTUAL", None)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave,
+                            env=env, start_new_session=True, close_fds=True)
+    os.close(slave)
+    seen = ""
+    try:
+        while True:
+            remaining = timeout - (time.perf_counter() - start)
+            if remaining <= 0:
+                raise TimeoutError(f"no first frame within {timeout}s: {ANSI.sub('', seen)[-500:]!r}")
+            ready, _, _ = select.select([master], [], [], remaining)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536).decode("utf-8", "replace")
+            except OSError:
+                raise RuntimeError(f"the app exited before painting: {ANSI.sub('', seen)[-800:]!r}") from None
+            seen += chunk
+            if marker in ANSI.sub("", seen):
+                return time.perf_counter() - start
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        os.close(master)
+
+
+def bench_first_frame(runs: int) -> dict[str, float]:
+    bare, app = [], []
+    with tempfile.TemporaryDirectory() as home:
+        first_frame_seconds(BARE_APP, "FIRST-FRAME-MARKER", home)  # warm the file cache for both
+        first_frame_seconds(CHAT_APP, CHAT_MARKER, home)
+        for _ in range(runs):  # interleaved, so background load hits both alike
+            bare.append(first_frame_seconds(BARE_APP, "FIRST-FRAME-MARKER", home))
+            app.append(first_frame_seconds(CHAT_APP, CHAT_MARKER, home))
+    b, a = statistics.median(bare), statistics.median(app)
+    return {"bare_s": b, "app_s": a, "ratio": a / b}
+
+
+def make_engine(kind: str, reply_tokens: int, delay: float):
+    if kind == "bundled":
+        from chat_tui.engine import load_engine
+
+        return load_engine(None, device="cpu")
+    from chat_tui.engine.fake import FakeEngine, tokenize
+
+    # paragraphs of ~60 tokens and a code block, like a real reply
+    words = [f"word{i}" for i in range(reply_tokens)]
+    paragraphs = [" ".join(words[i : i + 60]) for i in range(0, len(words), 60)]
+    text = "\n\n".join(paragraphs[:2] + ["```python\nprint('hello')\n```"] + paragraphs[2:])
+    while len(tokenize(text)) > reply_tokens:
+        text = text.rsplit(" ", 1)[0]
+    return FakeEngine([text], token_delay=delay)
+
+
+def bench_params(kind: str, tokens: int):
+    from chat_tui.engine.params import SamplingParams
+
+    if kind == "bundled":  # greedy and no early stop is not possible, so a fixed seed and a long reply
+        return SamplingParams(temperature=0.8, max_new_tokens=tokens, seed=1)
+    return SamplingParams(max_new_tokens=tokens + 10, seed=1)
+
+
+PROMPT = "Tell me a long story about a lighthouse keeper."
+
+
+def headless_rate(engine, params) -> tuple[int, float]:
+    from chat_tui.engine.types import Message
+
+    start = time.perf_counter()
+    count = 0
+    for _ in engine.stream([Message("user", PROMPT)], params):
+        count += 1
+    return count, count / (time.perf_counter() - start)
+
+
+async def app_rate(engine, params, home: str) -> tuple[int, float, int]:
+    from chat_tui.config import get_paths
+    from chat_tui.ui.app import ChatApp
+
+    os.environ["CHAT_TUI_HOME"] = home
+    app = ChatApp(engine_factory=lambda: engine, paths=get_paths(), new=True)
+    app.tune_runtime = True  # as run_app does
+    async with app.run_test(size=(120, 40)) as pilot:
+        while app.engine is None:
+            await pilot.pause(0.01)
+        app.params = params
+        app.params_touched = True
+        # warm up once (lazy imports such as the code highlighter), then measure a second reply
+        for _ in range(2):
+            app.last_job = None
+            app.prompt_input.load_text(PROMPT)
+            app.prompt_input.action_submit()
+            while app.last_job is None:
+                await asyncio.sleep(0.005)
+            job = app.last_job
+            while not app.settled:
+                await asyncio.sleep(0.005)
+        return job.count, job.count / (job.rendered_at - job.created), job.shown_count
+
+
+def bench_throughput(kind: str, tokens: int, delay: float, runs: int) -> dict[str, float]:
+    from chat_tui.ui.app import tune_runtime
+
+    tune_runtime()  # what run_app does, for the headless runs too, so both see the same interpreter
+    headless, shown = [], []
+    with tempfile.TemporaryDirectory() as home:
+        for _ in range(runs):
+            engine = make_engine(kind, tokens, delay)
+            params = bench_params(kind, tokens)
+            count_h, rate_h = headless_rate(engine, params)
+            engine = make_engine(kind, tokens, delay) if kind == "fake" else engine
+            count_a, rate_a, on_screen = asyncio.run(app_rate(engine, params, home))
+            assert on_screen == count_a, f"{on_screen} of {count_a} tokens reached the screen"
+            headless.append(rate_h)
+            shown.append(rate_a)
+    h, a = statistics.median(headless), statistics.median(shown)
+    return {"tokens": count_a, "headless_tok_s": h, "app_tok_s": a, "ratio": a / h}
+
+
+async def responsiveness(kind: str, delay: float, samples: int, home: str) -> dict[str, float]:
+    from textual import events
+
+    from chat_tui.config import get_paths
+    from chat_tui.store import Store
+    from chat_tui.ui.app import ChatApp
+
+    os.environ["CHAT_TUI_HOME"] = home
+    paths = get_paths()
+    store = Store(paths.database)
+    cid = store.create_conversation("a long conversation")
+    paragraph = "Some **markdown** with `code` and a list:\n\n- one\n- two\n\n```python\nprint('x')\n```"
+    store.add_messages(cid, [("user", f"question {i}") if i % 2 == 0 else ("assistant", paragraph)
+                             for i in range(1000)])
+    store.close()
+    engine = make_engine(kind, 4000, delay)
+    app = ChatApp(engine_factory=lambda: engine, paths=paths, conversation_id=cid)
+    app.tune_runtime = True  # as run_app does
+    latencies: list[float] = []
+    async with app.run_test(size=(120, 40)) as pilot:
+        while app.engine is None or len(app.conversation.items) < 1000:
+            await pilot.pause(0.01)
+        app.params = bench_params(kind, 4000)
+        app.params_touched = True
+        app.prompt_input.load_text("keep going")
+        app.prompt_input.action_submit()
+        while app.job is None or app.job.count < 20:
+            await asyncio.sleep(0.01)
+        prompt = app.prompt_input
+        prompt.focus()
+        await asyncio.sleep(0.05)
+        for i in range(samples):
+            if app.job is None:
+                break
+            char = "abcdefghij"[i % 10]
+            before = prompt.text
+            event = events.Key(char, char)
+            event.set_sender(app)
+            start = time.perf_counter()
+            app._driver.send_message(event)
+            while prompt.text == before:
+                await asyncio.sleep(0.0005)
+            latencies.append(time.perf_counter() - start)
+            await asyncio.sleep(0.03)
+        streamed = app.job.count if app.job else app.last_job.count
+        if app.job is not None:
+            app.job.cancel.set()
+    return {
+        "samples": len(latencies),
+        "median_ms": statistics.median(latencies) * 1000,
+        "p95_ms": sorted(latencies)[int(0.95 * (len(latencies) - 1))] * 1000,
+        "max_ms": max(latencies) * 1000,
+        "tokens_streamed_meanwhile": streamed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=400)
+    parser.add_argument("--delay", type=float, default=0.002, help="FakeEngine seconds per token")
+    parser.add_argument("--engine", choices=("fake", "bundled"), default="fake")
+    parser.add_argument("--keys", type=int, default=40, help="key presses for the responsiveness test")
+    parser.add_argument("--skip", nargs="*", default=(), choices=("frame", "tokens", "keys"))
+    args = parser.parse_args()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} CPUs, load average {load} (figures need a quiet machine)")
+
+    if "frame" not in args.skip:
+        r = bench_first_frame(args.runs)
+        print(f"first frame: bare Textual {r['bare_s'] * 1000:.0f} ms, chat-tui {r['app_s'] * 1000:.0f} ms, "
+              f"ratio {r['ratio']:.2f}x (target <= 1.5x)  [median of {args.runs}, 120x40 pty]")
+    if "tokens" not in args.skip:
+        r = bench_throughput(args.engine, args.tokens, args.delay, max(1, args.runs // 2))
+        print(f"tokens/s to screen ({args.engine}, {r['tokens']} tokens): headless {r['headless_tok_s']:.0f}, "
+              f"app {r['app_tok_s']:.0f}, ratio {r['ratio']:.2f} (target >= 0.9)")
+    if "keys" not in args.skip:
+        with tempfile.TemporaryDirectory() as home:
+            r = asyncio.run(responsiveness(args.engine, args.delay, args.keys, home))
+        print(f"key latency while streaming with 1,000 messages open: median {r['median_ms']:.1f} ms, "
+              f"p95 {r['p95_ms']:.1f} ms, max {r['max_ms']:.1f} ms over {r['samples']} keys "
+              f"({r['tokens_streamed_meanwhile']} tokens streamed) (target < 100 ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""Saved conversations: one SQLite file in the data folder (stdlib `sqlite3`, no ORM).
+
+WAL mode and a busy timeout so two chat-tui windows can share it; `PRAGMA user_version` holds the
+schema version and `MIGRATIONS` brings an older file up to date. A file SQLite calls corrupt is moved
+aside with a timestamp and a fresh one is started (`Store.recovered` says what happened).
+
+Each assistant message records what is needed to replay it exactly: model, checkpoint hash, every
+sampling setting, the seed actually used, and any settings changed in the middle of the reply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUSY_TIMEOUT_MS = 5000
+
+MIGRATIONS: tuple[str, ...] = (
+    # version 1
+    """
+    CREATE TABLE conversations (
+        id INTEGER PRIMARY KEY,
+        title TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        model TEXT,
+        system_prompt TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX conversations_by_update ON conversations(updated_at DESC, id DESC);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        content TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'complete',
+        created_at REAL NOT NULL,
+        model TEXT,
+        backend TEXT,
+        checkpoint_hash TEXT,
+        params TEXT,
+        seed INTEGER,
+        finish_reason TEXT,
+        tokens INTEGER,
+        tokens_per_s REAL,
+        meta TEXT
+    );
+    CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+STATUSES = ("complete", "stopped", "error")
+
+
+class StoreError(Exception):
+    """A problem with the conversation database; the message is fit to show."""
+
+
+@dataclass
+class ConversationInfo:
+    id: int
+    title: str
+    created_at: float
+    updated_at: float
+    model: str | None = None
+    system_prompt: str = ""
+    messages: int = 0
+
+
+@dataclass
+class StoredMessage:
+    id: int
+    conversation_id: int
+    role: str
+    content: str
+    status: str = "complete"
+    created_at: float = 0.0
+    model: str | None = None
+    backend: str | None = None
+    checkpoint_hash: str | None = None
+    params: dict[str, Any] | None = None
+    seed: int | None = None
+    finish_reason: str | None = None
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "role": self.role,
+            "content": self.content,
+            "status": self.status,
+            "created_at": self.created_at,
+            "model": self.model,
+            "backend": self.backend,
+            "checkpoint_hash": self.checkpoint_hash,
+            "params": self.params,
+            "seed": self.seed,
+            "finish_reason": self.finish_reason,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "meta": self.meta,
+        }
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+        return True
+    text = str(exc).lower()
+    return "not a database" in text or "malformed" in text or "disk image" in text
+
+
+def _title_from(text: str, limit: int = 60) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+class Store:
+    """The conversation database. Use from one thread (the UI's); `:memory:` works for tests."""
+
+    def __init__(self, path: str | Path, *, now: Any = time.time) -> None:
+        self.path = Path(path) if str(path) != ":memory:" else None
+        self._now = now
+        self.recovered: tuple[Path, str] | None = None  # (where the corrupt file went, why)
+        try:
+            self._conn = self._open()
+        except sqlite3.DatabaseError as exc:
+            if self.path is None or not _is_corruption(exc):
+                raise StoreError(f"cannot open the conversation database {self.path}: {exc}") from None
+            moved = self._move_aside()
+            self.recovered = (moved, str(exc))
+            try:
+                self._conn = self._open()
+            except sqlite3.DatabaseError as exc2:
+                raise StoreError(f"cannot create a fresh database at {self.path}: {exc2}") from None
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            str(self.path) if self.path else ":memory:",
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,  # autocommit; explicit BEGIN where several statements go together
+            check_same_thread=False,
+        )
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if self.path is not None:
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            # Touch the schema so a file that is not a database fails here, not later.
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the conversation database has schema version {version}, newer than this chat-tui "
+                f"understands ({SCHEMA_VERSION}); upgrade chat-tui"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            script = MIGRATIONS[target - 1]
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(script):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _move_aside(self) -> Path:
+        assert self.path is not None
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self._now()))
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        os.replace(self.path, target)
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(self.path) + suffix)
+            if side.exists():
+                os.replace(side, Path(str(target) + suffix))
+        return target
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @property
+    def schema_version(self) -> int:
+        return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # ------------------------------------------------------------------ conversations
+
+    def create_conversation(self, title: str = "", *, model: str | None = None, system_prompt: str = "") -> int:
+        now = self._now()
+        cur = self._conn.execute(
+            "INSERT INTO conversations (title, created_at, updated_at, model, system_prompt) VALUES (?, ?, ?, ?, ?)",
+            (_title_from(title) if title else "", now, now, model, system_prompt),
+        )
+        return int(cur.lastrowid)
+
+    def get_conversation(self, conversation_id: int) -> ConversationInfo | None:
+        row = self._conn.execute(
+            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
+            "FROM conversations c WHERE c.id = ?",
+            (conversation_id,),
+        ).fetchone()
+        return None if row is None else self._conversation(row)
+
+    @staticmethod
+    def _conversation(row: sqlite3.Row) -> ConversationInfo:
+        return ConversationInfo(
+            id=row["id"],
+            title=row["title"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            model=row["model"],
+            system_prompt=row["system_prompt"],
+            messages=row["n"],
+        )
+
+    def list_conversations(
+        self, limit: int = 50, *, before: tuple[float, int] | None = None
+    ) -> list[ConversationInfo]:
+        """One page, newest first. Pass the (updated_at, id) of the last row seen to get the next page.
+
+        Keyset pagination on an index: the cost of a page does not grow with the history.
+        """
+        sql = (
+            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
+            "FROM conversations c"
+        )
+        args: list[Any] = []
+        if before is not None:
+            sql += " WHERE (c.updated_at < ?) OR (c.updated_at = ? AND c.id < ?)"
+            args += [before[0], before[0], before[1]]
+        sql += " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?"
+        args.append(limit)
+        return [self._conversation(r) for r in self._conn.execute(sql, args)]
+
+    def latest_conversation_id(self) -> int | None:
+        row = self._conn.execute("SELECT id FROM conversations ORDER BY updated_at DESC, id DESC LIMIT 1").fetchone()
+        return None if row is None else int(row[0])
+
+    def rename_conversation(self, conversation_id: int, title: str) -> None:
+        self._conn.execute(
+            "UPDATE conversations SET title = ? WHERE id = ?", (_title_from(title, 120), conversation_id)
+        )
+
+    def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
+        self._conn.execute(
+            "UPDATE conversations SET system_prompt = ? WHERE id = ?", (system_prompt, conversation_id)
+        )
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        self._conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def count_conversations(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM conversations").fetchone()[0])
+
+    def _touch(self, conversation_id: int, model: str | None = None) -> None:
+        if model:
+            self._conn.execute(
+                "UPDATE conversations SET updated_at = ?, model = ? WHERE id = ?", (self._now(), model, conversation_id)
+            )
+        else:
+            self._conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (self._now(), conversation_id))
+
+    # ------------------------------------------------------------------ messages
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        status: str = "complete",
+        model: str | None = None,
+        backend: str | None = None,
+        checkpoint_hash: str | None = None,
+        params: dict[str, Any] | None = None,
+        seed: int | None = None,
+        finish_reason: str | None = None,
+        tokens: int | None = None,
+        tokens_per_s: float | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> int:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}")
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self._conn.execute(
+                "INSERT INTO messages (conversation_id, role, content, status, created_at, model, backend, "
+                "checkpoint_hash, params, seed, finish_reason, tokens, tokens_per_s, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    conversation_id,
+                    role,
+                    content,
+                    status,
+                    self._now(),
+                    model,
+                    backend,
+                    checkpoint_hash,
+                    None if params is None else json.dumps(params),
+                    seed,
+                    finish_reason,
+                    tokens,
+                    tokens_per_s,
+                    json.dumps(meta or {}),
+                ),
+            )
+            title_row = self._conn.execute(
+                "SELECT title FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
+            if title_row is None:
+                raise StoreError(f"no conversation with id {conversation_id}")
+            if role == "user" and not title_row[0]:
+                self._conn.execute(
+                    "UPDATE conversations SET title = ? WHERE id = ?", (_title_from(content), conversation_id)
+                )
+            self._touch(conversation_id, model)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return int(cur.lastrowid)
+
+    def update_message(self, message_id: int, **changes: Any) -> None:
+        allowed = {"content", "status", "finish_reason", "tokens", "tokens_per_s", "seed", "params", "meta"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise ValueError(f"cannot update {', '.join(sorted(unknown))}")
+        if not changes:
+            return
+        values = [json.dumps(v) if k in ("params", "meta") else v for k, v in changes.items()]
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        self._conn.execute(f"UPDATE messages SET {sets} WHERE id = ?", [*values, message_id])
+
+    def delete_messages_from(self, conversation_id: int, message_id: int) -> int:
+        """Delete a message and every later one in its conversation (regenerate, edit and resend)."""
+        cur = self._conn.execute(
+            "DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, message_id)
+        )
+        return cur.rowcount
+
+    @staticmethod
+    def _message(row: sqlite3.Row) -> StoredMessage:
+        return StoredMessage(
+            id=row["id"],
+            conversation_id=row["conversation_id"],
+            role=row["role"],
+            content=row["content"],
+            status=row["status"],
+            created_at=row["created_at"],
+            model=row["model"],
+            backend=row["backend"],
+            checkpoint_hash=row["checkpoint_hash"],
+            params=None if row["params"] is None else json.loads(row["params"]),
+            seed=row["seed"],
+            finish_reason=row["finish_reason"],
+            tokens=row["tokens"],
+            tokens_per_s=row["tokens_per_s"],
+            meta=json.loads(row["meta"] or "{}"),
+        )
+
+    def messages(self, conversation_id: int) -> list[StoredMessage]:
+        rows = self._conn.execute(
+            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+        )
+        return [self._message(r) for r in rows]
+
+    def add_messages(self, conversation_id: int, items: Iterable[tuple[str, str]]) -> None:
+        """Bulk insert (role, content) pairs in one transaction (imports, tests, benchmarks)."""
+        now = self._now()
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.executemany(
+                "INSERT INTO messages (conversation_id, role, content, created_at, meta) VALUES (?, ?, ?, ?, '{}')",
+                ((conversation_id, role, content, now) for role, content in items),
+            )
+            self._touch(conversation_id)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------------ export
+
+    def export_json(self, conversation_id: int) -> str:
+        info = self.get_conversation(conversation_id)
+        if info is None:
+            raise StoreError(f"no conversation with id {conversation_id}")
+        data = {
+            "format": "chat-tui-conversation",
+            "version": 1,
+            "id": info.id,
+            "title": info.title,
+            "created_at": info.created_at,
+            "updated_at": info.updated_at,
+            "model": info.model,
+            "system_prompt": info.system_prompt,
+            "messages": [m.to_dict() for m in self.messages(conversation_id)],
+        }
+        return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+
+    def export_markdown(self, conversation_id: int) -> str:
+        info = self.get_conversation(conversation_id)
+        if info is None:
+            raise StoreError(f"no conversation with id {conversation_id}")
+        out = [f"# {info.title or 'Conversation'}", ""]
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at))
+        out += [f"*chat-tui conversation {info.id}, started {created}*", ""]
+        if info.system_prompt:
+            out += ["## System", "", info.system_prompt, ""]
+        for m in self.messages(conversation_id):
+            heading = {"user": "You", "assistant": "Assistant", "system": "System"}.get(m.role, m.role)
+            out += [f"## {heading}", "", m.content, ""]
+            if m.role == "assistant":
+                details = [m.model or "", f"seed {m.seed}" if m.seed is not None else ""]
+                if m.status != "complete":
+                    details.append(m.status)
+                note = ", ".join(d for d in details if d)
+                if note:
+                    out += [f"*{note}*", ""]
+        return "\n".join(out)
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

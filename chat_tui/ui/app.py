@@ -1,0 +1,1378 @@
+"""The chat-tui application: conversation, prompt, sampling pane, inspector slot, status bar.
+
+Threads: the model loads in one thread worker (after the first frame is painted, so torch is
+imported only then) and each reply is generated in one thread worker that passes a cancel event
+and a params callable to `Engine.stream`, so a setting changed in the pane applies at the next
+token. Workers post typed messages; one `Worker.StateChanged` handler turns any failure into a
+notification that says where the log with the traceback is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from rich.text import Text
+from textual import work
+from textual.actions import SkipAction
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+from textual.worker import Worker, WorkerState
+
+from chat_tui.config import (
+    SHIPPED_PRESETS,
+    Config,
+    Paths,
+    PresetError,
+    delete_preset,
+    get_paths,
+    list_presets,
+    load_config,
+    load_preset,
+    save_preset,
+)
+from chat_tui.engine.params import InvalidParameter, SamplingParams
+from chat_tui.engine.types import Engine, Message
+from chat_tui.store import Store, StoreError
+from chat_tui.ui.bindings import with_ids
+from chat_tui.ui.conversation import ConversationView, MessageView
+from chat_tui.ui.errors import describe, log_error
+from chat_tui.ui.prompt import PromptInput
+from chat_tui.ui.sampling import SamplingPane, SamplingTable
+from chat_tui.ui.screens import (
+    ConfirmScreen,
+    ConversationDeleted,
+    ConversationListScreen,
+    ConversationRenamed,
+    HelpScreen,
+    InputScreen,
+    OrderScreen,
+    PresetScreen,
+    TextEditScreen,
+    decode_stops,
+    encode_stops,
+)
+from chat_tui.ui.state import ChatItem, GenerationDone, GenJob, ModelLoaded, ModelProgress, StepsReady
+from chat_tui.ui.text import clean, clean_line
+
+if TYPE_CHECKING:
+    from textual.widgets import Markdown  # loaded with the first reply
+
+    from chat_tui.ui.attention import InspectorPane  # mounted after the first frame (numpy)
+
+EngineFactory = Callable[[], Engine]
+
+PANE_WIDTH = {"sampling": 36, "inspector": 44}  # 44: the Explain view fits all its columns
+CHAT_MIN_WIDTH = 40
+NARROW_WIDTH = CHAT_MIN_WIDTH + PANE_WIDTH["sampling"]  # below this the panes stack
+FLUSH_INTERVAL = 0.05  # seconds between Markdown updates while a reply streams
+MAX_FLUSH_GAP = 0.25  # ... but never less often than this
+UI_CPU_SHARE = 0.3  # the share of one core the UI thread aims to stay under while streaming
+CHROME_INTERVAL = 0.2  # seconds between updates of the details, candidates and status while streaming
+
+FINISH_LABEL = {
+    "stop": "hit a stop string",
+    "length": "reached max tokens",
+    "context": "context full",
+    "cancelled": "stopped",
+}
+STATE_STYLE = {
+    "loading": "bold yellow",
+    "idle": "bold green",
+    "generating": "bold cyan",
+    "stopping": "bold magenta",
+    "stopped": "bold magenta",
+    "waiting": "bold yellow",
+    "error": "bold red",
+    "no model": "bold red",
+}
+
+
+def settings_summary(params: dict[str, Any] | None) -> str:
+    """The sampling settings that differ from neutral, briefly."""
+    if not params:
+        return ""
+    neutral = SamplingParams.neutral().to_dict()
+    if params.get("temperature") == 0:
+        parts = ["greedy"]
+    else:
+        parts = [f"T {params.get('temperature', 1.0):g}"]
+    names = {
+        "top_k": "top-k", "top_p": "top-p", "min_p": "min-p", "typical_p": "typ-p",
+        "repetition_penalty": "rep", "presence_penalty": "pres", "frequency_penalty": "freq",
+    }
+    for key, label in names.items():
+        value = params.get(key)
+        if value is not None and value != neutral[key]:
+            parts.append(f"{label} {value:g}")
+    if params.get("stop"):
+        parts.append(f"{len(params['stop'])} stop")
+    if params.get("order") and list(params["order"]) != list(neutral["order"]):
+        parts.append("custom order")
+    return " ".join(parts)
+
+
+def tune_runtime() -> None:
+    """Process-wide settings for the real app (run_app), not for tests that start many apps.
+
+    A shorter GIL switch interval lets the generation thread take each token as soon as it is
+    ready while the UI thread paints; freezing what start-up allocated keeps the garbage
+    collector's full passes (which stall both threads) short.
+    """
+    sys.setswitchinterval(0.001)
+    gc.freeze()
+
+
+class MainScreen(Screen, inherit_bindings=False):
+    """The default screen, with its focus and copy keys given ids."""
+
+    BINDINGS = with_ids(Screen.BINDINGS, "screen")
+
+    def on_resize(self) -> None:
+        app = self.app
+        if isinstance(app, ChatApp):
+            app.update_layout()
+
+
+class ChatApp(App[int], inherit_bindings=False):
+    """Chat with a model. `engine_factory` replaces loading a model (tests, benchmarks)."""
+
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute, so subclasses elsewhere find it
+    TITLE = "chat-tui"
+    ENABLE_COMMAND_PALETTE = True
+
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+        Binding("ctrl+p", "command_palette", "Commands", id="command_palette", priority=True, show=False),
+        Binding("escape", "stop", "Stop", id="stop"),
+        Binding("ctrl+r", "regenerate", "Regenerate", id="regenerate"),
+        Binding("ctrl+g", "continue_reply", "Continue", id="continue"),
+        Binding("ctrl+l", "edit_last", "Edit last", id="edit_last", show=False),
+        Binding("ctrl+n", "new_conversation", "New chat", id="new_conversation", show=False),
+        Binding("ctrl+o", "open_conversations", "Chats", id="open_conversations"),
+        Binding("f1", "help", "Keys", id="help"),
+        Binding("f2", "toggle_pane('sampling')", "Sampling", id="toggle_sampling", show=False),
+        Binding("f3", "toggle_pane('inspector')", "Inspector", id="toggle_inspector", show=False),
+        Binding("f4", "toggle_probs", "Token colours", id="toggle_probs", show=False),
+        Binding("f5", "focus_sampling", "Edit sampling", id="focus_sampling", show=False),
+        Binding("ctrl+up", "focus_message(-1)", "Previous message", id="focus_previous_message", show=False),
+        Binding("ctrl+down", "focus_message(1)", "Next message", id="focus_next_message", show=False),
+    ]
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        engine_factory: EngineFactory | None = None,
+        new: bool = False,
+        conversation_id: int | None = None,
+        device: str | None = None,
+        paths: Paths | None = None,
+        config: Config | None = None,
+        store: Store | None = None,
+        load_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.load_options = dict(load_options or {})  # passed on to load_engine (dtype, Hugging Face options)
+        self.paths = paths or get_paths()
+        self.config = config if config is not None else load_config(self.paths)
+        self.model_source = model if model is not None else self.config.model
+        self.device = device if device is not None else self.config.device
+        self.engine_factory = engine_factory
+        self.start_new = new
+        self.start_conversation = conversation_id
+        self.store: Store | None = store
+        self.engine: Engine | None = None
+        self.state = "loading"
+        self.load_note = "starting"
+        self.params = SamplingParams()
+        self.params_touched = False
+        self.preset_name: str | None = None
+        self.system_prompt = ""
+        self.conversation_id: int | None = None
+        self.job: GenJob | None = None
+        self.last_job: GenJob | None = None
+        self.inspect_attention = False  # the attention inspector sets this
+        self.show_probs = False
+        self.notice = ""
+        self.want = {"sampling": self.config.show_sampling, "inspector": self.config.show_inspector}
+        self.narrow_open = {"sampling": False, "inspector": False}
+        self.pane_priority = ["sampling", "inspector"]
+        self.editing: ChatItem | None = None
+        self.first_frame_at: float | None = None
+        self.tokens_on_screen = 0
+        self._store_warned = False
+        self._flush_wall = 0.0
+        self.tune_runtime = False  # run_app turns this on (see tune_runtime)
+        self._flush_cpu = 0.0
+
+    # ------------------------------------------------------------------ layout
+
+    def get_default_screen(self) -> Screen:
+        return MainScreen()
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="body"):
+            yield SamplingPane(id="sampling")
+            yield ConversationView(id="conversation")
+            # the attention inspector (and numpy) arrive just after the first frame: see _mount_inspector
+            with Vertical(id="inspector", classes="-placeholder"):
+                yield Static(Text("Inspector", style="bold"), classes="pane-title")
+        yield PromptInput(id="prompt")
+        yield Static("", id="status")
+        yield Footer()
+
+    def _view_for(self, item: ChatItem) -> MessageView | None:
+        """The view of `item`, or None (not mounted, or the app is shutting down)."""
+        try:
+            return self.query_one(ConversationView).view_for(item)
+        except NoMatches:
+            return None
+
+    def _show_candidates(self, step) -> None:  # noqa: ANN001
+        try:
+            pane = self.query_one("#inspector")
+        except NoMatches:
+            return
+        if hasattr(pane, "show_step"):  # not the placeholder
+            pane.show_step(step)
+
+    @property
+    def conversation(self) -> ConversationView:
+        return self.query_one(ConversationView)
+
+    @property
+    def prompt_input(self) -> PromptInput:
+        return self.query_one(PromptInput)
+
+    @property
+    def sampling(self) -> SamplingPane:
+        return self.query_one(SamplingPane)
+
+    @property
+    def inspector(self) -> InspectorPane:
+        """The attention inspector (NoMatches before it is mounted, just after the first frame)."""
+        from chat_tui.ui.attention import InspectorPane
+
+        return self.query_one(InspectorPane)
+
+    def _clear_inspector(self) -> None:
+        """Another conversation: the old reply's attention must not linger."""
+        try:
+            self.inspector.clear()
+        except NoMatches:  # not mounted yet: nothing to clear
+            pass
+
+    async def _mount_inspector(self) -> None:
+        from chat_tui.ui.attention import InspectorPane
+
+        placeholder = self.query_one("#inspector")
+        pane = InspectorPane(id="inspector")
+        pane.display = placeholder.display
+        await placeholder.remove()
+        await self.query_one("#body").mount(pane, after=self.query_one(ConversationView))
+
+    def update_layout(self) -> None:
+        """Show the side panes that fit; below NARROW_WIDTH they stack over the conversation."""
+        try:
+            body = self.query_one("#body")
+        except NoMatches:
+            return
+        width = self.size.width
+        narrow = width < NARROW_WIDTH
+        body.set_class(narrow, "-narrow")
+        show: dict[str, bool] = {}
+        if narrow:
+            show = dict(self.narrow_open)
+        else:
+            budget = width - CHAT_MIN_WIDTH
+            for name in self.pane_priority:
+                fits = self.want[name] and PANE_WIDTH[name] <= budget
+                show[name] = fits
+                if fits:
+                    budget -= PANE_WIDTH[name]
+        for name, visible in show.items():
+            pane = self.query_one(f"#{name}")
+            if pane.display != visible:
+                pane.display = visible
+                if visible and name == "inspector" and hasattr(pane, "show_step"):
+                    pane.show_step(pane.last_step)
+        focused = self.focused
+        if focused is not None and not focused.display or (
+            focused is not None and any(not a.display for a in focused.ancestors if hasattr(a, "display"))
+        ):
+            self.prompt_input.focus()
+
+    def action_toggle_pane(self, name: str) -> None:
+        pane = self.query_one(f"#{name}")
+        visible = bool(pane.display)
+        if self.size.width < NARROW_WIDTH:
+            self.narrow_open[name] = not visible
+        else:
+            self.want[name] = not visible
+            if not visible:
+                self.pane_priority.remove(name)
+                self.pane_priority.insert(0, name)
+        self.update_layout()
+        if not visible and name == "sampling" and self.query_one("#sampling").display:
+            self.sampling.table.focus()
+
+    def action_focus_sampling(self) -> None:
+        if not self.query_one("#sampling").display:
+            self.action_toggle_pane("sampling")
+        self.sampling.table.focus()
+
+    # ------------------------------------------------------------------ start-up
+
+    def on_mount(self) -> None:
+        self.conversation.meta_for = self.meta_text
+        self._apply_config()
+        self._open_store()
+        self.sampling.show(self.params, self.system_prompt)
+        self.update_layout()
+        self.prompt_input.focus()
+        self._flush_timer = self.set_interval(FLUSH_INTERVAL, self._flush_stream, pause=True)
+        self._refresh_status()
+        self.call_after_refresh(self._after_first_frame)
+        self.run_worker(self._open_initial_conversation(), group="startup", exit_on_error=False)
+
+    def _after_first_frame(self) -> None:
+        """The first frame is on screen: only now mount the inspector and load the model (and torch)."""
+        self.first_frame_at = time.perf_counter()
+        if self.tune_runtime:
+            tune_runtime()
+        self.run_worker(self._start_after_first_frame(), group="startup", exit_on_error=False)
+
+    async def _start_after_first_frame(self) -> None:
+        try:
+            await self._mount_inspector()
+            self._check_keymap()
+        finally:
+            self.load_model(self.model_source)
+
+    def _apply_config(self) -> None:
+        for warning in self.config.warnings:
+            self.notify(warning, severity="warning", timeout=8, markup=False)
+        if self.config.keymap:
+            self.set_keymap(self.config.keymap)
+        if self.config.theme:
+            if self.config.theme in self.available_themes:
+                self.theme = self.config.theme
+            else:
+                self.notify(f"config.toml: unknown theme {self.config.theme!r}", severity="warning", markup=False)
+        self.conversation.markdown = self.config.markdown
+        if self.config.preset:
+            try:
+                preset = load_preset(self.config.preset, self.paths)
+                self.params = preset.apply(self.params)
+                if preset.system_prompt:
+                    self.system_prompt = preset.system_prompt
+                self.preset_name = preset.name
+                self.params_touched = True
+            except (PresetError, InvalidParameter) as exc:
+                self.notify(f"config.toml preset: {exc}", severity="warning", markup=False)
+
+    def _check_keymap(self) -> None:
+        """Warn about [keymap] ids that name no binding (once every pane is mounted)."""
+        if not self.config.keymap:
+            return
+        known = {binding_id for _, _, _, binding_id in self.binding_rows()}
+        unknown = sorted(set(self.config.keymap) - known)
+        if unknown:
+            self.notify(
+                f"config.toml [keymap]: unknown binding ids {', '.join(unknown)} (F1 lists them)",
+                severity="warning", timeout=8, markup=False,
+            )
+
+    def _open_store(self) -> None:
+        if self.store is not None:
+            return
+        try:
+            self.store = Store(self.paths.database)
+        except (StoreError, OSError, sqlite3.Error) as exc:
+            path = log_error(self.paths, exc, "opening the conversation database")
+            self.store = Store(":memory:")
+            self._notify_error("Conversations will not be saved", exc, path)
+            return
+        if self.store.recovered is not None:
+            moved, why = self.store.recovered
+            log_error(self.paths, RuntimeError(f"corrupt database moved to {moved}: {why}"), "database recovery")
+            self.notify(
+                f"The conversation database was damaged ({clean_line(why)}). It was moved to {moved} "
+                "and a fresh one was started.",
+                severity="warning", timeout=15, markup=False,
+            )
+
+    async def _open_initial_conversation(self) -> None:
+        store = self.store
+        if store is None:
+            return
+        if self.start_conversation is not None:
+            if not await self.open_conversation(self.start_conversation):
+                self.notify(f"No conversation #{self.start_conversation}: starting a new one", markup=False)
+        elif not self.start_new:
+            latest = self._db(store.latest_conversation_id)
+            if latest is not None:
+                await self.open_conversation(latest)
+
+    # ------------------------------------------------------------------ model loading
+
+    def load_model(self, source: str | None) -> None:
+        self.engine = None
+        self.state = "loading"
+        self.load_note = "loading the model"
+        self._refresh_status()
+        self._load_engine(source, self.device)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="engine", name="load-model")
+    def _load_engine(self, source: str | None, device: str | None) -> None:
+        if self.engine_factory is not None:
+            engine = self.engine_factory()
+        else:
+            from chat_tui.engine import load_engine
+
+            engine = load_engine(
+                source, device=device, progress=lambda text: self.post_message(ModelProgress(text)), **self.load_options
+            )
+        self.post_message(ModelLoaded(engine, source))
+
+    def on_model_progress(self, message: ModelProgress) -> None:
+        self.load_note = clean_line(message.text)[:60]
+        self._refresh_status()
+
+    def on_model_loaded(self, message: ModelLoaded) -> None:
+        self.engine = message.engine
+        try:
+            self.inspector.set_engine(message.engine)
+        except NoMatches:  # the app is closing: the model arrived too late to matter
+            return
+        if not self.params_touched:
+            try:
+                self.params = message.engine.default_params()
+            except Exception as exc:  # a backend's defaults should never stop the app
+                log_error(self.paths, exc, "reading the model's default settings")
+            self.sampling.show(self.params, self.system_prompt, preset="model defaults")
+        self.state = "idle"
+        job = self.job
+        if job is not None and not job.done and job.engine is None:
+            self._launch(job)
+        self._refresh_status()
+
+    # ------------------------------------------------------------------ errors
+
+    def _notify_error(self, what: str, error: BaseException, log_path: Path | None) -> None:
+        where = f"\nDetails in {log_path}" if log_path else "\n(the log file could not be written)"
+        self.notify(f"{what}: {describe(error)}{where}", severity="error", timeout=15, markup=False)
+
+    def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a store operation; a failure is logged and shown, and the chat goes on."""
+        try:
+            return fn(*args, **kwargs)
+        except (sqlite3.Error, StoreError, OSError) as exc:
+            path = log_error(self.paths, exc, "saving the conversation")
+            if not self._store_warned:
+                self._store_warned = True
+                self._notify_error("Could not save the conversation", exc, path)
+            return None
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The one place background failures land: log, notify, and keep the app running."""
+        if event.state != WorkerState.ERROR:
+            return
+        worker = event.worker
+        error = worker.error or RuntimeError("unknown error")
+        what = {
+            "generate": "Generation failed",
+            "engine": "Loading the model failed",
+            "markdown": "Rendering a reply failed",
+        }.get(worker.group, "A background task failed")
+        path = log_error(self.paths, error, what)
+        self._notify_error(what, error, path)
+        if worker.group == "generate":
+            job = self.job
+            if job is not None and not job.done:
+                self._absorb(job)
+                job.failed = True
+                self._finish(job, error)
+        elif worker.group == "engine":
+            self.state = "no model"
+            self.load_note = "load failed"
+            job = self.job
+            if job is not None and not job.done and job.engine is None:
+                job.failed = True
+                self._finish(job, error)
+            self._refresh_status()
+
+    def _handle_exception(self, error: Exception) -> None:
+        """An unexpected error in the UI itself: log the traceback, exit with one line, no traceback."""
+        try:
+            path = log_error(self.paths, error, "unexpected error")
+            self._return_code = 1
+            if self._exception is None:
+                self._exception = error
+                self._exception_event.set()
+            where = f" Details in {path}." if path else ""
+            self.panic(Text(f"chat-tui stopped after an unexpected error: {describe(error)}.{where}"))
+        except Exception:
+            super()._handle_exception(error)
+
+    # ------------------------------------------------------------------ status bar
+
+    def _refresh_status(self) -> None:
+        try:
+            status = self.query_one("#status", Static)
+        except NoMatches:
+            return
+        text = Text(no_wrap=True, overflow="ellipsis", end="")
+        engine = self.engine
+        if engine is not None:
+            text.append(clean_line(engine.model_name), style="bold")
+            text.append(f" ({clean_line(engine.backend)}) · {clean_line(engine.device)}")
+        else:
+            text.append("model: ", style="dim")
+            text.append(self.load_note if self.state in ("loading", "waiting") else "none loaded")
+        job = self.job if self.job is not None else self.last_job
+        if engine is not None:
+            used = "–"
+            if job is not None and job.prompt is not None:
+                used = str(len(job.prompt.ids) + job.count)
+            text.append(f" │ ctx {used}/{engine.context_length}")
+        state = self.state
+        if state == "waiting":
+            shown = "waiting for the model"
+        elif state == "loading":
+            shown = "loading"
+        else:
+            shown = state
+        text.append(" │ ")
+        text.append(shown, style=STATE_STYLE.get(state, "bold"))
+        if job is not None and job.tokens_per_s:
+            text.append(f" │ {job.tokens_per_s:.1f} tok/s")
+        if self.notice:
+            text.append(" │ ")
+            text.append(self.notice, style="bold yellow")
+        status.update(text, layout=False)  # one line, always
+
+    # ------------------------------------------------------------------ conversations
+
+    def meta_text(self, item: ChatItem, live: GenJob | None = None) -> Text:
+        parts: list[str] = []
+        tokens = item.tokens if live is None else (item.tokens or 0 if live.mode == "continue" else 0) + live.count
+        if tokens is not None:
+            parts.append(f"{tokens} tokens")
+        rate = item.tokens_per_s if live is None else live.tokens_per_s
+        if rate:
+            parts.append(f"{rate:.1f} tok/s")
+        if item.model:
+            parts.append(clean_line(item.model))
+        summary = settings_summary(item.params)
+        if summary:
+            parts.append(summary)
+        if item.seed is not None:
+            parts.append(f"seed {item.seed}")
+        changes = item.meta.get("param_changes") if item.meta else None
+        if changes:
+            parts.append(f"settings changed {len(changes)}× mid-reply")
+        if item.finish_reason in FINISH_LABEL and item.status != "stopped":
+            parts.append(FINISH_LABEL[item.finish_reason])
+        if item.status == "error" and item.meta.get("error"):
+            parts.append(f"failed: {clean_line(str(item.meta['error']))[:80]}")
+        return Text(" · ".join(parts), style="dim", no_wrap=False, end="")
+
+    def _busy(self, what: str = "") -> bool:
+        if self.job is not None and not self.job.done:
+            self.notify(f"A reply is still streaming: press Esc to stop it{what}.", severity="warning",
+                        timeout=4, markup=False)
+            return True
+        return False
+
+    async def open_conversation(self, conversation_id: int) -> bool:
+        store = self.store
+        if store is None or self._busy(" first"):
+            return False
+        info = self._db(store.get_conversation, conversation_id)
+        if info is None:
+            return False
+        stored = self._db(store.messages, conversation_id) or []
+        items = [
+            ChatItem(
+                role=m.role, content=m.content, status=m.status, db_id=m.id, model=m.model, seed=m.seed,
+                params=m.params, tokens=m.tokens, tokens_per_s=m.tokens_per_s, finish_reason=m.finish_reason,
+                meta=m.meta,
+            )
+            for m in stored
+        ]
+        self.conversation_id = conversation_id
+        self.system_prompt = info.system_prompt
+        self.editing = None
+        self.last_job = None
+        self.notice = ""
+        self.conversation.meta_for = self.meta_text
+        self._clear_inspector()
+        await self.conversation.show(items)
+        self.prompt_input.prompt_history = [i.content for i in items if i.role == "user"][-200:]
+        self.sub_title = clean_line(info.title)
+        self.sampling.show(self.params, self.system_prompt, preset=self.preset_name)
+        self._refresh_status()
+        return True
+
+    async def action_new_conversation(self) -> None:
+        if self._busy(" first"):
+            return
+        self.conversation_id = None
+        self.editing = None
+        self.last_job = None
+        self.notice = ""
+        self._clear_inspector()
+        await self.conversation.show([])
+        self.sub_title = ""
+        self.prompt_input.focus()
+        self._refresh_status()
+
+    def action_open_conversations(self) -> None:
+        if self.store is None:
+            return
+
+        async def done(result: tuple[str, int | None] | None) -> None:
+            if result is None:
+                return
+            action, cid = result
+            if action == "open" and cid is not None:
+                await self.open_conversation(cid)
+            elif action == "new":
+                await self.action_new_conversation()
+
+        self.push_screen(ConversationListScreen(self.store, self.conversation_id), done)
+
+    async def on_conversation_deleted(self, message: ConversationDeleted) -> None:
+        if message.conversation_id == self.conversation_id and not (self.job and not self.job.done):
+            await self.action_new_conversation()
+
+    def on_conversation_renamed(self, message: ConversationRenamed) -> None:
+        if message.conversation_id == self.conversation_id:
+            self.sub_title = clean_line(message.title)
+
+    def action_rename_conversation(self) -> None:
+        if self.conversation_id is None or self.store is None:
+            self.notify("Nothing to rename yet: send a message first.", markup=False)
+            return
+        info = self._db(self.store.get_conversation, self.conversation_id)
+        cid = self.conversation_id
+
+        def done(title: str | None) -> None:
+            if title and title.strip() and self.store is not None:
+                self._db(self.store.rename_conversation, cid, title)
+                if cid == self.conversation_id:
+                    self.sub_title = clean_line(title)
+
+        self.push_screen(InputScreen("Rename conversation", info.title if info else ""), done)
+
+    def action_delete_conversation(self) -> None:
+        if self.conversation_id is None or self.store is None:
+            self.notify("No saved conversation is open.", markup=False)
+            return
+        cid = self.conversation_id
+
+        async def done(yes: bool | None) -> None:
+            if yes and self.store is not None:
+                self._db(self.store.delete_conversation, cid)
+                self.notify(f"Deleted conversation #{cid}", markup=False)
+                if cid == self.conversation_id:
+                    await self.action_new_conversation()
+
+        self.push_screen(ConfirmScreen("Delete this conversation?", "Its messages will be lost.", yes="Delete"), done)
+
+    def action_export(self, fmt: str) -> None:
+        if self.conversation_id is None or self.store is None:
+            self.notify("Nothing to export yet: send a message first.", markup=False)
+            return
+        cid = self.conversation_id
+        ext = "md" if fmt == "markdown" else "json"
+        default = Path.cwd() / f"chat-tui-conversation-{cid}.{ext}"
+
+        def done(path_text: str | None) -> None:
+            if not path_text or self.store is None:
+                return
+            target = Path(path_text.strip()).expanduser()
+            try:
+                content = self.store.export_markdown(cid) if fmt == "markdown" else self.store.export_json(cid)
+                if target.is_dir():
+                    target = target / default.name
+                stem, n = target, 1
+                while target.exists():
+                    n += 1
+                    target = stem.with_name(f"{stem.stem}-{n}{stem.suffix}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(content, encoding="utf-8")
+            except (OSError, sqlite3.Error, StoreError) as exc:
+                self._notify_error("Export failed", exc, log_error(self.paths, exc, "export"))
+                return
+            self.notify(f"Exported conversation #{cid} to {target}", markup=False)
+
+        label = "Markdown" if fmt == "markdown" else "JSON"
+        self.push_screen(InputScreen(f"Export as {label} to", str(default)), done)
+
+    def action_load_model_dialog(self) -> None:
+        if self._busy(" first"):
+            return
+
+        def done(path_text: str | None) -> None:
+            if not path_text or not path_text.strip():
+                return
+            path = Path(path_text.strip()).expanduser()
+            if not path.is_dir():
+                self.notify(f"Not a folder: {path}", severity="warning", markup=False)
+                return
+            self.model_source = str(path)
+            self.params_touched = self.params_touched and self.preset_name is not None
+            self.load_model(str(path))
+
+        self.push_screen(
+            InputScreen("Load a model: checkpoint folder", "", placeholder="/path/to/checkpoint",
+                        hint="a mini-GPT checkpoint folder (config.json + model.safetensors)"),
+            done,
+        )
+
+    # ------------------------------------------------------------------ sending and generating
+
+    def _messages_before(self, item: ChatItem | None, *, include: bool = False) -> list[Message]:
+        out: list[Message] = []
+        if self.system_prompt.strip():
+            out.append(Message("system", self.system_prompt))
+        for it in self.conversation.items:
+            if it is item and not include:
+                break
+            message = it.as_message()
+            if message is not None and it.status != "waiting":
+                out.append(message)
+            if it is item:
+                break
+        return out
+
+    async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
+        text = event.text
+        if not text.strip():
+            self.notify("Type a message first: Enter sends, Ctrl+J adds a line.", severity="warning",
+                        timeout=3, markup=False)
+            return
+        if self._busy():
+            return
+        text = clean(text).strip("\n")
+        prompt = self.prompt_input
+        prompt.remember(text)
+        prompt.clear()
+        if self.editing is not None:
+            await self._drop_from(self.editing)
+            self.editing = None
+        await self._add_user(text)
+        await self._start_reply("new")
+
+    async def _add_user(self, text: str) -> ChatItem:
+        store = self.store
+        if self.conversation_id is None and store is not None:
+            self.conversation_id = self._db(
+                store.create_conversation, text,
+                model=self.engine.model_name if self.engine else None,
+                system_prompt=self.system_prompt,
+            )
+            self.sub_title = clean_line(text)[:60]
+        item = ChatItem("user", text)
+        if store is not None and self.conversation_id is not None:
+            item.db_id = self._db(store.add_message, self.conversation_id, "user", text)  # saved before generating
+        await self.conversation.add(item)
+        return item
+
+    async def _drop_from(self, item: ChatItem) -> None:
+        if self.store is not None and self.conversation_id is not None and item.db_id is not None:
+            self._db(self.store.delete_messages_from, self.conversation_id, item.db_id)
+        await self.conversation.remove_from(item)
+
+    async def _start_reply(self, mode: str, target: ChatItem | None = None) -> None:
+        if self.engine is None and self.state == "no model":
+            self.notify(
+                "No model is loaded (loading it failed). Load one with Ctrl+P → Load model, "
+                "then Ctrl+R answers your message.",
+                severity="warning", timeout=8, markup=False,
+            )
+            return
+        if mode == "continue" and target is not None:
+            item = target
+            conversation = self._messages_before(item, include=True)
+            job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content)
+        else:
+            item = ChatItem("assistant", "", status="waiting")
+            conversation = self._messages_before(None)
+            await self.conversation.add(item)
+            job = GenJob(conversation=conversation, item=item)
+        self.job = job
+        self.notice = ""
+        if self.engine is None:
+            item.status = "waiting"
+            self.state = "waiting"
+            view = self.conversation.view_for(item)
+            if view is not None:
+                view.refresh_header()
+            self._refresh_status()
+            return
+        self._launch(job)
+
+    def _launch(self, job: GenJob) -> None:
+        job.engine = self.engine
+        job.item.status = "generating"
+        job.item.model = self.engine.model_name if self.engine else None
+        view = self.conversation.view_for(job.item)
+        if view is not None:
+            view.refresh_header()
+        self.state = "generating"
+        self._refresh_status()
+        self._flush_timer.resume()
+        # attention is captured only while the inspector is on screen (zero cost when hidden)
+        self.inspect_attention = self.inspector.wants_attention
+        self._generate(job)
+
+    def _params_now(self) -> SamplingParams:
+        return self.params
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="generate", name="generate")
+    def _generate(self, job: GenJob) -> None:
+        engine = job.engine
+        assert engine is not None
+        stream = engine.stream(job.conversation, self._params_now, inspect=self.inspect_attention, cancel=job.cancel)
+        for step in stream:
+            if job.push(step):
+                self.post_message(StepsReady(job))
+            if step.finish_reason is not None:
+                break
+        self.post_message(GenerationDone(job))
+
+    def on_steps_ready(self, message: StepsReady) -> None:
+        """Steps are waiting. The flush timer drains them every FLUSH_INTERVAL (so this message
+        comes at most once per interval); only the first token is shown at once."""
+        job = message.job
+        if job is self.job and job.shown_count == 0:
+            self._absorb(job)
+            self._render_job(job)
+
+    def _absorb(self, job: GenJob) -> None:
+        steps = job.drain()
+        for step in steps:
+            self.inspector.add_step(step)  # every step: its attention row (cheap; drawn on the pane's tick)
+            if step.prompt is not None:
+                job.prompt = step.prompt
+                dropped = step.prompt.dropped_messages
+                if dropped:
+                    self.notice = f"{dropped} old turn{'s' if dropped != 1 else ''} left out to fit the context"
+                    self.notify(self.notice, severity="warning", timeout=5, markup=False)
+                elif step.prompt.dropped_tokens:
+                    self.notice = f"prompt cut by {step.prompt.dropped_tokens} tokens to fit the context"
+                    self.notify(self.notice, severity="warning", timeout=5, markup=False)
+            params = step.params
+            if params is not None:
+                if job.first_params is None:
+                    job.first_params = params
+                elif params != job.last_params:
+                    job.param_changes.append((step.index, params.to_dict()))
+                job.last_params = params
+            job.text += step.text
+            job.count += 1
+            job.item.token_probs.append((step.text, step.prob))
+            job.last_step = step
+            if step.finish_reason is not None:
+                job.finish_reason = step.finish_reason
+
+    def _flush_stream(self) -> None:
+        """Every FLUSH_INTERVAL while streaming: hand the new text to the view in one batch.
+
+        Painting is the UI's big cost. When the UI thread has been busy for more than
+        UI_CPU_SHARE of the time since the last batch (a slow terminal, a busy machine), the batch
+        waits for a later tick (up to MAX_FLUSH_GAP), so the model keeps its speed.
+        """
+        job = self.job
+        if job is None or job.done:
+            self._flush_timer.pause()
+            return
+        now, cpu = time.perf_counter(), time.thread_time()
+        since = now - self._flush_wall
+        if since < MAX_FLUSH_GAP and (cpu - self._flush_cpu) > UI_CPU_SHARE * since:
+            return
+        self._flush_wall, self._flush_cpu = now, cpu
+        self._absorb(job)
+        self._render_job(job)
+
+    def _render_job(self, job: GenJob, *, final: bool = False) -> None:
+        """Give the view the text that arrived since the last call, in one batch."""
+        if job.rendered == len(job.text) and job.shown_count == job.count and not final:
+            return
+        fragment = job.text[job.rendered :]
+        new_pairs = job.item.token_probs[len(job.item.token_probs) - (job.count - job.shown_count):]
+        job.rendered = len(job.text)
+        job.shown_count = job.count
+        job.item.content = job.base_text + job.text
+        self.tokens_on_screen += len(new_pairs)
+        now = time.perf_counter()
+        job.rendered_at = now
+        view = self._view_for(job.item)
+        if view is not None:
+            view.stream_append(clean(fragment))
+            view.add_token_probs(new_pairs)
+        # the details, the candidates and the status bar change often but matter less: 5 times a second
+        if final or now - job.chrome_at >= CHROME_INTERVAL:
+            job.chrome_at = now
+            if view is not None:
+                view.set_meta(self.meta_text(job.item, live=None if final else job))
+            self._show_candidates(job.last_step)
+            self._refresh_status()
+
+    def on_generation_done(self, message: GenerationDone) -> None:
+        job = message.job
+        self._absorb(job)
+        self._finish(job, None)
+
+    def _finish(self, job: GenJob, error: BaseException | None) -> None:
+        if job.done:
+            return
+        self._render_job(job, final=True)
+        job.done = True
+        self._flush_timer.pause()
+        item = job.item
+        stopped = error is None and (job.finish_reason == "cancelled" or job.cancel.is_set())
+        item.status = "error" if error is not None else ("stopped" if stopped else "complete")
+        item.content = job.base_text + job.text
+        item.finish_reason = job.finish_reason if error is None else "error"
+        first = job.first_params or self.params
+        if job.mode == "continue":
+            item.tokens = (item.tokens or 0) + job.count
+            continuations = list(item.meta.get("continuations", []))
+            continuations.append({
+                "params": first.to_dict(),
+                "seed": job.prompt.seed if job.prompt else None,
+                "tokens": job.count,
+                "param_changes": job.param_changes,
+            })
+            item.meta["continuations"] = continuations
+        else:
+            item.tokens = job.count
+            item.params = first.to_dict()
+            item.seed = job.prompt.seed if job.prompt else None
+            if job.param_changes:
+                item.meta["param_changes"] = job.param_changes
+        item.tokens_per_s = job.tokens_per_s
+        if self.engine is not None:
+            item.meta["checkpoint_hash"] = self.engine.checkpoint_hash
+            item.meta["backend"] = self.engine.backend
+        item.meta["system_prompt"] = self.system_prompt
+        if job.prompt is not None:
+            item.meta["prompt_tokens"] = len(job.prompt.ids)
+            item.meta["dropped_messages"] = job.prompt.dropped_messages
+        if error is not None:
+            item.meta["error"] = describe(error)
+        view = self._view_for(item)
+        if view is not None:
+            view.finish(item.content)
+            view.refresh_header()
+            view.set_meta(self.meta_text(item))
+        self._save_reply(job)
+        self.last_job = job
+        self.job = None
+        if error is not None:
+            self.state = "error" if self.engine is not None else "no model"
+        else:
+            self.state = "stopped" if stopped else "idle"
+        self._show_candidates(job.last_step)
+        self._refresh_status()
+
+    def _save_reply(self, job: GenJob) -> None:
+        store = self.store
+        item = job.item
+        if store is None or self.conversation_id is None:
+            return
+        status = item.status if item.status in ("complete", "stopped", "error") else "error"
+        if job.mode == "continue" and item.db_id is not None:
+            self._db(
+                store.update_message, item.db_id, content=item.content, status=status,
+                finish_reason=item.finish_reason, tokens=item.tokens, tokens_per_s=item.tokens_per_s, meta=item.meta,
+            )
+            return
+        if not item.content and status == "error":
+            return  # nothing to keep; the notification said what happened
+        engine = job.engine
+        item.db_id = self._db(
+            store.add_message, self.conversation_id, "assistant", item.content, status=status,
+            model=engine.model_name if engine else None,
+            backend=engine.backend if engine else None,
+            checkpoint_hash=engine.checkpoint_hash if engine else None,
+            params=item.params, seed=item.seed, finish_reason=item.finish_reason,
+            tokens=item.tokens, tokens_per_s=item.tokens_per_s, meta=item.meta,
+        )
+
+    def _save_running_reply(self) -> None:
+        """Quitting while a reply streams: stop it and keep what arrived, marked stopped."""
+        job = self.job
+        if job is not None and not job.done:
+            job.cancel.set()
+            if job.engine is None:
+                job.done = True
+                return
+            self._absorb(job)
+            self._finish(job, None)
+
+    async def action_quit(self) -> None:
+        self._save_running_reply()
+        self.exit()
+
+    def on_unmount(self) -> None:
+        self._save_running_reply()
+
+    async def action_stop(self) -> None:
+        job = self.job
+        if job is not None and not job.done:
+            if job.engine is None:  # still waiting for the model: nothing to stop but the wait
+                job.cancel.set()
+                await self._cancel_waiting(job)
+                return
+            job.cancel.set()
+            self.state = "stopping"
+            self._refresh_status()
+            return
+        if self.editing is not None:
+            self._cancel_edit()
+            return
+        raise SkipAction()
+
+    async def _cancel_waiting(self, job: GenJob) -> None:
+        job.done = True
+        self.job = None
+        if job.mode == "new":
+            await self.conversation.remove_from(job.item)
+        self.state = "loading" if self.engine is None else "idle"
+        self._refresh_status()
+
+    async def action_regenerate(self) -> None:
+        if self._busy(" first"):
+            return
+        items = self.conversation.items
+        if not items:
+            self.notify("Nothing to regenerate yet.", markup=False)
+            return
+        last = items[-1]
+        if last.role == "assistant":
+            await self._drop_from(last)
+        elif last.role != "user":
+            return
+        await self._start_reply("new")
+
+    async def action_continue_reply(self) -> None:
+        if self._busy(" first"):
+            return
+        items = self.conversation.items
+        last = items[-1] if items else None
+        if last is None or last.role != "assistant" or not (
+            last.status == "stopped" or last.finish_reason in ("length", "cancelled")
+        ):
+            self.notify("Only a stopped (or cut-off) reply can be continued.", severity="warning", markup=False)
+            return
+        await self._start_reply("continue", target=last)
+
+    def action_edit_last(self) -> None:
+        if self._busy(" first"):
+            return
+        last_user = next((it for it in reversed(self.conversation.items) if it.role == "user"), None)
+        if last_user is None:
+            self.notify("No message of yours to edit yet.", markup=False)
+            return
+        self._cancel_edit()
+        self.editing = last_user
+        view = self.conversation.view_for(last_user)
+        if view is not None:
+            view.add_class("-editing")
+        prompt = self.prompt_input
+        prompt.load_text(last_user.content)
+        prompt.move_cursor(prompt.document.end)
+        prompt.focus()
+        self.notify("Editing your last message: Enter resends it and replaces what followed; Esc cancels.",
+                    timeout=5, markup=False)
+
+    def _cancel_edit(self) -> None:
+        if self.editing is None:
+            return
+        view = self.conversation.view_for(self.editing)
+        if view is not None:
+            view.remove_class("-editing")
+        self.editing = None
+        self.prompt_input.clear()
+
+    # ------------------------------------------------------------------ sampling pane
+
+    def on_sampling_pane_changed(self, event: SamplingPane.Changed) -> None:
+        self.params = event.params  # the worker reads this at its next token
+        self.params_touched = True
+        self._preset_modified()
+
+    def _preset_modified(self) -> None:
+        label = f"{self.preset_name} (edited)" if self.preset_name else "custom"
+        self.sampling.show(self.params, self.system_prompt, preset=label)
+
+    def on_sampling_table_reset(self, event: SamplingTable.Reset) -> None:
+        if event.which == "neutral":
+            keep = {k: getattr(self.params, k) for k in ("max_new_tokens", "seed", "stop", "top_candidates")}
+            self.params = SamplingParams.neutral().with_(**keep)
+            self.preset_name = None
+            self.params_touched = True
+            self.sampling.show(self.params, self.system_prompt, preset="neutral")
+            self.notify("Sampling reset to neutral: every processor off, temperature 1", timeout=3, markup=False)
+        else:
+            if self.engine is None:
+                self.notify("The model is not loaded yet: its defaults are not known.", severity="warning",
+                            markup=False)
+                return
+            self.params = self.engine.default_params()
+            self.preset_name = None
+            self.params_touched = False
+            self.sampling.show(self.params, self.system_prompt, preset="model defaults")
+            self.notify("Sampling set to the model's defaults (generation_config.json)", timeout=3, markup=False)
+
+    def on_sampling_table_open_editor(self, event: SamplingTable.OpenEditor) -> None:
+        if event.name == "stop":
+
+            def done_stop(text: str | None) -> None:
+                if text is None:
+                    return
+                try:
+                    self.params = self.params.with_(stop=decode_stops(text))
+                except InvalidParameter as exc:
+                    self.notify(str(exc), severity="warning", markup=False)
+                    return
+                self.params_touched = True
+                self._preset_modified()
+
+            self.push_screen(
+                TextEditScreen("Stop strings", encode_stops(self.params.stop),
+                               hint="one per line; write \\n for a newline"),
+                done_stop,
+            )
+        elif event.name == "system_prompt":
+
+            def done_system(text: str | None) -> None:
+                if text is None:
+                    return
+                self.system_prompt = clean(text).strip("\n")
+                if self.conversation_id is not None and self.store is not None:
+                    self._db(self.store.set_system_prompt, self.conversation_id, self.system_prompt)
+                self._preset_modified()
+
+            self.push_screen(TextEditScreen("System prompt", self.system_prompt), done_system)
+        elif event.name == "order":
+
+            def done_order(order: tuple[str, ...] | None) -> None:
+                if order is None:
+                    return
+                self.params = self.params.with_(order=order)
+                self.params_touched = True
+                self._preset_modified()
+
+            self.push_screen(OrderScreen(tuple(self.params.order)), done_order)
+
+    def action_presets(self) -> None:
+        def done(result: tuple[str, str] | None) -> None:
+            if result is None:
+                return
+            action, name = result
+            if action == "load":
+                self.load_preset(name)
+            elif action == "save":
+                self.action_save_preset()
+            elif action == "delete":
+                self._delete_preset(name)
+
+        self.push_screen(PresetScreen(list_presets(self.paths), SHIPPED_PRESETS), done)
+
+    def load_preset(self, name: str) -> None:
+        try:
+            preset = load_preset(name, self.paths)
+            self.params = preset.apply(self.params)
+        except (PresetError, InvalidParameter) as exc:
+            self.notify(str(exc), severity="warning", markup=False)
+            return
+        if preset.system_prompt is not None:
+            self.system_prompt = preset.system_prompt
+        self.preset_name = name
+        self.params_touched = True
+        self.sampling.show(self.params, self.system_prompt, preset=name)
+        self.notify(f"Loaded preset {name}", timeout=3, markup=False)
+
+    def action_save_preset(self) -> None:
+        def done(name: str | None) -> None:
+            if not name or not name.strip():
+                return
+            try:
+                path = save_preset(name, self.params, system_prompt=self.system_prompt or None, paths=self.paths)
+            except PresetError as exc:
+                self.notify(str(exc), severity="warning", markup=False)
+                return
+            self.preset_name = name.strip()
+            self.sampling.show(self.params, self.system_prompt, preset=self.preset_name)
+            self.notify(f"Saved preset {name.strip()} to {path}", markup=False)
+
+        self.push_screen(
+            InputScreen("Save the current settings as a preset", self.preset_name or "",
+                        placeholder="name", hint="letters, digits, space, . _ -"),
+            done,
+        )
+
+    def _delete_preset(self, name: str) -> None:
+        def done(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                path = delete_preset(name, self.paths)
+            except PresetError as exc:
+                self.notify(str(exc), severity="warning", markup=False)
+                return
+            self.notify(f"Deleted preset {name} ({path})", markup=False)
+
+        self.push_screen(ConfirmScreen(f"Delete preset {name}?", yes="Delete"), done)
+
+    # ------------------------------------------------------------------ focus, copy, links, view
+
+    def action_focus_prompt(self) -> None:
+        self.prompt_input.focus()
+
+    def action_focus_message(self, delta: int) -> None:
+        views = list(self.conversation.query(MessageView))
+        if not views:
+            return
+        focused = self.focused
+        if isinstance(focused, MessageView) and focused in views:
+            index = views.index(focused) + delta
+            if index >= len(views):
+                self.prompt_input.focus()
+                return
+            index = max(index, 0)
+        else:
+            index = len(views) - 1 if delta < 0 else 0
+        views[index].take_focus()
+
+    def action_toggle_probs(self) -> None:
+        self.show_probs = not self.show_probs
+        self.conversation.set_show_probs(self.show_probs)
+        if self.show_probs:
+            self.notify("Token colours on: red tokens were unlikely, green ones near-certain (F4 turns off)",
+                        timeout=4, markup=False)
+
+    def on_markdown_link_clicked(self, event: Markdown.LinkClicked) -> None:
+        event.stop()
+        href = event.href
+        scheme = urlparse(href).scheme.lower()
+        if scheme not in ("http", "https"):
+            self.notify(f"Not opening {clean_line(href)[:80]}: only http and https links open.",
+                        severity="warning", markup=False)
+            return
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.open_url(href)
+
+        self.push_screen(ConfirmScreen("Open this link in your browser?", clean(href), yes="Open"), done)
+
+    # ------------------------------------------------------------------ help and commands
+
+    BINDING_OWNERS: tuple[tuple[str, Any], ...] = ()  # filled below the class
+
+    def binding_rows(self) -> list[tuple[str, str, str, str]]:
+        """(where, description, keys, id) for every binding, with the keymap applied."""
+        keymap = getattr(self, "_keymap", {}) or {}
+        rows = []
+        seen = set()
+        for where, owner in self.binding_owners():
+            for binding in Binding.make_bindings(owner.BINDINGS):
+                if binding.id is None or (where, binding.id) in seen:
+                    continue
+                seen.add((where, binding.id))
+                keys = keymap.get(binding.id, binding.key)
+                shown = ", ".join(
+                    self.get_key_display(dataclasses.replace(binding, key=k.strip(), key_display=None))
+                    for k in keys.split(",")
+                )
+                description = binding.description or binding.action
+                rows.append((where, description, shown, binding.id))
+        return rows
+
+    @classmethod
+    def binding_owners(cls) -> tuple[tuple[str, Any], ...]:
+        """Every class whose bindings the help screen lists (the inspector's loads here)."""
+        from chat_tui.ui.attention import InspectorPane
+
+        return (*cls.BINDING_OWNERS, ("inspector", InspectorPane))
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.binding_rows(), str(self.paths.config_file)))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        commands = [
+            ("New conversation", "Start an empty conversation (Ctrl+N)", self.action_new_conversation),
+            ("Open conversation", "Browse saved conversations (Ctrl+O)", self.action_open_conversations),
+            ("Rename conversation", "Give the open conversation a new title", self.action_rename_conversation),
+            ("Delete conversation", "Delete the open conversation", self.action_delete_conversation),
+            ("Export conversation as Markdown", "Write the conversation to a .md file",
+             lambda: self.action_export("markdown")),
+            ("Export conversation as JSON", "Write the conversation with every setting to a .json file",
+             lambda: self.action_export("json")),
+            ("Load model", "Load a checkpoint folder", self.action_load_model_dialog),
+            ("Save preset", "Save the sampling settings as a named preset", self.action_save_preset),
+            ("Presets", "Load, save or delete sampling presets", self.action_presets),
+            ("Toggle sampling pane", "Show or hide the sampling settings (F2)",
+             lambda: self.action_toggle_pane("sampling")),
+            ("Toggle inspector", "Show or hide the inspector pane (F3)", lambda: self.action_toggle_pane("inspector")),
+            ("Toggle token colours", "Colour each generated token by its probability (F4)",
+             self.action_toggle_probs),
+            ("Regenerate reply", "Generate the last reply again (Ctrl+R)", self.action_regenerate),
+            ("Continue reply", "Continue a stopped reply (Ctrl+G)", self.action_continue_reply),
+            ("Edit last message", "Edit your last message and resend it (Ctrl+L)", self.action_edit_last),
+            ("Reset sampling to neutral", "Every processor off",
+             lambda: self.on_sampling_table_reset(SamplingTable.Reset("neutral"))),
+            ("Sampling: model defaults", "The model's generation_config.json",
+             lambda: self.on_sampling_table_reset(SamplingTable.Reset("defaults"))),
+            ("Help: keys", "List every key binding (F1)", self.action_help),
+        ]
+        for title, help_text, callback in commands:
+            yield SystemCommand(title, help_text, callback)
+        for name in list_presets(self.paths):
+            yield SystemCommand(f"Load preset: {name}", "Apply this sampling preset",
+                                lambda name=name: self.load_preset(name), discover=False)
+
+    # ------------------------------------------------------------------ for tests and benchmarks
+
+    @property
+    def settled(self) -> bool:
+        """No reply streaming and no Markdown render pending."""
+        if self.job is not None and not self.job.done:
+            return False
+        return all(view.settled for view in self.conversation.query(MessageView))
+
+
+ChatApp.BINDING_OWNERS = (
+    ("app", ChatApp),
+    ("screen", MainScreen),
+    ("prompt", PromptInput),
+    ("sampling", SamplingTable),
+    ("message", MessageView),
+    ("conversations", ConversationListScreen),
+    ("presets", PresetScreen),
+    ("chain order", OrderScreen),
+    ("editor", TextEditScreen),
+    ("dialog", InputScreen),
+    ("confirm", ConfirmScreen),
+    ("help", HelpScreen),
+)

@@ -1,0 +1,340 @@
+"""The conversation pane: one MessageView per message, replies streamed as Markdown."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from rich.style import Style
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.widgets import Button, Static
+
+from chat_tui.ui.state import ChatItem
+from chat_tui.ui.text import clean, safe_text
+
+STATUS_LABEL = {
+    "generating": "generating…",
+    "waiting": "waiting for the model…",
+    "stopped": "stopped",
+    "error": "error",
+    "complete": "",
+}
+
+
+if TYPE_CHECKING:
+    from markdown_it import MarkdownIt
+
+# Markdown (markdown-it, the highlighter) loads with the first reply, not before the first frame.
+
+
+def safe_parser() -> MarkdownIt:
+    """GFM without raw HTML: HTML in a reply shows as text."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("gfm-like", {"html": False})
+
+
+def prob_style(prob: float) -> Style:
+    """Red for unlikely tokens through yellow to green for near-certain ones."""
+    p = min(max(prob, 0.0), 1.0)
+    if p < 0.5:
+        r, g = 230, int(60 + 340 * p)
+    else:
+        r, g = int(230 - 300 * (p - 0.5)), 230
+    return Style(color=f"rgb({max(r, 60)},{min(g, 230)},70)")
+
+
+def code_blocks(markdown: str) -> list[tuple[str, str]]:
+    """The fenced code blocks of a reply as (language, code), in order."""
+    parser = safe_parser()
+    return [
+        ((token.info or "").strip().split(" ")[0], token.content)
+        for token in parser.parse(markdown)
+        if token.type == "fence" or token.type == "code_block"
+    ]
+
+
+class MessageView(Vertical, can_focus=False):
+    """A message: who, the text (Markdown for replies), and a line of details under replies.
+
+    Messages take the focus only when chosen (Ctrl+Up/Down, a click), so Tab does not walk
+    through the whole conversation.
+    """
+
+    BINDINGS = [
+        Binding("c", "copy_message", "Copy message", id="copy_message"),
+        Binding("b", "copy_code", "Copy code block", id="copy_code"),
+        Binding("up", "app.focus_message(-1)", "Previous message", show=False, id="message_previous"),
+        Binding("down", "app.focus_message(1)", "Next message", show=False, id="message_next"),
+        Binding("enter", "app.focus_prompt", "Back to the prompt", show=False, id="message_to_prompt"),
+    ]
+
+    def __init__(
+        self,
+        item: ChatItem,
+        *,
+        markdown: bool = True,
+        show_probs: bool = False,
+        meta: Text | None = None,
+    ) -> None:
+        super().__init__(classes=f"message -{item.role}")
+        self._initial_meta = meta
+        self.item = item
+        self.use_markdown = markdown and item.role == "assistant"
+        self.show_probs = show_probs
+        self._backlog = ""
+        self._final: str | None = None
+        self._busy = False
+        self._code_index = -1
+        self._prob_text: Text | None = None
+        self._prob_count = 0
+
+    def compose(self) -> ComposeResult:
+        yield Static(self._header(), classes="who")
+        if self.use_markdown:
+            from textual.widgets import Markdown
+
+            yield Markdown(clean(self.item.content) or None, parser_factory=safe_parser, open_links=False, classes="body")
+        else:
+            yield Static(safe_text(self.item.content), classes="body plain")
+        if self.item.role == "assistant":
+            yield Static("", classes="probs")
+            yield Static(self._initial_meta or "", classes="meta")
+
+    def on_mount(self) -> None:
+        self._sync_probs()
+
+    def take_focus(self) -> None:
+        self.can_focus = True
+        self.focus()
+        self.scroll_visible(animate=False)
+
+    def on_blur(self) -> None:
+        self.can_focus = False
+
+    def on_click(self) -> None:
+        self.take_focus()
+
+    def _header(self) -> Text:
+        who = {"user": "You", "assistant": "Assistant", "system": "System"}.get(self.item.role, self.item.role)
+        header = Text(who, style="bold")
+        label = STATUS_LABEL.get(self.item.status, "")
+        if label:
+            header.append(f"  {label}", style="italic")
+        return header
+
+    def refresh_header(self) -> None:
+        self.query_one(".who", Static).update(self._header())
+        self.set_class(self.item.status == "stopped", "-stopped")
+        self.set_class(self.item.status == "error", "-error")
+
+    def set_meta(self, text: Text) -> None:
+        if self.item.role != "assistant":
+            return
+        meta = self.query_one(".meta", Static)
+        width = max(meta.size.width, 1)
+        lines = len(text.plain) // width
+        meta.update(text, layout=lines != getattr(self, "_meta_lines", -1))
+        self._meta_lines = lines
+
+    # ------------------------------------------------------------------ streaming
+
+    def stream_append(self, fragment: str) -> None:
+        """Add already-cleaned text. Markdown is appended incrementally, never re-parsed whole."""
+        if not fragment:
+            return
+        if not self.use_markdown:
+            self.query_one(".body", Static).update(safe_text(self.item.content))
+            return
+        self._backlog += fragment
+        self._kick()
+
+    def finish(self, text: str) -> None:
+        """The final full render of a reply (after any queued appends)."""
+        if not self.use_markdown:
+            self.query_one(".body", Static).update(safe_text(text))
+            return
+        self._final = clean(text)
+        self._kick()
+
+    def set_text(self, text: str) -> None:
+        self.finish(text)
+
+    def _kick(self) -> None:
+        if not self._busy:
+            self._busy = True
+            self.run_worker(self._drain(), group="markdown", exit_on_error=False)
+
+    async def _drain(self) -> None:
+        from textual.widgets import Markdown
+
+        markdown = self.query_one(".body", Markdown)
+        try:
+            while self._backlog or self._final is not None:
+                if self._backlog:
+                    fragment, self._backlog = self._backlog, ""
+                    if self._final is None:
+                        await markdown.append(fragment)
+                        continue
+                final, self._final = self._final, None
+                await markdown.update(final)
+        finally:
+            self._busy = False
+
+    @property
+    def settled(self) -> bool:
+        """No Markdown work queued (tests and benchmarks wait for this)."""
+        return not self._busy and not self._backlog and self._final is None
+
+    # ------------------------------------------------------------------ probability colours
+
+    def add_token_probs(self, pairs: list[tuple[str, float]]) -> None:
+        if self._prob_text is None:
+            self._prob_text = Text(end="")
+        for text, prob in pairs:
+            self._prob_text.append(clean(text), prob_style(prob))
+        self._prob_count += len(pairs)
+        if self.show_probs and pairs:
+            self.query_one(".probs", Static).update(self._prob_text)
+
+    def set_show_probs(self, show: bool) -> None:
+        self.show_probs = show
+        self._sync_probs()
+
+    def _sync_probs(self) -> None:
+        if self.item.role != "assistant":
+            return
+        if self._prob_text is None and self.item.token_probs:
+            self._prob_text = Text(end="")
+            for text, prob in self.item.token_probs:
+                self._prob_text.append(clean(text), prob_style(prob))
+        has = self._prob_text is not None
+        on_ = self.show_probs and has
+        probs = self.query_one(".probs", Static)
+        probs.display = on_
+        self.query_one(".body").display = not on_
+        if on_:
+            probs.update(self._prob_text)
+
+    # ------------------------------------------------------------------ copy
+
+    def action_copy_message(self) -> None:
+        text = self.item.content
+        self.app.copy_to_clipboard(text)
+        who = "your message" if self.item.role == "user" else "the reply"
+        lines = text.count("\n") + 1 if text else 0
+        self.app.notify(f"Copied {who} ({len(text)} characters, {lines} lines)", markup=False)
+
+    def action_copy_code(self) -> None:
+        blocks = code_blocks(self.item.content)
+        if not blocks:
+            self.app.notify("This message has no code block", severity="warning", markup=False)
+            return
+        self._code_index = (self._code_index + 1) % len(blocks)
+        language, code = blocks[self._code_index]
+        self.app.copy_to_clipboard(code)
+        lines = code.count("\n") + (0 if code.endswith("\n") else 1)
+        what = f"{language} " if language else ""
+        self.app.notify(
+            f"Copied {what}code block {self._code_index + 1} of {len(blocks)} ({lines} lines)", markup=False
+        )
+
+
+class ConversationView(VerticalScroll, can_focus=False):
+    """The messages of the open conversation; only the newest `page` are mounted at first."""
+
+    page = 24
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.items: list[ChatItem] = []
+        self.markdown = True
+        self.show_probs = False
+        self._first_shown = 0
+        self.meta_for: Callable[[ChatItem], Text] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Button("Show earlier messages", id="earlier", compact=True)
+        yield Static(
+            Text.assemble(
+                ("Say something to start. ", "bold"),
+                "Enter sends, Ctrl+J adds a line, Up recalls earlier prompts. "
+                "F1 lists every key; Ctrl+P opens the command palette.",
+            ),
+            id="empty-hint",
+        )
+
+    def on_mount(self) -> None:
+        self._sync_chrome()
+
+    def _sync_chrome(self) -> None:
+        earlier = self.query_one("#earlier", Button)
+        earlier.display = self._first_shown > 0
+        earlier.label = f"▲ Show {min(self.page, self._first_shown)} earlier of {self._first_shown}"
+        self.query_one("#empty-hint").display = not self.items
+
+    def view_for(self, item: ChatItem) -> MessageView | None:
+        for view in self.query(MessageView):
+            if view.item is item:
+                return view
+        return None
+
+    def _make(self, item: ChatItem) -> MessageView:
+        meta = self.meta_for(item) if self.meta_for is not None and item.role == "assistant" else None
+        return MessageView(item, markdown=self.markdown, show_probs=self.show_probs, meta=meta)
+
+    async def show(self, items: list[ChatItem]) -> None:
+        """Replace everything with `items`, mounting only the newest page."""
+        self.items = items
+        await self.remove_children(MessageView)
+        self._first_shown = max(0, len(items) - self.page)
+        views = [self._make(item) for item in items[self._first_shown :]]
+        if views:
+            await self.mount_all(views)
+        self._sync_chrome()
+        self.scroll_end(animate=False, immediate=True)
+        self.anchor()
+
+    async def add(self, item: ChatItem) -> MessageView:
+        self.items.append(item)
+        view = self._make(item)
+        await self.mount(view)
+        self._sync_chrome()
+        self.anchor()
+        self.scroll_end(animate=False)
+        return view
+
+    async def remove_from(self, item: ChatItem) -> None:
+        """Remove `item` and every later message."""
+        index = next(i for i, it in enumerate(self.items) if it is item)
+        doomed = self.items[index:]
+        del self.items[index:]
+        views = [v for v in self.query(MessageView) if any(v.item is d for d in doomed)]
+        if views:
+            await self.remove_children(views)
+        self._first_shown = min(self._first_shown, len(self.items))
+        self._sync_chrome()
+
+    @on(Button.Pressed, "#earlier")
+    async def show_earlier(self) -> None:
+        start = max(0, self._first_shown - self.page)
+        views = [self._make(item) for item in self.items[start : self._first_shown]]
+        first = next(iter(self.query(MessageView)), None)
+        if views:
+            if first is not None:
+                await self.mount_all(views, before=first)
+            else:
+                await self.mount_all(views)
+        self._first_shown = start
+        self._sync_chrome()
+        if views:
+            views[-1].take_focus()
+
+    def set_show_probs(self, show: bool) -> None:
+        self.show_probs = show
+        for view in self.query(MessageView):
+            view.set_show_probs(show)

@@ -1,0 +1,409 @@
+"""The sampling pane: every setting of the engine's chain, edited from the keyboard.
+
+One focusable table (so Tab does not walk through fifteen rows): Up/Down choose a row,
+Left/Right step its value (Shift for ten steps), typing a number edits it and Enter applies it.
+A value outside its range is refused on the spot and the range is shown. Enter on the stop
+strings, the system prompt or the chain order opens an editor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual import events
+from textual.actions import SkipAction
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.geometry import Region
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widget import Widget
+from textual.widgets import Static
+
+from chat_tui.engine.params import SPECS, InvalidParameter, ParamSpec, SamplingParams, check_value
+from chat_tui.ui.text import clean_line
+
+NUMERIC_ROWS: tuple[tuple[str, str], ...] = (
+    ("temperature", "temperature"),
+    ("top_k", "top-k"),
+    ("top_p", "top-p"),
+    ("min_p", "min-p"),
+    ("typical_p", "typical-p"),
+    ("repetition_penalty", "rep. penalty"),
+    ("repetition_window", "rep. window"),
+    ("presence_penalty", "presence"),
+    ("frequency_penalty", "frequency"),
+    ("max_new_tokens", "max tokens"),
+    ("seed", "seed"),
+    ("top_candidates", "candidates"),
+)
+TEXT_ROWS: tuple[tuple[str, str], ...] = (
+    ("stop", "stop"),
+    ("system_prompt", "system"),
+    ("order", "order"),
+)
+TEXT_HELP = {
+    "stop": "stop strings: the reply ends before any of them (Enter edits, one per line)",
+    "system_prompt": "system prompt: sent before the conversation (Enter edits)",
+    "order": "order of the sampling chain's stages (Enter edits)",
+}
+STAGE_SHORT = {
+    "repetition": "rep",
+    "presence_frequency": "pres/freq",
+    "temperature": "temp",
+    "top_k": "k",
+    "top_p": "p",
+    "min_p": "min-p",
+    "typical_p": "typ",
+}
+
+
+def short_number(x: float) -> str:
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    if x >= 2**62:
+        return "2⁶³-1"
+    if float(x).is_integer() and abs(x) >= 10_000:
+        mantissa, exponent = f"{x:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def range_label(spec: ParamSpec) -> str:
+    left = "(" if spec.low_open else "["
+    right = ")" if math.isinf(spec.high) else "]"
+    return f"{left}{short_number(spec.low)}, {short_number(spec.high)}{right}"
+
+
+def format_value(spec: ParamSpec | None, value: object) -> str:
+    if value is None:
+        return "random"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    spec: ParamSpec | None  # None for the text rows
+
+
+ROWS: tuple[Row, ...] = tuple(Row(n, label, SPECS[n]) for n, label in NUMERIC_ROWS) + tuple(
+    Row(n, label, None) for n, label in TEXT_ROWS
+)
+
+
+class SamplingTable(Widget, can_focus=True):
+    """The rows of the sampling pane, as one focusable widget."""
+
+    DEFAULT_CSS = """
+    SamplingTable { height: auto; width: 1fr; }
+    SamplingTable > .sampling-table--cursor { background: $accent 35%; text-style: bold; }
+    SamplingTable > .sampling-table--selected { text-style: bold; }
+    """
+    COMPONENT_CLASSES = {"sampling-table--cursor", "sampling-table--selected"}
+
+    BINDINGS = [
+        Binding("up", "move(-1)", "Previous setting", show=False, id="param_previous"),
+        Binding("down", "move(1)", "Next setting", show=False, id="param_next"),
+        Binding("left", "step(-1)", "Less", id="param_decrease"),
+        Binding("right", "step(1)", "More", id="param_increase"),
+        Binding("shift+left", "step(-10)", "Less ×10", show=False, id="param_decrease_more"),
+        Binding("shift+right", "step(10)", "More ×10", show=False, id="param_increase_more"),
+        Binding("enter", "edit", "Edit/apply", id="param_edit"),
+        Binding("backspace", "backspace", "Delete a digit", show=False, id="param_backspace"),
+        Binding("escape", "cancel_edit", "Cancel the edit", show=False, id="param_cancel"),
+        Binding("n", "neutral", "Neutral", id="params_neutral"),
+        Binding("d", "defaults", "Model defaults", id="params_defaults"),
+        Binding("p", "app.presets", "Presets", show=False, id="presets"),
+        Binding("s", "app.save_preset", "Save preset", show=False, id="save_preset"),
+    ]
+
+    cursor = reactive(0)
+
+    class Commit(Message):
+        """A row's new value (from a step or an edit), still to be validated."""
+
+        def __init__(self, name: str, value: object) -> None:
+            super().__init__()
+            self.name = name
+            self.value = value
+
+    class OpenEditor(Message):
+        def __init__(self, name: str, initial: str = "") -> None:
+            super().__init__()
+            self.name = name
+            self.initial = initial
+
+    class Reset(Message):
+        def __init__(self, which: str) -> None:
+            super().__init__()
+            self.which = which  # "neutral" or "defaults"
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.params = SamplingParams()
+        self.system_prompt = ""
+        self.editing: str | None = None
+        self.error: str | None = None  # the last refusal, shown until the next change
+
+    # ------------------------------------------------------------------ rendering
+
+    @property
+    def row(self) -> Row:
+        return ROWS[self.cursor]
+
+    def value_text(self, row: Row) -> str:
+        if row.name == "stop":
+            return ", ".join(repr(s)[1:-1] for s in self.params.stop) or "none"
+        if row.name == "system_prompt":
+            return self.system_prompt.splitlines()[0] if self.system_prompt.strip() else "none"
+        if row.name == "order":
+            if tuple(self.params.order) == tuple(SamplingParams().order):
+                return "default"
+            return "→".join(STAGE_SHORT.get(s, s) for s in self.params.order)
+        return format_value(row.spec, getattr(self.params, row.name))
+
+    def get_content_height(self, container, viewport, width: int) -> int:  # noqa: ANN001
+        return len(ROWS)
+
+    def render(self) -> Text:
+        width = max(self.size.width, 20)
+        out = Text(no_wrap=True, overflow="ellipsis", end="")
+        range_width = 10 if width >= 30 else 0
+        label_width = 12 if width >= 28 else 9
+        value_width = max(width - label_width - range_width - 2, 4)
+        cursor_style = self.get_component_rich_style("sampling-table--cursor")
+        selected_style = self.get_component_rich_style("sampling-table--selected")
+        for i, row in enumerate(ROWS):
+            selected = i == self.cursor
+            focused = selected and self.has_focus
+            line_style = cursor_style if focused else (selected_style if selected else "")
+            label = row.label[:label_width].ljust(label_width)
+            if selected and self.editing is not None:
+                shown = self.editing + "▏"
+                valid = self._buffer_ok(row, self.editing)
+                value_style = "bold green" if valid else "bold red"
+            else:
+                shown = clean_line(self.value_text(row))
+                value_style = "bold" if row.spec is not None else "italic"
+            if len(shown) > value_width:
+                shown = shown[: value_width - 1] + "…"
+            rng = range_label(row.spec) if row.spec is not None else "…"
+            rng = rng if len(rng) <= range_width else ""
+            line = Text(end="")
+            line.append(label, style="")
+            line.append(" ")
+            line.append(shown.rjust(value_width), style=value_style)
+            if range_width:
+                line.append(" ")
+                line.append(rng.rjust(range_width), style="dim")
+            if line_style:
+                line.stylize_before(line_style)
+            out.append_text(line)
+            if i < len(ROWS) - 1:
+                out.append("\n")
+        return out
+
+    @staticmethod
+    def _buffer_ok(row: Row, buffer: str) -> bool:
+        if row.spec is None:
+            return True
+        try:
+            check_value(row.spec, buffer)
+        except InvalidParameter:
+            return False
+        return True
+
+    def watch_cursor(self, _old: int, new: int) -> None:
+        self.editing = None
+        self.refresh()
+        if self.parent is not None and isinstance(self.parent, VerticalScroll):
+            self.parent.scroll_to_region(Region(0, new, 1, 1), animate=False)
+        self.post_message(self.CursorMoved(ROWS[new]))
+
+    class CursorMoved(Message):
+        def __init__(self, row: Row) -> None:
+            super().__init__()
+            self.row = row
+
+    def on_focus(self) -> None:
+        self.refresh()
+        self.post_message(self.CursorMoved(self.row))
+
+    def on_blur(self) -> None:
+        if self.editing is not None:
+            self.editing = None
+        self.refresh()
+
+    def on_click(self, event: events.Click) -> None:
+        if 0 <= event.y < len(ROWS):
+            self.cursor = event.y
+        self.focus()
+
+    def show(self, params: SamplingParams, system_prompt: str) -> None:
+        self.params = params
+        self.system_prompt = system_prompt
+        self.refresh()
+
+    # ------------------------------------------------------------------ keys
+
+    def action_move(self, delta: int) -> None:
+        if self.editing is not None:
+            self.action_edit()  # leaving a row applies what was typed
+        self.cursor = (self.cursor + delta) % len(ROWS)
+
+    def action_step(self, steps: int) -> None:
+        row = self.row
+        if row.spec is None:
+            self.post_message(self.OpenEditor(row.name))
+            return
+        if self.editing is not None:
+            return
+        spec = row.spec
+        current = getattr(self.params, row.name)
+        if current is None:
+            current = 0
+        value = current + spec.step * steps
+        if spec.kind is float:
+            value = round(value, 6)
+        low_bad = value <= spec.low if spec.low_open else value < spec.low
+        if low_bad:
+            if spec.low_open:
+                # the open end itself is refused: the smallest step above it is the floor
+                value = round(spec.low + spec.step, 6) if current > spec.low + spec.step else current
+            else:
+                value = spec.low
+        if value > spec.high:
+            value = spec.high
+        if spec.kind is int:
+            value = int(value)
+        if value == current and getattr(self.params, row.name) is not None:
+            self.app.bell()
+            return
+        self.post_message(self.Commit(row.name, value))
+
+    def action_edit(self) -> None:
+        row = self.row
+        if row.spec is None:
+            self.post_message(self.OpenEditor(row.name))
+            return
+        if self.editing is None:
+            self.editing = ""
+            self.refresh()
+            return
+        buffer, self.editing = self.editing, None
+        self.refresh()
+        if buffer == "" and not row.spec.optional:
+            return  # nothing typed: keep the value
+        self.post_message(self.Commit(row.name, buffer))
+
+    def action_backspace(self) -> None:
+        if self.editing is None:
+            if self.row.spec is not None:
+                self.editing = format_value(self.row.spec, getattr(self.params, self.row.name))
+                if self.editing == "random":
+                    self.editing = ""
+            else:
+                raise SkipAction()
+        self.editing = self.editing[:-1]
+        self.refresh()
+
+    def action_cancel_edit(self) -> None:
+        if self.editing is None:
+            raise SkipAction()  # let Esc stop a reply
+        self.editing = None
+        self.refresh()
+
+    def action_neutral(self) -> None:
+        self.post_message(self.Reset("neutral"))
+
+    def action_defaults(self) -> None:
+        self.post_message(self.Reset("defaults"))
+
+    def on_key(self, event: events.Key) -> None:
+        row = self.row
+        char = event.character
+        if char is None or not char.isprintable():
+            return
+        if row.spec is None:
+            return
+        allowed = "0123456789-+" if row.spec.kind is int else "0123456789.-+eE"
+        if char in allowed:
+            event.stop()
+            event.prevent_default()
+            self.editing = (self.editing or "") + char
+            self.refresh()
+
+
+class SamplingPane(Vertical):
+    """Title, the rows, and a help line that names the range and any refusal."""
+
+    class Changed(Message):
+        def __init__(self, params: SamplingParams) -> None:
+            super().__init__()
+            self.params = params
+
+    class SystemPromptChanged(Message):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text("Sampling", style="bold"), classes="pane-title", id="sampling-title")
+        with VerticalScroll(id="sampling-rows", can_focus=False):
+            yield SamplingTable(id="sampling-table")
+        yield Static("", id="param-help")
+
+    @property
+    def table(self) -> SamplingTable:
+        return self.query_one(SamplingTable)
+
+    def show(self, params: SamplingParams, system_prompt: str, *, preset: str | None = None) -> None:
+        self.table.show(params, system_prompt)
+        title = Text("Sampling", style="bold")
+        if preset:
+            title.append(f"  {clean_line(preset)}", style="italic")
+        self.query_one("#sampling-title", Static).update(title)
+        self._help(self.table.row)
+
+    def _help(self, row: Row, error: str | None = None) -> None:
+        help_ = self.query_one("#param-help", Static)
+        if error:
+            help_.update(Text(error, style="bold red"))
+            help_.add_class("-error")
+            return
+        help_.remove_class("-error")
+        if row.spec is not None:
+            text = Text(f"{row.label} {range_label(row.spec)}: ", style="bold")
+            text.append(row.spec.help)
+            text.append("  ←/→ step · type + Enter · n neutral · d defaults", style="dim")
+        else:
+            text = Text(TEXT_HELP.get(row.name, row.label))
+        help_.update(text)
+
+    def on_sampling_table_cursor_moved(self, event: SamplingTable.CursorMoved) -> None:
+        self._help(event.row)
+
+    def on_sampling_table_commit(self, event: SamplingTable.Commit) -> None:
+        event.stop()
+        table = self.table
+        spec = SPECS[event.name]
+        try:
+            value = check_value(spec, event.value)
+            params = table.params.with_(**{event.name: value})
+        except InvalidParameter as exc:
+            shown = clean_line(str(exc.value))[:20]
+            message = f"✗ {event.name} = {shown} refused: allowed {range_label(spec)}"
+            self._help(table.row, message)
+            self.app.bell()
+            self.notify(message, severity="warning", timeout=4, markup=False)
+            return
+        table.show(params, table.system_prompt)
+        self._help(table.row)
+        self.post_message(self.Changed(params))

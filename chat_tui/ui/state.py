@@ -1,0 +1,133 @@
+"""The UI's plain data: the open conversation's messages, a generation job, and the typed
+messages the worker threads post to the app."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from textual.message import Message as TextualMessage
+
+from chat_tui.engine.params import SamplingParams
+from chat_tui.engine.types import Engine, Message, PromptInfo, Step
+
+ItemStatus = Literal["complete", "stopped", "error", "generating", "waiting"]
+
+
+@dataclass
+class ChatItem:
+    """One message of the open conversation, as the UI keeps it."""
+
+    role: str
+    content: str
+    status: ItemStatus = "complete"
+    db_id: int | None = None
+    model: str | None = None
+    seed: int | None = None
+    params: dict[str, Any] | None = None
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    finish_reason: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    # (released text, probability) per generated token: kept in memory for the colour view
+    token_probs: list[tuple[str, float]] = field(default_factory=list)
+
+    def as_message(self) -> Message | None:
+        """What the engine sees; None for replies that produced nothing."""
+        if self.role == "assistant" and not self.content and self.status != "generating":
+            return None
+        return Message(self.role, self.content)  # type: ignore[arg-type]
+
+
+_job_ids = itertools.count(1)
+
+
+@dataclass
+class GenJob:
+    """One reply being generated. The worker thread only touches `push`; the rest is the UI's."""
+
+    conversation: list[Message]
+    item: ChatItem
+    mode: Literal["new", "continue"] = "new"
+    id: int = field(default_factory=lambda: next(_job_ids))
+    cancel: threading.Event = field(default_factory=threading.Event)
+    engine: Engine | None = None
+    # thread hand-off
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pending: list[Step] = field(default_factory=list)
+    _notified: bool = False
+    # UI-side progress
+    base_text: str = ""  # a stopped reply being continued
+    text: str = ""  # generated in this job
+    rendered: int = 0  # how much of `text` the view has been given
+    shown_count: int = 0  # how many tokens the view has been given
+    count: int = 0
+    prompt: PromptInfo | None = None
+    first_params: SamplingParams | None = None
+    last_params: SamplingParams | None = None
+    param_changes: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    last_step: Step | None = None
+    finish_reason: str | None = None
+    failed: bool = False
+    done: bool = False
+    created: float = field(default_factory=time.perf_counter)
+    rendered_at: float = 0.0  # when the view last got new tokens (benchmarks)
+    chrome_at: float = 0.0  # when the details, candidates and status were last updated
+
+    def push(self, step: Step) -> bool:
+        """Queue a step (worker thread). True when the UI must be told (no message is pending)."""
+        with self._lock:
+            self._pending.append(step)
+            if self._notified:
+                return False
+            self._notified = True
+            return True
+
+    def drain(self) -> list[Step]:
+        with self._lock:
+            steps, self._pending = self._pending, []
+            self._notified = False
+            return steps
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        step = self.last_step
+        if step is None or self.count < 2:
+            return None
+        prefill = self.prompt.prefill_s if self.prompt is not None else 0.0
+        span = step.elapsed_s - prefill
+        return self.count / span if span > 0 else None
+
+
+class ModelProgress(TextualMessage):
+    """The loader reports progress (any thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class ModelLoaded(TextualMessage):
+    def __init__(self, engine: Engine, source: str | None) -> None:
+        super().__init__()
+        self.engine = engine
+        self.source = source
+
+
+class StepsReady(TextualMessage):
+    """New steps wait in `job` (posted at most once until the UI drains them)."""
+
+    def __init__(self, job: GenJob) -> None:
+        super().__init__()
+        self.job = job
+
+
+class GenerationDone(TextualMessage):
+    """The stream ended normally (finished, stopped or cut at a limit)."""
+
+    def __init__(self, job: GenJob) -> None:
+        super().__init__()
+        self.job = job

@@ -1,0 +1,79 @@
+"""SVG snapshots (pytest-textual-snapshot) of the main screen and the conversation list.
+
+Update after an intended change with: pytest tests/ui/test_snapshots.py --snapshot-update
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chat_tui.config import get_paths
+from chat_tui.engine.fake import FakeEngine
+from chat_tui.engine.params import SamplingParams
+from chat_tui.store import Store
+from chat_tui.ui.app import ChatApp
+from chat_tui.ui.state import GenJob
+
+from .conftest import CODE_REPLY, send, wait_for
+
+
+class Clock:
+    """A deterministic clock for the store: 2025-03-01 12:00 UTC, one minute per call."""
+
+    def __init__(self) -> None:
+        self.t = 1_740_830_400.0
+
+    def __call__(self) -> float:
+        self.t += 60
+        return self.t
+
+
+@pytest.fixture
+def steady(home, monkeypatch):
+    # wall-clock figures would change every run
+    monkeypatch.setattr(GenJob, "tokens_per_s", property(lambda self: 42.0 if self.count > 1 else None))
+    monkeypatch.setenv("TZ", "UTC")
+    import time
+
+    time.tzset()
+    return home
+
+
+def make(replies) -> ChatApp:
+    store = Store(get_paths().database, now=Clock())
+    engine = FakeEngine(replies, defaults=SamplingParams(temperature=0.8, top_p=0.95, seed=7))
+    return ChatApp(engine_factory=lambda: engine, paths=get_paths(), store=store, new=True)
+
+
+async def one_exchange(pilot) -> None:
+    app = pilot.app
+    await wait_for(pilot, lambda: app.engine is not None)
+    app.prompt_input.cursor_blink = False
+    await send(pilot, app, "Write an add function in Python")
+    await pilot.pause(0.1)
+
+
+def test_main_screen_120x40(snap_compare, steady):
+    assert snap_compare(make([CODE_REPLY]), terminal_size=(120, 40), run_before=one_exchange)
+
+
+def test_main_screen_80x24(snap_compare, steady):
+    assert snap_compare(make([CODE_REPLY]), terminal_size=(80, 24), run_before=one_exchange)
+
+
+def test_conversation_list(snap_compare, steady):
+    store = Store(get_paths().database, now=Clock())
+    for title, n in (("Sourdough starter schedule", 6), ("Explain attention [in] transformers", 12),
+                     ("Rust borrow checker question", 4), ("Trip to Lisbon", 8)):
+        cid = store.create_conversation(title)
+        store.add_messages(cid, [("user" if i % 2 == 0 else "assistant", f"m{i}") for i in range(n)])
+    store.close()
+
+    async def open_list(pilot) -> None:
+        app = pilot.app
+        await wait_for(pilot, lambda: app.engine is not None)
+        app.prompt_input.cursor_blink = False
+        await pilot.press("ctrl+o")
+        await pilot.pause(0.1)
+
+    assert snap_compare(make(["x"]), terminal_size=(100, 30), run_before=open_list)
