@@ -18,30 +18,32 @@ import torch
 from chat_tui.engine import Message, SamplingParams, bundled_model_path
 from chat_tui.engine.convert import to_hf_model
 from chat_tui.engine.generation import run_stream
-from chat_tui.engine.minigpt import MiniGPTEngine, MiniGPTRunner
+from chat_tui.engine.minigpt import DecodeWeights, MiniGPTEngine, MiniGPTRunner, single_threaded_blas
 
 PROMPT = [Message("user", "Hello! What is AI?")]
+WEIGHTS: dict[int, DecodeWeights] = {}  # made once per engine, as the engine itself does
 
 
 def ours(engine: MiniGPTEngine, new_tokens: int, inspect: bool) -> tuple[float, list[int]]:
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
-    runner = MiniGPTRunner(engine.model, torch.device("cpu"))
+    runner = MiniGPTRunner(engine.model, torch.device("cpu"), WEIGHTS[id(engine)])
     start = time.perf_counter()
-    ids = [
-        step.token_id
-        for step in run_stream(
-            runner,
-            conversation=PROMPT,
-            render=engine.render,
-            decode=engine.decode,
-            token_text=engine.token_text,
-            eos_ids=set(),  # make all tokens, like min_new_tokens below
-            context_length=engine.context_length,
-            params=params,
-            inspect=inspect,
-            cancel=None,
-        )
-    ]
+    with single_threaded_blas():  # as MiniGPTEngine.stream does
+        ids = [
+            step.token_id
+            for step in run_stream(
+                runner,
+                conversation=PROMPT,
+                render=engine.render,
+                decode=engine.decode,
+                token_text=engine.token_text,
+                eos_ids=set(),  # make all tokens, like min_new_tokens below
+                context_length=engine.context_length,
+                params=params,
+                inspect=inspect,
+                cancel=None,
+            )
+        ]
     return time.perf_counter() - start, ids
 
 
@@ -72,6 +74,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     engine = MiniGPTEngine.load(args.model or bundled_model_path(), device="cpu")
+    WEIGHTS[id(engine)] = DecodeWeights.from_model(engine.model)
     hf = to_hf_model(engine.model)
     prompt_ids, _ = engine.render(PROMPT)
     cfg = engine.model.config

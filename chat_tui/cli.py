@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundled.add_argument("--pretrain-steps", type=int, default=300)
     bundled.add_argument("--sft-steps", type=int, default=700)
     bundled.add_argument("--sft2-steps", type=int, default=600)
+    bundled.add_argument("--sft3-steps", type=int, default=400)
     from chat_tui.train.cli_train import add_import_command, add_train_commands
 
     add_train_commands(train_sub)  # pretrain, sft
@@ -191,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     build_bundled(Path(args.out), pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps,
-                  sft2_steps=args.sft2_steps, log=log)
+                  sft2_steps=args.sft2_steps, sft3_steps=args.sft3_steps, log=log)
     return 0
 
 

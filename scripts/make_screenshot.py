@@ -21,7 +21,8 @@ FAKE_REPLY = (
     "```python\nweights = softmax(q @ k.T / sqrt(d))\nout = weights @ v\n```\n\n"
     "Each row of `weights` sums to **1**: the token spreads its attention over the context."
 )
-PROMPT = "How does attention work in a transformer?"
+PROMPT = "How does attention work in a transformer?"  # for the scripted reply
+BUNDLED_PROMPT = "What is AI?"  # a question the small bundled model knows
 
 
 async def shoot(out: Path, fake: bool, size: tuple[int, int]) -> None:
@@ -54,7 +55,7 @@ async def shoot(out: Path, fake: bool, size: tuple[int, int]) -> None:
             app.params = app.params.with_(seed=42, max_new_tokens=80)
             app.params_touched = True
         app.prompt_input.cursor_blink = False
-        app.prompt_input.load_text(PROMPT)
+        app.prompt_input.load_text(PROMPT if fake else BUNDLED_PROMPT)
         app.prompt_input.action_submit()
         while app.last_job is None or not app.settled:
             await pilot.pause(0.05)

@@ -195,3 +195,27 @@ def test_engine_package_imports_without_torch():
         "sorted(m for m in sys.modules if m.split('.')[0] in ('torch','transformers','textual'))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("inspect", [False, True])
+@pytest.mark.parametrize("numpy_path", [True, False])
+def test_runner_decode_path_equals_the_model_forward(tiny_engine, inspect, numpy_path):
+    from chat_tui.engine.minigpt import MiniGPTRunner
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny_engine.model.config.vocab_size, (40,)).tolist()
+    runner = MiniGPTRunner(tiny_engine.model, torch.device("cpu"))
+    assert runner.numpy_path  # the CPU float32 default
+    runner.numpy_path = numpy_path
+    with torch.no_grad():
+        runner.prefill(ids[:10], inspect)
+        _, _, full = tiny_engine.model(torch.tensor([ids]), capture=True)
+        reference, _, _ = tiny_engine.model(torch.tensor([ids]))
+        for position in range(10, 40):
+            logits, row = runner.feed(ids[position], inspect)
+            torch.testing.assert_close(logits, reference[0, position], atol=1e-5, rtol=0)
+            if inspect:
+                expected = torch.stack([w[0, :, position, : position + 1] for _, w in full])
+                torch.testing.assert_close(row, expected, atol=1e-6, rtol=0)
+            else:
+                assert row is None

@@ -125,10 +125,9 @@ def test_import_gives_the_same_predictions_as_nanogpt(tmp_path, capsys, bias):
     with torch.no_grad():
         ours = model(x)[0][0, :, :65]
         theirs = reference(x)[0]
-    # nanoGPT's GELU is exact (erf), ours GPT-2's tanh approximation: close, not bit-identical
-    assert torch.allclose(ours, theirs, atol=0.01), (ours - theirs).abs().max()
-    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
-    assert (ours - theirs).abs().max() < 0.01 * theirs.abs().max()
+    # the imported config keeps nanoGPT's exact (erf) GELU, so the logits are the same
+    assert model.config.activation == "gelu"
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert model.config.vocab_size == 70 and tokenizer.vocab_size == 70  # 65 characters + 5 chat tokens
 
 

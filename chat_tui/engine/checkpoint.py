@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from chat_tui.engine.model import GPT, GPTConfig
+from chat_tui.engine.model import ACTIVATIONS, GPT, GPTConfig
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.tokenizer import ChatTokenizer
 from chat_tui.engine.types import CheckpointError
@@ -62,7 +62,10 @@ def read_config(folder: Path) -> GPTConfig:
         if f.name not in data:
             continue
         value = data[f.name]
-        if f.name in LIMITS:
+        if f.name == "activation":
+            if value not in ACTIVATIONS:
+                raise _fail(path, f"activation = {value!r} is not one of {', '.join(ACTIVATIONS)}")
+        elif f.name in LIMITS:
             low, high = LIMITS[f.name]
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise _fail(path, f"{f.name} = {value!r} is outside the sane range [{low}, {high}]")

@@ -32,7 +32,8 @@ def hf_gpt2_config(config: GPTConfig, **extra):
         n_layer=config.n_layer,
         n_head=config.n_head,
         n_inner=4 * config.n_embd,
-        activation_function="gelu_new",  # GPT-2's tanh approximation
+        # GPT-2's tanh approximation is "gelu_new" in transformers; "gelu" is the exact one
+        activation_function="gelu_new" if config.activation == "gelu_tanh" else "gelu",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,

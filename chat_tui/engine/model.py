@@ -28,6 +28,7 @@ class GPTConfig:
     n_embd: int = 256
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
+    activation: str = "gelu_tanh"  # GPT-2's tanh approximation; "gelu" (exact, erf) for nanoGPT imports
 
     def to_dict(self) -> dict:
         return {"model_type": "chat-tui-minigpt", **asdict(self)}
@@ -111,16 +112,20 @@ def _causal_mask(T: int, S: int, past: int, device) -> torch.Tensor:
     return torch.arange(S, device=device).unsqueeze(0) <= q_pos
 
 
+ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}  # name -> F.gelu's `approximate`
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        self.approximate = ACTIVATIONS[config.activation]
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's GELU
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

@@ -14,9 +14,8 @@ biases, which computes the same thing. The vocabulary comes from:
 Safety: CKPT is read with `torch.load(weights_only=True)` (tensors and plain containers only),
 and meta.pkl with an unpickler that refuses every class: only dicts, strings and integers load.
 
-One difference remains: nanoGPT's MLP uses the exact (erf) GELU and ours GPT-2's tanh
-approximation; they differ by under 1e-3 per activation, so the imported model's predictions are
-very close to, not bit-identical with, nanoGPT's.
+nanoGPT's MLP uses the exact (erf) GELU where GPT-2 uses the tanh approximation: the imported
+config says `activation: "gelu"`, so the imported model computes exactly what nanoGPT computes.
 """
 
 from __future__ import annotations
@@ -118,7 +117,8 @@ def _model_config(path: Path, state: dict[str, torch.Tensor], args: dict) -> GPT
         if key in args and args[key] != value:
             raise CheckpointError(f"{path}: model_args says {key}={args[key]}, the weights say {value}")
     return GPTConfig(vocab_size=int(vocab_size), block_size=int(block_size), n_layer=n_layer, n_head=n_head,
-                     n_embd=int(n_embd), dropout=0.0, layer_norm_epsilon=1e-5)
+                     n_embd=int(n_embd), dropout=0.0, layer_norm_epsilon=1e-5,
+                     activation="gelu")  # nanoGPT's nn.GELU() is the exact (erf) one
 
 
 def _find_meta(ckpt_path: Path, ckpt: dict, meta: str | Path | None) -> Path | None:

@@ -187,7 +187,7 @@ def with_system_prompts(conversations: list[list[Message]], rng: random.Random, 
 
 
 def build_bundled(out: Path, *, pretrain_steps: int = 300, sft_steps: int = 700, sft2_steps: int = 600,
-                  log: Callable[[str], None] = print) -> Path:
+                  sft3_steps: int = 400, log: Callable[[str], None] = print) -> Path:
     """Train the bundled mini-GPT from scratch on the chatterbot corpus (all offline)."""
     rng = random.Random(1337)
     torch.manual_seed(1337)
@@ -233,32 +233,60 @@ def build_bundled(out: Path, *, pretrain_steps: int = 300, sft_steps: int = 700,
     sft_metrics = train(model, packed, OptimConfig(steps=sft_steps, batch_size=8, lr=5e-4, min_lr=5e-5, warmup=50,
                                                    eval_every=10**9), log=show)
     log_data = {"config": asdict(cfg), "pretrain": pre_metrics, "sft": sft_metrics}
-    # 3. A second, longer round that makes the replies stick (its own seeds, so it can also run
-    #    on a saved first-round checkpoint: see `finish_bundled`).
-    log_data["sft_round_2"] = finetune_round_2(model, tokenizer, sft, sft2_steps, log=show)
+    # 3. A second, longer round that makes the replies stick, and 4. a gentler third one that also
+    #    shows the prompts lower-cased and without end punctuation ("what is ai" as "What is AI?").
+    #    Each round has its own seeds, so rounds 2-3 can also run on a saved checkpoint (`finish_bundled`).
+    log_data["sft_round_2"] = finetune_round(model, tokenizer, sft, 2, sft2_steps, log=show)
+    log_data["sft_round_3"] = finetune_round(model, tokenizer, sft, 3, sft3_steps, log=show)
     _save_bundled(out, model, tokenizer, log_data)
     log(f"saved {out}")
     return out
 
 
-def finetune_round_2(model: GPT, tokenizer: ChatTokenizer, sft: list[list[Message]], steps: int,
-                     log: Callable[[dict], None] | None = None) -> list[dict]:
-    conversations = with_system_prompts(sft, random.Random(2), share=0.3)
+ROUNDS = {  # round: (learning rate, final rate, warm-up, system-prompt seed, packing seed, optimiser seed, casual)
+    2: (1e-3, 1e-4, 30, 2, 4, 7, False),
+    3: (5e-4, 5e-5, 30, 11, 11, 11, True),
+}
+
+
+def casual_variants(conversations: list[list[Message]]) -> list[list[Message]]:
+    """Copies whose user turns are typed casually: lower-case, no final punctuation."""
+    out = []
+    for conversation in conversations:
+        casual = [
+            Message(m.role, m.content.lower().rstrip("?!.。？！ ")) if m.role == "user" else m
+            for m in conversation
+        ]
+        if casual != conversation and all(m.content for m in casual):
+            out.append(casual)
+    return out
+
+
+def finetune_round(model: GPT, tokenizer: ChatTokenizer, sft: list[list[Message]], round_: int, steps: int,
+                   log: Callable[[dict], None] | None = None) -> list[dict]:
+    lr, min_lr, warmup, prompt_seed, pack_seed, optim_seed, casual = ROUNDS[round_]
+    conversations = sft + casual_variants(sft) if casual else sft
+    conversations = with_system_prompts(conversations, random.Random(prompt_seed), share=0.3)
     rendered = [tokenizer.render_conversation(c, add_generation_prompt=False)[:2] for c in conversations]
-    packed = PackedConversations(rendered, model.config.block_size, seed=4)
-    return train(model, packed, OptimConfig(steps=steps, batch_size=8, lr=1e-3, min_lr=1e-4, warmup=30,
-                                            eval_every=10**9, seed=7), log=log)
+    packed = PackedConversations(rendered, model.config.block_size, seed=pack_seed)
+    return train(model, packed, OptimConfig(steps=steps, batch_size=8, lr=lr, min_lr=min_lr, warmup=warmup,
+                                            eval_every=10**9, seed=optim_seed), log=log)
 
 
-def finish_bundled(first_round: Path, out: Path, *, sft2_steps: int = 600, log: Callable[[str], None] = print) -> Path:
-    """Run fine-tuning round 2 on a checkpoint saved after round 1 (same result as one go)."""
-    model, tokenizer, _ = load_model(first_round)
+def finish_bundled(saved: Path, out: Path, *, rounds: tuple[int, ...] = (2, 3), steps: dict[int, int] | None = None,
+                   log: Callable[[str], None] = print) -> Path:
+    """Run the later fine-tuning rounds on a checkpoint saved after the earlier ones (same result as one go)."""
+    steps = {2: 600, 3: 400, **(steps or {})}
+    model, tokenizer, _ = load_model(saved)
     sft = [c for lang in BUNDLED_SFT_LANGUAGES for c in corpus_conversations(BUNDLED_SFT_LANGUAGES)[lang]]
-    log_path = first_round / "training_log.json"
+    log_path = saved / "training_log.json"
     log_data = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    log_data["sft_round_2"] = finetune_round_2(
-        model, tokenizer, sft, sft2_steps, log=lambda e: log("  " + "  ".join(f"{k} {v}" for k, v in e.items()))
-    )
+    for round_ in rounds:
+        log(f"fine-tuning round {round_}")
+        log_data[f"sft_round_{round_}"] = finetune_round(
+            model, tokenizer, sft, round_, steps[round_],
+            log=lambda e: log("  " + "  ".join(f"{k} {v}" for k, v in e.items())),
+        )
     _save_bundled(out, model, tokenizer, log_data)
     return out
 

@@ -70,10 +70,11 @@ if TYPE_CHECKING:
     from textual.widgets import Markdown  # loaded with the first reply
 
     from chat_tui.ui.attention import InspectorPane  # mounted after the first frame (numpy)
+    from chat_tui.ui.training import TrainingSession  # the training screen loads on first use
 
 EngineFactory = Callable[[], Engine]
 
-PANE_WIDTH = {"sampling": 36, "inspector": 44}  # 44: the Explain view fits all its columns
+PANE_WIDTH = {"sampling": 36, "inspector": 40}  # 40: fits beside the chat at 80 columns
 CHAT_MIN_WIDTH = 40
 NARROW_WIDTH = CHAT_MIN_WIDTH + PANE_WIDTH["sampling"]  # below this the panes stack
 FLUSH_INTERVAL = 0.05  # seconds between Markdown updates while a reply streams
@@ -166,6 +167,7 @@ class ChatApp(App[int], inherit_bindings=False):
         Binding("f3", "toggle_pane('inspector')", "Inspector", id="toggle_inspector", show=False),
         Binding("f4", "toggle_probs", "Token colours", id="toggle_probs", show=False),
         Binding("f5", "focus_sampling", "Edit sampling", id="focus_sampling", show=False),
+        Binding("ctrl+t", "train", "Train", id="train", show=False),
         Binding("ctrl+up", "focus_message(-1)", "Previous message", id="focus_previous_message", show=False),
         Binding("ctrl+down", "focus_message(1)", "Next message", id="focus_next_message", show=False),
     ]
@@ -216,6 +218,7 @@ class ChatApp(App[int], inherit_bindings=False):
         self._flush_wall = 0.0
         self.tune_runtime = False  # run_app turns this on (see tune_runtime)
         self._flush_cpu = 0.0
+        self.training: TrainingSession | None = None  # the run started from the training screen
 
     # ------------------------------------------------------------------ layout
 
@@ -734,15 +737,30 @@ class ChatApp(App[int], inherit_bindings=False):
             if not path.is_dir():
                 self.notify(f"Not a folder: {path}", severity="warning", markup=False)
                 return
-            self.model_source = str(path)
-            self.params_touched = self.params_touched and self.preset_name is not None
-            self.load_model(str(path))
+            self.open_checkpoint(path)
 
         self.push_screen(
             InputScreen("Load a model: checkpoint folder", "", placeholder="/path/to/checkpoint",
                         hint="a mini-GPT checkpoint folder (config.json + model.safetensors)"),
             done,
         )
+
+    def open_checkpoint(self, path: str | Path) -> bool:
+        """Load the checkpoint in `path` for the chat (the Load model dialog, the training screen)."""
+        if self._busy(" first"):
+            return False
+        self.model_source = str(path)
+        self.params_touched = self.params_touched and self.preset_name is not None
+        self.load_model(str(path))
+        return True
+
+    def action_train(self) -> None:
+        """The training screen (torch loads only when a run starts)."""
+        from chat_tui.ui.training import TrainingScreen
+
+        if isinstance(self.screen, TrainingScreen):
+            return
+        self.push_screen(TrainingScreen())
 
     # ------------------------------------------------------------------ sending and generating
 
@@ -1033,6 +1051,9 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def on_unmount(self) -> None:
         self._save_running_reply()
+        training = self.training
+        if training is not None and not training.finished and training.run.running:
+            training.run.stop(wait=False)  # like Ctrl-C: the run finishes its step and saves; we do not wait
 
     async def action_stop(self) -> None:
         job = self.job
@@ -1312,8 +1333,9 @@ class ChatApp(App[int], inherit_bindings=False):
     def binding_owners(cls) -> tuple[tuple[str, Any], ...]:
         """Every class whose bindings the help screen lists (the inspector's loads here)."""
         from chat_tui.ui.attention import InspectorPane
+        from chat_tui.ui.training import TrainingScreen
 
-        return (*cls.BINDING_OWNERS, ("inspector", InspectorPane))
+        return (*cls.BINDING_OWNERS, ("inspector", InspectorPane), ("training", TrainingScreen))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.binding_rows(), str(self.paths.config_file)))
@@ -1330,6 +1352,7 @@ class ChatApp(App[int], inherit_bindings=False):
             ("Export conversation as JSON", "Write the conversation with every setting to a .json file",
              lambda: self.action_export("json")),
             ("Load model", "Load a checkpoint folder", self.action_load_model_dialog),
+            ("Train a model", "Train on your text or dialogues and watch it learn (Ctrl+T)", self.action_train),
             ("Save preset", "Save the sampling settings as a named preset", self.action_save_preset),
             ("Presets", "Load, save or delete sampling presets", self.action_presets),
             ("Toggle sampling pane", "Show or hide the sampling settings (F2)",
