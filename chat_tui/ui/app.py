@@ -270,12 +270,18 @@ class ChatApp(App[int], inherit_bindings=False):
 
         return self.query_one(InspectorPane)
 
+    def _inspector_pane(self) -> InspectorPane | None:
+        """The inspector, or None before it is mounted (just after the first frame) or while closing."""
+        try:
+            return self.inspector
+        except NoMatches:
+            return None
+
     def _clear_inspector(self) -> None:
         """Another conversation: the old reply's attention must not linger."""
-        try:
-            self.inspector.clear()
-        except NoMatches:  # not mounted yet: nothing to clear
-            pass
+        pane = self._inspector_pane()
+        if pane is not None:
+            pane.clear()
 
     async def _mount_inspector(self) -> None:
         from chat_tui.ui.attention import InspectorPane
@@ -856,7 +862,8 @@ class ChatApp(App[int], inherit_bindings=False):
         self._refresh_status()
         self._flush_timer.resume()
         # attention is captured only while the inspector is on screen (zero cost when hidden)
-        self.inspect_attention = self.inspector.wants_attention
+        pane = self._inspector_pane()
+        self.inspect_attention = pane is not None and pane.wants_attention
         self._generate(job)
 
     def _params_now(self) -> SamplingParams:
@@ -884,8 +891,10 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def _absorb(self, job: GenJob) -> None:
         steps = job.drain()
+        pane = self._inspector_pane()
         for step in steps:
-            self.inspector.add_step(step)  # every step: its attention row (cheap; drawn on the pane's tick)
+            if pane is not None:
+                pane.add_step(step)  # every step: its attention row (cheap; drawn on the pane's tick)
             if step.prompt is not None:
                 job.prompt = step.prompt
                 dropped = step.prompt.dropped_messages
