@@ -18,15 +18,14 @@ import torch
 from chat_tui.engine import Message, SamplingParams, bundled_model_path
 from chat_tui.engine.convert import to_hf_model
 from chat_tui.engine.generation import run_stream
-from chat_tui.engine.minigpt import DecodeWeights, MiniGPTEngine, MiniGPTRunner, single_threaded_blas
+from chat_tui.engine.minigpt import MiniGPTEngine, MiniGPTRunner, single_threaded_blas
 
 PROMPT = [Message("user", "Hello! What is AI?")]
-WEIGHTS: dict[int, DecodeWeights] = {}  # made once per engine, as the engine itself does
 
 
 def ours(engine: MiniGPTEngine, new_tokens: int, inspect: bool) -> tuple[float, list[int]]:
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
-    runner = MiniGPTRunner(engine.model, torch.device("cpu"), WEIGHTS[id(engine)])
+    runner = MiniGPTRunner(engine.model, torch.device("cpu"), engine.decode_weights())
     start = time.perf_counter()
     with single_threaded_blas():  # as MiniGPTEngine.stream does
         ids = [
@@ -74,7 +73,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     engine = MiniGPTEngine.load(args.model or bundled_model_path(), device="cpu")
-    WEIGHTS[id(engine)] = DecodeWeights.from_model(engine.model)
     hf = to_hf_model(engine.model)
     prompt_ids, _ = engine.render(PROMPT)
     cfg = engine.model.config

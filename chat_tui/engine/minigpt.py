@@ -119,6 +119,9 @@ class MiniGPTRunner:
 
     def feed(self, token_id: int, inspect: bool):
         """One token through the cache: the next logits [V] and, when inspecting, its attention row."""
+        block_size = self.model.config.block_size
+        if self.cache.length >= block_size:
+            raise ValueError(f"sequence of {self.cache.length + 1} tokens is longer than the context ({block_size})")
         if self.numpy_path:
             return self._feed_numpy(token_id, inspect)
         return self._feed_torch(token_id, inspect)
@@ -132,38 +135,33 @@ class MiniGPTRunner:
         weights it needs anyway are the inspector's row, so capturing attention costs almost
         nothing. Tested equal to `GPT.forward` with the cache (tests/test_engine.py).
         """
-        model, cache, w = self.model, self.cache, self.weights
-        cfg = model.config
-        tr = model.transformer
+        cache, w = self.cache, self.weights
+        cfg = self.model.config
         C, nh, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon
         hd = C // nh
-        scale = 1.0 / math.sqrt(hd)
         pos = cache.length
-        if pos >= cfg.block_size:
-            raise ValueError(f"sequence of {pos + 1} tokens is longer than the context ({cfg.block_size})")
         S = pos + 1
-        x = (tr.wte.weight[token_id] + tr.wpe.weight[pos]).view(1, C)
+        x = (w.wte[token_id] + w.wpe[pos]).view(1, C)
         rows = []
-        for i, (layer, block) in enumerate(zip(w.layers, tr.h, strict=True)):
+        for i, layer in enumerate(w.layers):
             h = F.layer_norm(x, (C,), *layer.ln_1, eps)
             q, k, v = torch.addmm(layer.attn[1], h, layer.attn[0]).view(3, nh, 1, hd).unbind(0)
             keys, values = cache.kv[i, 0, 0], cache.kv[i, 1, 0]  # (heads, context, head_dim)
             keys[:, pos : pos + 1] = k
             values[:, pos : pos + 1] = v
-            scores = torch.matmul(q, keys[:, :S].transpose(1, 2)).mul_(scale)  # (heads, 1, S)
+            scores = torch.matmul(q, keys[:, :S].transpose(1, 2)).mul_(w.scale)  # (heads, 1, S)
             weights = torch.softmax(scores, dim=-1)
             if inspect:
                 rows.append(weights[:, 0])
             y = torch.matmul(weights, values[:, :S]).view(1, C)
             x = x + torch.addmm(layer.attn_proj[1], y, layer.attn_proj[0])
             h = F.layer_norm(x, (C,), *layer.ln_2, eps)
-            h = F.gelu(torch.addmm(layer.fc[1], h, layer.fc[0]), approximate=block.mlp.approximate)
+            h = F.gelu(torch.addmm(layer.fc[1], h, layer.fc[0]), approximate=w.approximate)
             x = x + torch.addmm(layer.fc_proj[1], h, layer.fc_proj[0])
         cache.length = S
         x = F.layer_norm(x, (C,), *w.ln_f, eps)
         logits = torch.mm(x, w.lm_head)[0]
         return logits, (torch.stack(rows) if inspect else None)  # row: (layers, heads, position + 1)
-
 
     def _feed_numpy(self, token_id: int, inspect: bool):
         """`_feed_torch` in numpy, on the same weights and cache (views, no copies)."""
@@ -172,8 +170,6 @@ class MiniGPTRunner:
         C, nh = cfg.n_embd, cfg.n_head
         hd = C // nh
         pos = self.cache.length
-        if pos >= cfg.block_size:
-            raise ValueError(f"sequence of {pos + 1} tokens is longer than the context ({cfg.block_size})")
         S = pos + 1
         kv = self.cache.kv.numpy()
         x = w.wte[token_id] + w.wpe[pos]
@@ -253,6 +249,12 @@ class MiniGPTEngine:
         model, tokenizer, defaults = load_model(path, device=torch_device)
         return cls(model, tokenizer, defaults, name=path.name, path=path)
 
+    def decode_weights(self) -> DecodeWeights:
+        """The weights laid out for decoding, made at the first reply and kept."""
+        if self._decode_weights is None:
+            self._decode_weights = DecodeWeights.from_model(self.model)
+        return self._decode_weights
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
@@ -277,9 +279,7 @@ class MiniGPTEngine:
         cancel: threading.Event | None = None,
     ) -> Iterator[Step]:
         with self._lock:
-            if self._decode_weights is None:
-                self._decode_weights = DecodeWeights.from_model(self.model)
-            runner = MiniGPTRunner(self.model, next(self.model.parameters()).device, self._decode_weights)
+            runner = MiniGPTRunner(self.model, next(self.model.parameters()).device, self.decode_weights())
             with single_threaded_blas() if runner.numpy_path else contextlib.nullcontext():
                 yield from run_stream(
                     runner,
