@@ -223,6 +223,29 @@ def test_greedy_decode_equals_model_generate(engines, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_the_output_head_is_stored_column_major_with_the_same_logits(engines, hf_folders, arch):
+    from transformers import AutoModelForCausalLM
+
+    engine = engines[arch]
+    stock = AutoModelForCausalLM.from_pretrained(str(hf_folders[arch])).eval()
+    head = engine.model.get_output_embeddings().weight
+    assert engine.relaid_head
+    assert head.shape == stock.get_output_embeddings().weight.shape and head.stride() == (1, head.shape[0])
+    if stock.get_output_embeddings().weight is stock.get_input_embeddings().weight:
+        assert head is engine.model.get_input_embeddings().weight  # the tie survives
+    ids = torch.tensor([engine.render(CONVERSATION)[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_through_the_tokenizers_backend_equals_transformers_decode(engines):
+    for engine in engines.values():
+        ids = engine.render(CONVERSATION)[0] + [7, 300, 12]
+        assert engine.decode(ids) == engine.tokenizer.decode(ids, skip_special_tokens=False,
+                                                             clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_attention_per_layer_and_query_head_matches_a_full_forward(engines, arch):
     engine = engines[arch]
     expected_heads = engine.model.config.num_attention_heads if arch != "gpt2" else 2

@@ -426,3 +426,31 @@ def test_extreme_uniform_draws_never_pick_a_dropped_token(u, monkeypatch):
 
     monkeypatch.setattr(torch, "rand", fixed_rand)
     assert sample(result, params, torch.Generator()) == (1 if u == 0.0 else 3)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(temperature=0.0),
+        dict(temperature=0.0, top_k=3, top_p=0.3, min_p=0.2),
+        dict(temperature=0.0, repetition_penalty=3.0),
+        dict(temperature=0.0, presence_penalty=2.0),
+        dict(temperature=0.0, typical_p=0.2),
+        dict(temperature=0.7),
+    ],
+)
+def test_the_decode_loop_skips_the_chain_only_when_it_would_pick_the_raw_argmax(changes):
+    params = SamplingParams(**changes)
+    generator = torch.Generator().manual_seed(0)
+    changed_pick = False
+    for _ in range(200):
+        logits = torch.randn(50, generator=generator) * 3
+        context = torch.argsort(logits, descending=True)[:2]  # the penalties hit the two most likely tokens
+        chain = apply_chain(logits, context, params)
+        pick = sample(chain, params, torch.Generator().manual_seed(1))
+        if sampling.picks_argmax(params):
+            assert pick == int(torch.argmax(logits))
+            assert chain.probs[pick] == 1.0
+        changed_pick |= pick != int(torch.argmax(logits))
+    # where the loop must run the chain, the chain does change the pick for some rows
+    assert changed_pick != sampling.picks_argmax(params)

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from chat_tui.engine.sampling import apply_chain, sample
+from chat_tui.engine.sampling import apply_chain, picks_argmax, sample
 from chat_tui.engine.stopping import StopStringFilter
 from chat_tui.engine.types import (
     Candidate,
@@ -128,6 +128,15 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
 
 
+def _logsumexp(raw: torch.Tensor, raw_np: np.ndarray) -> float:
+    """log Σ exp(logits), the normaliser of the raw probabilities."""
+    if raw_np.size <= 32768:  # numpy is faster up to about this size, torch beyond it
+        peak = raw_np.max()
+        if np.isfinite(peak):
+            return float(peak + np.log(np.exp(raw_np - peak).sum(dtype=np.float64)))
+    return float(torch.logsumexp(raw, dim=-1))
+
+
 def _to_numpy16(t: torch.Tensor | None):
     return None if t is None else t.detach().to("cpu", torch.float16).numpy()
 
@@ -182,21 +191,31 @@ def run_stream(
             else:
                 released = ""
             # sampling runs on the CPU: the generator is a CPU one, and the token id is needed here anyway
-            raw = logits.detach().to("cpu", torch.float32)
-            chain = apply_chain(raw, history[:n_history], current)
-            token = sample(chain, current, generator)
+            raw = logits.detach().to("cpu", torch.float32).contiguous()
+            raw_np = raw.numpy()  # shares memory: numpy is cheaper than torch on one small row
+            chain_probs: torch.Tensor | None = None
+            if picks_argmax(current):  # the chain would change nothing: skip its copy of the vocabulary
+                token = int(raw_np.argmax())
+            else:
+                chain = apply_chain(raw, history[:n_history], current)
+                token = sample(chain, current, generator)
+                chain_probs = chain.probs
 
-            # The candidates: a few torch calls, then plain numpy/Python on 256 numbers.
-            log_z = float(torch.logsumexp(raw, dim=-1))
-            k = min(RAW_LOGITS_KEPT, raw.numel())
+            # The candidates: one top-k, then plain numpy/Python on 256 numbers.
+            log_z = _logsumexp(raw, raw_np)
+            k = min(RAW_LOGITS_KEPT, raw_np.size)
             top_logits_t, top_ids_t = torch.topk(raw, k)
             top_logits, top_ids = top_logits_t.numpy(), top_ids_t.numpy()
             n_top = min(current.top_candidates, k)
             top_ids_list = top_ids[:n_top].tolist()
             top_raw = np.exp(top_logits[:n_top] - log_z).tolist()
-            top_chain = chain.probs[top_ids_t[:n_top]].tolist()
-            prob = float(np.exp(float(raw[token]) - log_z))
-            chain_prob = float(chain.probs[token])
+            if chain_probs is None:  # greedy: all of the chain's probability is on the argmax
+                top_chain = [1.0 if i == token else 0.0 for i in top_ids_list]
+                chain_prob = 1.0
+            else:
+                top_chain = chain_probs[top_ids_t[:n_top]].tolist()
+                chain_prob = float(chain_probs[token])
+            prob = float(np.exp(float(raw_np[token]) - log_z))
 
             finish: str | None = None
             if token in eos_ids:

@@ -259,6 +259,22 @@ def apply_chain(
     return ChainResult(logits=x, probs=probs, dropped_by=dropped_by)
 
 
+def picks_argmax(params: SamplingParams) -> bool:
+    """True when the chain can only ever pick the raw argmax, so the decode loop may skip it.
+
+    Greedy decoding takes the argmax of what the stages leave; top-k, top-p and min-p always keep
+    the most likely token, so only the penalties (which move logits) and typical-p (which can drop
+    the most likely token) can change the pick.
+    """
+    return (
+        params.greedy
+        and params.repetition_penalty == 1.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and params.typical_p >= 1.0
+    )
+
+
 def sample(result: ChainResult, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """Draw the next token: the argmax when greedy, else one draw from `result.probs`.
 
