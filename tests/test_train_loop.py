@@ -92,11 +92,12 @@ def test_bad_durations_are_refused(text):
         parse_duration(text)
 
 
-def test_training_forward_matches_the_model_in_value_and_gradient():
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_training_forward_matches_the_model_in_value_and_gradient(activation):
     from chat_tui.engine.model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, activation=activation))
     x = torch.randint(0, 50, (3, 16))
     y = torch.randint(0, 50, (3, 16))
     y[0, :5] = -1
@@ -132,6 +133,26 @@ def test_pretrain_command_char_model_learns_saves_and_chats(corpus, tmp_path, ca
     assert (out / "best" / "model.safetensors").is_file()
     assert json.loads((out / "status.json").read_text())["state"] == "done"
     assert set(reply(out)) <= set(TEXT)  # a character model speaks in its own characters
+
+
+def test_pretrain_with_the_exact_gelu_keeps_it_in_the_checkpoint_and_its_export(corpus, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from chat_tui.engine.export import export_hf
+
+    out = tmp_path / "run"
+    code = main(["train", "pretrain", "--data", str(corpus), "--out", str(out), "--tokenizer", "char", "--activation",
+                 "gelu", "--max-steps", "4", "--eval-every", "4", "--quiet", *TINY])
+    assert code == 0, capsys.readouterr().err
+    model, _, _ = load_model(out)
+    assert model.config.activation == "gelu" and model.transformer.h[0].mlp.approximate == "none"
+    hf = AutoModelForCausalLM.from_pretrained(str(export_hf(out, tmp_path / "hf"))).eval()
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x)[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(SystemExit):  # argparse's usage line, then status 2
+        main(["train", "pretrain", "--data", str(corpus), "--out", str(tmp_path / "y"), "--activation", "relu"])
+    assert "--activation" in capsys.readouterr().err
 
 
 def test_pretrain_bpe_and_the_cache_makes_a_second_run_start_at_once(corpus, tmp_path, capsys):

@@ -74,6 +74,7 @@ class TrainConfig:
     n_embd: int = 128
     block_size: int = 256
     dropout: float = 0.0
+    activation: str = "gelu_tanh"  # GPT-2's tanh GELU; "gelu" is the exact one (nanoGPT's nn.GELU)
     tokenizer: str = "bpe"
     vocab_size: int = 4096
     # optimisation
@@ -119,6 +120,7 @@ class TrainConfig:
             need(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be a whole number ≥ 1, not {value!r}")
         need(self.n_embd % self.n_head == 0, f"--n-embd ({self.n_embd}) must be a multiple of --n-head ({self.n_head})")
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), not {self.dropout}")
+        need(self.activation in ("gelu_tanh", "gelu"), f"--activation must be gelu_tanh or gelu, not {self.activation!r}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, not {self.lr}")
         need(self.warmup >= 0, f"--warmup must be ≥ 0, not {self.warmup}")
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be ≥ 1, not {self.max_steps}")
@@ -485,7 +487,8 @@ class Trainer:
                                                               log=self.log if self.d.main else None))
             self.tokenizer = data.tokenizer
             model_config = GPTConfig(vocab_size=self.tokenizer.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+                                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
+                                     activation=cfg.activation)
             torch.manual_seed(cfg.seed)
             model = GPT(model_config)
             self.train_sampler = WindowSampler(data.train, cfg.block_size, cfg.seed)

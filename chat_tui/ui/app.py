@@ -238,7 +238,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 yield Static(Text("Inspector", style="bold"), classes="pane-title")
         yield PromptInput(id="prompt")
         yield Static("", id="status")
-        yield Footer()
+        # the footer (a widget per key) is mounted just after the first frame too: see _start_after_first_frame
 
     def _view_for(self, item: ChatItem) -> MessageView | None:
         """The view of `item`, or None (not mounted, or the app is shutting down)."""
@@ -369,6 +369,8 @@ class ChatApp(App[int], inherit_bindings=False):
 
     async def _start_after_first_frame(self) -> None:
         try:
+            await self.mount(Footer())
+            self.screen.refresh_bindings()  # a footer fills in on the next bindings update: ask for one now
             await self._mount_inspector()
             self._check_keymap()
         finally:

@@ -101,11 +101,7 @@ ROWS: tuple[Row, ...] = tuple(Row(n, label, SPECS[n]) for n, label in NUMERIC_RO
 class SamplingTable(Widget, can_focus=True):
     """The rows of the sampling pane, as one focusable widget."""
 
-    DEFAULT_CSS = """
-    SamplingTable { height: auto; width: 1fr; }
-    SamplingTable > .sampling-table--cursor { background: $accent 35%; text-style: bold; }
-    SamplingTable > .sampling-table--selected { text-style: bold; }
-    """
+    # its styles are in app.tcss: each DEFAULT_CSS is one more stylesheet to parse before the first frame
     COMPONENT_CLASSES = {"sampling-table--cursor", "sampling-table--selected"}
 
     BINDINGS = [
