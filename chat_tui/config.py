@@ -221,6 +221,47 @@ def dumps_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_setting(key: str, value: str, paths: Paths | None = None) -> Path:
+    """Set one top-level string setting in `config.toml`, keeping every other line and comment.
+
+    A missing file starts from the commented example. The result is parsed before it replaces the
+    file (atomically), so a hand-edited config is never left broken. Raises OSError or ValueError.
+    """
+    paths = paths or get_paths()
+    path = paths.config_file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = EXAMPLE_CONFIG
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # being edited by hand, perhaps: leave it alone
+        raise ValueError(f"{path} is not valid TOML ({exc}); {key} was not saved") from None
+    line = f"{_toml_key(key)} = {_toml_string(value)}"
+    lines = text.splitlines()
+    own = re.compile(rf"\s*{re.escape(key)}\s*=")
+    for i, old in enumerate(lines):
+        if old.lstrip().startswith("["):  # a table: top-level keys end here
+            lines.insert(i, line)
+            break
+        if own.match(old):
+            lines[i] = line
+            break
+    else:
+        lines.append(line)
+    new_text = "\n".join(lines) + "\n"
+    try:
+        if tomllib.loads(new_text).get(key) != value:
+            raise ValueError(f"{path}: could not set {key} without changing its meaning")
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML ({exc}); {key} was not saved") from None
+    Paths.ensure(path.parent)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new_text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 # --------------------------------------------------------------------------- presets
 
 

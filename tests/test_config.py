@@ -120,3 +120,21 @@ def test_user_preset_overrides_and_bad_values_are_reported(paths):
     (paths.presets / "broken.toml").write_text("[sampling]\ntop_p = 7\n", encoding="utf-8")
     with pytest.raises(PresetError, match="top_p"):
         load_preset("broken", paths)
+
+
+def test_save_setting_keeps_the_rest_of_the_file(paths):
+    from chat_tui.config import save_setting
+
+    save_setting("theme", "nord", paths)  # no file yet: the example, with the setting
+    first = load_config(paths)
+    assert first.theme == "nord" and not first.warnings
+    assert "[keymap]" in paths.config_file.read_text()
+    paths.config_file.write_text('theme = "x"  # old\nmodel = "/m"\n[keymap]\nsend = "f5"\n', encoding="utf-8")
+    save_setting("theme", 'gruvbox "dark"', paths)
+    config = load_config(paths)
+    assert (config.theme, config.model, config.keymap) == ('gruvbox "dark"', "/m", {"send": "f5"})
+    assert paths.config_file.read_text().count("theme") == 1
+    paths.config_file.write_text("theme = [broken\n", encoding="utf-8")
+    with pytest.raises(ValueError):
+        save_setting("theme", "nord", paths)
+    assert paths.config_file.read_text() == "theme = [broken\n"  # a broken file is left as it was

@@ -41,6 +41,7 @@ from chat_tui.config import (
     load_config,
     load_preset,
     save_preset,
+    save_setting,
 )
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.types import Engine, Message
@@ -63,7 +64,15 @@ from chat_tui.ui.screens import (
     decode_stops,
     encode_stops,
 )
-from chat_tui.ui.state import ChatItem, GenerationDone, GenJob, ModelLoaded, ModelProgress, StepsReady
+from chat_tui.ui.state import (
+    ChatItem,
+    GenerationDone,
+    GenJob,
+    ModelLoaded,
+    ModelProgress,
+    StepsReady,
+    stored_token_probs,
+)
 from chat_tui.ui.text import clean, clean_line
 
 if TYPE_CHECKING:
@@ -398,6 +407,19 @@ class ChatApp(App[int], inherit_bindings=False):
             except (PresetError, InvalidParameter) as exc:
                 self.notify(f"config.toml preset: {exc}", severity="warning", markup=False)
 
+    def watch_theme(self, theme: str) -> None:
+        """A theme picked from the palette is remembered in config.toml for the next start."""
+        if not self.is_running or theme == self.config.theme:
+            return  # start-up (the config's own theme being applied), or nothing new
+        self.config.theme = theme
+        try:
+            path = save_setting("theme", theme, self.paths)
+        except (OSError, ValueError) as exc:
+            self.notify(f"Theme {theme} is used now but not saved: {describe(exc)}", severity="warning",
+                        timeout=8, markup=False)
+            return
+        self.notify(f"Theme {theme}, saved in {path}", timeout=4, markup=False)
+
     def _check_keymap(self) -> None:
         """Warn about [keymap] ids that name no binding (once every pane is mounted)."""
         if not self.config.keymap:
@@ -624,7 +646,7 @@ class ChatApp(App[int], inherit_bindings=False):
             ChatItem(
                 role=m.role, content=m.content, status=m.status, db_id=m.id, model=m.model, seed=m.seed,
                 params=m.params, tokens=m.tokens, tokens_per_s=m.tokens_per_s, finish_reason=m.finish_reason,
-                meta=m.meta,
+                meta=m.meta, token_probs=stored_token_probs(m.meta),
             )
             for m in stored
         ]
@@ -1005,6 +1027,8 @@ class ChatApp(App[int], inherit_bindings=False):
             item.meta["checkpoint_hash"] = self.engine.checkpoint_hash
             item.meta["backend"] = self.engine.backend
         item.meta["system_prompt"] = self.system_prompt
+        # the probability colouring works on a reopened conversation too
+        item.meta["token_probs"] = [[text, round(prob, 5)] for text, prob in item.token_probs]
         if job.prompt is not None:
             item.meta["prompt_tokens"] = len(job.prompt.ids)
             item.meta["dropped_messages"] = job.prompt.dropped_messages

@@ -45,6 +45,23 @@ class ChatItem:
 _job_ids = itertools.count(1)
 
 
+def stored_token_probs(meta: dict[str, Any] | None) -> list[tuple[str, float]]:
+    """The (text, probability) of each generated token, as `_finish` keeps them in a message's meta.
+
+    Anything malformed (an older database, a hand-edited export) gives no colours, never an error.
+    """
+    pairs = (meta or {}).get("token_probs")
+    if not isinstance(pairs, list):
+        return []
+    out: list[tuple[str, float]] = []
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], (int, float)) and 0.0 <= pair[1] <= 1.0):
+            return []
+        out.append((pair[0], float(pair[1])))
+    return out
+
+
 @dataclass
 class GenJob:
     """One reply being generated. The worker thread only touches `push`; the rest is the UI's."""

@@ -412,6 +412,29 @@ async def test_keymap_remap_from_the_config_file(make_app, home):
         assert rows["send"][2] == "^s" and rows["regenerate"][2] == "f9"
 
 
+async def test_a_theme_picked_in_the_app_is_saved_for_the_next_start(make_app, home):
+    from chat_tui.config import get_paths, load_config
+
+    config = home / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "config.toml").write_text('# mine\nmarkdown = true\n\n[keymap]\nsend = "ctrl+s"\n', encoding="utf-8")
+    app, _ = make_app()
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        assert "theme" not in (config / "config.toml").read_text()  # starting changes nothing
+        app.theme = "nord"  # what the palette's theme command does
+        await pilot.pause(0.05)
+        assert any("saved" in n for n in notifications(app))
+    text = (config / "config.toml").read_text()
+    assert text.startswith("# mine\nmarkdown = true\n") and 'send = "ctrl+s"' in text
+    saved = load_config(get_paths())
+    assert saved.theme == "nord" and saved.keymap == {"send": "ctrl+s"} and not saved.warnings
+    app, _ = make_app()
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        assert app.theme == "nord"
+
+
 async def test_every_binding_has_an_id_and_the_help_screen_lists_them(make_app):
     app, _ = make_app()
     async with app.run_test(size=(120, 40)) as pilot:
@@ -493,8 +516,21 @@ async def test_probability_colours_toggle(make_app):
         assert view.query_one(".probs").display and not view.query_one(".body").display
         rendered = view.query_one(".probs").render()
         assert "colourful words here" in str(rendered)
+        shown = [(span.start, span.end, str(span.style)) for span in rendered.spans]
         await pilot.press("f4")
         assert view.query_one(".body").display
+        cid = app.conversation_id
+    # reopened in a later session, the reply still colours by probability, the same way
+    app, _ = make_app(["unused"], conversation_id=cid)
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: len(app.conversation.items) == 2)
+        view = app.conversation.view_for(app.conversation.items[-1])
+        app.conversation.focus()
+        await pilot.press("f4")
+        rendered = view.query_one(".probs").render()
+        assert "colourful words here" in str(rendered)
+        assert [(span.start, span.end, str(span.style)) for span in rendered.spans] == shown
 
 
 async def test_old_turns_dropped_notice(make_app):
