@@ -1,7 +1,8 @@
 """How the Textual UI performs, three ways.
 
 1. First frame: wall time from process start to the first frame on a real pseudo-terminal, for
-   `chat-tui` (the app, with the real model loader) and for a bare Textual app showing one Static.
+   `chat-tui --new` (the command's own entry point, with the real model loader) and for a bare
+   Textual app showing one Static.
    Target: app / bare <= 1.5.
 2. Tokens per second that reach the screen in the app, against the same engine headless
    (iterating `Engine.stream` with nothing else, on the same conversation and with the same
@@ -50,8 +51,9 @@ Bare().run()
 """
 
 CHAT_APP = """
-from chat_tui.ui import run_app
-run_app(new=True)
+import sys
+from chat_tui.cli import main  # what the chat-tui command runs
+sys.exit(main(["--new"]))
 """
 CHAT_MARKER = "Sampling"  # the title of the sampling pane, painted in the first frame
 

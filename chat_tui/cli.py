@@ -72,16 +72,23 @@ SAMPLING_FLAGS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
+    """The command line. Without `commands`, only the app's own options (no help, no subcommands):
+    building every subcommand's options takes some 15 ms, which the app's first frame would wait for."""
     parser = argparse.ArgumentParser(
         prog="chat-tui",
         description="Chat with a language model in your terminal, tune its sampling, watch its attention. "
         "With no command, opens the app.",
+        add_help=commands,
+        exit_on_error=commands,  # the short parser's errors are reported by the whole one
     )
     parser.add_argument("--version", action="version", version=f"chat-tui {__version__}")
     _add_model_options(parser)
     parser.add_argument("--new", action="store_true", help="start with a new conversation")
     parser.add_argument("--conversation", type=int, metavar="ID", help="open a saved conversation")
+    if not commands:
+        parser.set_defaults(command=None)
+        return parser
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     ask = sub.add_parser("ask", help="print the model's reply to PROMPT (no UI)")
@@ -216,10 +223,21 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    from chat_tui.train.cli_train import cmd_import
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    # the app's options alone parse most starts; anything else (a command, --help, a typo) gets the
+    # whole parser, with its subcommands and its messages
+    try:
+        args, rest = build_parser(commands=False).parse_known_args(arguments)
+    except argparse.ArgumentError:
+        rest = ["(error)"]
+    if rest or "--" in arguments:
+        args = build_parser().parse_args(arguments)
+    args.argv = arguments
+
+    def cmd_import(args: argparse.Namespace) -> int | None:
+        from chat_tui.train.cli_train import cmd_import
+
+        return cmd_import(args)
 
     handlers = {"ask": cmd_ask, "train": cmd_train, "export": cmd_export, "import": cmd_import, None: cmd_app}
     try:

@@ -142,10 +142,11 @@ def tune_runtime() -> None:
 
     A shorter GIL switch interval (0.2 ms instead of 5) lets the generation thread take each
     token as soon as it is ready while the UI thread paints; freezing what start-up allocated keeps the garbage
-    collector's full passes (which stall both threads) short.
+    collector's full passes (which stall both threads) short. Collection itself comes back on here.
     """
     sys.setswitchinterval(0.0002)
     gc.freeze()
+    gc.enable()  # run_app starts with it off
 
 
 class MainScreen(Screen, inherit_bindings=False):
