@@ -90,9 +90,10 @@ FLUSH_INTERVAL = 0.05  # seconds between Markdown updates while a reply streams
 MAX_FLUSH_GAP = 0.25  # ... but never less often than this
 # The share of one core the UI thread aims to stay under while streaming. A Python-side engine
 # needs the GIL for every token, and each UI batch (Markdown, layout, paint) holds it for tens of
-# milliseconds: at 0.3 a 500 tokens/s stream lost a fifth of its speed, at 0.15 under a tenth
-# (benchmarks/bench_tui.py). Batches still come at least every MAX_FLUSH_GAP.
-UI_CPU_SHARE = 0.15
+# milliseconds. Less UI time means fewer, larger batches: below 0.3 each batch's layout grows long
+# enough to delay a key press past 100 ms in a long conversation (benchmarks/bench_tui.py).
+# Batches still come at least every MAX_FLUSH_GAP.
+UI_CPU_SHARE = 0.3
 CHROME_INTERVAL = 0.2  # seconds between updates of the details, candidates and status while streaming
 
 FINISH_LABEL = {
@@ -146,6 +147,9 @@ def tune_runtime() -> None:
     """
     sys.setswitchinterval(0.0002)
     gc.freeze()
+    # a UI makes and drops many short-lived objects (segments, strips) and few cycles: collect the
+    # young generation less often, and the old one (a 30-80 ms pause once the app has grown) rarely
+    gc.set_threshold(10_000, 20, 50)
     gc.enable()  # run_app starts with it off
 
 
@@ -659,6 +663,13 @@ class ChatApp(App[int], inherit_bindings=False):
         self.conversation.meta_for = self.meta_text
         self._clear_inspector()
         await self.conversation.show(items)
+        if self.tune_runtime:
+            # a long conversation is tens of thousands of long-lived objects: collect once now (the
+            # last conversation's widgets), then keep the collector's full passes off them, which
+            # would otherwise stall a streaming reply and the keyboard for 30-80 ms each
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
         self.prompt_input.prompt_history = [i.content for i in items if i.role == "user"][-200:]
         self.sub_title = clean_line(info.title)
         self.sampling.show(self.params, self.system_prompt, preset=self.preset_name)
