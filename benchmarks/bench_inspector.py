@@ -262,7 +262,7 @@ def bench_app(runs: int, new_tokens: int, threads: int) -> None:
     engine, name = engine_for_app(new_tokens)
     if hasattr(engine, "eos_ids"):
         engine.eos_ids = set()  # every run makes all its tokens
-    print(f"== tokens/s reaching the screen ({name}, {new_tokens} new tokens, greedy, best of {runs})")
+    print(f"== tokens/s reaching the screen ({name}, {new_tokens} new tokens, greedy, {runs} runs each, alternating)")
     rates: dict[bool, list[float]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as home:
         for i in range(runs):
