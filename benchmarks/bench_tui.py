@@ -114,7 +114,9 @@ def make_engine(kind: str, reply_tokens: int, delay: float):
     if kind == "bundled":
         from chat_tui.engine import load_engine
 
-        return load_engine(None, device="cpu")
+        engine = load_engine(None, device="cpu")
+        engine.eos_ids = set()  # the bundled model ends most replies within a few tokens: measure long ones
+        return engine
     from chat_tui.engine.fake import FakeEngine, tokenize
 
     # paragraphs of ~60 tokens and a code block, like a real reply
@@ -129,8 +131,8 @@ def make_engine(kind: str, reply_tokens: int, delay: float):
 def bench_params(kind: str, tokens: int):
     from chat_tui.engine.params import SamplingParams
 
-    if kind == "bundled":  # greedy and no early stop is not possible, so a fixed seed and a long reply
-        return SamplingParams(temperature=0.8, max_new_tokens=tokens, seed=1)
+    if kind == "bundled":  # greedy, and make_engine turns end-of-text off: every reply makes all its tokens
+        return SamplingParams(temperature=0.0, max_new_tokens=tokens, seed=1)
     return SamplingParams(max_new_tokens=tokens + 10, seed=1)
 
 

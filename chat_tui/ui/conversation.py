@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,33 @@ def safe_parser() -> MarkdownIt:
     from markdown_it import MarkdownIt
 
     return MarkdownIt("gfm-like", {"html": False})
+
+
+@functools.cache
+def reply_markdown():  # noqa: ANN201 - a Textual class, made at the first reply (Markdown loads late)
+    """Textual's Markdown widget, with code blocks highlighted only by the language they declare.
+
+    Textual highlights a fence with no language by asking Pygments to guess it, which imports
+    every lexer (some 250 modules, half a second the first time) and tries each on the code, again
+    at every streamed update of the block: it took two thirds of the UI thread and halved the
+    model's tokens/s while a reply with such a block streamed. An unknown or missing language is
+    shown as plain text instead; a known one (```python) is highlighted as before.
+    """
+    from pygments.lexers._mapping import LEXERS
+    from textual.widgets import Markdown
+    from textual.widgets._markdown import MarkdownFence
+
+    known = {alias for _module, _name, aliases, _files, _mimes in LEXERS.values() for alias in aliases}
+
+    class ReplyFence(MarkdownFence):
+        @classmethod
+        def highlight(cls, code, language, ansi=False, dark=False):  # noqa: ANN001, ANN206
+            return super().highlight(code, language if language and language.lower() in known else "text", ansi, dark)
+
+    class ReplyMarkdown(Markdown):
+        BLOCKS = {**Markdown.BLOCKS, "fence": ReplyFence, "code_block": ReplyFence}
+
+    return ReplyMarkdown
 
 
 def prob_style(prob: float) -> Style:
@@ -96,9 +124,8 @@ class MessageView(Vertical, can_focus=False):
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="who")
         if self.use_markdown:
-            from textual.widgets import Markdown
-
-            yield Markdown(clean(self.item.content) or None, parser_factory=safe_parser, open_links=False, classes="body")
+            yield reply_markdown()(clean(self.item.content) or None, parser_factory=safe_parser, open_links=False,
+                                   classes="body")
         else:
             yield Static(safe_text(self.item.content), classes="body plain")
         if self.item.role == "assistant":

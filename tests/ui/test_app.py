@@ -699,3 +699,27 @@ async def test_new_conversation_clears_the_attention_inspector(make_app):
         await app.action_new_conversation()
         await pilot.pause()
         assert app.inspector.store.tokens == [] and app.inspector.store.kept_rows == 0
+
+
+async def test_code_blocks_are_highlighted_by_their_language_never_guessed(make_app, monkeypatch):
+    import pygments.lexers
+    from textual.widgets._markdown import MarkdownFence
+
+    guessed = []
+    monkeypatch.setattr(pygments.lexers, "guess_lexer", lambda *a, **k: guessed.append(a) or None)
+    reply = "Plain:\n\n```\nx = 1\n```\n\nOdd:\n\n```nosuchlanguage\ny = 2\n```\n\nPython:\n\n```python\ndef f(): pass\n```"
+    app, _ = make_app([reply])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "code please")
+        await pilot.pause(0.1)
+        view = app.conversation.view_for(app.conversation.items[-1])
+        fences = list(view.query(MarkdownFence))
+        assert [f.code.strip() for f in fences] == ["x = 1", "y = 2", "def f(): pass"]
+        assert guessed == []  # guessing imports every Pygments lexer and tries each one, at every update
+        plain, odd, python = (f._highlighted_code for f in fences)
+        def styles(content) -> set[str]:
+            return {str(span.style) for span in content.spans}
+
+        assert styles(plain) <= {"$text"} and styles(odd) <= {"$text"}  # shown as plain text
+        assert styles(python) - {"$text"}  # a declared language is still highlighted

@@ -63,6 +63,11 @@ if TYPE_CHECKING:
     from chat_tui.engine.types import Engine
 
 REDRAW_HZ = 10  # at most this many redraws a second while a reply streams
+# ... fewer when the UI thread is busy (a fast model, a slow terminal): a redraw waits while the UI
+# has used more than this share of a core since the last one, but never longer than REDRAW_MAX_GAP.
+# The model's thread needs the same interpreter lock for every token.
+REDRAW_UI_SHARE = 0.3
+REDRAW_MAX_GAP = 0.4
 VIEWS = ("heatmap", "row", "explain", "heads", "turns", "candidates")
 VIEW_TITLE = {
     "heatmap": "Heatmap",
@@ -284,6 +289,7 @@ class InspectorPane(Vertical, can_focus=True):
         yield Static("", id="attn-notice", classes="-empty")
 
     def on_mount(self) -> None:
+        self._drawn_at = (0.0, 0.0)  # wall clock and UI thread CPU time at the last timed redraw
         self._timer = self.set_interval(1.0 / REDRAW_HZ, self._tick)
         self._update_chrome()
 
@@ -359,8 +365,14 @@ class InspectorPane(Vertical, can_focus=True):
     def _tick(self) -> None:
         if self.view == "candidates" and self.current_params() != self._shown_params:
             self._dirty = True  # a setting changed in the sampling pane: replay at once
-        if self._dirty:
-            self.redraw()
+        if not self._dirty:
+            return
+        now, cpu = time.perf_counter(), time.thread_time()
+        since = now - self._drawn_at[0]
+        if since < REDRAW_MAX_GAP and cpu - self._drawn_at[1] > REDRAW_UI_SHARE * since:
+            return  # the UI thread is busy: draw on a later tick
+        self._drawn_at = (now, cpu)
+        self.redraw()
 
     def redraw(self) -> None:
         self._dirty = False
