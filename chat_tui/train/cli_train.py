@@ -27,7 +27,7 @@ RESUME_OVERRIDES = ("max_steps", "time_budget", "eval_every", "log_every", "save
 
 
 def _duration(text: str) -> float:
-    from chat_tui.train.loop import parse_duration
+    from chat_tui.train.duration import parse_duration
 
     try:
         return parse_duration(text)

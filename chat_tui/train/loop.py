@@ -48,6 +48,7 @@ from chat_tui.engine.model import GPT, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ChatTokenizer
 from chat_tui.train.data import DataError
+from chat_tui.train.duration import parse_duration  # noqa: F401 - part of this module's interface
 from chat_tui.train.fastpath import LossModel, token_losses
 
 STATE_FILE = "train_state.pt"
@@ -151,23 +152,6 @@ class TrainResult:
     elapsed_s: float
     tokens: int
     history: list[dict]
-
-
-def parse_duration(text: str) -> float:
-    """'90', '90s', '10m', '1h', '1h30m' → seconds."""
-    import re
-
-    raw = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", raw):
-        value = float(raw)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", raw)
-        if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s+", "", raw):
-            raise ValueError(f"cannot read the duration {text!r} (use e.g. 90s, 10m, 1h30m)")
-        value = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
-    if value <= 0:
-        raise ValueError(f"the duration {text!r} must be positive")
-    return value
 
 
 def lr_at(step: int, cfg: TrainConfig, time_fraction: float | None = None) -> float:

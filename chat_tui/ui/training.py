@@ -51,12 +51,16 @@ NUMBER_FIELDS: tuple[tuple[str, str, str, bool], ...] = (
     ("n_embd", "Width", "128", True),
     ("block_size", "Context", "256", True),
     ("batch_size", "Batch", "12", False),
+    ("vocab_size", "Vocab (BPE)", "4096", True),
     ("max_steps", "Steps", "2000", False),
+    ("time_budget", "Time budget", "", False),
     ("lr", "Learning rate", "1e-3", False),
     ("eval_every", "Eval every", "250", False),
 )
+# Time budget may be left empty; Steps may be left empty when a time budget is given.
+PLACEHOLDERS = {"time_budget": "optional: 90s, 10m, 1h30m", "max_steps": "or none, with a time budget"}
 INT_LIMITS = {"n_layer": 64, "n_head": 64, "n_embd": 8192, "block_size": 65536, "batch_size": 4096,
-              "max_steps": 10_000_000, "eval_every": 10_000_000}
+              "vocab_size": 1_000_000, "max_steps": 10_000_000, "eval_every": 10_000_000}
 
 
 class FormError(ValueError):
@@ -210,6 +214,20 @@ def parse_form(values: dict[str, str], *, resume: bool = False) -> dict[str, Any
         if pretrain_only and kind == "sft":
             continue
         text = values.get(name, "")
+        if name == "vocab_size" and cfg.get("tokenizer") != "bpe":
+            continue  # a character model's vocabulary is its text's characters
+        if name == "time_budget":
+            if text.strip():
+                from chat_tui.train.duration import parse_duration
+
+                try:
+                    cfg["time_budget"] = parse_duration(text)
+                except ValueError as exc:
+                    raise FormError(f"Time budget: {exc}") from None
+            continue
+        if name == "max_steps" and not text.strip() and values.get("time_budget", "").strip():
+            cfg["max_steps"] = None  # as long as the time budget allows
+            continue
         if name == "lr":
             try:
                 lr = float(text.strip())
@@ -222,7 +240,8 @@ def parse_form(values: dict[str, str], *, resume: bool = False) -> dict[str, Any
             cfg[name] = _whole(name, label, text)
     if kind == "pretrain" and cfg["n_embd"] % cfg["n_head"]:
         raise FormError(f"Width ({cfg['n_embd']}) must be a multiple of Heads ({cfg['n_head']})")
-    cfg["warmup"] = min(WARMUP[kind], cfg["max_steps"] // 5)  # never most of a short run
+    steps = cfg["max_steps"]
+    cfg["warmup"] = WARMUP[kind] if steps is None else min(WARMUP[kind], steps // 5)  # never most of a short run
     cfg["log_every"] = min(10, cfg["eval_every"])
     return cfg
 
@@ -327,7 +346,7 @@ class TrainingScreen(ModalScreen[None]):
                 for name, label, default, _pretrain_only in NUMBER_FIELDS:
                     value = settings.get(name)
                     shown = f"{value:g}" if isinstance(value, float) else str(value) if value is not None else None
-                    yield self._input_field(name, label, shown or defaults.get(name, default), "")
+                    yield self._input_field(name, label, shown or defaults.get(name, default), PLACEHOLDERS.get(name, ""))
                 with Horizontal(id="train-buttons"):
                     yield Button("Start", id="start", variant="primary", compact=True)
                     yield Button("Stop", id="stop", compact=True)
@@ -374,9 +393,15 @@ class TrainingScreen(ModalScreen[None]):
     def _kind_changed(self, event: Select.Changed) -> None:
         self._apply_kind(event.value, swap_defaults=True)
 
+    @on(Select.Changed, "#tokenizer")
+    def _tokenizer_changed(self, event: Select.Changed) -> None:
+        self._apply_kind(self.query_one("#kind", Select).value, swap_defaults=False)
+
     def _apply_kind(self, kind: Any, *, swap_defaults: bool) -> None:
         sft = kind == "sft"
         off = {"tokenizer", *(name for name, _l, _d, pretrain_only in NUMBER_FIELDS if pretrain_only)} if sft else {"init_from"}
+        if self.query_one("#tokenizer", Select).value != "bpe":
+            off.add("vocab_size")  # a character model's vocabulary is its text's characters
         for name in ("init_from", "tokenizer", *(n for n, *_ in NUMBER_FIELDS)):
             row = self.query_one(f"#field-{name}")
             row.set_class(name in off, "-off")

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 from rich.text import Text
 from textual.widgets import Input, Select, Static
 
 from chat_tui.ui.app import ChatApp
-from chat_tui.ui.training import FiguresView, LossChartView, TrainingScreen, TrainingSession, parse_form
+from chat_tui.ui.training import (
+    FiguresView,
+    FormError,
+    LossChartView,
+    TrainingScreen,
+    TrainingSession,
+    parse_form,
+)
 
 from .conftest import ready, wait_for
 
@@ -219,6 +227,14 @@ def test_parse_form_builds_the_train_config(tmp_path):
     from chat_tui.train.loop import TrainConfig
 
     TrainConfig(**cfg).validate()
+    # a BPE model takes its vocabulary size; a time budget can stand in for the step count
+    timed = parse_form({**form, "tokenizer": "bpe", "vocab_size": "300", "max_steps": "", "time_budget": "1m30s"})
+    assert (timed["vocab_size"], timed["max_steps"], timed["time_budget"]) == (300, None, 90.0)
+    TrainConfig(**timed).validate()
+    for bad, message in (({"time_budget": "soon"}, "Time budget"), ({"max_steps": ""}, "Steps"),
+                         ({"tokenizer": "bpe", "vocab_size": "0"}, "Vocab")):
+        with pytest.raises(FormError, match=message):
+            parse_form({**form, **bad})
 
 
 # ---------------------------------------------------------------------------- snapshot
