@@ -495,6 +495,8 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
         self.engine = message.engine
+        if self.tune_runtime:
+            gc.freeze()  # torch and the model are a million long-lived objects: keep full collections off them
         try:
             self.inspector.set_engine(message.engine)
         except NoMatches:  # the app is closing: the model arrived too late to matter
