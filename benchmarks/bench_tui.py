@@ -176,26 +176,64 @@ async def app_rate(engine, params, home: str) -> tuple[int, float, int, list, bo
                 app.inspect_attention)
 
 
+class CPUAccount:
+    """Wraps `engine.stream` to note, per reply, (tokens, CPU seconds of the generating thread, wall
+    seconds), in the list named by `into` at the time the reply starts."""
+
+    def __init__(self, engine) -> None:
+        self.rows: dict[str, list[tuple[int, float, float]]] = {"app": [], "headless": []}
+        self.into = "app"
+        stream = engine.stream
+
+        def accounted(*args, **kwargs):
+            rows = self.rows[self.into]
+            cpu, wall, count = time.thread_time(), time.perf_counter(), 0
+            try:
+                for step in stream(*args, **kwargs):
+                    count += 1
+                    yield step
+            finally:  # the app stops iterating at the last step
+                rows.append((count, time.thread_time() - cpu, time.perf_counter() - wall))
+
+        engine.stream = accounted
+
+    def per_token(self, where: str) -> tuple[float, float]:
+        """Median CPU milliseconds a token, and median share of the wall time the thread ran."""
+        rows = [r for r in self.rows[where] if r[0] and r[2] > 0]
+        return (statistics.median(1000 * c / n for n, c, _ in rows), statistics.median(c / w for _, c, w in rows))
+
+
 def bench_throughput(kind: str, tokens: int, delay: float, runs: int) -> dict[str, float]:
     from chat_tui.ui.app import tune_runtime
 
     tune_runtime()  # what run_app does, for the headless runs too, so both see the same interpreter
     headless, shown = [], []
+    accounts: list[CPUAccount] = []
     with tempfile.TemporaryDirectory() as home:
         for _ in range(runs):
             engine = make_engine(kind, tokens, delay)
             params = bench_params(kind, tokens)
+            account = CPUAccount(engine)
+            accounts.append(account)
             count_a, rate_a, on_screen, conversation, inspect = asyncio.run(app_rate(engine, params, home))
             assert on_screen == count_a, f"{on_screen} of {count_a} tokens reached the screen"
-            engine = make_engine(kind, tokens, delay) if kind == "fake" else engine
+            if kind == "fake":  # a fresh engine replays the same script
+                engine = make_engine(kind, tokens, delay)
+                account = CPUAccount(engine)
+                accounts.append(account)
+            account.into = "headless"
             count_h, rate_h = headless_rate(engine, params, conversation, inspect)
             assert count_h == count_a, f"headless made {count_h} tokens, the app {count_a}"
             headless.append(rate_h)
             shown.append(rate_a)
     h, a = statistics.median(headless), statistics.median(shown)
     ratio = statistics.median(x / y for x, y in zip(shown, headless, strict=True))  # pairs, as for the first frame
+    merged = CPUAccount.__new__(CPUAccount)
+    merged.rows = {where: [r for acc in accounts for r in acc.rows[where]] for where in ("app", "headless")}
+    merged.rows["app"] = merged.rows["app"][1::2]  # the app's second reply of each run is the measured one
     return {"tokens": count_a, "headless_tok_s": h, "app_tok_s": a, "ratio": ratio, "inspect": inspect,
-            "prompt_messages": len(conversation)}
+            "prompt_messages": len(conversation), "cpu_app": merged.per_token("app"),
+            "cpu_headless": merged.per_token("headless")}
 
 
 async def responsiveness(kind: str, delay: float, samples: int, home: str) -> dict[str, float]:
@@ -275,6 +313,10 @@ def main() -> None:
         print(f"tokens/s to screen ({args.engine}, {r['tokens']} tokens, a {r['prompt_messages']}-message conversation, "
               f"attention {'captured' if r['inspect'] else 'off'} in both): headless {r['headless_tok_s']:.0f}, "
               f"app {r['app_tok_s']:.0f} (medians), ratio {r['ratio']:.2f} (median of the pairs' ratios; target >= 0.9)")
+        (app_ms, app_share), (head_ms, head_share) = r["cpu_app"], r["cpu_headless"]
+        print(f"  the generating thread: {app_ms:.2f} ms of CPU a token, running {app_share:.0%} of the time in the "
+              f"app; {head_ms:.2f} ms, {head_share:.0%} headless (the rest it waits: for the interpreter lock, or in "
+              f"the FakeEngine's sleep)")
     if "keys" not in args.skip:
         with tempfile.TemporaryDirectory() as home:
             r = asyncio.run(responsiveness(args.engine, args.delay, args.keys, home))
