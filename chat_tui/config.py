@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from chat_tui.engine.files import atomic_write_bytes
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 
 if sys.version_info >= (3, 11):
@@ -255,10 +256,7 @@ def save_setting(key: str, value: str, paths: Paths | None = None) -> Path:
             raise ValueError(f"{path}: could not set {key} without changing its meaning")
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path} is not valid TOML ({exc}); {key} was not saved") from None
-    Paths.ensure(path.parent)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new_text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, new_text.encode("utf-8"))
     return path
 
 
@@ -368,11 +366,9 @@ def save_preset(
     sampling = params.to_dict()
     data: dict[str, Any] = {"description": description or None, "system_prompt": system_prompt or None}
     data["sampling"] = sampling
-    target = Paths.ensure(paths.presets) / f"{name}.toml"
-    tmp = target.with_suffix(".toml.tmp")
+    target = paths.presets / f"{name}.toml"
     try:
-        tmp.write_text("# chat-tui sampling preset\n" + dumps_toml(data), encoding="utf-8")
-        os.replace(tmp, target)
+        atomic_write_bytes(target, ("# chat-tui sampling preset\n" + dumps_toml(data)).encode("utf-8"))
     except OSError as exc:
         raise PresetError(f"could not write {target}: {exc.strerror or exc}") from None
     return target

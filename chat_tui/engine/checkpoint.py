@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from chat_tui.engine.files import atomic_write_bytes
 from chat_tui.engine.model import ACTIVATIONS, GPT, GPTConfig
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.tokenizer import ChatTokenizer
@@ -174,25 +173,6 @@ def checkpoint_hash(folder: str | Path) -> str:
                     digest.update(chunk)
             return digest.hexdigest()[:16]
     return "unknown"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync, rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary readable file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save_checkpoint(

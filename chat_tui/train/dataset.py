@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chat_tui.engine.checkpoint import atomic_write_bytes
+from chat_tui.engine.files import atomic_write_bytes
 from chat_tui.engine.tokenizer import SPECIAL_TOKENS, ChatTokenizer, train_tokenizer
 from chat_tui.train.data import (
     DataError,

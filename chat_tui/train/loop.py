@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chat_tui.engine.checkpoint import atomic_write_bytes, load_model, save_checkpoint
+from chat_tui.engine.checkpoint import load_model, save_checkpoint
+from chat_tui.engine.files import atomic_write_bytes
 from chat_tui.engine.model import GPT, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ChatTokenizer
