@@ -47,6 +47,7 @@ from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.types import Engine, Message
 from chat_tui.store import Store, StoreError
 from chat_tui.ui.bindings import with_ids
+from chat_tui.ui.budget import UIBudget
 from chat_tui.ui.conversation import ConversationView, MessageView
 from chat_tui.ui.errors import describe, log_error
 from chat_tui.ui.prompt import PromptInput
@@ -233,9 +234,8 @@ class ChatApp(App[int], inherit_bindings=False):
         self.first_frame_at: float | None = None
         self.tokens_on_screen = 0
         self._store_warned = False
-        self._flush_wall = 0.0
+        self._flush_budget = UIBudget(UI_CPU_SHARE, MAX_FLUSH_GAP)
         self.tune_runtime = False  # run_app turns this on (see tune_runtime)
-        self._flush_cpu = 0.0
         self.training: TrainingSession | None = None  # the run started from the training screen
 
     # ------------------------------------------------------------------ layout
@@ -971,11 +971,8 @@ class ChatApp(App[int], inherit_bindings=False):
         if job is None or job.done:
             self._flush_timer.pause()
             return
-        now, cpu = time.perf_counter(), time.thread_time()
-        since = now - self._flush_wall
-        if since < MAX_FLUSH_GAP and (cpu - self._flush_cpu) > UI_CPU_SHARE * since:
+        if not self._flush_budget.allow():
             return
-        self._flush_wall, self._flush_cpu = now, cpu
         self._absorb(job)
         self._render_job(job)
 

@@ -57,15 +57,14 @@ from chat_tui.ui.attention.views import (
     row_view,
     turns_view,
 )
+from chat_tui.ui.budget import UIBudget
 from chat_tui.ui.text import token_label
 
 if TYPE_CHECKING:
     from chat_tui.engine.types import Engine
 
 REDRAW_HZ = 10  # at most this many redraws a second while a reply streams
-# ... fewer when the UI thread is busy (a fast model, a slow terminal): a redraw waits while the UI
-# has used more than this share of a core since the last one, but never longer than REDRAW_MAX_GAP.
-# The model's thread needs the same interpreter lock for every token.
+# ... fewer when the UI thread is busy (see UIBudget), but at least one every REDRAW_MAX_GAP seconds
 REDRAW_UI_SHARE = 0.3
 REDRAW_MAX_GAP = 0.4
 VIEWS = ("heatmap", "row", "explain", "heads", "turns", "candidates")
@@ -289,7 +288,7 @@ class InspectorPane(Vertical, can_focus=True):
         yield Static("", id="attn-notice", classes="-empty")
 
     def on_mount(self) -> None:
-        self._drawn_at = (0.0, 0.0)  # wall clock and UI thread CPU time at the last timed redraw
+        self._redraw_budget = UIBudget(REDRAW_UI_SHARE, REDRAW_MAX_GAP)
         self._timer = self.set_interval(1.0 / REDRAW_HZ, self._tick)
         self._update_chrome()
 
@@ -365,14 +364,8 @@ class InspectorPane(Vertical, can_focus=True):
     def _tick(self) -> None:
         if self.view == "candidates" and self.current_params() != self._shown_params:
             self._dirty = True  # a setting changed in the sampling pane: replay at once
-        if not self._dirty:
-            return
-        now, cpu = time.perf_counter(), time.thread_time()
-        since = now - self._drawn_at[0]
-        if since < REDRAW_MAX_GAP and cpu - self._drawn_at[1] > REDRAW_UI_SHARE * since:
-            return  # the UI thread is busy: draw on a later tick
-        self._drawn_at = (now, cpu)
-        self.redraw()
+        if self._dirty and self._redraw_budget.allow():
+            self.redraw()
 
     def redraw(self) -> None:
         self._dirty = False
