@@ -401,3 +401,12 @@ def test_a_new_run_never_replaces_an_unfinished_one(corpus, tmp_path, capsys):
     assert main(["train", "pretrain", "--data", str(corpus), "--out", str(out), "--tokenizer", "char",
                  "--max-steps", "2", *TINY]) == 0
     assert read_train_state(out)["step"] == 2
+
+
+def test_the_command_line_offers_exactly_the_models_activations():
+    from chat_tui.cli import build_parser
+    from chat_tui.engine.model import ACTIVATIONS
+
+    pretrain = build_parser()._subparsers._group_actions[0].choices["train"]._subparsers._group_actions[0].choices["pretrain"]
+    (action,) = [a for a in pretrain._actions if a.dest == "activation"]
+    assert tuple(action.choices) == tuple(ACTIVATIONS)

@@ -87,7 +87,7 @@ def add_train_commands(train_sub) -> None:
     m.add_argument("--n-head", type=_positive_int, metavar="N", help="attention heads (default 4)")
     m.add_argument("--n-embd", type=_positive_int, metavar="N", help="width (default 128)")
     m.add_argument("--block-size", type=_positive_int, metavar="N", help="context length in tokens (default 256)")
-    m.add_argument("--activation", choices=("gelu_tanh", "gelu"),
+    m.add_argument("--activation", choices=("gelu_tanh", "gelu"),  # engine.model.ACTIVATIONS (which imports torch)
                    help="GPT-2's tanh GELU (default) or the exact one, as nanoGPT's model has it")
     m.add_argument("--tokenizer", choices=("bpe", "char"), help="byte-level BPE (default) or one token per character")
     m.add_argument("--vocab-size", type=_positive_int, metavar="N", help="BPE vocabulary size (default 4096)")

@@ -45,7 +45,7 @@ import torch
 
 from chat_tui.engine.checkpoint import load_model, save_checkpoint
 from chat_tui.engine.files import atomic_write_bytes
-from chat_tui.engine.model import GPT, GPTConfig
+from chat_tui.engine.model import ACTIVATIONS, GPT, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ChatTokenizer
 from chat_tui.train.data import DataError
@@ -122,7 +122,8 @@ class TrainConfig:
             need(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be a whole number ≥ 1, not {value!r}")
         need(self.n_embd % self.n_head == 0, f"--n-embd ({self.n_embd}) must be a multiple of --n-head ({self.n_head})")
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), not {self.dropout}")
-        need(self.activation in ("gelu_tanh", "gelu"), f"--activation must be gelu_tanh or gelu, not {self.activation!r}")
+        need(self.activation in ACTIVATIONS,
+             f"--activation must be {' or '.join(ACTIVATIONS)}, not {self.activation!r}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, not {self.lr}")
         need(self.warmup >= 0, f"--warmup must be ≥ 0, not {self.warmup}")
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be ≥ 1, not {self.max_steps}")
