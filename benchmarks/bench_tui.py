@@ -197,10 +197,11 @@ class CPUAccount:
 
         engine.stream = accounted
 
-    def per_token(self, where: str) -> tuple[float, float]:
-        """Median CPU milliseconds a token, and median share of the wall time the thread ran."""
-        rows = [r for r in self.rows[where] if r[0] and r[2] > 0]
-        return (statistics.median(1000 * c / n for n, c, _ in rows), statistics.median(c / w for _, c, w in rows))
+
+def per_token(rows: list[tuple[int, float, float]]) -> tuple[float, float]:
+    """Median CPU milliseconds a token, and median share of the wall time the thread ran."""
+    rows = [r for r in rows if r[0] and r[2] > 0]
+    return statistics.median(1000 * c / n for n, c, _ in rows), statistics.median(c / w for _, c, w in rows)
 
 
 def bench_throughput(kind: str, tokens: int, delay: float, runs: int) -> dict[str, float]:
@@ -228,12 +229,10 @@ def bench_throughput(kind: str, tokens: int, delay: float, runs: int) -> dict[st
             shown.append(rate_a)
     h, a = statistics.median(headless), statistics.median(shown)
     ratio = statistics.median(x / y for x, y in zip(shown, headless, strict=True))  # pairs, as for the first frame
-    merged = CPUAccount.__new__(CPUAccount)
-    merged.rows = {where: [r for acc in accounts for r in acc.rows[where]] for where in ("app", "headless")}
-    merged.rows["app"] = merged.rows["app"][1::2]  # the app's second reply of each run is the measured one
+    measured = [acc.rows["app"][-1] for acc in accounts if acc.rows["app"]]  # each run's second, measured reply
     return {"tokens": count_a, "headless_tok_s": h, "app_tok_s": a, "ratio": ratio, "inspect": inspect,
-            "prompt_messages": len(conversation), "cpu_app": merged.per_token("app"),
-            "cpu_headless": merged.per_token("headless")}
+            "prompt_messages": len(conversation), "cpu_app": per_token(measured),
+            "cpu_headless": per_token([r for acc in accounts for r in acc.rows["headless"]])}
 
 
 async def responsiveness(kind: str, delay: float, samples: int, home: str) -> dict[str, float]:
