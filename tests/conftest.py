@@ -47,3 +47,14 @@ def tiny_engine(tiny_checkpoint):
     from chat_tui.engine import load_engine
 
     return load_engine(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared machine: one thread is both faster and deterministic."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
