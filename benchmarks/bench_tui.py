@@ -112,12 +112,19 @@ def bench_first_frame(runs: int) -> dict[str, float]:
     return {"bare_s": b, "app_s": a, "ratio": statistics.median(x / y for x, y in zip(app, bare, strict=True))}
 
 
+def long_replies(engine) -> None:
+    """The bundled model ends most replies within a few tokens: end-of-text off, to measure long ones.
+    Also runs in the model's process (ProcessEngine's setup), which imports it from this module by name."""
+    engine.eos_ids = set()
+
+
 def make_engine(kind: str, reply_tokens: int, delay: float):
+    """The engine as the headless runs (and, for the fake engine, the app) use it, in this process."""
     if kind == "bundled":
         from chat_tui.engine import load_engine
 
         engine = load_engine(None, device="cpu")
-        engine.eos_ids = set()  # the bundled model ends most replies within a few tokens: measure long ones
+        long_replies(engine)
         return engine
     from chat_tui.engine.fake import FakeEngine, tokenize
 
@@ -130,10 +137,24 @@ def make_engine(kind: str, reply_tokens: int, delay: float):
     return FakeEngine([text], token_delay=delay)
 
 
+def app_engine_factory(kind: str, reply_tokens: int, delay: float):
+    """How the app gets its engine: the bundled model as `chat-tui` runs it, in a process of its own
+    (ProcessEngine, what run_app does); the fake engine in the app's process, as tests use it."""
+    if kind == "bundled":
+        import importlib
+
+        from chat_tui.engine.process import ProcessEngine
+
+        setup = importlib.import_module("bench_tui").long_replies  # by module name: the child imports it
+        return lambda: ProcessEngine.start(None, device="cpu", setup=setup)
+    engine = make_engine(kind, reply_tokens, delay)
+    return lambda: engine
+
+
 def bench_params(kind: str, tokens: int):
     from chat_tui.engine.params import SamplingParams
 
-    if kind == "bundled":  # greedy, and make_engine turns end-of-text off: every reply makes all its tokens
+    if kind == "bundled":  # greedy, and long_replies turns end-of-text off: every reply makes all its tokens
         return SamplingParams(temperature=0.0, max_new_tokens=tokens, seed=1)
     return SamplingParams(max_new_tokens=tokens + 10, seed=1)
 
@@ -150,30 +171,48 @@ def headless_rate(engine, params, conversation, inspect: bool) -> tuple[int, flo
     return count, count / (time.perf_counter() - start)
 
 
-async def app_rate(engine, params, home: str) -> tuple[int, float, int, list, bool]:
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc), or None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def app_rate(factory, params, home: str) -> dict:
     from chat_tui.config import get_paths
     from chat_tui.ui.app import ChatApp
 
     os.environ["CHAT_TUI_HOME"] = home
-    app = ChatApp(engine_factory=lambda: engine, paths=get_paths(), new=True)
+    app = ChatApp(engine_factory=factory, paths=get_paths(), new=True)
     app.tune_runtime = True  # as run_app does
     async with app.run_test(size=(120, 40)) as pilot:
         while app.engine is None:
             await pilot.pause(0.01)
         app.params = params
         app.params_touched = True
+        pid = getattr(app.engine, "pid", None)  # a model in its own process
         # warm up once (lazy imports such as the code highlighter), then measure a second reply
         for _ in range(2):
             app.last_job = None
+            model_cpu = process_cpu_seconds(pid) if pid else None
+            ui_cpu, wall = time.thread_time(), time.perf_counter()  # this thread runs the app's event loop
             app.prompt_input.load_text(PROMPT)
             app.prompt_input.action_submit()
             while app.last_job is None:
                 await asyncio.sleep(0.005)
             job = app.last_job
+            ui_cpu, wall = time.thread_time() - ui_cpu, time.perf_counter() - wall
+            if model_cpu is not None:
+                end = process_cpu_seconds(pid)
+                model_cpu = end - model_cpu if end is not None else None
             while not app.settled:
                 await asyncio.sleep(0.005)
-        return (job.count, job.count / (job.rendered_at - job.created), job.shown_count, list(job.conversation),
-                app.inspect_attention)
+        return {"count": job.count, "rate": job.count / (job.rendered_at - job.created), "shown": job.shown_count,
+                "conversation": list(job.conversation), "inspect": app.inspect_attention,
+                "ui_share": ui_cpu / wall, "model_ms": 1000 * model_cpu / job.count if model_cpu else None,
+                "model_share": model_cpu / wall if model_cpu else None}
 
 
 class CPUAccount:
@@ -204,34 +243,44 @@ def per_token(rows: list[tuple[int, float, float]]) -> tuple[float, float]:
     return statistics.median(1000 * c / n for n, c, _ in rows), statistics.median(c / w for _, c, w in rows)
 
 
-def bench_throughput(kind: str, tokens: int, delay: float, runs: int) -> dict[str, float]:
+def bench_throughput(kind: str, tokens: int, delay: float, runs: int) -> dict:
     from chat_tui.ui.app import tune_runtime
 
     tune_runtime()  # what run_app does, for the headless runs too, so both see the same interpreter
-    headless, shown = [], []
+    headless, shown, ui_shares, model_rows = [], [], [], []
     accounts: list[CPUAccount] = []
+    engine = None
     with tempfile.TemporaryDirectory() as home:
         for _ in range(runs):
-            engine = make_engine(kind, tokens, delay)
             params = bench_params(kind, tokens)
+            factory = app_engine_factory(kind, tokens, delay)
+            if kind == "fake":  # the app's engine is in this process: account for its generating thread
+                app_engine = factory()
+                account = CPUAccount(app_engine)
+                accounts.append(account)
+                factory = lambda engine=app_engine: engine  # noqa: E731
+            r = asyncio.run(app_rate(factory, params, home))
+            assert r["shown"] == r["count"], f"{r['shown']} of {r['count']} tokens reached the screen"
+            ui_shares.append(r["ui_share"])
+            if r["model_ms"] is not None:
+                model_rows.append((r["model_ms"], r["model_share"]))
+            if engine is None or kind == "fake":  # a fresh fake engine replays the same script
+                engine = make_engine(kind, tokens, delay)
             account = CPUAccount(engine)
             accounts.append(account)
-            count_a, rate_a, on_screen, conversation, inspect = asyncio.run(app_rate(engine, params, home))
-            assert on_screen == count_a, f"{on_screen} of {count_a} tokens reached the screen"
-            if kind == "fake":  # a fresh engine replays the same script
-                engine = make_engine(kind, tokens, delay)
-                account = CPUAccount(engine)
-                accounts.append(account)
             account.into = "headless"
-            count_h, rate_h = headless_rate(engine, params, conversation, inspect)
-            assert count_h == count_a, f"headless made {count_h} tokens, the app {count_a}"
+            count_h, rate_h = headless_rate(engine, params, r["conversation"], r["inspect"])
+            assert count_h == r["count"], f"headless made {count_h} tokens, the app {r['count']}"
             headless.append(rate_h)
-            shown.append(rate_a)
+            shown.append(r["rate"])
     h, a = statistics.median(headless), statistics.median(shown)
     ratio = statistics.median(x / y for x, y in zip(shown, headless, strict=True))  # pairs, as for the first frame
     measured = [acc.rows["app"][-1] for acc in accounts if acc.rows["app"]]  # each run's second, measured reply
-    return {"tokens": count_a, "headless_tok_s": h, "app_tok_s": a, "ratio": ratio, "inspect": inspect,
-            "prompt_messages": len(conversation), "cpu_app": per_token(measured),
+    return {"tokens": r["count"], "headless_tok_s": h, "app_tok_s": a, "ratio": ratio, "inspect": r["inspect"],
+            "prompt_messages": len(r["conversation"]), "ui_share": statistics.median(ui_shares),
+            "cpu_app": per_token(measured) if measured else None,
+            "cpu_model_process": (statistics.median(m for m, _ in model_rows),
+                                  statistics.median(s for _, s in model_rows)) if model_rows else None,
             "cpu_headless": per_token([r for acc in accounts for r in acc.rows["headless"]])}
 
 
@@ -250,8 +299,7 @@ async def responsiveness(kind: str, delay: float, samples: int, home: str) -> di
     store.add_messages(cid, [("user", f"question {i}") if i % 2 == 0 else ("assistant", paragraph)
                              for i in range(1000)])
     store.close()
-    engine = make_engine(kind, 4000, delay)
-    app = ChatApp(engine_factory=lambda: engine, paths=paths, conversation_id=cid)
+    app = ChatApp(engine_factory=app_engine_factory(kind, 4000, delay), paths=paths, conversation_id=cid)
     app.tune_runtime = True  # as run_app does
     latencies: list[float] = []
     async with app.run_test(size=(120, 40)) as pilot:
@@ -312,10 +360,17 @@ def main() -> None:
         print(f"tokens/s to screen ({args.engine}, {r['tokens']} tokens, a {r['prompt_messages']}-message conversation, "
               f"attention {'captured' if r['inspect'] else 'off'} in both): headless {r['headless_tok_s']:.0f}, "
               f"app {r['app_tok_s']:.0f} (medians), ratio {r['ratio']:.2f} (median of the pairs' ratios; target >= 0.9)")
-        (app_ms, app_share), (head_ms, head_share) = r["cpu_app"], r["cpu_headless"]
-        print(f"  the generating thread: {app_ms:.2f} ms of CPU a token, running {app_share:.0%} of the time in the "
-              f"app; {head_ms:.2f} ms, {head_share:.0%} headless (the rest it waits: for the interpreter lock, or in "
-              f"the FakeEngine's sleep)")
+        head_ms, head_share = r["cpu_headless"]
+        if r["cpu_app"] is not None:
+            app_ms, app_share = r["cpu_app"]
+            print(f"  the generating thread: {app_ms:.2f} ms of CPU a token, running {app_share:.0%} of the time in "
+                  f"the app; {head_ms:.2f} ms, {head_share:.0%} headless (the rest it waits: for the interpreter "
+                  f"lock, or in the FakeEngine's sleep)")
+        if r["cpu_model_process"] is not None:
+            model_ms, model_share = r["cpu_model_process"]
+            print(f"  the model's process: {model_ms:.2f} ms of CPU a token, busy {model_share:.0%} of the reply; "
+                  f"headless {head_ms:.2f} ms, {head_share:.0%}")
+        print(f"  the app's UI thread used {r['ui_share']:.0%} of a core while the reply streamed")
     if "keys" not in args.skip:
         with tempfile.TemporaryDirectory() as home:
             r = asyncio.run(responsiveness(args.engine, args.delay, args.keys, home))

@@ -97,6 +97,7 @@ class Config:
     show_sampling: bool = True
     show_inspector: bool = True
     markdown: bool = True
+    model_process: bool = True  # run_app loads the model in a child process (chat_tui.engine.process)
     warnings: list[str] = field(default_factory=list)  # problems found while reading, for a notice
 
 
@@ -109,6 +110,7 @@ EXAMPLE_CONFIG = """\
 # show_sampling = true
 # show_inspector = true
 # markdown = true
+# model_process = true               # the model runs in its own process, so the UI never slows it
 
 [keymap]
 # binding id = "keys"; press F1 in the app to see every id. Examples:
@@ -160,6 +162,7 @@ def load_config(paths: Paths | None = None) -> Config:
     config.show_sampling = flag("show_sampling", True)
     config.show_inspector = flag("show_inspector", True)
     config.markdown = flag("markdown", True)
+    config.model_process = flag("model_process", True)
     keymap = data.get("keymap", {})
     if not isinstance(keymap, dict):
         config.warnings.append(f"{path}: [keymap] must be a table of binding id = \"keys\"")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -62,6 +63,20 @@ def test_config_file(paths):
     assert config.theme == "nord" and config.show_inspector is False and config.preset == "greedy"
     assert config.keymap == {"send": "ctrl+s", "stop": "escape,ctrl+c"}
     assert any("keymap.bad" in w for w in config.warnings)
+
+
+def test_the_model_runs_in_its_own_process_unless_the_config_says_no(paths):
+    from chat_tui.ui.app import ChatApp
+
+    assert load_config(paths).model_process is True
+    assert ChatApp(paths=paths, model_process=True).model_process is (os.name == "posix")
+    assert ChatApp(paths=paths).model_process is False  # tests and embedders: in this process
+    paths.config.mkdir(parents=True)
+    paths.config_file.write_text("model_process = false\n", encoding="utf-8")
+    assert ChatApp(paths=paths, model_process=True).model_process is False
+    paths.config_file.write_text('model_process = "no"\n', encoding="utf-8")
+    config = load_config(paths)
+    assert config.model_process is True and any("model_process must be true or false" in w for w in config.warnings)
 
 
 def test_missing_and_broken_config(paths):

@@ -23,6 +23,9 @@ class InvalidParameter(ValueError):
         self.name, self.value, self.allowed = name, value, allowed
         super().__init__(f"{name} = {value!r} is invalid: allowed {allowed}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # so it crosses a process boundary as itself
+        return type(self), (self.name, self.value, self.allowed)
+
 
 @dataclass(frozen=True)
 class ParamSpec:

@@ -73,7 +73,7 @@ def _run_app(
             return 2
     app = ChatApp(
         model, new=new, conversation_id=conversation_id, device=device, engine_factory=engine_factory,
-        load_options=load_options,
+        load_options=load_options, model_process=True,
     )
     app.tune_runtime = True
     result = app.run()

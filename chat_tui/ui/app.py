@@ -3,7 +3,8 @@
 Threads: the model loads in one thread worker (after the first frame is painted, so torch is
 imported only then) and each reply is generated in one thread worker that passes a cancel event
 and a params callable to `Engine.stream`, so a setting changed in the pane applies at the next
-token. Workers post typed messages; one `Worker.StateChanged` handler turns any failure into a
+token. `chat-tui` (run_app) loads the model in a child process (`ProcessEngine`): the worker then
+reads finished tokens from a pipe, and painting never takes the interpreter lock from the model. Workers post typed messages; one `Worker.StateChanged` handler turns any failure into a
 notification that says where the log with the traceback is.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import sqlite3
 import sys
 import time
@@ -203,6 +205,7 @@ class ChatApp(App[int], inherit_bindings=False):
         config: Config | None = None,
         store: Store | None = None,
         load_options: dict[str, Any] | None = None,
+        model_process: bool = False,
     ) -> None:
         super().__init__()
         self.load_options = dict(load_options or {})  # passed on to load_engine (dtype, Hugging Face options)
@@ -211,6 +214,9 @@ class ChatApp(App[int], inherit_bindings=False):
         self.model_source = model if model is not None else self.config.model
         self.device = device if device is not None else self.config.device
         self.engine_factory = engine_factory
+        # the model in a child process (ProcessEngine): run_app asks for it, config.toml may say no;
+        # it passes pipes to the child by descriptor, which needs POSIX
+        self.model_process = model_process and self.config.model_process and os.name == "posix"
         self.start_new = new
         self.start_conversation = conversation_id
         self.store: Store | None = store
@@ -471,6 +477,7 @@ class ChatApp(App[int], inherit_bindings=False):
     # ------------------------------------------------------------------ model loading
 
     def load_model(self, source: str | None) -> None:
+        self._close_engine()
         self.engine = None
         self.state = "loading"
         self.load_note = "loading the model"
@@ -479,21 +486,38 @@ class ChatApp(App[int], inherit_bindings=False):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="engine", name="load-model")
     def _load_engine(self, source: str | None, device: str | None) -> None:
+        def progress(text: str) -> None:
+            self.post_message(ModelProgress(text))
+
         if self.engine_factory is not None:
             engine = self.engine_factory()
+        elif self.model_process:
+            from chat_tui.engine.process import ProcessEngine
+
+            engine = ProcessEngine.start(source, device=device, progress=progress, **self.load_options)
         else:
             from chat_tui.engine import load_engine
 
-            engine = load_engine(
-                source, device=device, progress=lambda text: self.post_message(ModelProgress(text)), **self.load_options
-            )
+            engine = load_engine(source, device=device, progress=progress, **self.load_options)
         self.post_message(ModelLoaded(engine, source))
+
+    def _close_engine(self) -> None:
+        """Let go of the current model; one in a child process is stopped (a reply there is cancelled)."""
+        engine, self.engine = self.engine, None
+        close = getattr(engine, "close", None)
+        if close is not None:
+            job = self.job
+            if job is not None and not job.done:
+                job.cancel.set()
+            self.run_worker(close, thread=True, group="close-model", exit_on_error=False)
 
     def on_model_progress(self, message: ModelProgress) -> None:
         self.load_note = clean_line(message.text)[:60]
         self._refresh_status()
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
+        if self.engine is not None and self.engine is not message.engine:
+            self._close_engine()  # two loads overlapped: the later one wins
         self.engine = message.engine
         if self.tune_runtime:
             gc.freeze()  # torch and the model are a million long-lived objects: keep full collections off them
@@ -1101,6 +1125,9 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def on_unmount(self) -> None:
         self._save_running_reply()
+        close = getattr(self.engine, "close", None)
+        if close is not None:  # a model in its own process: tell it to go, without waiting
+            close(wait=False)
         training = self.training
         if training is not None and not training.finished and training.run.running:
             training.run.stop(wait=False)  # like Ctrl-C: the run finishes its step and saves; we do not wait

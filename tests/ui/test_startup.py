@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import asyncio
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,8 +73,9 @@ def _bundled() -> Path | None:
 
 
 @pytest.mark.skipif(_bundled() is None, reason="the bundled model (assets/minigpt) is not there yet")
-async def test_end_to_end_with_the_bundled_model(home):
-    app = ChatApp(paths=get_paths(), device="cpu")
+@pytest.mark.parametrize("model_process", [True, False], ids=["model-in-a-process", "model-in-the-app"])
+async def test_end_to_end_with_the_bundled_model(home, model_process):
+    app = ChatApp(paths=get_paths(), device="cpu", model_process=model_process)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: app.engine is not None or app.state == "no model", timeout=180,
                        what="the bundled model to load")
@@ -83,6 +87,25 @@ async def test_end_to_end_with_the_bundled_model(home):
         assert reply.role == "assistant" and reply.status == "complete" and reply.tokens
         assert reply.seed == 1 and reply.meta["checkpoint_hash"] == app.engine.checkpoint_hash
         assert app.engine.backend in str(app.query_one("#status").render())
+        pid = getattr(app.engine, "pid", None)
+        assert (pid is not None) == model_process
+    if pid is not None:  # the model's process goes with the app
+        deadline = time.monotonic() + 30
+        while _running(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it has exited (it is our child)
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 CRASH_PROBE = """

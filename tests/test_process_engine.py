@@ -1,0 +1,198 @@
+"""The model in a child process (ProcessEngine): the same tokens, edits and Esc reach it, errors come
+back as themselves, and a dead child is reported instead of hanging the app."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from chat_tui.engine import CheckpointError, EngineError, Message, SamplingParams, collect, load_engine
+from chat_tui.engine.process import ProcessEngine
+
+CONVERSATION = [Message("user", "Hello there! How are you today?")]
+
+
+def endless(engine) -> None:
+    """Runs in the child (ProcessEngine's setup): no end-of-text, so replies run to max_new_tokens."""
+    engine.eos_ids = set()
+
+
+def slow(engine) -> None:
+    """Runs in the child: endless, and 5 ms a token, like a real model (the tiny one makes thousands a
+    second, far ahead of any reader)."""
+    from chat_tui.engine.minigpt import MiniGPTRunner
+
+    endless(engine)
+    feed = MiniGPTRunner.feed
+
+    def slow_feed(self, token_id, inspect):
+        time.sleep(0.005)
+        return feed(self, token_id, inspect)
+
+    MiniGPTRunner.feed = slow_feed
+
+
+@pytest.fixture(scope="module")
+def local(tiny_checkpoint):
+    engine = load_engine(tiny_checkpoint, device="cpu")
+    endless(engine)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_checkpoint):
+    engine = ProcessEngine.start(tiny_checkpoint, device="cpu", setup=endless)
+    yield engine
+    engine.close()
+
+
+def test_it_describes_the_same_model(remote, local):
+    for name in ("backend", "model_name", "device", "context_length", "n_layer", "n_head", "chat_format",
+                 "checkpoint_hash", "attention_unavailable"):
+        assert getattr(remote, name) == getattr(local, name), name
+    assert remote.vocab_size == local.tokenizer.vocab_size
+    assert remote.default_params() == local.default_params()
+    text = "Hello there! 你好 🙂"
+    assert remote.encode(text) == local.encode(text)
+    assert remote.decode(local.encode(text)) == text
+    assert [remote.token_text(i) for i in range(40)] == [local.token_text(i) for i in range(40)]
+    assert remote.render(CONVERSATION) == local.render(CONVERSATION)
+
+
+def test_it_streams_the_same_tokens_and_attention(remote, local):
+    params = SamplingParams(temperature=0.9, top_k=20, seed=3, max_new_tokens=24)
+    theirs, ours = collect(remote.stream(CONVERSATION, params, inspect=True)), collect(
+        local.stream(CONVERSATION, params, inspect=True))
+    assert [s.token_id for s in theirs.steps] == [s.token_id for s in ours.steps]
+    assert theirs.text == ours.text and theirs.finish_reason == ours.finish_reason == "length"
+    assert theirs.prompt.ids == ours.prompt.ids
+    for a, b in zip(theirs.steps, ours.steps, strict=True):
+        assert np.array_equal(a.attention, b.attention)
+        assert a.prob == pytest.approx(b.prob) and a.params == params
+
+
+def test_an_edit_mid_reply_reaches_the_model(remote):
+    first = SamplingParams(temperature=0.0, max_new_tokens=500)
+    edited = first.with_(max_new_tokens=80)
+    seen: list = []
+
+    def params():
+        return edited if len(seen) >= 4 else first
+
+    for step in remote.stream(CONVERSATION, params):
+        seen.append(step)
+    # the child runs ahead of what the caller has read; the edit applies from the next token it makes
+    # once the edit arrives, and every step records the settings it was made with
+    used = [step.params for step in seen]
+    switch = used.index(edited)
+    assert 4 <= switch < 80 and used[:switch] == [first] * switch and used[switch:] == [edited] * (len(used) - switch)
+    assert seen[-1].finish_reason == "length" and len(seen) == 80
+
+
+def test_esc_stops_within_a_token_or_two(tiny_checkpoint):
+    remote = ProcessEngine.start(tiny_checkpoint, device="cpu", setup=slow)
+    cancel = threading.Event()
+    steps = []
+    for step in remote.stream(CONVERSATION, SamplingParams(temperature=0.0, max_new_tokens=500), cancel=cancel):
+        steps.append(step)
+        if len(steps) == 5:
+            cancel.set()
+    remote.close()
+    assert steps[-1].finish_reason == "cancelled" and len(steps) <= 7
+
+
+def test_a_stream_left_early_does_not_disturb_the_next(remote, local):
+    params = SamplingParams(temperature=0.0, max_new_tokens=30)
+    for index, _ in enumerate(remote.stream(CONVERSATION, params)):
+        if index == 3:
+            break  # the caller leaves: the child's stream is cancelled and read to its end
+    again = collect(remote.stream(CONVERSATION, params))
+    assert again.text == collect(local.stream(CONVERSATION, params)).text and again.tokens == 30
+
+
+def test_errors_in_the_model_process_come_back_as_themselves(remote, local):
+    for call in (lambda engine: engine.decode([10**12]), lambda engine: engine.render([Message("robot", "x")]),
+                 lambda engine: collect(engine.stream([Message("robot", "x")], SamplingParams()))):
+        with pytest.raises(Exception) as theirs:
+            call(remote)
+        with pytest.raises(Exception) as ours:
+            call(local)
+        assert type(theirs.value) is type(ours.value) and str(theirs.value) == str(ours.value)
+    assert collect(remote.stream(CONVERSATION, SamplingParams(max_new_tokens=3))).tokens == 3  # still serving
+
+
+def test_an_invalid_parameter_crosses_the_pipe_as_itself():
+    import pickle
+
+    from chat_tui.engine.params import InvalidParameter
+
+    error = pickle.loads(pickle.dumps(InvalidParameter("top_p", 2.0, "[0, 1]")))
+    assert isinstance(error, InvalidParameter) and (error.name, error.value) == ("top_p", 2.0)
+    assert str(error) == "top_p = 2.0 is invalid: allowed [0, 1]"
+
+
+def test_load_errors_are_the_in_process_errors(tmp_path, tiny_checkpoint):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(CheckpointError) as theirs:
+        ProcessEngine.start(missing)
+    with pytest.raises(CheckpointError) as ours:
+        load_engine(missing)
+    assert str(theirs.value) == str(ours.value)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in tiny_checkpoint.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError) as theirs:
+        ProcessEngine.start(broken)
+    with pytest.raises(CheckpointError) as ours:
+        load_engine(broken)
+    assert str(theirs.value) == str(ours.value)
+    assert "In the model's process" in "".join(getattr(theirs.value, "__notes__", ["In the model's process"]))
+
+
+def test_a_dead_model_process_is_an_error_not_a_hang(tiny_checkpoint):
+    engine = ProcessEngine.start(tiny_checkpoint, device="cpu", setup=endless)
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="stopped unexpectedly"):
+        for index, _ in enumerate(engine.stream(CONVERSATION, SamplingParams(max_new_tokens=100_000))):
+            if index == 2:
+                os.kill(engine.pid, signal.SIGKILL)
+    assert time.monotonic() - started < 30
+    with pytest.raises(EngineError, match="stopped unexpectedly"):
+        engine.token_text(1)
+    engine.close()
+
+
+def crash(engine) -> None:
+    """Runs in the child: a crash with a last word on stderr, as a native library's abort leaves."""
+    import sys
+
+    sys.stderr.write("fatal: out of cheese\n")
+    sys.stderr.flush()
+    os._exit(3)
+
+
+def test_a_crash_while_loading_says_so_and_keeps_its_last_words(tiny_checkpoint):
+    with pytest.raises(EngineError, match=r"stopped unexpectedly while loading the model \(exit code 3\)") as info:
+        ProcessEngine.start(tiny_checkpoint, device="cpu", setup=crash)
+    if hasattr(info.value, "__notes__"):
+        assert "out of cheese" in "".join(info.value.__notes__)
+
+
+def test_progress_arrives_and_close_ends_the_process(tiny_checkpoint):
+    lines: list[str] = []
+    engine = ProcessEngine.start(tiny_checkpoint, device="cpu", progress=lines.append)
+    assert lines and all(isinstance(line, str) for line in lines)
+    pid = engine.pid
+    engine.close()
+    engine.close()  # twice is fine
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(EngineError, match="closed"):
+        collect(engine.stream(CONVERSATION, SamplingParams(max_new_tokens=3)))
