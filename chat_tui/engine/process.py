@@ -151,18 +151,18 @@ class ProcessEngine:
             raise
 
     def close(self, *, wait: bool = True) -> None:
-        """Stop the child (a reply in progress is cancelled first). Safe to call twice.
+        """Stop the child (a reply in progress is cancelled first). Safe to call again.
 
         `wait=False` only tells the child to go (an app that is exiting does not wait for torch to
-        unload); it also goes by itself when the app's end of the pipe closes.
+        unload); it also goes by itself when the app's end of the pipe closes. A later call with
+        `wait=True` waits for it.
         """
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(OSError, ValueError):
-            with self._send_lock:
-                self._control.send(("close", None))
-        if wait:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError, ValueError):
+                with self._send_lock:
+                    self._control.send(("close", None))
+        if wait and not self._steps.closed:
             _stop(self._process, self._control)
             self._steps.close()
             self._stderr.close()
