@@ -44,11 +44,11 @@ NANOGPT_VAL = 1.886
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def config(data: Path, out: Path, steps: int, compile_: bool):
+def config(data: Path, out: Path, steps: int, compile_: bool, activation: str = "gelu"):
     from chat_tui.train.loop import TrainConfig
 
     return TrainConfig(kind="pretrain", data=[str(data)], out=str(out), tokenizer="char", n_layer=4, n_head=4, n_embd=128,
-                       block_size=64, dropout=0.0, activation="gelu", batch_size=12, grad_accum=1, lr=1e-3, min_lr=1e-4, warmup=100,
+                       block_size=64, dropout=0.0, activation=activation, batch_size=12, grad_accum=1, lr=1e-3, min_lr=1e-4, warmup=100,
                        max_steps=steps, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
                        eval_every=max(1, steps // 8), eval_iters=20, log_every=max(1, steps // 20), seed=1337,
                        device="cpu", compile=compile_)
@@ -86,7 +86,7 @@ def full_val_loss(model, val: np.ndarray, block_size: int) -> float:
     return total / (n * block_size)
 
 
-def run_ours(data: Path, steps: int, compile_: bool, nproc: int, log) -> dict:
+def run_ours(data: Path, steps: int, compile_: bool, nproc: int, log, activation: str = "gelu") -> dict:
     """`chat-tui train pretrain` with nanoGPT's configuration, as a user runs it (N processes x 1 thread)."""
     import subprocess
     import sys
@@ -99,9 +99,9 @@ def run_ours(data: Path, steps: int, compile_: bool, nproc: int, log) -> dict:
         raise SystemExit("--nproc must divide the batch of 12")
     base = Path(tempfile.mkdtemp(prefix="bench-train-"))
     out = base / "run"  # the data cache goes beside it, inside base
-    cfg = config(data, out, steps, compile_)
+    cfg = config(data, out, steps, compile_, activation)
     argv = [sys.executable, "-m", "chat_tui", "train", "pretrain", "--data", str(data), "--out", str(out),
-            "--tokenizer", "char", "--activation", "gelu", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64",
+            "--tokenizer", "char", "--activation", activation, "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64",
             "--dropout", "0", "--batch-size", str(12 // nproc), "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100",
             "--max-steps", str(steps), "--weight-decay", "0.1", "--grad-clip", "1", "--eval-every", str(cfg.eval_every),
             "--eval-iters", "20", "--log-every", str(cfg.log_every), "--seed", "1337", "--device", "cpu"]
@@ -301,6 +301,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--activation", choices=("gelu", "gelu_tanh"), default="gelu",
+                        help="ours: nanoGPT's exact GELU (default) or GPT-2's tanh form, chat-tui's own default")
     parser.add_argument("--nproc", type=int, default=1,
                         help="training processes, 1 thread each (default 1: one process with --threads)")
     parser.add_argument("--reference", action="store_true", help="also time the nanoGPT replica on this machine")
@@ -320,7 +322,7 @@ def main() -> None:
     if args.profile:
         profile_steps(args.data, args.profile, args.nproc)
         return
-    ours = run_ours(args.data, args.steps, args.compile, args.nproc, None if args.quiet else log)
+    ours = run_ours(args.data, args.steps, args.compile, args.nproc, None if args.quiet else log, args.activation)
     ref = None
     if args.reference:
         threads = torch.get_num_threads()

@@ -171,3 +171,37 @@ async def test_model_device_and_load_options_reach_load_engine(home, monkeypatch
         await wait_for(pilot, lambda: app.engine is not None)
     (model, kwargs), = calls
     assert model == "/models/x" and kwargs["device"] == "cuda" and kwargs["dtype"] == "float16"
+
+
+async def test_loading_another_model_stops_the_previous_model_process(home, tiny_checkpoint):
+    app = ChatApp(str(tiny_checkpoint), paths=get_paths(), device="cpu", model_process=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.engine is not None or app.state == "no model", timeout=120,
+                       what="the model to load")
+        first = app.engine
+        assert first is not None and first.pid is not None, app.load_note
+        app.load_model(str(tiny_checkpoint))
+        await wait_for(pilot, lambda: app.engine is not None and app.engine is not first, timeout=120,
+                       what="the second model to load")
+        second_pid = app.engine.pid
+        deadline = time.monotonic() + 30
+        while _running(first.pid) and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        assert not _running(first.pid) and second_pid != first.pid
+        app.params = app.params.with_(max_new_tokens=5, seed=1)
+        app.params_touched = True
+        await send(pilot, app, "Hello!")
+        reply = app.conversation.items[-1]
+        assert reply.status == "complete" and reply.tokens
+
+
+async def test_a_model_process_that_cannot_load_is_a_notice_and_the_app_goes_on(home, tmp_path):
+    missing = tmp_path / "no-such-model"
+    app = ChatApp(str(missing), paths=get_paths(), device="cpu", model_process=True)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.state == "no model", timeout=120, what="the load to fail")
+        messages = [str(n.message) for n in app._notifications]
+        assert any("Loading the model failed" in m and str(missing) in m and "Details in" in m for m in messages)
+        assert not any("Traceback" in m for m in messages)
+    log = get_paths().log_file.read_text(encoding="utf-8")
+    assert "In the model's process" in log and "Traceback" in log  # the child's traceback, for whoever debugs
