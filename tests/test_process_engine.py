@@ -23,7 +23,7 @@ def endless(engine) -> None:
 
 
 def slow(engine) -> None:
-    """Runs in the child: endless, and 5 ms a token, like a real model (the tiny one makes thousands a
+    """Runs in the child: endless, and 20 ms a token, like a big model (the tiny one makes thousands a
     second, far ahead of any reader)."""
     from chat_tui.engine.minigpt import MiniGPTRunner
 
@@ -31,7 +31,7 @@ def slow(engine) -> None:
     feed = MiniGPTRunner.feed
 
     def slow_feed(self, token_id, inspect):
-        time.sleep(0.005)
+        time.sleep(0.02)
         return feed(self, token_id, inspect)
 
     MiniGPTRunner.feed = slow_feed
@@ -104,6 +104,18 @@ def test_esc_stops_within_a_token_or_two(tiny_checkpoint):
             cancel.set()
     remote.close()
     assert steps[-1].finish_reason == "cancelled" and len(steps) <= 7
+
+
+def test_closing_during_a_reply_ends_it_as_cancelled(tiny_checkpoint):
+    engine = ProcessEngine.start(tiny_checkpoint, device="cpu", setup=slow)
+    cancel = threading.Event()
+    steps = []
+    for step in engine.stream(CONVERSATION, SamplingParams(temperature=0.0, max_new_tokens=500), cancel=cancel):
+        steps.append(step)
+        if len(steps) == 3:  # what the app does when another model is loaded mid-reply
+            cancel.set()
+            threading.Thread(target=engine.close).start()
+    assert steps[-1].finish_reason == "cancelled" and len(steps) <= 6  # 3, the one in the making, the last
 
 
 def test_a_stream_left_early_does_not_disturb_the_next(remote, local):

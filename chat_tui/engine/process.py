@@ -224,10 +224,10 @@ class ProcessEngine:
                         now = params()
                         if now is not sent and now != sent:
                             sent = now
-                            self._send(("params", now))
+                            self._tell(("params", now))
                     if cancel is not None and not cancel_sent and cancel.is_set():
                         cancel_sent = True
-                        self._send(("cancel", None))
+                        self._tell(("cancel", None))
                     if not self._steps.poll(POLL_S):
                         if not self._alive():
                             raise self._died("while generating")
@@ -255,6 +255,11 @@ class ProcessEngine:
         except (OSError, ValueError):
             raise self._died("") from None
 
+    def _tell(self, message: tuple[str, Any]) -> None:
+        """Send, when a failure can wait: a closed or dead child shows as the stream's end or error."""
+        with contextlib.suppress(EngineError):
+            self._send(message)
+
     def _call(self, name: str, *args: Any) -> Any:
         with self._call_lock:
             self._send(("call", (name, args)))
@@ -278,8 +283,8 @@ class ProcessEngine:
 
     def _abandon(self) -> None:
         """Cancel the child's stream and read it to its end, so the next stream starts clean."""
+        self._tell(("cancel", None))
         with contextlib.suppress(EngineError):
-            self._send(("cancel", None))
             while True:
                 if not self._steps.poll(POLL_S):
                     if not self._alive():
