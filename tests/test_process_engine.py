@@ -64,6 +64,24 @@ def test_it_describes_the_same_model(remote, local):
     assert remote.render(CONVERSATION) == local.render(CONVERSATION)
 
 
+def test_the_inspector_numbers_come_from_the_model_process(remote, local):
+    from chat_tui.engine.explain import explain_attention, replay_chain, vocab_size_of
+
+    assert remote.explains is True
+    reply = collect(local.stream(CONVERSATION, SamplingParams(temperature=0.0, max_new_tokens=6), inspect=True))
+    ids = reply.prompt.ids + [step.token_id for step in reply.steps]
+    theirs, ours = remote.explain_attention(ids, len(ids) - 1, 1, 1), explain_attention(local, ids, len(ids) - 1, 1, 1)
+    assert np.allclose(theirs.weights, ours.weights) and np.allclose(theirs.qk, ours.qk) and np.allclose(theirs.value_norms, ours.value_norms)
+    step, context = reply.steps[-1], ids[:-1]
+    other = SamplingParams(temperature=1.5, top_k=5)
+    for params in (step.params, other):
+        a, b = remote.replay_chain(step, context, params), replay_chain(step, context, params,
+                                                                         vocab_size=vocab_size_of(local))
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.dropped_by, b.dropped_by)
+        assert np.allclose(a.chain_probs, b.chain_probs) and (a.exact, a.tail_kept) == (b.exact, b.tail_kept)
+    assert [remote.token_text(int(i)) for i in step.top_ids] == [local.token_text(int(i)) for i in step.top_ids]
+
+
 def test_it_streams_the_same_tokens_and_attention(remote, local):
     params = SamplingParams(temperature=0.9, top_k=20, seed=3, max_new_tokens=24)
     theirs, ours = collect(remote.stream(CONVERSATION, params, inspect=True)), collect(
@@ -118,6 +136,33 @@ def test_closing_during_a_reply_ends_it_as_cancelled(tiny_checkpoint):
     assert steps[-1].finish_reason == "cancelled" and len(steps) <= 6  # 3, the one in the making, the last
 
 
+def test_closing_while_a_slow_reader_is_behind_ends_the_reply_quietly(tiny_checkpoint):
+    engine = ProcessEngine.start(tiny_checkpoint, device="cpu", setup=endless)
+    cancel = threading.Event()
+    steps = []
+    for step in engine.stream(CONVERSATION, SamplingParams(temperature=0.0, max_new_tokens=100_000), cancel=cancel):
+        steps.append(step)
+        if len(steps) == 1:
+            cancel.set()
+            closing = threading.Thread(target=engine.close)
+            closing.start()
+            time.sleep(0.5)  # the reader falls behind while the child is stopped and the pipes closed
+    closing.join(10)
+    assert not closing.is_alive() and len(steps) < 100_000
+
+
+def test_a_stream_left_open_does_not_block_a_cancelled_one(remote):
+    first = remote.stream(CONVERSATION, SamplingParams(temperature=0.0, max_new_tokens=50))
+    next(first)  # started, then left open (an error's traceback can keep such a generator alive)
+    cancel = threading.Event()
+    cancel.set()
+    started = time.monotonic()
+    assert list(remote.stream(CONVERSATION, SamplingParams(max_new_tokens=5), cancel=cancel)) == []
+    assert time.monotonic() - started < 5
+    first.close()
+    assert collect(remote.stream(CONVERSATION, SamplingParams(max_new_tokens=5))).tokens == 5
+
+
 def test_a_stream_left_early_does_not_disturb_the_next(remote, local):
     params = SamplingParams(temperature=0.0, max_new_tokens=30)
     for index, _ in enumerate(remote.stream(CONVERSATION, params)):
@@ -136,6 +181,19 @@ def test_errors_in_the_model_process_come_back_as_themselves(remote, local):
             call(local)
         assert type(theirs.value) is type(ours.value) and str(theirs.value) == str(ours.value)
     assert collect(remote.stream(CONVERSATION, SamplingParams(max_new_tokens=3))).tokens == 3  # still serving
+
+
+def test_an_error_raised_again_is_a_fresh_one_each_time():
+    from chat_tui.engine.process import _portable, _restore
+
+    try:
+        raise CheckpointError("broken defaults")
+    except CheckpointError as exc:
+        payload = _portable(exc)
+    first, second = _restore(payload), _restore(payload)
+    assert first is not second and type(first) is CheckpointError and str(second) == "broken defaults"
+    if hasattr(first, "__notes__"):
+        assert len(first.__notes__) == len(second.__notes__) == 1
 
 
 def test_an_invalid_parameter_crosses_the_pipe_as_itself():

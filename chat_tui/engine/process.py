@@ -6,7 +6,7 @@ UI thread and the model then waits for it back: the bundled model streamed at ab
 headless speed inside the app. In a child process the model keeps a core of its own, and the UI
 thread of the app only receives finished `Step`s.
 
-The child loads the model with `load_engine` and answers on two pipes:
+The child loads the model with `load_engine` and answers on two channels:
 
 - control (both ways): the app's requests (`call`, `stream`, `params`, `cancel`, `close`); the child
   answers `call` only, in order.
@@ -15,7 +15,7 @@ The child loads the model with `load_engine` and answers on two pipes:
 Mid-reply edits reach the child as `params` messages and Esc as `cancel`; both are forwarded between
 tokens (every `POLL_S` at the latest), so they apply within a token or two. Exceptions come back as
 themselves (EngineError, CheckpointError, ...), with the child's traceback as a note. If the child
-dies, the app gets an EngineError that says so, never a hang.
+dies, the app gets an EngineError that says so, never a hang; if the app dies, the child goes too.
 
 Nothing here imports torch: the child does, when it loads the model.
 """
@@ -23,9 +23,11 @@ Nothing here imports torch: the child does, when it loads the model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -35,26 +37,30 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
 from typing import IO, Any
 
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Conversation, EngineError, MessageSpan, ParamsSource, Step, resolve_params
 
-POLL_S = 0.005  # how often a waiting stream forwards edits and Esc to the child
-CLOSE_WAIT_S = 2.0
-STDERR_TAIL = 4000  # characters of the child's stderr kept in the error that reports its death
-PIPE_BYTES = 1 << 20  # the steps pipe's buffer (Linux; the default 64 KB holds some six Steps)  # how long close() waits for the child before terminating it
+try:
+    import fcntl
+except ImportError:  # Windows (where the app keeps the model in its own process)
+    fcntl = None  # type: ignore[assignment]
 
-# what the app reads from an engine, copied once from the child's engine when it is ready
+POLL_S = 0.005  # how often a waiting stream forwards edits and Esc to the child
+CLOSE_WAIT_S = 2.0  # how long close() waits for the child before terminating it
+STDERR_TAIL = 4000  # characters of the child's stderr kept in the error that reports its death
+PIPE_BYTES = 1 << 20  # the steps pipe's buffer (Linux; the default 64 KB holds some six Steps)
+
+# what the app reads from an engine (the Engine protocol's attributes, and the vocabulary size for
+# the candidates view), copied once from the child's engine when it is ready
 ATTRIBUTES = ("backend", "model_name", "device", "context_length", "n_layer", "n_head", "chat_format",
               "checkpoint_hash", "attention_unavailable", "vocab_size")
+# the engine methods the app may ask the child for, besides `stream`
+CALLS = ("encode", "decode", "token_text", "token_texts", "render", "explain_attention", "replay_chain")
 
 Setup = Callable[[Any], None]
+Payload = tuple[BaseException | None, str, str]  # an exception on its way across (see _portable)
 
 
 class ProcessEngine:
@@ -70,6 +76,7 @@ class ProcessEngine:
     checkpoint_hash: str
     attention_unavailable: str | None
     vocab_size: int | None
+    explains: bool  # whether explain_attention works (the mini-GPT's queries and keys are there)
 
     def __init__(self, process: subprocess.Popen, control: Connection, steps: Connection, stderr: IO[bytes],
                  info: dict[str, Any]) -> None:
@@ -80,11 +87,12 @@ class ProcessEngine:
         self._send_lock = threading.Lock()  # several threads send requests
         self._call_lock = threading.Lock()  # one call's request and answer at a time
         self._stream_lock = threading.Lock()  # one stream at a time, as in-process engines
-        self._token_texts: dict[int, str] = {}
+        self._token_texts: list[str] | None = None  # every token's text, fetched at the first need
         self._closed = False
         for name in ATTRIBUTES:
             setattr(self, name, info.get(name))
-        self._defaults = info["default_params"]
+        self.explains = bool(info.get("explains"))
+        self._defaults: SamplingParams | Payload = info["default_params"]
 
     # ------------------------------------------------------------------ start and stop
 
@@ -145,39 +153,43 @@ class ProcessEngine:
                 else:
                     return cls(process, connection, steps, stderr, payload)
         except BaseException:
-            _stop(process, connection)
+            # the child may still be loading: closing our end tells it to go, and it is not waited for
+            connection.close()
+            _stop(process, wait_s=0.5)
             steps.close()
             stderr.close()
             raise
 
     def close(self, *, wait: bool = True) -> None:
-        """Stop the child (a reply in progress is cancelled first). Safe to call again.
+        """Stop the child; a reply in progress ends as cancelled. Safe to call again.
 
         `wait=False` only tells the child to go (an app that is exiting does not wait for torch to
-        unload); it also goes by itself when the app's end of the pipe closes. A later call with
-        `wait=True` waits for it.
+        unload; the child also goes by itself when the app's end of the pipe closes). A later call
+        with `wait=True` waits for it.
         """
         if not self._closed:
             self._closed = True
             with contextlib.suppress(OSError, ValueError):
                 with self._send_lock:
                     self._control.send(("close", None))
-        if wait and not self._steps.closed:
-            _stop(self._process, self._control)
-            self._steps.close()
-            self._stderr.close()
+        if not wait:
+            # reap it when it exits, so no zombie is left behind while the app runs on
+            threading.Thread(target=self._process.wait, name="model-process-reaper", daemon=True).start()
+            return
+        _stop(self._process)
+        with contextlib.suppress(OSError):
+            self._control.close()
+        # a stream still reading (another thread) ends at the child's exit; its pipe is closed after it
+        if self._stream_lock.acquire(timeout=CLOSE_WAIT_S):
+            try:
+                self._steps.close()
+                self._stderr.close()
+            finally:
+                self._stream_lock.release()
 
     @property
     def pid(self) -> int:
         return self._process.pid
-
-    def _alive(self) -> bool:
-        return self._process.poll() is None
-
-    def _died(self, when: str) -> EngineError:
-        if self._closed:
-            return EngineError("the model was closed")
-        return _died(when, self._process, self._stderr)
 
     # ------------------------------------------------------------------ the Engine protocol
 
@@ -188,11 +200,13 @@ class ProcessEngine:
         return self._call("decode", list(ids))
 
     def token_text(self, token_id: int) -> str:
-        # the inspector asks for the same few hundred tokens again and again: ask the child once each
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self._call("token_text", token_id)
-        return text
+        # the inspector asks for hundreds of tokens at a time: one request brings the whole vocabulary
+        if self._token_texts is None and self.vocab_size:
+            self._token_texts = self._call("token_texts")
+        texts = self._token_texts
+        if texts is not None and 0 <= token_id < len(texts):
+            return texts[token_id]
+        return self._call("token_text", token_id)
 
     def default_params(self) -> SamplingParams:
         # read once in the child at load: the app asks from its UI thread, which must never wait on a pipe
@@ -204,6 +218,16 @@ class ProcessEngine:
     def render(self, conversation: Conversation) -> tuple[list[int], list[MessageSpan]]:
         return self._call("render", list(conversation))
 
+    # The inspector's numbers, computed where the model and torch are (the app's process has neither)
+
+    def explain_attention(self, ids: Sequence[int], query_position: int, layer: int, head: int) -> Any:
+        """`chat_tui.engine.explain.explain_attention` on the child's model (an Explanation)."""
+        return self._call("explain_attention", list(ids), query_position, layer, head)
+
+    def replay_chain(self, step: Step, context_ids: Sequence[int] | None, params: SamplingParams | None) -> Any:
+        """`chat_tui.engine.explain.replay_chain` for this model's vocabulary (a Replay)."""
+        return self._call("replay_chain", step, None if context_ids is None else list(context_ids), params)
+
     def stream(
         self,
         conversation: Conversation,
@@ -212,37 +236,48 @@ class ProcessEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
     ) -> Iterator[Step]:
-        with self._stream_lock:
-            sent = resolve_params(params)
-            self._send(("stream", (list(conversation), sent, inspect)))
-            cancel_sent = False
-            ended = False
-            try:
-                while True:
-                    # between tokens: pass on an edit of the settings and Esc
-                    if callable(params):
-                        now = params()
-                        if now is not sent and now != sent:
-                            sent = now
-                            self._tell(("params", now))
-                    if cancel is not None and not cancel_sent and cancel.is_set():
-                        cancel_sent = True
-                        self._tell(("cancel", None))
-                    if not self._steps.poll(POLL_S):
-                        if not self._alive():
-                            raise self._died("while generating")
-                        continue
-                    kind, payload = self._receive_step()
-                    if kind == "end":
-                        ended = True
-                        return
-                    if kind == "error":
-                        ended = True
-                        raise _restore(payload)
-                    yield payload
-            finally:
-                if not ended:  # the caller stopped early (or failed): end the child's stream too
-                    self._abandon()
+        # one stream at a time; a caller that is cancelled while it waits for the last one gets nothing
+        while not self._stream_lock.acquire(timeout=POLL_S * 10):
+            if cancel is not None and cancel.is_set():
+                return
+        try:
+            yield from self._stream(conversation, params, inspect, cancel)
+        finally:
+            self._stream_lock.release()
+
+    def _stream(self, conversation: Conversation, params: ParamsSource, inspect: bool,
+                cancel: threading.Event | None) -> Iterator[Step]:
+        sent = resolve_params(params)
+        self._send(("stream", (list(conversation), sent, inspect)))
+        cancel_sent = False
+        ended = False
+        try:
+            while True:
+                # between tokens: pass on an edit of the settings and Esc
+                if callable(params):
+                    now = params()
+                    if now is not sent and now != sent:
+                        sent = now
+                        self._tell(("params", now))
+                if cancel is not None and not cancel_sent and cancel.is_set():
+                    cancel_sent = True
+                    self._tell(("cancel", None))
+                message = self._next_step()
+                if message is None:
+                    continue
+                kind, payload = message
+                if kind == "end":
+                    ended = True
+                    return
+                if kind == "error":
+                    ended = True
+                    raise _restore(payload)
+                yield payload
+        except _Closed:
+            ended = True  # closed by the app: the reply simply ends here (the app has marked it stopped)
+        finally:
+            if not ended:  # the caller stopped early (or failed): end the child's stream too
+                self._abandon()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -265,34 +300,50 @@ class ProcessEngine:
             self._send(("call", (name, args)))
             try:
                 while not self._control.poll(POLL_S * 10):
-                    if not self._alive():
+                    if self._process.poll() is not None:
                         raise EOFError
                 kind, payload = self._control.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError, ValueError):
                 raise self._died("") from None
         if kind == "error":
             raise _restore(payload)
         return payload
 
-    def _receive_step(self) -> tuple[str, Any]:
+    def _next_step(self) -> tuple[str, Any] | None:
+        """The next message on the steps pipe, or None after POLL_S without one.
+
+        Raises _Closed when the app closed this engine and the child is gone, EngineError when the
+        child died on its own.
+        """
         try:
+            if not self._steps.poll(POLL_S):
+                if self._process.poll() is not None and not self._steps.poll(0):
+                    raise EOFError
+                return None
             return self._steps.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError, ValueError):
+            if self._closed:
+                raise _Closed from None
             _wait(self._process, CLOSE_WAIT_S)
             raise self._died("while generating") from None
 
     def _abandon(self) -> None:
         """Cancel the child's stream and read it to its end, so the next stream starts clean."""
         self._tell(("cancel", None))
-        with contextlib.suppress(EngineError):
+        with contextlib.suppress(EngineError, _Closed):
             while True:
-                if not self._steps.poll(POLL_S):
-                    if not self._alive():
-                        return
-                    continue
-                kind, _ = self._receive_step()
-                if kind in ("end", "error"):
+                message = self._next_step()
+                if message is not None and message[0] in ("end", "error"):
                     return
+
+    def _died(self, when: str) -> EngineError:
+        if self._closed:
+            return EngineError("the model was closed")
+        return _died(when, self._process, self._stderr)
+
+
+class _Closed(Exception):
+    """The app closed the engine while a stream was being read."""
 
 
 def _widen_pipe(fd: int) -> None:
@@ -308,13 +359,14 @@ def _wait(process: subprocess.Popen, seconds: float) -> None:
         process.wait(seconds)
 
 
-def _stop(process: subprocess.Popen, control: Connection) -> None:
-    _wait(process, CLOSE_WAIT_S)
+def _stop(process: subprocess.Popen, wait_s: float = CLOSE_WAIT_S) -> None:
+    _wait(process, wait_s)
     if process.poll() is None:
         process.terminate()
         _wait(process, CLOSE_WAIT_S)
-    with contextlib.suppress(OSError):
-        control.close()
+        if process.poll() is None:
+            process.kill()
+            _wait(process, CLOSE_WAIT_S)
 
 
 def _died(when: str, process: subprocess.Popen, stderr: IO[bytes]) -> EngineError:
@@ -324,9 +376,10 @@ def _died(when: str, process: subprocess.Popen, stderr: IO[bytes]) -> EngineErro
         f"killed by signal {-code}" if code is not None else "still running, but its pipe closed")
     error = EngineError(f"the model's process stopped unexpectedly{f' {when}' if when else ''} ({how})")
     try:
-        stderr.seek(0, os.SEEK_END)
-        stderr.seek(max(0, stderr.tell() - STDERR_TAIL))
-        tail = stderr.read().decode("utf-8", "replace").strip()
+        # its own descriptor: threads that each report the death do not share one file position
+        with open(os.dup(stderr.fileno()), "rb") as own:
+            size = os.fstat(own.fileno()).st_size
+            tail = os.pread(own.fileno(), STDERR_TAIL, max(0, size - STDERR_TAIL)).decode("utf-8", "replace").strip()
     except (OSError, ValueError):
         tail = ""
     if tail and hasattr(error, "add_note"):
@@ -337,7 +390,7 @@ def _died(when: str, process: subprocess.Popen, stderr: IO[bytes]) -> EngineErro
 # ---------------------------------------------------------------------- exceptions across the pipe
 
 
-def _portable(exc: BaseException) -> tuple[BaseException | None, str, str]:
+def _portable(exc: BaseException) -> Payload:
     """(the exception itself, its one-line text, the child's traceback).
 
     Only Python's own exceptions and ours travel as themselves: unpickling one of torch's or
@@ -356,12 +409,12 @@ def _portable(exc: BaseException) -> tuple[BaseException | None, str, str]:
     return None, f"{type(exc).__name__}: {text}", trace
 
 
-def _restore(payload: tuple[BaseException | None, str, str]) -> BaseException:
-    exc, text, trace = payload
-    if exc is None:
-        exc = EngineError(text)
+def _restore(payload: Payload) -> BaseException:
+    """A fresh exception each time (one raised twice would gather notes and traceback frames)."""
+    original, text, trace = payload
+    exc = copy.copy(original) if original is not None else EngineError(text)
     if hasattr(exc, "add_note"):  # 3.11+: the log file then shows where in the child it happened
-        exc.add_note(f"In the model's process:\n{trace}")
+        exc.__notes__ = [*getattr(original, "__notes__", ()), f"In the model's process:\n{trace}"]
     return exc
 
 
@@ -376,22 +429,44 @@ def _child_main(control_fd: int, steps_fd: int) -> None:
         model, device, load_options, setup = control.recv()
     except (EOFError, OSError):
         return
-    _serve(control, steps, model, device, load_options, setup)
+    loaded = threading.Event()
+    threading.Thread(target=_exit_if_orphaned, args=(control_fd, loaded), name="orphan-watch", daemon=True).start()
+    _serve(control, steps, model, device, load_options, setup, loaded)
+
+
+def _exit_if_orphaned(control_fd: int, loaded: threading.Event) -> None:
+    """While the model loads (minutes, for a big one) nothing reads the control socket: if the app
+    goes meanwhile (killed, or it gave up), go too. The app sends nothing until the model is ready,
+    so the socket turning readable before then means the app's end closed."""
+    with contextlib.suppress(OSError, ValueError):
+        select.select([control_fd], [], [])
+    if not loaded.is_set():
+        os._exit(0)
 
 
 def _serve(control: Connection, steps: Connection, model: str | None, device: str | None,
-           load_options: dict[str, Any], setup: Setup | None) -> None:
+           load_options: dict[str, Any], setup: Setup | None, loaded: threading.Event) -> None:
     """The child's main loop: load the model, then answer requests until `close` or the app is gone."""
+    send_lock = threading.Lock()  # a hub download reports progress from several threads
+
+    def progress(text: str) -> None:
+        with send_lock:
+            control.send(("progress", text))
+
     try:
         from chat_tui.engine import load_engine
 
-        engine = load_engine(model, device=device, progress=lambda text: control.send(("progress", text)),
-                             **load_options)
+        engine = load_engine(model, device=device, progress=progress, **load_options)
         if setup is not None:
             setup(engine)
-        control.send(("ready", _describe(engine)))
+        info = _describe(engine)
+        with send_lock:
+            loaded.set()
+            control.send(("ready", info))
     except BaseException as exc:
-        control.send(("error", _portable(exc)))
+        with send_lock:
+            loaded.set()
+            control.send(("error", _portable(exc)))
         return
     latest: dict[str, SamplingParams] = {}
     cancel = threading.Event()
@@ -405,7 +480,7 @@ def _serve(control: Connection, steps: Connection, model: str | None, device: st
         if kind == "call":
             name, args = payload
             try:
-                answer = ("ok", getattr(engine, name)(*args))
+                answer = ("ok", _answer(engine, name, args))
             except BaseException as exc:
                 answer = ("error", _portable(exc))
             control.send(answer)
@@ -429,6 +504,24 @@ def _serve(control: Connection, steps: Connection, model: str | None, device: st
             return
 
 
+def _answer(engine: Any, name: str, args: tuple[Any, ...]) -> Any:
+    if name not in CALLS:
+        raise EngineError(f"the model's process has no request {name!r}")
+    if name == "explain_attention":
+        from chat_tui.engine.explain import explain_attention
+
+        return explain_attention(engine, *args)
+    if name == "replay_chain":
+        from chat_tui.engine.explain import replay_chain, vocab_size_of
+
+        return replay_chain(*args, vocab_size=vocab_size_of(engine))
+    if name == "token_texts":
+        from chat_tui.engine.explain import vocab_size_of
+
+        return [engine.token_text(i) for i in range(vocab_size_of(engine) or 0)]
+    return getattr(engine, name)(*args)
+
+
 def _generate(engine: Any, steps: Connection, conversation: Conversation, latest: dict[str, SamplingParams],
               inspect: bool, cancel: threading.Event) -> None:
     try:
@@ -443,10 +536,15 @@ def _generate(engine: Any, steps: Connection, conversation: Conversation, latest
 
 
 def _describe(engine: Any) -> dict[str, Any]:
-    from chat_tui.engine.explain import vocab_size_of
+    from chat_tui.engine.explain import ExplainUnavailable, _model_of, vocab_size_of
 
     info = {name: getattr(engine, name, None) for name in ATTRIBUTES}
     info["vocab_size"] = vocab_size_of(engine)
+    try:
+        _model_of(engine)
+        info["explains"] = True
+    except ExplainUnavailable:
+        info["explains"] = False
     try:
         info["default_params"] = engine.default_params()
     except Exception as exc:  # raised again when the app asks

@@ -10,6 +10,7 @@ notification that says where the log with the traceback is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -156,6 +157,13 @@ def tune_runtime() -> None:
     gc.enable()  # run_app starts with it off
 
 
+def _close_quietly(engine: Engine | None) -> None:
+    """Tell a model in its own process to go, without waiting (other engines have nothing to close)."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close(wait=False)
+
+
 class MainScreen(Screen, inherit_bindings=False):
     """The default screen, with its focus and copy keys given ids."""
 
@@ -214,6 +222,7 @@ class ChatApp(App[int], inherit_bindings=False):
         self.model_source = model if model is not None else self.config.model
         self.device = device if device is not None else self.config.device
         self.engine_factory = engine_factory
+        self._loads = 0  # load_model calls so far: a model that arrives after a later call is dropped
         # the model in a child process (ProcessEngine): run_app asks for it, config.toml may say no;
         # it passes pipes to the child by descriptor, which needs POSIX
         self.model_process = model_process and self.config.model_process and os.name == "posix"
@@ -478,14 +487,16 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def load_model(self, source: str | None) -> None:
         self._close_engine()
-        self.engine = None
+        with contextlib.suppress(NoMatches):
+            self.inspector.set_engine(None)  # replays and explanations must not ask a closed model
         self.state = "loading"
         self.load_note = "loading the model"
         self._refresh_status()
-        self._load_engine(source, self.device)
+        self._loads += 1
+        self._load_engine(source, self.device, self._loads)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="engine", name="load-model")
-    def _load_engine(self, source: str | None, device: str | None) -> None:
+    def _load_engine(self, source: str | None, device: str | None, load: int = 0) -> None:
         def progress(text: str) -> None:
             self.post_message(ModelProgress(text))
 
@@ -499,7 +510,8 @@ class ChatApp(App[int], inherit_bindings=False):
             from chat_tui.engine import load_engine
 
             engine = load_engine(source, device=device, progress=progress, **self.load_options)
-        self.post_message(ModelLoaded(engine, source))
+        if not self.post_message(ModelLoaded(engine, source, load)):
+            _close_quietly(engine)  # the app closed while the model loaded
 
     def _close_engine(self) -> None:
         """Let go of the current model; one in a child process is stopped (a reply there is cancelled)."""
@@ -516,8 +528,9 @@ class ChatApp(App[int], inherit_bindings=False):
         self._refresh_status()
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
-        if self.engine is not None and self.engine is not message.engine:
-            self._close_engine()  # two loads overlapped: the later one wins
+        if message.load != self._loads:  # a later load_model superseded this one while it loaded
+            _close_quietly(message.engine)
+            return
         self.engine = message.engine
         if self.tune_runtime:
             gc.freeze()  # torch and the model are a million long-lived objects: keep full collections off them
@@ -940,11 +953,13 @@ class ChatApp(App[int], inherit_bindings=False):
         engine = job.engine
         assert engine is not None
         stream = engine.stream(job.conversation, self._params_now, inspect=self.inspect_attention, cancel=job.cancel)
-        for step in stream:
-            if job.push(step):
-                self.post_message(StepsReady(job))
-            if step.finish_reason is not None:
-                break
+        # closed on every way out, even an error: a model in its own process serves one stream at a time
+        with contextlib.closing(stream):
+            for step in stream:
+                if job.push(step):
+                    self.post_message(StepsReady(job))
+                if step.finish_reason is not None:
+                    break
         self.post_message(GenerationDone(job))
 
     def on_steps_ready(self, message: StepsReady) -> None:
@@ -1125,9 +1140,7 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def on_unmount(self) -> None:
         self._save_running_reply()
-        close = getattr(self.engine, "close", None)
-        if close is not None:  # a model in its own process: tell it to go, without waiting
-            close(wait=False)
+        _close_quietly(self.engine)  # a model in its own process: tell it to go, without waiting
         training = self.training
         if training is not None and not training.finished and training.run.running:
             training.run.stop(wait=False)  # like Ctrl-C: the run finishes its step and saves; we do not wait

@@ -128,10 +128,11 @@ class ModelProgress(TextualMessage):
 
 
 class ModelLoaded(TextualMessage):
-    def __init__(self, engine: Engine, source: str | None) -> None:
+    def __init__(self, engine: Engine, source: str | None, load: int = 0) -> None:
         super().__init__()
         self.engine = engine
         self.source = source
+        self.load = load  # which load_model call this answers (an older one has been superseded)
 
 
 class StepsReady(TextualMessage):

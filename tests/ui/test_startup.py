@@ -205,3 +205,48 @@ async def test_a_model_process_that_cannot_load_is_a_notice_and_the_app_goes_on(
         assert not any("Traceback" in m for m in messages)
     log = get_paths().log_file.read_text(encoding="utf-8")
     assert "In the model's process" in log and "Traceback" in log  # the child's traceback, for whoever debugs
+
+
+async def test_the_model_asked_for_last_wins_when_loads_overlap(home, tiny_checkpoint, tmp_path):
+    second = tmp_path / "second-model"
+    second.mkdir()
+    for item in tiny_checkpoint.iterdir():
+        (second / item.name).write_bytes(item.read_bytes())
+    app = ChatApp(str(tiny_checkpoint), paths=get_paths(), device="cpu", model_process=True)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app._loads == 1, what="the first load to start")
+        app.load_model(str(second))  # while the first is still loading
+        await wait_for(pilot, lambda: app.engine is not None, timeout=120, what="a model to load")
+        assert app.engine.model_name == "second-model"
+        await pilot.pause(0.5)
+        await wait_for(pilot, lambda: len(_model_processes()) <= 1, timeout=60, what="the first model's process to go")
+        assert app.engine.model_name == "second-model"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+async def test_quitting_while_the_model_loads_leaves_no_model_process(home, tiny_checkpoint):
+    before = set(_model_processes())
+    app = ChatApp(str(tiny_checkpoint), paths=get_paths(), device="cpu", model_process=True)
+    async with app.run_test() as pilot:
+        await pilot.pause(0.3)
+        assert app.engine is None  # still loading
+    deadline = time.monotonic() + 60
+    while set(_model_processes()) - before and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not set(_model_processes()) - before
+
+
+def _model_processes() -> list[int]:
+    """This process's children that serve a model (ProcessEngine), reaped when they have exited."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == os.getpid() and b"chat_tui.engine.process" in cmdline and _running(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids

@@ -178,6 +178,12 @@ class AttentionCanvas(Widget):
         return Strip.blank(size.width, self.rich_style)
 
 
+def _explains(engine: Engine) -> bool:
+    """Whether q·k can be computed for this engine: its model is here, or its process says it can."""
+    explains = getattr(engine, "explains", None)
+    return bool(explains) if explains is not None else getattr(engine, "model", None) is not None
+
+
 class InspectorPane(Vertical, can_focus=True):
     """The attention inspector (mount it with id `inspector`)."""
 
@@ -630,7 +636,7 @@ class InspectorPane(Vertical, can_focus=True):
         engine = self.engine
         if engine is None:
             unavailable = "no model is loaded, so q·k and the value sizes cannot be computed."
-        elif getattr(engine, "model", None) is None:
+        elif not _explains(engine):
             unavailable = (
                 f"the {engine.backend} backend gives attention weights only; q·k, the scaled scores "
                 "and the value sizes need the model's queries and keys (the mini-GPT has them)."
@@ -655,9 +661,13 @@ class InspectorPane(Vertical, can_focus=True):
 
         def work() -> None:
             try:
-                from chat_tui.engine.explain import explain_attention
+                remote = getattr(engine, "explain_attention", None)  # a model in its own process
+                if remote is not None:
+                    result: Any = remote(ids, pos, layer, head)
+                else:
+                    from chat_tui.engine.explain import explain_attention
 
-                result: Any = explain_attention(engine, ids, pos, layer, head)
+                    result = explain_attention(engine, ids, pos, layer, head)
             except Exception as exc:  # shown in the view
                 result = exc
             self._from_thread(self._explained, key, result)
@@ -717,11 +727,16 @@ class InspectorPane(Vertical, can_focus=True):
 
         def work() -> None:
             try:
-                from chat_tui.engine.explain import replay_chain, vocab_size_of
+                remote = getattr(engine, "replay_chain", None)  # a model in its own process computes it there
+                if remote is not None:
+                    as_sampled = remote(step, context, step.params)
+                    replay_now = remote(step, context, now) if now is not None else None
+                else:
+                    from chat_tui.engine.explain import replay_chain, vocab_size_of
 
-                vocab = vocab_size_of(engine) if engine is not None else None
-                as_sampled = replay_chain(step, context, step.params, vocab_size=vocab)
-                replay_now = replay_chain(step, context, now, vocab_size=vocab) if now is not None else None
+                    vocab = vocab_size_of(engine) if engine is not None else None
+                    as_sampled = replay_chain(step, context, step.params, vocab_size=vocab)
+                    replay_now = replay_chain(step, context, now, vocab_size=vocab) if now is not None else None
                 texts = None
                 if engine is not None and step.top_ids is not None:
                     texts = {int(i): engine.token_text(int(i)) for i in step.top_ids.tolist()}
