@@ -266,3 +266,31 @@ def test_progress_arrives_and_close_ends_the_process(tiny_checkpoint):
         os.kill(pid, 0)
     with pytest.raises(EngineError, match="closed"):
         collect(engine.stream(CONVERSATION, SamplingParams(max_new_tokens=3)))
+
+
+def test_the_app_side_never_imports_torch(tiny_checkpoint):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import sys
+from chat_tui.engine import Message, SamplingParams, collect
+from chat_tui.engine.process import ProcessEngine
+engine = ProcessEngine.start({str(tiny_checkpoint)!r}, device="cpu")
+reply = collect(engine.stream([Message("user", "Hello")], SamplingParams(max_new_tokens=4), inspect=True))
+ids = reply.prompt.ids + [s.token_id for s in reply.steps]
+step = reply.steps[-1]
+explanation = engine.explain_attention(ids, len(ids) - 1, 0, 0)
+replay = engine.replay_chain(step, ids[:-1], step.params)
+[replay.stage(i) for i in range(len(replay.ids))]
+engine.token_text(1)
+engine.close()
+assert "torch" not in sys.modules, "torch was imported in the app's process"
+print("ok", reply.tokens, len(explanation.weights))
+"""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok 4 ")

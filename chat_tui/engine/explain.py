@@ -22,14 +22,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from chat_tui.engine.params import SamplingParams
-from chat_tui.engine.sampling import MASKED_BEFORE, apply_chain
+from chat_tui.engine.params import MASKED_BEFORE, SamplingParams
 from chat_tui.engine.types import EngineError, Step
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (and the sampling chain, which uses it) load inside the functions that compute: the app
+# unpickles an Explanation or a ChainReplay made in the model's process without importing torch
 
 # replay_chain never builds a tail model of more pseudo-tokens than this
 MAX_TAIL_TOKENS = 1 << 18
@@ -87,6 +91,8 @@ class Explanation:
 
 def _head_parts(model, ids: Sequence[int], layer: int):
     """q, k, v (B=1, heads, T, head_dim) of `layer` for `ids`, by the model's own modules."""
+    import torch
+
     config = model.config
     if not 0 <= layer < config.n_layer:
         raise ValueError(f"layer {layer} outside 0..{config.n_layer - 1}")
@@ -118,6 +124,8 @@ def explain_attention(engine_or_model: Any, ids: Sequence[int], query_position: 
     (only the tokens up to the query are fed, which causal attention makes equivalent).
     Raises ExplainUnavailable for a backend without the model's modules.
     """
+    import torch
+
     model = _model_of(engine_or_model)
     if not 0 <= query_position < len(ids):
         raise ValueError(f"query position {query_position} outside 0..{len(ids) - 1}")
@@ -158,6 +166,8 @@ def explain_attention(engine_or_model: Any, ids: Sequence[int], query_position: 
 
 def attention_matrix(engine_or_model: Any, ids: Sequence[int]) -> np.ndarray:
     """float32 (layers, heads, N, N): the softmax weights of one direct forward pass over `ids`."""
+    import torch
+
     model = _model_of(engine_or_model)
     device = next(model.parameters()).device
     was_training = model.training
@@ -173,6 +183,8 @@ def attention_matrix(engine_or_model: Any, ids: Sequence[int]) -> np.ndarray:
 
 def full_logits(engine_or_model: Any, ids: Sequence[int]) -> torch.Tensor:
     """float32 [V]: the raw next-token logits after `ids` (one direct forward pass)."""
+    import torch
+
     model = _model_of(engine_or_model)
     device = next(model.parameters()).device
     with torch.inference_mode():
@@ -242,6 +254,10 @@ def _tail_models(top_logits: np.ndarray, logsumexp: float, tail_mass: float, tai
 
 
 def _run(top_logits: np.ndarray, tail: np.ndarray | None, local_context: list[int], params: SamplingParams):
+    import torch
+
+    from chat_tui.engine.sampling import apply_chain
+
     k = top_logits.size
     values = top_logits.astype(np.float64) if tail is None else np.concatenate([top_logits.astype(np.float64), tail])
     logits = torch.from_numpy(values.astype(np.float32))

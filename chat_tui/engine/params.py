@@ -14,6 +14,8 @@ from typing import Any
 # `generate`: penalties on the raw logits, then temperature, then the truncations.
 STAGES = ("repetition", "presence_frequency", "temperature", "top_k", "top_p", "min_p", "typical_p")
 DEFAULT_ORDER = STAGES
+# the chain's dropped_by code for a token that was already -inf before it (masked by the backend)
+MASKED_BEFORE = -2
 
 
 class InvalidParameter(ValueError):

@@ -29,8 +29,7 @@ STAGE_NAMES = _params.STAGES
 
 NEG_INF = float("-inf")
 
-# dropped_by code for a token that was already -inf before the chain (masked by the backend)
-MASKED_BEFORE = -2
+MASKED_BEFORE = _params.MASKED_BEFORE
 
 # top-p and typical-p first look at this many candidates and widen (× _GROW) only when the mass they
 # must keep lies beyond them; vocabularies up to _FULL_SORT_MAX are simply sorted whole.

@@ -271,18 +271,28 @@ async def test_export_writes_svg_and_safetensors(tmp_path):
     assert int(meta["prompt_length"]) == store.prompt_length
 
 
-@pytest.mark.parametrize("view", ["explain"])
-async def test_explain_view_with_the_model(tiny_engine, view):
+@pytest.mark.parametrize("where", ["here", "in-its-own-process"])
+async def test_explain_and_candidates_views_with_the_model(tiny_engine, tiny_checkpoint, where):
     pytest.importorskip("torch")
+    from chat_tui.engine.process import ProcessEngine
     from chat_tui.engine.types import Message
 
-    steps = list(tiny_engine.stream([Message("user", "Hello there")],
-                                    SamplingParams(temperature=0.9, top_k=20, seed=2, max_new_tokens=6), inspect=True))
-    app = InspectorHarness(tiny_engine, color_mode="truecolor")
-    async with app.run_test(size=(110, 40)) as pilot:
-        app.feed(steps)
-        await pilot.press("3")
-        await settle(pilot, app)
-        text = canvas_text(app)
-        assert "softmax(q·kⱼ ÷ √16)" in text
-        assert "matches the stored row" in text
+    engine = tiny_engine if where == "here" else ProcessEngine.start(tiny_checkpoint, device="cpu")
+    try:
+        steps = list(engine.stream([Message("user", "Hello there")],
+                                   SamplingParams(temperature=0.9, top_k=20, seed=2, max_new_tokens=6), inspect=True))
+        app = InspectorHarness(engine, color_mode="truecolor")
+        async with app.run_test(size=(110, 40)) as pilot:
+            app.feed(steps)
+            await pilot.press("3")
+            await settle(pilot, app)
+            text = canvas_text(app)
+            assert "softmax(q·kⱼ ÷ √16)" in text
+            assert "matches the stored row" in text
+            await pilot.press("6")
+            await settle(pilot, app)
+            text = canvas_text(app)
+            assert "sampled" in text and "top-k" in text and "replay failed" not in text
+    finally:
+        if engine is not tiny_engine:
+            engine.close()
