@@ -112,41 +112,43 @@ def test_an_edit_mid_reply_reaches_the_model(remote):
     assert seen[-1].finish_reason == "length" and len(seen) == 80
 
 
-def test_esc_stops_within_a_token_or_two(tiny_checkpoint):
-    remote = ProcessEngine.start(tiny_checkpoint, device="cpu", setup=slow)
+def stop_after(engine, count: int, then=None, max_new_tokens: int = 500) -> list:
+    """Stream greedily; after `count` steps press Esc (set cancel) and call `then()`; all the steps."""
     cancel = threading.Event()
     steps = []
-    for step in remote.stream(CONVERSATION, SamplingParams(temperature=0.0, max_new_tokens=500), cancel=cancel):
+    for step in engine.stream(CONVERSATION, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
+                              cancel=cancel):
         steps.append(step)
-        if len(steps) == 5:
+        if len(steps) == count:
             cancel.set()
-    remote.close()
+            if then is not None:
+                then()
+    return steps
+
+
+def test_esc_stops_within_a_token_or_two(tiny_checkpoint):
+    engine = ProcessEngine.start(tiny_checkpoint, device="cpu", setup=slow)
+    steps = stop_after(engine, 5)
+    engine.close()
     assert steps[-1].finish_reason == "cancelled" and len(steps) <= 7
 
 
 def test_closing_during_a_reply_ends_it_as_cancelled(tiny_checkpoint):
     engine = ProcessEngine.start(tiny_checkpoint, device="cpu", setup=slow)
-    cancel = threading.Event()
-    steps = []
-    for step in engine.stream(CONVERSATION, SamplingParams(temperature=0.0, max_new_tokens=500), cancel=cancel):
-        steps.append(step)
-        if len(steps) == 3:  # what the app does when another model is loaded mid-reply
-            cancel.set()
-            threading.Thread(target=engine.close).start()
+    # what the app does when another model is loaded mid-reply
+    steps = stop_after(engine, 3, then=threading.Thread(target=engine.close).start)
     assert steps[-1].finish_reason == "cancelled" and len(steps) <= 6  # 3, the one in the making, the last
 
 
 def test_closing_while_a_slow_reader_is_behind_ends_the_reply_quietly(tiny_checkpoint):
     engine = ProcessEngine.start(tiny_checkpoint, device="cpu", setup=endless)
-    cancel = threading.Event()
-    steps = []
-    for step in engine.stream(CONVERSATION, SamplingParams(temperature=0.0, max_new_tokens=100_000), cancel=cancel):
-        steps.append(step)
-        if len(steps) == 1:
-            cancel.set()
-            closing = threading.Thread(target=engine.close)
-            closing.start()
-            time.sleep(0.5)  # the reader falls behind while the child is stopped and the pipes closed
+    closing = threading.Thread(target=engine.close)
+
+    def close_and_fall_behind():
+        closing.start()
+        time.sleep(0.5)  # the reader falls behind while the child is stopped and the pipes closed
+
+    steps = stop_after(engine, 1, then=close_and_fall_behind, max_new_tokens=100_000)
     closing.join(10)
     assert not closing.is_alive() and len(steps) < 100_000
 
