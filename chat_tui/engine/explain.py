@@ -60,6 +60,13 @@ def _model_of(engine_or_model: Any):
     )
 
 
+def can_explain(engine: Any) -> bool:
+    """Whether `explain_attention` can work for `engine`, decided without importing torch: its
+    model is here, or (a model in its own process) the engine says so."""
+    explains = getattr(engine, "explains", None)
+    return bool(explains) if explains is not None else getattr(engine, "model", None) is not None
+
+
 def vocab_size_of(engine_or_model: Any) -> int | None:
     """The size of the output vocabulary, when the backend tells."""
     size = getattr(engine_or_model, "vocab_size", None)
@@ -122,8 +129,12 @@ def explain_attention(engine_or_model: Any, ids: Sequence[int], query_position: 
 
     Exact for the mini-GPT: the same modules and the same arithmetic as the model's inspecting path
     (only the tokens up to the query are fed, which causal attention makes equivalent).
-    Raises ExplainUnavailable for a backend without the model's modules.
+    Raises ExplainUnavailable for a backend without the model's modules. An engine whose model runs
+    in another process (ProcessEngine) computes it there.
     """
+    remote = getattr(engine_or_model, "explain_attention", None)
+    if remote is not None:
+        return remote(ids, query_position, layer, head)
     import torch
 
     model = _model_of(engine_or_model)
@@ -266,6 +277,16 @@ def _run(top_logits: np.ndarray, tail: np.ndarray | None, local_context: list[in
     probs = result.probs.double().numpy()
     tail_kept = bool((dropped[k:] == -1).any()) if tail is not None else False
     return probs[:k], dropped[:k].copy(), tail_kept
+
+
+def replay_for(engine: Any, step: Step, context_ids: Sequence[int] | None,
+               params: SamplingParams | None) -> ChainReplay:
+    """`replay_chain` with `engine`'s vocabulary size; an engine whose model runs in another process
+    (ProcessEngine) computes it there."""
+    remote = getattr(engine, "replay_chain", None)
+    if remote is not None:
+        return remote(step, context_ids, params)
+    return replay_chain(step, context_ids, params, vocab_size=vocab_size_of(engine) if engine is not None else None)
 
 
 def replay_chain(

@@ -44,7 +44,15 @@ from multiprocessing.connection import Connection
 from typing import IO, Any
 
 from chat_tui.engine.params import SamplingParams
-from chat_tui.engine.types import Conversation, EngineError, MessageSpan, ParamsSource, Step, resolve_params
+from chat_tui.engine.types import (
+    Conversation,
+    Engine,
+    EngineError,
+    MessageSpan,
+    ParamsSource,
+    Step,
+    resolve_params,
+)
 
 try:
     import fcntl
@@ -59,8 +67,7 @@ PIPE_BYTES = 1 << 20  # the steps pipe's buffer (Linux; the default 64 KB holds 
 
 # what the app reads from an engine (the Engine protocol's attributes, and the vocabulary size for
 # the candidates view), copied once from the child's engine when it is ready
-ATTRIBUTES = ("backend", "model_name", "device", "context_length", "n_layer", "n_head", "chat_format",
-              "checkpoint_hash", "attention_unavailable", "vocab_size")
+ATTRIBUTES = (*Engine.__annotations__, "vocab_size")
 # the engine methods the app may ask the child for, besides `stream`
 CALLS = ("encode", "decode", "token_text", "token_texts", "render", "explain_attention", "replay_chain")
 
@@ -230,7 +237,7 @@ class ProcessEngine:
         return self._call("explain_attention", list(ids), query_position, layer, head)
 
     def replay_chain(self, step: Step, context_ids: Sequence[int] | None, params: SamplingParams | None) -> Any:
-        """`chat_tui.engine.explain.replay_chain` for this model's vocabulary (a Replay)."""
+        """`chat_tui.engine.explain.replay_chain` for this model's vocabulary (a ChainReplay)."""
         return self._call("replay_chain", step, None if context_ids is None else list(context_ids), params)
 
     def stream(

@@ -4,7 +4,8 @@ Threads: the model loads in one thread worker (after the first frame is painted,
 imported only then) and each reply is generated in one thread worker that passes a cancel event
 and a params callable to `Engine.stream`, so a setting changed in the pane applies at the next
 token. `chat-tui` (run_app) loads the model in a child process (`ProcessEngine`): the worker then
-reads finished tokens from a pipe, and painting never takes the interpreter lock from the model. Workers post typed messages; one `Worker.StateChanged` handler turns any failure into a
+reads finished tokens from a pipe, and painting never takes the interpreter lock from the model.
+Workers post typed messages; one `Worker.StateChanged` handler turns any failure into a
 notification that says where the log with the traceback is.
 """
 
@@ -487,8 +488,9 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def load_model(self, source: str | None) -> None:
         self._close_engine()
-        with contextlib.suppress(NoMatches):
-            self.inspector.set_engine(None)  # replays and explanations must not ask a closed model
+        pane = self._inspector_pane()
+        if pane is not None:
+            pane.set_engine(None)  # replays and explanations must not ask a closed model
         self.state = "loading"
         self.load_note = "loading the model"
         self._refresh_status()

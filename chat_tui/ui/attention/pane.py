@@ -35,6 +35,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Static
 
+from chat_tui.engine.explain import can_explain
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Step
 from chat_tui.ui.attention.render import (
@@ -176,12 +177,6 @@ class AttentionCanvas(Widget):
         if 0 <= y < len(self._strips):
             return self._strips[y]
         return Strip.blank(size.width, self.rich_style)
-
-
-def _explains(engine: Engine) -> bool:
-    """Whether q·k can be computed for this engine: its model is here, or its process says it can."""
-    explains = getattr(engine, "explains", None)
-    return bool(explains) if explains is not None else getattr(engine, "model", None) is not None
 
 
 class InspectorPane(Vertical, can_focus=True):
@@ -636,7 +631,7 @@ class InspectorPane(Vertical, can_focus=True):
         engine = self.engine
         if engine is None:
             unavailable = "no model is loaded, so q·k and the value sizes cannot be computed."
-        elif not _explains(engine):
+        elif not can_explain(engine):
             unavailable = (
                 f"the {engine.backend} backend gives attention weights only; q·k, the scaled scores "
                 "and the value sizes need the model's queries and keys (the mini-GPT has them)."
@@ -661,13 +656,9 @@ class InspectorPane(Vertical, can_focus=True):
 
         def work() -> None:
             try:
-                remote = getattr(engine, "explain_attention", None)  # a model in its own process
-                if remote is not None:
-                    result: Any = remote(ids, pos, layer, head)
-                else:
-                    from chat_tui.engine.explain import explain_attention
+                from chat_tui.engine.explain import explain_attention
 
-                    result = explain_attention(engine, ids, pos, layer, head)
+                result: Any = explain_attention(engine, ids, pos, layer, head)
             except Exception as exc:  # shown in the view
                 result = exc
             self._from_thread(self._explained, key, result)
@@ -727,16 +718,10 @@ class InspectorPane(Vertical, can_focus=True):
 
         def work() -> None:
             try:
-                remote = getattr(engine, "replay_chain", None)  # a model in its own process computes it there
-                if remote is not None:
-                    as_sampled = remote(step, context, step.params)
-                    replay_now = remote(step, context, now) if now is not None else None
-                else:
-                    from chat_tui.engine.explain import replay_chain, vocab_size_of
+                from chat_tui.engine.explain import replay_for
 
-                    vocab = vocab_size_of(engine) if engine is not None else None
-                    as_sampled = replay_chain(step, context, step.params, vocab_size=vocab)
-                    replay_now = replay_chain(step, context, now, vocab_size=vocab) if now is not None else None
+                as_sampled = replay_for(engine, step, context, step.params)
+                replay_now = replay_for(engine, step, context, now) if now is not None else None
                 texts = None
                 if engine is not None and step.top_ids is not None:
                     texts = {int(i): engine.token_text(int(i)) for i in step.top_ids.tolist()}
