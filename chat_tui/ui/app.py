@@ -1337,6 +1337,7 @@ class ChatApp(App[int], inherit_bindings=False):
             self.system_prompt = preset.system_prompt
         self.preset_name = name
         self.params_touched = True
+        self._before_reset = None
         self.sampling.show(self.params, self.system_prompt, preset=name)
         self.notify(f"Loaded preset {name}", timeout=3, markup=False)
 

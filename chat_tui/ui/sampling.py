@@ -419,7 +419,7 @@ class SamplingPane(Vertical):
         if row.spec is not None:
             text = Text(f"{row.label} {range_label(row.spec)}: ", style="bold")
             text.append(row.spec.help)
-            text.append("  ←/→ step · type + Enter · n neutral · d defaults · u undoes", style="dim")
+            text.append("  ←/→ step · type + Enter · n neutral · d defaults", style="dim")
         else:
             text = Text(TEXT_HELP.get(row.name, row.label))
         help_.update(text)
