@@ -236,6 +236,8 @@ class ChatApp(App[int], inherit_bindings=False):
         self.params = SamplingParams()
         self.params_touched = False
         self.preset_name: str | None = None
+        # (params, preset name, touched, pane title) before the last reset, for its undo
+        self._before_reset: tuple[SamplingParams, str | None, bool, str | None] | None = None
         self.system_prompt = ""
         self.conversation_id: int | None = None
         self.job: GenJob | None = None
@@ -817,28 +819,25 @@ class ChatApp(App[int], inherit_bindings=False):
         if self._busy(" first"):
             return
 
-        def done(path_text: str | None) -> None:
-            if not path_text or not path_text.strip():
-                return
-            path = Path(path_text.strip()).expanduser()
-            if not path.is_dir():
-                self.notify(f"Not a folder: {path}", severity="warning", markup=False)
-                return
-            self.open_checkpoint(path)
+        def done(source: str | None) -> None:
+            if source is not None:  # not Esc: the load itself says what is wrong with the source, as for --model
+                self.open_checkpoint(source.strip() or None)
 
         self.push_screen(
-            InputScreen("Load a model: checkpoint folder", "", placeholder="/path/to/checkpoint",
-                        hint="a mini-GPT checkpoint folder (config.json + model.safetensors)"),
+            InputScreen("Load a model", "", placeholder="empty: the bundled mini-GPT",
+                        hint="a model folder (mini-GPT or Hugging Face) or a hub id such as owner/name · "
+                             "Enter loads · Esc cancels"),
             done,
         )
 
-    def open_checkpoint(self, path: str | Path) -> bool:
-        """Load the checkpoint in `path` for the chat (the Load model dialog, the training screen)."""
+    def open_checkpoint(self, path: str | Path | None) -> bool:
+        """Load a model for the chat: a folder or a hub id, None for the bundled one (the Load model dialog,
+        the training screen)."""
         if self._busy(" first"):
             return False
-        self.model_source = str(path)
+        self.model_source = None if path is None else str(path)
         self.params_touched = self.params_touched and self.preset_name is not None
-        self.load_model(str(path))
+        self.load_model(self.model_source)
         return True
 
     def action_train(self) -> None:
@@ -1233,17 +1232,19 @@ class ChatApp(App[int], inherit_bindings=False):
         self._preset_modified()
 
     def _preset_modified(self) -> None:
+        self._before_reset = None  # an undo now would throw this change away
         label = f"{self.preset_name} (edited)" if self.preset_name else "custom"
         self.sampling.show(self.params, self.system_prompt, preset=label)
 
     def on_sampling_table_reset(self, event: SamplingTable.Reset) -> None:
+        before = (self.params, self.preset_name, self.params_touched, self.sampling.preset_label)
         if event.which == "neutral":
             keep = {k: getattr(self.params, k) for k in ("max_new_tokens", "seed", "stop", "top_candidates")}
             self.params = SamplingParams.neutral().with_(**keep)
             self.preset_name = None
             self.params_touched = True
             self.sampling.show(self.params, self.system_prompt, preset="neutral")
-            self.notify("Sampling reset to neutral: every processor off, temperature 1", timeout=3, markup=False)
+            done = "Sampling reset to neutral: every processor off, temperature 1"
         else:
             if self.engine is None:
                 self.notify("The model is not loaded yet: its defaults are not known.", severity="warning",
@@ -1253,7 +1254,20 @@ class ChatApp(App[int], inherit_bindings=False):
             self.preset_name = None
             self.params_touched = False
             self.sampling.show(self.params, self.system_prompt, preset="model defaults")
-            self.notify("Sampling set to the model's defaults (generation_config.json)", timeout=3, markup=False)
+            done = "Sampling set to the model's defaults (generation_config.json)"
+        # a single key resets every setting: stray typing must not cost them
+        self._before_reset = before
+        undo = "u undoes" if self.sampling.table.has_focus else "u in the sampling pane (F5) undoes"
+        self.notify(f"{done} · {undo}", timeout=6, markup=False)
+
+    def on_sampling_table_undo_reset(self, event: SamplingTable.UndoReset) -> None:
+        if self._before_reset is None:
+            self.bell()
+            return
+        self.params, self.preset_name, self.params_touched, label = self._before_reset
+        self._before_reset = None
+        self.sampling.show(self.params, self.system_prompt, preset=label)
+        self.notify("Sampling settings as before the reset", timeout=3, markup=False)
 
     def on_sampling_table_open_editor(self, event: SamplingTable.OpenEditor) -> None:
         if event.name == "stop":
@@ -1269,8 +1283,9 @@ class ChatApp(App[int], inherit_bindings=False):
                 self.params_touched = True
                 self._preset_modified()
 
+            stops = encode_stops(self.params.stop)
             self.push_screen(
-                TextEditScreen("Stop strings", encode_stops(self.params.stop),
+                TextEditScreen("Stop strings", "\n".join(filter(None, (stops, event.initial))),
                                hint="one per line; write \\n for a newline"),
                 done_stop,
             )
@@ -1284,7 +1299,8 @@ class ChatApp(App[int], inherit_bindings=False):
                     self._db(self.store.set_system_prompt, self.conversation_id, self.system_prompt)
                 self._preset_modified()
 
-            self.push_screen(TextEditScreen("System prompt", self.system_prompt), done_system)
+            text = "\n".join(filter(None, (self.system_prompt, event.initial)))  # a paste comes after the text
+            self.push_screen(TextEditScreen("System prompt", text), done_system)
         elif event.name == "order":
 
             def done_order(order: tuple[str, ...] | None) -> None:
@@ -1321,6 +1337,7 @@ class ChatApp(App[int], inherit_bindings=False):
             self.system_prompt = preset.system_prompt
         self.preset_name = name
         self.params_touched = True
+        self._before_reset = None
         self.sampling.show(self.params, self.system_prompt, preset=name)
         self.notify(f"Loaded preset {name}", timeout=3, markup=False)
 
@@ -1432,6 +1449,19 @@ class ChatApp(App[int], inherit_bindings=False):
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.binding_rows(), str(self.paths.config_file)))
 
+    def deliver_screenshot(self, filename: str | None = None, path: str | None = None,
+                           time_format: str | None = None) -> str | None:
+        """Save an SVG of the screen where exports go (Textual's default, ~/Downloads, may not exist) and
+        name the file in the notice (for the palette's Screenshot command)."""
+        try:
+            folder = self.paths.ensure(Path(path) if path else self.paths.exports)
+            saved = self.save_screenshot(filename, str(folder), time_format)
+        except OSError as exc:
+            self._notify_error("The screenshot was not saved", exc, log_error(self.paths, exc, "screenshot"))
+            return None
+        self.notify(f"Screenshot saved to {saved}", title="Screenshot", timeout=8, markup=False)
+        return saved
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         commands = [
@@ -1443,7 +1473,7 @@ class ChatApp(App[int], inherit_bindings=False):
              lambda: self.action_export("markdown")),
             ("Export conversation as JSON", "Write the conversation with every setting to a .json file",
              lambda: self.action_export("json")),
-            ("Load model", "Load a checkpoint folder", self.action_load_model_dialog),
+            ("Load model", "A model folder, a Hugging Face hub id, or the bundled model", self.action_load_model_dialog),
             ("Train a model", "Train on your text or dialogues and watch it learn (Ctrl+T)", self.action_train),
             ("Save preset", "Save the sampling settings as a named preset", self.action_save_preset),
             ("Presets", "Load, save or delete sampling presets", self.action_presets),

@@ -78,6 +78,26 @@ def range_label(spec: ParamSpec) -> str:
     return f"{left}{short_number(spec.low)}, {short_number(spec.high)}{right}"
 
 
+def extends_number(buffer: str, char: str, spec: ParamSpec) -> bool:
+    """Whether typing `char` after `buffer` still spells the start of a number for `spec`.
+
+    Letters of stray text (the E of "ROMEO") and signs where no number has one do not start an edit.
+    """
+    if char in "0123456789":
+        return True
+    negative_start = char == "-" and not buffer and spec.low < 0
+    if spec.kind is int:
+        return negative_start
+    mantissa, exponent_mark, exponent = buffer.lower().partition("e")
+    if char in "eE":
+        return not exponent_mark and any(c.isdigit() for c in mantissa)
+    if char in "+-" and exponent_mark and not exponent:
+        return True
+    if char == ".":
+        return not exponent_mark and "." not in mantissa
+    return negative_start
+
+
 def format_value(spec: ParamSpec | None, value: object) -> str:
     if value is None:
         return "random"
@@ -116,6 +136,7 @@ class SamplingTable(Widget, can_focus=True):
         Binding("escape", "cancel_edit", "Cancel the edit", show=False, id="param_cancel"),
         Binding("n", "neutral", "Neutral", id="params_neutral"),
         Binding("d", "defaults", "Model defaults", id="params_defaults"),
+        Binding("u", "undo_reset", "Undo a reset", show=False, id="params_undo_reset"),
         Binding("p", "app.presets", "Presets", show=False, id="presets"),
         Binding("s", "app.save_preset", "Save preset", show=False, id="save_preset"),
     ]
@@ -140,6 +161,9 @@ class SamplingTable(Widget, can_focus=True):
         def __init__(self, which: str) -> None:
             super().__init__()
             self.which = which  # "neutral" or "defaults"
+
+    class UndoReset(Message):
+        """Put back the settings the last reset replaced."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -322,19 +346,33 @@ class SamplingTable(Widget, can_focus=True):
     def action_defaults(self) -> None:
         self.post_message(self.Reset("defaults"))
 
+    def action_undo_reset(self) -> None:
+        self.post_message(self.UndoReset())
+
     def on_key(self, event: events.Key) -> None:
         row = self.row
         char = event.character
-        if char is None or not char.isprintable():
+        if char is None or row.spec is None or not extends_number(self.editing or "", char, row.spec):
+            return  # a binding's letter goes on to its binding; stray text goes nowhere
+        event.stop()
+        event.prevent_default()
+        self.editing = (self.editing or "") + char
+        self.refresh()
+
+    def on_paste(self, event: events.Paste) -> None:
+        """A paste types its text: a number is applied as typed digits and Enter would be."""
+        event.stop()
+        text = event.text.strip()
+        row = self.row
+        if not text:
             return
         if row.spec is None:
+            if row.name != "order":  # the stop strings and the system prompt open with the paste added
+                self.post_message(self.OpenEditor(row.name, text))
             return
-        allowed = "0123456789-+" if row.spec.kind is int else "0123456789.-+eE"
-        if char in allowed:
-            event.stop()
-            event.prevent_default()
-            self.editing = (self.editing or "") + char
-            self.refresh()
+        self.editing = None
+        self.refresh()
+        self.post_message(self.Commit(row.name, text))
 
 
 class SamplingPane(Vertical):
@@ -360,7 +398,10 @@ class SamplingPane(Vertical):
     def table(self) -> SamplingTable:
         return self.query_one(SamplingTable)
 
+    preset_label: str | None = None  # what the title names: a preset, "custom", "model defaults"…
+
     def show(self, params: SamplingParams, system_prompt: str, *, preset: str | None = None) -> None:
+        self.preset_label = preset
         self.table.show(params, system_prompt)
         title = Text("Sampling", style="bold")
         if preset:

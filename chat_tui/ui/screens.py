@@ -128,7 +128,8 @@ class TextEditScreen(ModalScreen[str | None]):
 
     BINDINGS = [
         Binding("ctrl+s", "save", "Apply", id="editor_apply", priority=True),
-        Binding("escape", "cancel", "Cancel", id="editor_cancel"),
+        # priority: a TextArea that indents with Tab takes Esc to move focus on (here, back onto itself)
+        Binding("escape", "cancel", "Cancel", id="editor_cancel", priority=True),
     ]
 
     def __init__(self, title: str, text: str, hint: str = "") -> None:
