@@ -59,12 +59,13 @@ def test_ask_takes_chat_format_for_a_mini_gpt(capsys):
     from chat_tui.engine import bundled_model_path
     from chat_tui.engine.checkpoint import load_model
 
-    assert main(["ask", "--chat-format", "raw", "--temperature", "0", "--max-new-tokens", "3", "--json", "Once"]) == 0
+    typed = "What is your favourite"
+    assert main(["ask", "--chat-format", "raw", "--temperature", "0", "--max-new-tokens", "4", "--json", typed]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    # the model's own greedy continuation of exactly "Once"
+    # the model's own greedy continuation of exactly the typed text (up to a special token, which ends a reply)
     model, tokenizer, _ = load_model(bundled_model_path())
-    ids = tokenizer.encode("Once")
+    ids, greedy = tokenizer.encode(typed), []
     with torch.no_grad():
-        for _ in range(3):
-            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
-    assert [line["id"] for line in lines if "id" in line] == ids[-3:]
+        while len(greedy) < 4 and not (greedy and greedy[-1] in tokenizer.special_ids.values()):
+            greedy.append(int(model(torch.tensor([ids + greedy]))[0][0, -1].argmax()))
+    assert [line["id"] for line in lines if "id" in line] == greedy

@@ -484,7 +484,9 @@ class Trainer:
         else:
             from chat_tui.train.dataset import RowSampler
 
-            # a resumed run restarts from its own folder (same network, same tokenizer), not from --from
+            # a resumed run restarts from its own folder (same network, same tokenizer), not from --from.
+            # Only the network comes across, not the source's config keys: an import's
+            # untrained_token_ids lapses, since fine-tuning trains the chat tokens.
             source, tokenizer, defaults = load_model(self.out if self.resume else cfg.init_from, device="cpu")
             self.tokenizer = tokenizer
             model_config = GPTConfig(**{**asdict(source.config), "dropout": cfg.dropout})
