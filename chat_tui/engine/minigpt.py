@@ -219,7 +219,18 @@ NATIVE_FORMAT = "minigpt"  # the checkpoint's own chat tokens: <|bos|><|user|>â€
 UNTRAINED_KEY = "untrained_token_ids"  # config.json: special tokens the weights never learned (an import's)
 
 
-def choose_format(override: str | None, folder: Path | None, tokenizer: ChatTokenizer) -> str:
+def untrained_token_ids(folder: Path | None) -> frozenset[int]:
+    """The ids config.json lists under `untrained_token_ids` (none for a checkpoint trained here)."""
+    if folder is None:
+        return frozenset()
+    try:
+        ids = json.loads((folder / "config.json").read_text(encoding="utf-8")).get(UNTRAINED_KEY) or ()
+        return frozenset(int(i) for i in ids)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return frozenset()  # load_model has read this file already: a damaged list means none
+
+
+def choose_format(override: str | None, untrained: frozenset[int], tokenizer: ChatTokenizer) -> str:
     """The format asked for (`template` is the checkpoint's own chat tokens), else the native one,
     or `raw` for a base model whose chat tokens were never trained (an imported nanoGPT)."""
     if override in ("template", NATIVE_FORMAT):
@@ -228,12 +239,6 @@ def choose_format(override: str | None, folder: Path | None, tokenizer: ChatToke
         return override
     if override is not None:
         raise EngineError(f"chat format {override!r} does not fit a mini-GPT checkpoint (use template, plain or raw)")
-    untrained = set()
-    if folder is not None:
-        try:
-            untrained = set(json.loads((folder / "config.json").read_text(encoding="utf-8")).get(UNTRAINED_KEY) or ())
-        except (OSError, ValueError, AttributeError, TypeError):
-            untrained = set()  # load_model has read this file already: nothing to add here
     chat_tokens = {tokenizer.special_ids[t] for t in (USER, ASSISTANT, END)}
     return "raw" if untrained & chat_tokens else NATIVE_FORMAT
 
@@ -260,7 +265,7 @@ class MiniGPTEngine:
         self.eos_ids = {tokenizer.special_ids[t] for t in (END, BOS, SYSTEM, USER, ASSISTANT)}
         self._lock = threading.Lock()  # one generation at a time per model
         self._decode_weights: DecodeWeights | None = None  # made at the first reply
-        self.chat_format = choose_format(chat_format, path, tokenizer)
+        self.chat_format = choose_format(chat_format, untrained_token_ids(path), tokenizer)
         self._format_stops = (PLAIN_STOP,) if self.chat_format == "plain" else ()
         # raw keeps special-token strings you type as the tokens (you write the format by hand), as for
         # Hugging Face models; a copy, because the shared tokenizer keeps them plain text everywhere else
