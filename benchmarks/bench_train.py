@@ -10,6 +10,9 @@ Targets: validation loss <= 1.89, in <= 0.75 x nanoGPT's time on the same machin
     python benchmarks/bench_train.py [--data PATH] [--steps 2000] [--nproc N] [--threads N] [--compile]
                                      [--reference] [--profile STEPS]
 
+--data is tiny Shakespeare (nanoGPT's data/shakespeare_char/prepare.py downloads it as input.txt);
+without it, ../shared/data/tinyshakespeare.txt beside the repository, where CI-like machines keep it.
+
 Ours runs as a user would: `chat-tui train pretrain …` (one process, torch's threads: every core),
 timed from the command's start (imports, data preparation, every evaluation and checkpoint
 included) to its exit. `--nproc N` runs N processes of one thread each instead (DDP over gloo; the
@@ -30,6 +33,7 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +45,9 @@ from torch.nn import functional as F
 
 NANOGPT_TIME_S = 143.0
 NANOGPT_VAL = 1.886
+# where CI-like machines keep the text; a clone of the repository alone has no copy
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+GET_DATA = "nanoGPT's data/shakespeare_char/prepare.py downloads it as input.txt"
 
 
 def config(data: Path, out: Path, steps: int, compile_: bool, activation: str = "gelu"):
@@ -89,7 +95,6 @@ def full_val_loss(model, val: np.ndarray, block_size: int) -> float:
 def run_ours(data: Path, steps: int, compile_: bool, nproc: int, log, activation: str = "gelu") -> dict:
     """`chat-tui train pretrain` with nanoGPT's configuration, as a user runs it (N processes x 1 thread)."""
     import subprocess
-    import sys
 
     from chat_tui.engine.checkpoint import load_model
     from chat_tui.train.dataset import prepare_pretrain
@@ -297,7 +302,8 @@ def profile_steps(data: Path, steps: int, nproc: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"tiny Shakespeare (default: {DEFAULT_DATA} when it exists; {GET_DATA})")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--compile", action="store_true")
@@ -311,6 +317,11 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="profile this many steps")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    if args.data is None and not DEFAULT_DATA.is_file():
+        parser.exit(2, f"bench_train.py: error: no {DEFAULT_DATA}: pass --data PATH/TO/tinyshakespeare.txt ({GET_DATA})\n")
+    args.data = args.data or DEFAULT_DATA
+    if not args.data.is_file():
+        parser.exit(2, f"bench_train.py: error: {args.data}: no such file ({GET_DATA})\n")
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -305,6 +307,34 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert [r["step"] for r in read_metrics(out)][-1] == 5  # nothing logged for the poisoned step
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
+
+
+def test_a_diverging_run_never_keeps_a_nan_validation_loss_as_good_or_best(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    # a learning rate so large that the weights blow up within a few steps (a checkpoint is saved at every eval)
+    code = main(["train", "pretrain", "--data", str(corpus), "--out", str(out), "--tokenizer", "char",
+                 "--max-steps", "20", "--eval-every", "1", "--eval-iters", "2", "--warmup", "10", "--lr", "1e5", *TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    stopped = re.search(r"loss became nan at step (\d+): training stopped; the last good checkpoint \(step (\d+)\)", err)
+    assert stopped, err
+    assert int(stopped[2]) == int(stopped[1]) - 1 == read_train_state(out)["step"]
+    for folder in (out, out / "best"):
+        config = json.loads((folder / "config.json").read_text())
+        assert math.isfinite(config["val_loss"]) and config["step"] < int(stopped[1])
+        assert set(reply(folder)) <= set(TEXT)  # it loads and generates
+    assert all(math.isfinite(r["val_loss"]) for r in read_metrics(out) if "val_loss" in r)
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+
+
+def test_weights_that_overflow_are_never_saved_between_evaluations(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    # one step at this learning rate makes the weights infinite while the loss that led there was finite
+    code = main(["train", "pretrain", "--data", str(corpus), "--out", str(out), "--tokenizer", "char", "--max-steps", "8",
+                 "--eval-every", "4", "--save-every", "1", "--warmup", "0", "--lr", "1e39", *TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and "weights became inf or nan at step 1: training stopped; no checkpoint had been saved yet" in err
+    assert not (out / "config.json").exists() and not (out / "train_state.pt").exists()
 
 
 def test_time_budget_stops_the_run(corpus, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from chat_tui.cli import main
-from chat_tui.engine import Message, SamplingParams, load_engine
+from chat_tui.engine import Message, SamplingParams, collect, load_engine
 from chat_tui.engine.checkpoint import load_model
 from chat_tui.engine.tokenizer import train_tokenizer
 
@@ -141,6 +142,37 @@ def test_an_imported_character_model_chats(tmp_path):
     assert steps and set("".join(s.text for s in steps)) <= set(SHAKESPEARE_CHARS)
 
 
+def test_the_appended_chat_tokens_are_listed_as_untrained_and_the_model_talks_raw(tmp_path):
+    nanogpt_checkpoint(tmp_path / "n", bias=False)
+    out = tmp_path / "imported"
+    assert main(["import", "nanogpt", str(tmp_path / "n" / "ckpt.pt"), str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["untrained_token_ids"] == [65, 66, 67, 68, 69]  # appended after nanoGPT's 65 characters
+    assert sorted(load_model(out)[1].special_ids.values()) == [65, 66, 67, 68, 69]
+    # a base model continues what you typed: the prompt is the typed characters, no roles, no chat tokens
+    engine = load_engine(out, device="cpu")
+    assert engine.chat_format == "raw"
+    typed = "ROMEO:\nBut soft"
+    reply = collect(engine.stream([Message("user", typed)], SamplingParams(max_new_tokens=2, seed=0)))
+    assert reply.prompt.ids == [SHAKESPEARE_CHARS.index(c) for c in typed]
+
+
+def test_a_fine_tune_trains_the_chat_tokens_so_its_checkpoint_drops_the_list(tmp_path):
+    nanogpt_checkpoint(tmp_path / "n", bias=False)
+    base = tmp_path / "imported"
+    assert main(["import", "nanogpt", str(tmp_path / "n" / "ckpt.pt"), str(base)]) == 0
+    dialogues = tmp_path / "chat.jsonl"
+    lines = [{"messages": [{"role": "user", "content": f"Speak {i}"}, {"role": "assistant", "content": "Speak, speak."}]}
+             for i in range(12)]
+    dialogues.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    out = tmp_path / "sft"
+    assert main(["train", "sft", "--from", str(base), "--data", str(dialogues), "--out", str(out), "--max-steps", "4",
+                 "--eval-every", "2", "--eval-iters", "1", "--batch-size", "2", "--quiet"]) == 0
+    for folder in (out, out / "best"):
+        assert "untrained_token_ids" not in json.loads((folder / "config.json").read_text())
+    assert load_engine(out, device="cpu").chat_format == "minigpt"  # it now talks in its chat tokens
+
+
 def test_a_gpt2_token_model_imports_with_a_tokenizer_json(tmp_path, capsys):
     bpe = train_tokenizer(["the cat sat on the mat"] * 20, vocab_size=300)
     bpe.save(str(tmp_path / "tokenizer.json"))
@@ -153,6 +185,9 @@ def test_a_gpt2_token_model_imports_with_a_tokenizer_json(tmp_path, capsys):
     model, tokenizer, _ = load_model(out)
     assert model.config.vocab_size == vocab  # the chat tokens fit in the padding rows
     assert tokenizer.decode(tokenizer.encode("the cat")) == "the cat"
+    # the padding rows never learned the chat tokens either
+    config = json.loads((out / "config.json").read_text())
+    assert config["untrained_token_ids"] == sorted(tokenizer.special_ids.values())
 
 
 def test_a_gpt2_token_model_without_a_vocabulary_is_one_clear_line(tmp_path, capsys, monkeypatch):

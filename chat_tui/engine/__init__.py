@@ -75,7 +75,9 @@ def load_engine(
     if _is_minigpt_checkpoint(path):
         from chat_tui.engine.minigpt import MiniGPTEngine
 
-        return MiniGPTEngine.load(path, device=device, progress=progress)
+        chat_format = options.get("chat_format")
+        return MiniGPTEngine.load(path, device=device, progress=progress,
+                                  chat_format=None if chat_format is None else str(chat_format))
     try:
         from chat_tui.engine.hf import HFEngine
     except ImportError:  # the Hugging Face backend is not part of this build

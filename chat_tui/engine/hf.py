@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from chat_tui.engine.chat_formats import CHAT_FORMATS, PLAIN_STOP, render_text, with_stops
 from chat_tui.engine.generation import run_stream
 from chat_tui.engine.minigpt import best_device
 from chat_tui.engine.params import InvalidParameter, SamplingParams
@@ -52,12 +53,7 @@ from chat_tui.engine.types import (
     MessageSpan,
     ParamsSource,
     Step,
-    resolve_params,
 )
-
-CHAT_FORMATS = ("template", "dialogpt", "plain", "raw")
-PLAIN_ROLES = {"system": "", "user": "User: ", "assistant": "Assistant: "}
-PLAIN_STOP = "\nUser:"  # in the plain format a reply ends where the model starts the user's next line
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -1014,19 +1010,7 @@ class HFEngine:
         return "plain"
 
     def _with_format_stops(self, params: ParamsSource) -> ParamsSource:
-        stops = self._format_stops
-        if not stops:
-            return params
-        memo: dict[str, SamplingParams] = {}
-
-        def current() -> SamplingParams:
-            p = resolve_params(params)
-            if memo.get("in") is not p:
-                missing = tuple(s for s in stops if s not in p.stop)
-                memo["in"], memo["out"] = p, (p.with_(stop=p.stop + missing) if missing else p)
-            return memo["out"]
-
-        return current
+        return with_stops(params, self._format_stops)
 
     def _auto_prefix(self) -> list[int]:
         """What the tokenizer puts before any text by itself (a BOS for Llama-style tokenizers)."""
@@ -1062,24 +1046,10 @@ class HFEngine:
 
     def _render_text(self, messages: list[Message]) -> tuple[_Rendered, list[int]]:
         """The plain and raw formats, as text with known boundaries."""
-        text = ""
-        ends: list[int] = []
-        contents: list[tuple[int, int] | None] = []
         plain = self.chat_format == "plain"
-        for index, message in enumerate(messages):
-            last = index == len(messages) - 1
-            if plain:
-                text += PLAIN_ROLES[message.role]
-            start = len(text)
-            text += message.content
-            contents.append((start, len(text)))
-            if plain and not (last and message.role == "assistant"):
-                text += "\n\n" if message.role == "system" else "\n"
-            ends.append(len(text))
-        if plain and (not messages or messages[-1].role != "assistant"):
-            text += PLAIN_ROLES["assistant"].rstrip()  # "Assistant:"; the reply brings its own space
+        text, ends, contents = render_text(messages, plain=plain)
         protect = plain and self._holds_special(messages)
-        return _Rendered(text, ends, 0, contents, protect), list(range(len(messages)))
+        return _Rendered(text, ends, 0, list(contents), protect), list(range(len(messages)))
 
     def _holds_special(self, messages: Sequence[Message]) -> bool:
         return any(s in m.content for m in messages for s in self._special_strings)

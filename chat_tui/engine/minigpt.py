@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import json
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -11,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch.nn import functional as F
 
+from chat_tui.engine.chat_formats import PLAIN_STOP, TEXT_FORMATS, render_text, with_stops
 from chat_tui.engine.checkpoint import checkpoint_hash, load_model
 from chat_tui.engine.generation import run_stream
 from chat_tui.engine.model import GPT, KVCache
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, ChatTokenizer
-from chat_tui.engine.types import Conversation, EngineError, MessageSpan, ParamsSource, Step
+from chat_tui.engine.types import Conversation, EngineError, Message, MessageSpan, ParamsSource, Step
 
 
 def best_device() -> str:
@@ -211,13 +215,41 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
     return centred / np.sqrt((centred * centred).mean() + eps) * weight + bias
 
 
+NATIVE_FORMAT = "minigpt"  # the checkpoint's own chat tokens: <|bos|><|user|>…<|end|><|assistant|>
+UNTRAINED_KEY = "untrained_token_ids"  # config.json: special tokens the weights never learned (an import's)
+
+
+def untrained_token_ids(folder: Path | None) -> frozenset[int]:
+    """The ids config.json lists under `untrained_token_ids` (none for a checkpoint trained here)."""
+    if folder is None:
+        return frozenset()
+    try:
+        ids = json.loads((folder / "config.json").read_text(encoding="utf-8")).get(UNTRAINED_KEY) or ()
+        return frozenset(int(i) for i in ids)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return frozenset()  # load_model has read this file already: a damaged list means none
+
+
+def choose_format(override: str | None, untrained: frozenset[int], tokenizer: ChatTokenizer) -> str:
+    """The format asked for (`template` is the checkpoint's own chat tokens), else the native one,
+    or `raw` for a base model whose chat tokens were never trained (an imported nanoGPT)."""
+    if override in ("template", NATIVE_FORMAT):
+        return NATIVE_FORMAT
+    if override in TEXT_FORMATS:
+        return override
+    if override is not None:
+        raise EngineError(f"chat format {override!r} does not fit a mini-GPT checkpoint (use template, plain or raw)")
+    chat_tokens = {tokenizer.special_ids[t] for t in (USER, ASSISTANT, END)}
+    return "raw" if untrained & chat_tokens else NATIVE_FORMAT
+
+
 class MiniGPTEngine:
     backend = "minigpt"
-    chat_format = "minigpt"
     attention_unavailable: str | None = None
 
     def __init__(
-        self, model: GPT, tokenizer: ChatTokenizer, defaults: SamplingParams, *, name: str, path: Path | None = None
+        self, model: GPT, tokenizer: ChatTokenizer, defaults: SamplingParams, *, name: str, path: Path | None = None,
+        chat_format: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -233,10 +265,16 @@ class MiniGPTEngine:
         self.eos_ids = {tokenizer.special_ids[t] for t in (END, BOS, SYSTEM, USER, ASSISTANT)}
         self._lock = threading.Lock()  # one generation at a time per model
         self._decode_weights: DecodeWeights | None = None  # made at the first reply
+        self.chat_format = choose_format(chat_format, untrained_token_ids(path), tokenizer)
+        self._format_stops = (PLAIN_STOP,) if self.chat_format == "plain" else ()
+        # raw keeps special-token strings you type as the tokens (you write the format by hand), as for
+        # Hugging Face models; a copy, because the shared tokenizer keeps them plain text everywhere else
+        self._raw_tokenizer = Tokenizer.from_str(tokenizer.tokenizer.to_str()) if self.chat_format == "raw" else None
 
     @classmethod
     def load(
-        cls, path: str | Path, *, device: str | None = None, progress: Callable[[str], None] | None = None
+        cls, path: str | Path, *, device: str | None = None, progress: Callable[[str], None] | None = None,
+        chat_format: str | None = None,
     ) -> MiniGPTEngine:
         path = Path(path)
         device = device or best_device()
@@ -247,7 +285,7 @@ class MiniGPTEngine:
         except RuntimeError:
             raise EngineError(f"unknown device {device!r} (use cpu, cuda or mps)") from None
         model, tokenizer, defaults = load_model(path, device=torch_device)
-        return cls(model, tokenizer, defaults, name=path.name, path=path)
+        return cls(model, tokenizer, defaults, name=path.name, path=path, chat_format=chat_format)
 
     def decode_weights(self) -> DecodeWeights:
         """The weights laid out for decoding, made at the first reply and kept."""
@@ -268,7 +306,20 @@ class MiniGPTEngine:
         return self._defaults
 
     def render(self, conversation: Conversation) -> tuple[list[int], list[MessageSpan]]:
-        return self.tokenizer.render_prompt(conversation)
+        if self.chat_format == NATIVE_FORMAT:
+            return self.tokenizer.render_prompt(conversation)
+        return self._render_text(list(conversation))
+
+    def _render_text(self, messages: list[Message]) -> tuple[list[int], list[MessageSpan]]:
+        """The plain and raw formats: the text encoded as a whole, as the model would read it."""
+        text, ends, _ = render_text(messages, plain=self.chat_format == "plain")
+        encoding = (self._raw_tokenizer or self.tokenizer.tokenizer).encode(text, add_special_tokens=False)
+        starts = [start for start, _ in encoding.offsets]
+        cuts = [bisect.bisect_left(starts, c) for c in (0, *ends)] + [len(encoding.ids)]
+        spans = [MessageSpan(i, m.role, cuts[i], cuts[i + 1]) for i, m in enumerate(messages)]
+        if cuts[-1] > cuts[-2]:  # plain's open "Assistant:" line
+            spans.append(MessageSpan(-1, "assistant", cuts[-2], cuts[-1]))
+        return list(encoding.ids), spans
 
     def stream(
         self,
@@ -289,7 +340,7 @@ class MiniGPTEngine:
                     token_text=self.token_text,
                     eos_ids=self.eos_ids,
                     context_length=self.context_length,
-                    params=params,
+                    params=with_stops(params, self._format_stops),
                     inspect=inspect,
                     cancel=cancel,
                 )

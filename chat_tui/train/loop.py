@@ -15,8 +15,10 @@ a loss mask). What it guarantees:
   broken checkpoint. train_state.pt carries its own copy of the weights, so it is consistent on
   its own even if a save fails half-way.
 - A stop request (Ctrl-C) ends the step in progress, saves and returns. A NaN or infinite loss or
-  gradient stops the run with a TrainingError before the optimiser touches the weights; the last
-  saved checkpoint is left as it was.
+  gradient stops the run with a TrainingError before the optimiser touches the weights; a NaN or
+  infinite validation loss or weight stops it before anything is saved. Either way the last saved
+  checkpoint is left as it was: no checkpoint with a validation loss that is not finite is ever
+  saved, or marked best.
 - Resume restores everything, and the batches of a step are a function of (seed, step), so N steps
   in one go and N/2 + resume + N/2 give the same losses.
 - Under torchrun (RANK/WORLD_SIZE set) it runs DDP: gloo on CPU, NCCL on GPU. Each process takes
@@ -484,7 +486,9 @@ class Trainer:
         else:
             from chat_tui.train.dataset import RowSampler
 
-            # a resumed run restarts from its own folder (same network, same tokenizer), not from --from
+            # a resumed run restarts from its own folder (same network, same tokenizer), not from --from.
+            # Only the network comes across, not the source's config keys: an import's
+            # untrained_token_ids lapses, since fine-tuning trains the chat tokens.
             source, tokenizer, defaults = load_model(self.out if self.resume else cfg.init_from, device="cpu")
             self.tokenizer = tokenizer
             model_config = GPTConfig(**{**asdict(source.config), "dropout": cfg.dropout})
@@ -546,8 +550,9 @@ class Trainer:
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed_s"])
         self.tokens = int(state["tokens"])
-        self.best_val = state.get("best_val_loss")
-        self.last_val = state.get("val_loss")
+        finite = [v if isinstance(v, float) and math.isfinite(v) else None
+                  for v in (state.get("best_val_loss"), state.get("val_loss"))]
+        self.best_val, self.last_val = finite  # a NaN saved by an older version is no best to beat
         self.saved_step = self.step
         self._rng_states = state["rng"]
 
@@ -598,17 +603,19 @@ class Trainer:
         self.elapsed = elapsed / self.d.world
         if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
             self.optimizer.zero_grad(set_to_none=True)
-            what = "loss" if not math.isfinite(loss_f) else "gradient norm"
-            value = loss_f if what == "loss" else norm_f
-            kept = (f"the last good checkpoint (step {self.saved_step}) is in {self.out}" if self.saved_step
-                    else "no checkpoint had been saved yet")
-            raise TrainingError(f"the {what} became {value} at step {self.step + 1}: training stopped; {kept} "
-                                "(try a lower --lr)")
+            what = f"loss became {loss_f}" if not math.isfinite(loss_f) else f"gradient norm became {norm_f}"
+            raise self._diverged(what, self.step + 1)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.stopping = stop > 0
         return loss_f, lr
+
+    def _diverged(self, what: str, step: int) -> TrainingError:
+        """The run stops here; the last saved checkpoint (never one whose numbers were not finite) stays."""
+        kept = (f"the last good checkpoint (step {self.saved_step}) is in {self.out}" if self.saved_step
+                else "no checkpoint had been saved yet")
+        return TrainingError(f"the {what} at step {step}: training stopped; {kept} (try a lower --lr)")
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -635,6 +642,9 @@ class Trainer:
 
     def _save(self, entry: dict | None = None) -> None:
         """OUT/ as a complete checkpoint, then OUT/train_state.pt; rank 0 writes, others wait."""
+        # weights that stopped being finite are never saved over the last good checkpoint
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
+            raise self._diverged("weights became inf or nan", self.step)
         rng = [_rng_state(self.device)]
         if self.d.enabled:
             import torch.distributed as dist
@@ -760,7 +770,10 @@ class Trainer:
                     entry["gflops"] = round(rate * self.flops_per_token / 1e9, 2)
                     if do_eval:
                         t_eval = time.perf_counter()
-                        self.last_val, bpb = self.evaluate()
+                        val_loss, bpb = self.evaluate()
+                        if not math.isfinite(val_loss):  # never "good", never "best": stop before it is saved
+                            raise self._diverged(f"validation loss became {val_loss}", self.step)
+                        self.last_val = val_loss
                         entry["val_loss"] = round(self.last_val, 6)
                         entry["val_bpb"] = round(bpb, 6)
                         if self.best_val is None or self.last_val < self.best_val:

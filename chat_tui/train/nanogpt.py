@@ -6,10 +6,13 @@ biases, which computes the same thing. The vocabulary comes from:
 
 - a character model: nanoGPT's meta.pkl (`--meta`, or beside CKPT, or data/<dataset>/meta.pkl).
   The characters keep their ids; our five chat special tokens are appended after them, with the
-  embedding of the newline (so, as input, a turn boundary reads as a line break, and the model
-  ends a reply where it would start a new line);
+  embedding of the newline (so, as input, a turn boundary reads as a line break);
 - a GPT-2-token model: GPT-2's tokenizer.json (`--tokenizer`, or transformers' local cache),
   with the special tokens in the padding rows nanoGPT adds after id 50256.
+
+The special tokens were never trained: config.json lists them under `untrained_token_ids`, so the
+engine never samples them (their logits would tie with the newline's) and talks to the model in
+the raw format (your text, no roles), until `chat-tui train sft --from OUT` trains them.
 
 Safety: CKPT is read with `torch.load(weights_only=True)` (tensors and plain containers only),
 and meta.pkl with an unpickler that refuses every class: only dicts, strings and integers load.
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from chat_tui.engine.checkpoint import load_model, save_checkpoint
+from chat_tui.engine.minigpt import UNTRAINED_KEY
 from chat_tui.engine.model import GPT, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import SPECIAL_TOKENS, ChatTokenizer
@@ -224,7 +228,10 @@ def import_nanogpt(
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.eval()
     extra = {"imported_from": "nanoGPT", "source": str(ckpt_path), "iter_num": raw.get("iter_num"),
-             "nanogpt_best_val_loss": float(raw["best_val_loss"]) if isinstance(raw.get("best_val_loss"), (int, float, torch.Tensor)) else None}
+             "nanogpt_best_val_loss": float(raw["best_val_loss"]) if isinstance(raw.get("best_val_loss"), (int, float, torch.Tensor)) else None,
+             # the chat tokens were never trained: the engine keeps them out of sampling, and the
+             # default chat format is raw, until `chat-tui train sft` trains them
+             UNTRAINED_KEY: sorted(new_ids)}
     save_checkpoint(out, model, chat_tokenizer, IMPORT_DEFAULTS, extra_config=extra)
     load_model(out)  # prove the folder loads
     if log:
