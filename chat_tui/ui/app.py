@@ -583,7 +583,7 @@ class ChatApp(App[int], inherit_bindings=False):
     # ------------------------------------------------------------------ errors
 
     def _notify_error(self, what: str, error: BaseException, log_path: Path | None, *, outcome: str = "") -> None:
-        """`outcome`: what the app does about it (", still using X"), said right after the error."""
+        """`outcome`: what the app does about it ("; still using X"), said right after the error."""
         where = f"\nDetails in {log_path}" if log_path else "\n(the log file could not be written)"
         self.notify(f"{what}: {describe(error)}{outcome}{where}", severity="error", timeout=15, markup=False)
 
@@ -613,10 +613,10 @@ class ChatApp(App[int], inherit_bindings=False):
         if worker.group == "engine":
             self._load_failed(error, path)
             return
-        job = self.job
+        job, engine = self.job, self.engine
         # a model whose process died mid-reply is started again at once (the partial reply is kept)
-        restart = worker.group == "generate" and job is not None and job.engine is self.engine and (
-            self.engine is not None and not _alive(self.engine))
+        restart = (worker.group == "generate" and job is not None and engine is not None
+                   and job.engine is engine and not _alive(engine))
         self._notify_error(what, error, path, outcome="; restarting it" if restart else "")
         if worker.group == "generate":
             if job is not None and not job.done:
@@ -631,26 +631,24 @@ class ChatApp(App[int], inherit_bindings=False):
         self.loading = False
         engine = self.engine
         job = self.job
-        waiting = job is not None and not job.done and job.engine is None
+        waiting = job if job is not None and not job.done and job.engine is None else None
         if engine is not None and _alive(engine):
             self.model_source = self.engine_source
             what = "Loading the bundled model" if self.loading_source is None else f"Loading {self.loading_source}"
             self._notify_error(f"{clean_line(what)} failed", error, log_path,
                                outcome=f"; still using {clean_line(engine.model_name)}")
             self.state = "idle"
-            if waiting:
-                assert job is not None
-                self._launch(job)
+            if waiting is not None:
+                self._launch(waiting)
         else:
             if engine is not None:  # its process has gone, and starting it again failed
                 self._close_engine()
             self._notify_error("Loading the model failed", error, log_path)
             self.state = "no model"
             self.load_note = "load failed"
-            if waiting:
-                assert job is not None
-                job.failed = True
-                self._finish(job, error)
+            if waiting is not None:
+                waiting.failed = True
+                self._finish(waiting, error)
         self._refresh_status()
 
     def _handle_exception(self, error: Exception) -> None:
