@@ -686,10 +686,11 @@ class ChatApp(App[int], inherit_bindings=False):
                 used = str(len(job.prompt.ids) + job.count)
             text.append(f" │ ctx {used}/{engine.context_length}")
         state = self.state
+        # with a model in use its name leads the line, so what is being loaded (another model, a
+        # restart of its process) is said here
         if state == "waiting":
-            shown = "waiting for the model"
+            shown = "waiting for the model" if engine is None else f"waiting ({self.load_note})"
         elif state == "loading":
-            # with a model in use, its name leads the line: say what is being loaded instead of it
             shown = "loading" if engine is None else self.load_note
         else:
             shown = state
