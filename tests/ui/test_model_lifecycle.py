@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import pytest
 
@@ -14,6 +13,7 @@ from chat_tui.config import get_paths
 from chat_tui.engine.fake import FakeEngine
 from chat_tui.engine.types import EngineError
 from chat_tui.ui.app import ChatApp
+from tests.test_process_engine import slow  # replies that run on, 20 ms a token: a kill lands mid-reply
 
 from .conftest import ready, send, wait_for
 
@@ -26,22 +26,7 @@ def status(app: ChatApp) -> str:
     return str(app.query_one("#status").render())
 
 
-def slow(engine) -> None:
-    """Runs in the model's process: replies never end by themselves and take 20 ms a token, so a
-    reply is still streaming when the test kills the process."""
-    from chat_tui.engine.minigpt import MiniGPTRunner
-
-    engine.eos_ids = set()
-    feed = MiniGPTRunner.feed
-
-    def slow_feed(self, token_id, inspect):
-        time.sleep(0.02)
-        return feed(self, token_id, inspect)
-
-    MiniGPTRunner.feed = slow_feed
-
-
-async def short_replies(app: ChatApp) -> None:
+def short_replies(app: ChatApp) -> None:
     app.params = app.params.with_(max_new_tokens=5, seed=1)
     app.params_touched = True
 
@@ -62,7 +47,7 @@ async def test_a_failed_load_keeps_the_model_in_use(home, tiny_checkpoint, tmp_p
                        what="the model to load")
         first = app.engine
         assert first is not None, app.load_note
-        await short_replies(app)
+        short_replies(app)
         assert app.open_checkpoint(no_model)
         await wait_for(pilot, lambda: app.state != "loading", timeout=120, what="the load to fail")
         failed = next(n for n in notifications(app) if "failed" in n)
@@ -138,7 +123,7 @@ async def test_a_killed_model_process_is_started_again(home, tiny_checkpoint):
         message = next(n for n in notifications(app) if "Generation failed" in n)
         assert "stopped unexpectedly" in message and "killed by signal 9" in message
         assert "restarting it" in message
-        await short_replies(app)
+        short_replies(app)
         await send_and_wait(pilot, app, "Are you back?")  # waits for the new process if it is not ready yet
         reply = app.conversation.items[-1]
         assert reply.status == "complete" and reply.tokens == 5
