@@ -203,6 +203,12 @@ class ProcessEngine:
     def pid(self) -> int:
         return self._process.pid
 
+    @property
+    def alive(self) -> bool:
+        """Whether the child still serves the model: False once closed, or killed or crashed (the app
+        then starts a new one)."""
+        return not self._closed and self._process.poll() is None
+
     # ------------------------------------------------------------------ the Engine protocol
 
     def encode(self, text: str) -> list[int]:

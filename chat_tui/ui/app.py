@@ -158,6 +158,11 @@ def tune_runtime() -> None:
     gc.enable()  # run_app starts with it off
 
 
+def _alive(engine: Engine) -> bool:
+    """False once a model's own process has gone (killed, crashed); an in-process model is always there."""
+    return getattr(engine, "alive", True)
+
+
 def _close_quietly(engine: Engine | None) -> None:
     """Tell a model in its own process to go, without waiting (other engines have nothing to close)."""
     close = getattr(engine, "close", None)
@@ -224,6 +229,9 @@ class ChatApp(App[int], inherit_bindings=False):
         self.device = device if device is not None else self.config.device
         self.engine_factory = engine_factory
         self._loads = 0  # load_model calls so far: a model that arrives after a later call is dropped
+        self.loading = False  # a load_model call is under way (the model in use, if any, stays until it ends)
+        self.loading_source: str | None = None  # what that call loads
+        self.engine_source: str | None = None  # what the model in use was loaded from (a restart loads it again)
         # the model in a child process (ProcessEngine): run_app asks for it, config.toml may say no;
         # it passes pipes to the child by descriptor, which needs POSIX
         self.model_process = model_process and self.config.model_process and os.name == "posix"
@@ -488,16 +496,28 @@ class ChatApp(App[int], inherit_bindings=False):
 
     # ------------------------------------------------------------------ model loading
 
-    def load_model(self, source: str | None) -> None:
-        self._close_engine()
-        pane = self._inspector_pane()
-        if pane is not None:
-            pane.set_engine(None)  # replays and explanations must not ask a closed model
+    def load_model(self, source: str | None, *, note: str = "loading the model") -> None:
+        """Load `source` in the background. The model in use stays until the new one is ready, so a
+        load that fails leaves it working; prompts sent meanwhile wait for the new one."""
+        self.loading = True
+        self.loading_source = source
         self.state = "loading"
-        self.load_note = "loading the model"
+        self.load_note = note
         self._refresh_status()
         self._loads += 1
         self._load_engine(source, self.device, self._loads)
+
+    def _restart_if_stopped(self) -> bool:
+        """The model's own process has gone (killed, out of memory): start it again, same model and
+        device. True when a restart began (the caller's prompt then waits for it)."""
+        engine = self.engine
+        if engine is None or self.loading or _alive(engine):
+            return False
+        pane = self._inspector_pane()
+        if pane is not None:
+            pane.set_engine(None)  # replays and explanations must not ask a dead process
+        self.load_model(self.engine_source, note="restarting the model's process")
+        return True
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="engine", name="load-model")
     def _load_engine(self, source: str | None, device: str | None, load: int = 0) -> None:
@@ -523,7 +543,7 @@ class ChatApp(App[int], inherit_bindings=False):
         close = getattr(engine, "close", None)
         if close is not None:
             job = self.job
-            if job is not None and not job.done:
+            if job is not None and not job.done and job.engine is engine:  # not one waiting for the next model
                 job.cancel.set()
             self.run_worker(close, thread=True, group="close-model", exit_on_error=False)
 
@@ -535,7 +555,15 @@ class ChatApp(App[int], inherit_bindings=False):
         if message.load != self._loads:  # a later load_model superseded this one while it loaded
             _close_quietly(message.engine)
             return
+        if message.engine is not self.engine:
+            self._close_engine()  # only now: until the new model was ready, the old one stayed usable
         self.engine = message.engine
+        self.engine_source = self.model_source = message.source
+        self.loading = False
+        # the status bar's parts about the last reply (context used, speed, old turns left out) were
+        # about the previous model's context
+        self.notice = ""
+        self.last_job = None
         if self.tune_runtime:
             gc.freeze()  # torch and the model are a million long-lived objects: keep full collections off them
         try:
@@ -556,9 +584,10 @@ class ChatApp(App[int], inherit_bindings=False):
 
     # ------------------------------------------------------------------ errors
 
-    def _notify_error(self, what: str, error: BaseException, log_path: Path | None) -> None:
+    def _notify_error(self, what: str, error: BaseException, log_path: Path | None, *, outcome: str = "") -> None:
+        """`outcome`: what the app does about it ("; still using X"), said right after the error."""
         where = f"\nDetails in {log_path}" if log_path else "\n(the log file could not be written)"
-        self.notify(f"{what}: {describe(error)}{where}", severity="error", timeout=15, markup=False)
+        self.notify(f"{what}: {describe(error)}{outcome}{where}", severity="error", timeout=15, markup=False)
 
     def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a store operation; a failure is logged and shown, and the chat goes on."""
@@ -583,21 +612,46 @@ class ChatApp(App[int], inherit_bindings=False):
             "markdown": "Rendering a reply failed",
         }.get(worker.group, "A background task failed")
         path = log_error(self.paths, error, what)
-        self._notify_error(what, error, path)
+        if worker.group == "engine":
+            self._load_failed(error, path)
+            return
+        job, engine = self.job, self.engine
+        # a model whose process died mid-reply is started again at once (the partial reply is kept)
+        restart = (worker.group == "generate" and job is not None and engine is not None
+                   and job.engine is engine and not _alive(engine))
+        self._notify_error(what, error, path, outcome="; restarting it" if restart else "")
         if worker.group == "generate":
-            job = self.job
             if job is not None and not job.done:
                 self._absorb(job)
                 job.failed = True
                 self._finish(job, error)
-        elif worker.group == "engine":
+            if restart:
+                self._restart_if_stopped()
+
+    def _load_failed(self, error: BaseException, log_path: Path | None) -> None:
+        """A load_model call failed: the model in use, if it still runs, stays (and answers a waiting prompt)."""
+        self.loading = False
+        engine = self.engine
+        job = self.job
+        waiting = job if job is not None and not job.done and job.engine is None else None
+        if engine is not None and _alive(engine):
+            self.model_source = self.engine_source
+            what = "Loading the bundled model" if self.loading_source is None else f"Loading {self.loading_source}"
+            self._notify_error(f"{clean_line(what)} failed", error, log_path,
+                               outcome=f"; still using {clean_line(engine.model_name)}")
+            self.state = "idle"
+            if waiting is not None:
+                self._launch(waiting)
+        else:
+            if engine is not None:  # its process has gone, and starting it again failed
+                self._close_engine()
+            self._notify_error("Loading the model failed", error, log_path)
             self.state = "no model"
             self.load_note = "load failed"
-            job = self.job
-            if job is not None and not job.done and job.engine is None:
-                job.failed = True
-                self._finish(job, error)
-            self._refresh_status()
+            if waiting is not None:
+                waiting.failed = True
+                self._finish(waiting, error)
+        self._refresh_status()
 
     def _handle_exception(self, error: Exception) -> None:
         """An unexpected error in the UI itself: log the traceback, exit with one line, no traceback."""
@@ -634,10 +688,12 @@ class ChatApp(App[int], inherit_bindings=False):
                 used = str(len(job.prompt.ids) + job.count)
             text.append(f" │ ctx {used}/{engine.context_length}")
         state = self.state
+        # with a model in use its name leads the line, so what is being loaded (another model, a
+        # restart of its process) is said here
         if state == "waiting":
-            shown = "waiting for the model"
+            shown = "waiting for the model" if engine is None else f"waiting ({self.load_note})"
         elif state == "loading":
-            shown = "loading"
+            shown = "loading" if engine is None else self.load_note
         else:
             shown = state
         text.append(" │ ")
@@ -903,6 +959,9 @@ class ChatApp(App[int], inherit_bindings=False):
         await self.conversation.remove_from(item)
 
     async def _start_reply(self, mode: str, target: ChatItem | None = None) -> None:
+        if self._restart_if_stopped():
+            self.notify("The model's process had stopped; restarting it (your message waits for it).",
+                        severity="warning", timeout=8, markup=False)
         if self.engine is None and self.state == "no model":
             self.notify(
                 "No model is loaded (loading it failed). Load one with Ctrl+P → Load model, "
@@ -921,7 +980,7 @@ class ChatApp(App[int], inherit_bindings=False):
             job = GenJob(conversation=conversation, item=item)
         self.job = job
         self.notice = ""
-        if self.engine is None:
+        if self.engine is None or self.loading:  # a model on its way (a restart, another model) answers
             item.status = "waiting"
             self.state = "waiting"
             view = self.conversation.view_for(item)
@@ -1093,7 +1152,9 @@ class ChatApp(App[int], inherit_bindings=False):
         self._save_reply(job)
         self.last_job = job
         self.job = None
-        if error is not None:
+        if self.loading:
+            self.state = "loading"  # another model was asked for while this reply ran
+        elif error is not None:
             self.state = "error" if self.engine is not None else "no model"
         else:
             self.state = "stopped" if stopped else "idle"
@@ -1167,7 +1228,7 @@ class ChatApp(App[int], inherit_bindings=False):
         self.job = None
         if job.mode == "new":
             await self.conversation.remove_from(job.item)
-        self.state = "loading" if self.engine is None else "idle"
+        self.state = "loading" if self.engine is None or self.loading else "idle"
         self._refresh_status()
 
     async def action_regenerate(self) -> None:

@@ -34,7 +34,8 @@ def canvas_text(app) -> str:
 
 
 async def test_every_view_on_the_hf_backend(llama):
-    params = SamplingParams(temperature=0.8, top_k=20, seed=5, max_new_tokens=8)
+    # 30 candidates listed: the ten beyond top-k show the stage that dropped them
+    params = SamplingParams(temperature=0.8, top_k=20, seed=5, max_new_tokens=8, top_candidates=30)
     steps = list(llama.stream([Message("user", "Hello there! How are you today?")], params, inspect=True))
     assert llama.attention_unavailable is None
     app = InspectorHarness(llama, color_mode="truecolor", width=60)

@@ -279,8 +279,9 @@ async def test_explain_and_candidates_views_with_the_model(tiny_engine, tiny_che
 
     engine = tiny_engine if where == "here" else ProcessEngine.start(tiny_checkpoint, device="cpu")
     try:
-        steps = list(engine.stream([Message("user", "Hello there")],
-                                   SamplingParams(temperature=0.9, top_k=20, seed=2, max_new_tokens=6), inspect=True))
+        # 30 candidates listed: the ten beyond top-k show the stage that dropped them
+        params = SamplingParams(temperature=0.9, top_k=20, seed=2, max_new_tokens=6, top_candidates=30)
+        steps = list(engine.stream([Message("user", "Hello there")], params, inspect=True))
         app = InspectorHarness(engine, color_mode="truecolor")
         async with app.run_test(size=(110, 40)) as pilot:
             app.feed(steps)

@@ -692,7 +692,12 @@ class InspectorPane(Vertical, can_focus=True):
             )
         current = self.current_params()
         self._shown_params = current
-        now = current if current is not None and current != step.params else None
+        sampled_with = step.params
+        now = current if current is not None and current != sampled_with else None
+        if now is not None and sampled_with is not None and (
+                now.with_(top_candidates=sampled_with.top_candidates) == sampled_with):
+            now = None  # only the number of rows listed changed: the chain is the one sampled with
+        listing = current if current is not None else step.params
         key = (self.store.epoch, pos, step.params, now)
         result = self._replay.get(key)
         unavailable = None
@@ -708,7 +713,8 @@ class InspectorPane(Vertical, can_focus=True):
             self._request_replay(key, step, self.store.context_ids(pos), now)
         return candidates_view(step, as_sampled, replay_now, width=width, height=height,
                                offset=self.offsets["candidates"], mode=self.mode,
-                               unavailable=unavailable, texts=texts)
+                               unavailable=unavailable, texts=texts,
+                               rows=listing.top_candidates if listing is not None else None)
 
     def _request_replay(self, key: tuple, step: Step, context: list[int], now: SamplingParams | None) -> None:
         if self._replay_busy:

@@ -370,11 +370,13 @@ def candidates_view(
     mode: ColorMode = "truecolor",
     unavailable: str | None = None,
     texts: dict[int, str] | None = None,
+    rows: int | None = None,
 ) -> Text:
     """The top candidates of one generated token: raw probability, after the chain, the dropping stage.
 
     `as_sampled`: the chain replayed with the step's own settings; `now`: with the current settings
-    (None when they are the same).
+    (None when they are the same). `rows`: how many candidates to list (the `candidates` setting;
+    all that are stored when None), and the sampled token wherever it ranks.
     """
     head = [
         Text(fit(f"sampled {step.prob:.1%} → {step.chain_prob:.1%} with {short_settings(step.params)}", width),
@@ -385,13 +387,14 @@ def candidates_view(
             head.append(Text(part, style="yellow"))
     if as_sampled is None:
         # no replay (yet): the candidates the step carries
-        rows = [(c.id, c.text, c.prob, c.chain_prob) for c in step.top]
+        top = step.top
+        listed = _listed([c.id for c in top], step.token_id, rows)
         header = Text(end="", style=BOLD)
         label_w = max(6, width - 2 - 14)
         header.append("  " + fit("token", label_w) + "   raw  chain")
         head.append(header)
         lines = []
-        for cid, text, prob, chain in rows:
+        for cid, text, prob, chain in ((top[i].id, top[i].text, top[i].prob, top[i].chain_prob) for i in listed):
             chosen = cid == step.token_id
             line = Text(end="")
             line.append("▶ " if chosen else "  ", style=CURSOR)
@@ -399,7 +402,7 @@ def candidates_view(
             line.append(pct(prob, 7))
             line.append(pct(chain, 7), style=DIM if chain == 0 else Style())
             lines.append(line)
-        return window(lines, height, offset, head)
+        return window(lines + _rank_note([c.id for c in top], step.token_id, rows, width), height, offset, head)
 
     show_now = now is not None
     label_w = max(6, width - 2 - 7 - 9 - (9 if show_now else 0))
@@ -411,7 +414,9 @@ def candidates_view(
         head.insert(1, Text(fit(f"now: {short_settings(now.params)} (replayed, no regeneration)", width),
                             style="cyan"))
     lines = []
-    for i, cid in enumerate(as_sampled.ids.tolist()):
+    ids = as_sampled.ids.tolist()
+    for i in _listed(ids, step.token_id, rows):
+        cid = ids[i]
         chosen = cid == step.token_id
         line = Text(end="")
         line.append("▶ " if chosen else "  ", style=CURSOR)
@@ -430,8 +435,25 @@ def candidates_view(
         if replay is not None:
             notes += [n for n in replay.notes if n not in notes]
     footer = [Text(fit(n, width), style="yellow" if "approximate" in n else DIM) for n in notes]
-    lines = lines + footer if footer else lines
+    lines = lines + _rank_note(ids, step.token_id, rows, width) + footer
     return window(lines, height, offset, head)
+
+
+def _listed(ids: list[int], chosen: int, rows: int | None) -> list[int]:
+    """The indexes of the candidates to list: the first `rows`, and the sampled token's wherever it ranks."""
+    if rows is None or rows >= len(ids):
+        return list(range(len(ids)))
+    listed = list(range(rows))
+    if chosen in ids[rows:]:
+        listed.append(ids.index(chosen))
+    return listed
+
+
+def _rank_note(ids: list[int], chosen: int, rows: int | None, width: int) -> list[Text]:
+    """A line saying where the sampled token ranks when it is listed below the `rows` most likely."""
+    if rows is None or chosen not in ids[rows:]:
+        return []
+    return [Text(fit(f"▶ ranked {ids.index(chosen) + 1} of the {len(ids)} most likely", width), style=DIM)]
 
 
 def _token_text(step: Step, token_id: int, texts: dict[int, str] | None) -> str:
