@@ -123,8 +123,17 @@ async def test_escape_stops_within_one_token_and_keeps_the_partial_reply(make_ap
         await ready(pilot, app)
         await send(pilot, app, "talk", wait=False)
         await wait_for(pilot, lambda: app.job is not None and app.job.count >= 5, what="a few tokens")
+        # Count from when the app handled Esc (under load the key can sit in the queue a while).
+        cancel, counted = app.job.cancel, []
+
+        def set_and_count() -> None:
+            counted.append(len(engine.params_seen))
+            threading.Event.set(cancel)
+
+        cancel.set = set_and_count
         await press_now(pilot, "escape")
-        produced_at_stop = len(engine.params_seen)
+        await wait_for(pilot, lambda: bool(counted), what="Esc handled")
+        produced_at_stop = counted[0]
         await wait_for(pilot, lambda: app.job is None and app.settled, what="the stop")
         reply = app.conversation.items[-1]
         assert reply.status == "stopped"
