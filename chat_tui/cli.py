@@ -11,7 +11,8 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NoReturn
 
 from chat_tui import __version__
@@ -159,6 +160,23 @@ def read_prompt(prompt: str | None) -> str:
     return text[:-1] if text.endswith("\n") else text  # the newline of echo or a heredoc ends the input
 
 
+@contextmanager
+def _progress_bars_on_a_terminal_only() -> Iterator[None]:
+    """transformers and the hub draw progress bars on stderr: in a pipe or a log they are noise.
+
+    huggingface_hub reads the setting when it is imported (by the load, in a command); a user's own
+    setting wins, and the environment is given back as it was, for a caller of main().
+    """
+    quiet = not sys.stderr.isatty() and "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        yield
+    finally:
+        if quiet:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from chat_tui.engine import Message, SamplingParams, load_engine
     from chat_tui.textsafe import clean, clean_json
@@ -168,11 +186,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     prompt = read_prompt(args.prompt)
     if not prompt.strip():
         raise CLIError("the prompt is empty")
-    if not sys.stderr.isatty():
-        # transformers and the hub draw progress bars on stderr; in a pipe or a log they are noise.
-        # Read when huggingface_hub is imported, which has not happened yet (a user's own setting wins).
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    engine = load_engine(args.model, device=args.device, dtype=args.dtype, **model_options(args))
+    with _progress_bars_on_a_terminal_only():
+        engine = load_engine(args.model, device=args.device, dtype=args.dtype, **model_options(args))
     params = sampling_params(args, engine.default_params())
     conversation = []
     if args.system:
