@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NoReturn
 
 from chat_tui import __version__
 
@@ -19,6 +22,16 @@ SUBCOMMANDS = ("ask", "train", "export", "import")
 
 class CLIError(Exception):
     """An error to print as one line and exit with status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors are one line, as every other error is; the usage is one --help away.
+
+    Subparsers are made of their parent's class, so every command (train's and import's too) gets this.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"chat-tui: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_model_options(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
@@ -75,7 +88,7 @@ SAMPLING_FLAGS = (
 def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
     """The command line. Without `commands`, only the app's own options (no help, no subcommands):
     building every subcommand's options takes some 15 ms, which the app's first frame would wait for."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="chat-tui",
         description="Chat with a language model in your terminal, tune its sampling, watch its attention. "
         "With no command, opens the app.",
@@ -92,11 +105,14 @@ def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     ask = sub.add_parser("ask", help="print the model's reply to PROMPT (no UI)")
-    ask.add_argument("prompt", metavar="PROMPT")
+    ask.add_argument("prompt", metavar="PROMPT", nargs="?",
+                     help="what to ask; '-', or none with input piped in, reads it from standard input")
     _add_model_options(ask, sub=True)
     ask.add_argument("--system", metavar="TEXT", help="system prompt")
     _add_sampling_options(ask)
     ask.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
+    ask.add_argument("--raw", action="store_true", help="write the reply byte for byte (by default control "
+                     "characters such as escape codes are shown as visible stand-ins, as in the app)")
 
     train = sub.add_parser("train", help="train a mini-GPT")
     train_sub = train.add_subparsers(dest="train_command", metavar="STAGE", required=True)
@@ -130,22 +146,56 @@ def sampling_params(args: argparse.Namespace, defaults):
     return base.with_(**changes)
 
 
+def read_prompt(prompt: str | None) -> str:
+    """The prompt given, or standard input's text for '-' (and for none when input is piped in)."""
+    if prompt is not None and prompt != "-":
+        return prompt
+    if sys.stdin is None or (prompt is None and sys.stdin.isatty()):
+        raise CLIError('no prompt: give one (chat-tui ask "hello"), or pipe it in (echo hello | chat-tui ask -)')
+    stdin = getattr(sys.stdin, "buffer", None)  # None: a text stream put there by a caller
+    try:
+        text = stdin.read().decode("utf-8") if stdin is not None else sys.stdin.read()
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"standard input is not UTF-8 text (byte {exc.start})") from None
+    return text[:-1] if text.endswith("\n") else text  # the newline of echo or a heredoc ends the input
+
+
+@contextmanager
+def _progress_bars_on_a_terminal_only() -> Iterator[None]:
+    """transformers and the hub draw progress bars on stderr: in a pipe or a log they are noise.
+
+    huggingface_hub reads the setting when it is imported (by the load, in a command); a user's own
+    setting wins, and the environment is given back as it was, for a caller of main().
+    """
+    quiet = not sys.stderr.isatty() and "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        yield
+    finally:
+        if quiet:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from chat_tui.engine import Message, SamplingParams, load_engine
-    from chat_tui.ui.text import clean
+    from chat_tui.textsafe import clean, clean_json
 
     # Validate the flags before the (slow) model load, so a typo fails at once.
     sampling_params(args, SamplingParams())
-    if not args.prompt.strip():
+    prompt = read_prompt(args.prompt)
+    if not prompt.strip():
         raise CLIError("the prompt is empty")
-    engine = load_engine(args.model, device=args.device, dtype=args.dtype, **model_options(args))
+    with _progress_bars_on_a_terminal_only():
+        engine = load_engine(args.model, device=args.device, dtype=args.dtype, **model_options(args))
     params = sampling_params(args, engine.default_params())
     conversation = []
     if args.system:
         conversation.append(Message("system", args.system))
-    conversation.append(Message("user", args.prompt))
+    conversation.append(Message("user", prompt))
     out = sys.stdout
-    safe = clean if out.isatty() else (lambda s: s)  # a terminal never receives escape codes
+    # a pager or a file shown later is a terminal too: escape codes are neutralised unless --raw
+    safe, safe_json = ((lambda s: s), (lambda s: s)) if args.raw else (clean, clean_json)
     tokens, reason, dropped, prefill, decode_s = 0, None, 0, 0.0, 0.0
     cancel = threading.Event()
     try:
@@ -154,6 +204,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
             if step.prompt is not None:
                 prefill = step.prompt.prefill_s
                 dropped = step.prompt.dropped_tokens
+                if dropped:
+                    total = len(step.prompt.ids) + dropped
+                    print(f"chat-tui: note: the prompt was cut to fit the context: {dropped} of {total} tokens "
+                          f"left out ({engine.context_length}-token window)", file=sys.stderr, flush=True)
             decode_s = step.elapsed_s - prefill
             reason = step.finish_reason or reason
             if args.json:
@@ -163,7 +217,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
                     "prob": round(step.prob, 6),
                     "top": [{"token": c.text, "id": c.id, "prob": round(c.prob, 6)} for c in step.top],
                 }
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.write(safe_json(json.dumps(record, ensure_ascii=False)) + "\n")
             else:
                 out.write(safe(step.text))
             out.flush()
@@ -213,6 +267,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
+    if not (sys.stdin and sys.stdin.isatty() and sys.stdout and sys.stdout.isatty()):
+        raise CLIError("chat-tui needs a terminal; for scripts use chat-tui ask")  # not escape codes into a file
     from chat_tui.ui import run_app
 
     options = model_options(args)
@@ -231,7 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except argparse.ArgumentError:
         rest = ["(error)"]
     if rest or "--" in arguments:
-        args = build_parser().parse_args(arguments)
+        parser = build_parser()
+        args, rest = parser.parse_known_args(arguments)
+        if rest:  # what parse_args does, with the help of the command that was given to point to
+            given = [getattr(args, name, None) for name in ("command", "train_command", "import_command")]
+            parser.prog = " ".join(["chat-tui", *filter(None, given)])
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.argv = arguments
 
     def cmd_import(args: argparse.Namespace) -> int | None:

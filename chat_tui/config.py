@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,6 +29,8 @@ APP_NAME = "chat-tui"
 HOME_ENV = "CHAT_TUI_HOME"
 SHIPPED_PRESETS = ("precise", "balanced", "creative", "greedy")
 _PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,39}$")
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+MAX_SETTINGS_BYTES = 1 << 20  # a settings file is a few kB: more is a mistake (or /dev/zero)
 
 
 @dataclass(frozen=True)
@@ -121,17 +124,49 @@ EXAMPLE_CONFIG = """\
 """
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"),
+               (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular(path: Path, info: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+        raise ValueError(f"{path} is {kind}, not a file")
+    if info.st_size > limit:
+        raise ValueError(f"{path} is larger than {limit // 1024} kB")
+
+
+def read_settings_file(path: Path, *, limit: int = MAX_SETTINGS_BYTES) -> bytes:
+    """The bytes of a settings file, read only from a regular file of at most `limit` bytes.
+
+    A named pipe would block the start and /dev/zero would fill the memory: anything else raises
+    ValueError (a message fit to show). A missing file raises FileNotFoundError, other failures OSError.
+    """
+    _check_regular(path, os.stat(path), limit)  # before opening: opening a device can do things
+    # O_NONBLOCK: if a pipe took the file's place since, opening it returns at once instead of waiting
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as file:
+        _check_regular(path, os.fstat(fd), limit)
+        data = file.read(limit + 1)
+    if len(data) > limit:  # it grew while being read
+        raise ValueError(f"{path} is larger than {limit // 1024} kB")
+    return data
+
+
 def load_config(paths: Paths | None = None) -> Config:
     """Read `config.toml`; a missing file gives the defaults, a broken one defaults plus a warning."""
     paths = paths or get_paths()
     config = Config()
     path = paths.config_file
     try:
-        raw = path.read_bytes()
+        raw = read_settings_file(path)
     except FileNotFoundError:
         return config
     except OSError as exc:
         config.warnings.append(f"could not read {path}: {exc.strerror or exc}")
+        return config
+    except ValueError as exc:
+        config.warnings.append(f"{exc}: its settings were ignored")
         return config
     try:
         data = tomllib.loads(raw.decode("utf-8"))
@@ -157,7 +192,12 @@ def load_config(paths: Paths | None = None) -> Config:
 
     config.theme = text("theme")
     config.model = text("model")
-    config.device = text("device")
+    device = (text("device") or "").strip().lower()
+    if _DEVICE.fullmatch(device):
+        config.device = device
+    elif device not in ("", "auto"):  # those two mean the best available, as when the key is left out
+        config.warnings.append(f"{path}: device = {data['device']!r} is not a device (use cpu, cuda, cuda:N "
+                               "or mps); using the best available")
     config.preset = text("preset")
     config.show_sampling = flag("show_sampling", True)
     config.show_inspector = flag("show_inspector", True)
@@ -234,9 +274,11 @@ def save_setting(key: str, value: str, paths: Paths | None = None) -> Path:
     paths = paths or get_paths()
     path = paths.config_file
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_settings_file(path).decode("utf-8")
     except FileNotFoundError:
         text = EXAMPLE_CONFIG
+    except ValueError as exc:  # not a file, too large, or not UTF-8: not ours to replace
+        raise ValueError(f"{exc}; {key} was not saved") from None
     try:
         tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # being edited by hand, perhaps: leave it alone
@@ -346,8 +388,8 @@ def load_preset(name: str, paths: Paths | None = None) -> Preset:
     user_file = paths.presets / f"{name}.toml"
     if user_file.is_file():
         try:
-            text = user_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            text = read_settings_file(user_file).decode("utf-8")
+        except (OSError, ValueError) as exc:
             raise PresetError(f"could not read {user_file}: {exc}") from None
         return _parse_preset(name, text, shipped=False, path=user_file)
     if name in SHIPPED_PRESETS:

@@ -153,3 +153,87 @@ def test_save_setting_keeps_the_rest_of_the_file(paths):
     with pytest.raises(ValueError):
         save_setting("theme", "nord", paths)
     assert paths.config_file.read_text() == "theme = [broken\n"  # a broken file is left as it was
+
+
+def load_config_in_a_child(home, then: str = "") -> dict:
+    """load_config (and `then`) in a process of its own, with a time limit and a memory cap: a config
+    file that blocks or never ends must fail the test, not hang it or fill the machine's memory."""
+    code = (
+        "import json, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from chat_tui.config import load_config, save_setting\n"
+        "config = load_config()\n"
+        "result = {'device': config.device, 'theme': config.theme, 'warnings': config.warnings}\n"
+        f"{then}\n"
+        "print(json.dumps(result))\n"
+    )
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "CHAT_TUI_HOME": str(home)})
+    assert child.returncode == 0, child.stderr
+    return __import__("json").loads(child.stdout)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_config_that_is_a_named_pipe_is_ignored_and_said_so(paths):
+    paths.config.mkdir(parents=True)
+    os.mkfifo(paths.config_file)  # nothing ever writes to it: reading it would wait forever
+    saving = (
+        "try:\n    save_setting('theme', 'nord')\nexcept ValueError as exc:\n    result['save'] = str(exc)\n"
+    )
+    result = load_config_in_a_child(paths.config.parent, then=saving)
+    assert result["theme"] is None and len(result["warnings"]) == 1
+    warning = result["warnings"][0]
+    assert str(paths.config_file) in warning and "named pipe" in warning and "ignored" in warning
+    assert "not saved" in result["save"]  # the app's theme is not saved over the pipe either
+    assert not paths.config_file.is_file()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_config_linked_to_dev_zero_is_ignored_and_said_so(paths):
+    paths.config.mkdir(parents=True)
+    paths.config_file.symlink_to("/dev/zero")  # endless: reading it all would fill the memory
+    result = load_config_in_a_child(paths.config.parent)
+    assert result["theme"] is None and len(result["warnings"]) == 1
+    assert str(paths.config_file) in result["warnings"][0] and "ignored" in result["warnings"][0]
+
+
+def test_a_config_file_over_the_size_cap_is_ignored_and_said_so(paths):
+    from chat_tui.config import MAX_SETTINGS_BYTES
+
+    paths.config.mkdir(parents=True)
+    paths.config_file.write_text('theme = "nord"\n' + "#" * MAX_SETTINGS_BYTES + "\n", encoding="utf-8")
+    config = load_config(paths)
+    assert config.theme is None and len(config.warnings) == 1
+    assert str(paths.config_file) in config.warnings[0] and "larger than" in config.warnings[0]
+
+
+def test_a_device_that_is_not_one_names_the_file_and_key_and_the_best_device_is_used(paths):
+    paths.config.mkdir(parents=True)
+    paths.config_file.write_text('device = "quantum"\ntheme = "nord"\n', encoding="utf-8")
+    config = load_config(paths)
+    assert config.device is None and config.theme == "nord"  # the rest of the file still counts
+    assert len(config.warnings) == 1
+    assert str(paths.config_file) in config.warnings[0] and "device" in config.warnings[0]
+    assert "quantum" in config.warnings[0]
+    for written, device in (("CUDA:1", "cuda:1"), (" cpu ", "cpu"), ("mps", "mps"), ("auto", None)):
+        paths.config_file.write_text(f'device = "{written}"\n', encoding="utf-8")
+        config = load_config(paths)
+        assert (config.device, config.warnings) == (device, [])
+
+
+async def test_the_app_loads_its_model_on_the_best_device_when_the_config_names_none(paths, tiny_checkpoint):
+    import asyncio
+    import time
+
+    from chat_tui.ui.app import ChatApp
+
+    paths.config.mkdir(parents=True)
+    paths.config_file.write_text('device = "quantum"\n', encoding="utf-8")
+    app = ChatApp(str(tiny_checkpoint), paths=paths)
+    async with app.run_test():
+        deadline = time.monotonic() + 60
+        while app.engine is None and app.state != "no model" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        notices = [str(n.message) for n in app._notifications]
+        assert app.engine is not None, notices  # a model is loaded
+        assert any(str(paths.config_file) in n and "device" in n for n in notices), notices
