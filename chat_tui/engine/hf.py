@@ -393,6 +393,89 @@ def check_architecture(data: dict, name: str, trust_remote_code: bool) -> None:
         raise UnsupportedModelError(f"{name}: a {model_type!r} model is not a causal language model, so it cannot chat")
 
 
+# config.json's sizes that must be positive whole numbers (the names architectures give them)
+SIZE_KEYS = (
+    "n_layer", "n_layers", "num_hidden_layers", "num_layers", "n_embd", "hidden_size", "d_model", "emb_dim",
+    "n_head", "n_heads", "num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size",
+    "n_inner", "ffn_dim", "n_positions", "n_ctx", "max_position_embeddings", "head_dim",
+)
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block)\.(\d+)\.")
+
+
+def check_config_sizes(data: dict, folder: Path) -> None:
+    """Every size in config.json a positive whole number, before transformers builds anything from them."""
+    path = folder / "config.json"
+    for where, section in (("", data), ("text_config.", data.get("text_config"))):
+        if not isinstance(section, dict):
+            continue
+        for key in SIZE_KEYS:
+            value = section.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidConfigError(f"{path}: {where}{key} is {json.dumps(value)}; it must be a positive whole number")
+
+
+def safetensors_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and file, from the safetensors headers (nothing loaded); {} if unreadable."""
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in (p for p in _weight_files(folder) if p.suffix == ".safetensors"):
+        try:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size < 100_000_000:
+                    return {}
+                header = json.loads(f.read(size))
+            for key, info in header.items():
+                if key != "__metadata__":
+                    shapes[key] = (tuple(int(d) for d in info["shape"]), path.name)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+    return shapes
+
+
+def check_config_against_weights(folder: Path, data: dict, config: Any, trust_remote_code: bool) -> None:
+    """config.json against the weights' shapes (read from the safetensors headers), before building the model.
+
+    A config that asks for more layers than the weights hold, or sizes other than the tensors', would
+    otherwise build a model of any size first (n_layer: 100000 allocates for minutes) and then fail
+    with transformers' report. The error names config.json, the key and the tensor that disagrees.
+    """
+    shapes = safetensors_shapes(folder)
+    if not shapes:
+        return  # pickled weights only: their shapes cannot be read without loading them
+    path = folder / "config.json"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    indices = {int(m.group(1)) for key in shapes for m in [LAYER_INDEX.search(key)] if m}
+    if text is config and isinstance(layers, int) and indices and layers > max(indices) + 1:
+        key = next((k for k in LAYER_KEYS if data.get(k) == layers), "num_hidden_layers")
+        file = sorted({f for _, f in shapes.values()})[0]
+        raise InvalidConfigError(
+            f"{path}: {key} is {layers}, but the weights ({file}) hold {max(indices) + 1} layers"
+        )
+    try:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except Exception:  # noqa: BLE001 - a model that cannot be built empty: loading will say what is wrong
+        return
+    for key, shape in expected.items():
+        found = shapes.get(key)
+        if found is None or found[0] == shape:
+            continue
+        differing = {d for d, w in zip(shape, found[0], strict=False) if d != w}
+        culprit = next((k for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)
+                        and v in differing and k in SIZE_KEYS), None)
+        said = f"{culprit} is {data[culprit]}, but" if culprit else "does not match the weights:"
+        raise InvalidConfigError(
+            f"{path}: {said} {found[1]} holds {key} with shape {list(found[0])} (config.json makes it {list(shape)})"
+        )
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device is None or str(device).strip().lower() in {"", "auto"}:
         return torch.device(best_device())
@@ -452,22 +535,11 @@ def _config_dtype(config: Any) -> torch.dtype:
 def count_parameters(folder: Path, config: Any = None, trust_remote_code: bool = False) -> int | None:
     """Parameters in the checkpoint: from the safetensors headers (free), else an empty model on `meta`."""
     total = 0
-    files = [p for p in _weight_files(folder) if p.suffix == ".safetensors"]
-    try:
-        for path in files:
-            with path.open("rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                if not 0 < size < 100_000_000:
-                    raise ValueError("bad header")
-                header = json.loads(f.read(size))
-            for key, info in header.items():
-                if key != "__metadata__":
-                    n = 1
-                    for dim in info["shape"]:
-                        n *= int(dim)
-                    total += n
-    except (OSError, ValueError, KeyError, TypeError):
-        total = 0
+    for shape, _ in safetensors_shapes(folder).values():
+        n = 1
+        for dim in shape:
+            n *= dim
+        total += n
     if total:
         return total
     if config is None:
@@ -987,11 +1059,13 @@ class HFEngine:
             display = hub_id or str(model)
             data = read_config_json(folder, display)
             check_architecture(data, display, trust)
+            check_config_sizes(data, folder)
             if not _has_weights(folder):
                 other = [p.name for p in folder.iterdir() if p.suffix in {".h5", ".msgpack", ".gguf", ".onnx"}]
                 extra = f" (only {', '.join(other)}, which chat-tui does not load)" if other else ""
                 raise MissingWeightsError(f"{display}: no weights: model.safetensors or pytorch_model.bin{extra}")
             config = _load_config(folder, display, trust)
+            check_config_against_weights(folder, data, config, trust)
             torch_dtype = _config_dtype(config) if wanted_dtype == "auto" else (wanted_dtype or default_dtype(torch_device))
             parameters = count_parameters(folder, config, trust)
             if check_memory and parameters:
