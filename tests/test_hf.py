@@ -84,7 +84,11 @@ class _Attempts(list):
 
 @pytest.fixture(scope="session")
 def bpe_json() -> str:
-    """A tiny byte-level BPE with the special tokens of the chat formats, trained once."""
+    return train_bpe()
+
+
+def train_bpe() -> str:
+    """A tiny byte-level BPE with the special tokens of the chat formats (tokenizer.json's text)."""
     from conftest import CORPUS
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
