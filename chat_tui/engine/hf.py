@@ -417,8 +417,11 @@ def check_config_sizes(data: dict, folder: Path) -> None:
                 raise InvalidConfigError(f"{path}: {where}{key} is {json.dumps(value)}; it must be a positive whole number")
 
 
-def safetensors_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Each tensor's shape and file, from the safetensors headers (nothing loaded); {} if unreadable."""
+def safetensors_shapes(folder: Path, *, floats_only: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and file, from the safetensors headers (nothing loaded); {} if unreadable.
+
+    `floats_only` leaves out integer tensors (quantized weights are packed into other shapes).
+    """
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in (p for p in _weight_files(folder) if p.suffix == ".safetensors"):
         try:
@@ -428,11 +431,18 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                     return {}
                 header = json.loads(f.read(size))
             for key, info in header.items():
-                if key != "__metadata__":
+                if key != "__metadata__" and not (floats_only and not str(info.get("dtype", "F")).startswith(("F", "BF"))):
                     shapes[key] = (tuple(int(d) for d in info["shape"]), path.name)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return {}
     return shapes
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
 
 
 def check_config_against_weights(folder: Path, data: dict, config: Any, trust_remote_code: bool) -> None:
@@ -442,9 +452,9 @@ def check_config_against_weights(folder: Path, data: dict, config: Any, trust_re
     otherwise build a model of any size first (n_layer: 100000 allocates for minutes) and then fail
     with transformers' report. The error names config.json, the key and the tensor that disagrees.
     """
-    shapes = safetensors_shapes(folder)
-    if not shapes:
-        return  # pickled weights only: their shapes cannot be read without loading them
+    shapes = safetensors_shapes(folder, floats_only=True)
+    if not shapes or "quantization_config" in data:
+        return  # pickled weights (their shapes cannot be read without loading them), or packed quantized ones
     path = folder / "config.json"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None)
@@ -465,8 +475,8 @@ def check_config_against_weights(folder: Path, data: dict, config: Any, trust_re
         return
     for key, shape in expected.items():
         found = shapes.get(key)
-        if found is None or found[0] == shape:
-            continue
+        if found is None or found[0] == shape or _numel(found[0]) == _numel(shape):
+            continue  # the same numbers in another layout are for transformers' load-time conversions
         differing = {d for d, w in zip(shape, found[0], strict=False) if d != w}
         culprit = next((k for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)
                         and v in differing and k in SIZE_KEYS), None)
@@ -534,12 +544,7 @@ def _config_dtype(config: Any) -> torch.dtype:
 
 def count_parameters(folder: Path, config: Any = None, trust_remote_code: bool = False) -> int | None:
     """Parameters in the checkpoint: from the safetensors headers (free), else an empty model on `meta`."""
-    total = 0
-    for shape, _ in safetensors_shapes(folder).values():
-        n = 1
-        for dim in shape:
-            n *= dim
-        total += n
+    total = sum(_numel(shape) for shape, _ in safetensors_shapes(folder).values())
     if total:
         return total
     if config is None:
