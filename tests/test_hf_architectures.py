@@ -58,6 +58,11 @@ ARCHITECTURES = {
                                         attention_head_size=16, attn_layers=["local", "lsh"], axial_pos_embds=False,
                                         max_position_embeddings=128, local_attn_chunk_length=16,
                                         lsh_attn_chunk_length=16, is_decoder=True, num_buckets=4, hash_seed=0)),
+    # a multimodal model whose top-level config says eager while its language model runs SDPA
+    "got_ocr2": ("GotOcr2Config", dict(
+        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16,
+                           output_channels=16, mlp_dim=32, global_attn_indexes=[0]),
+        text_config=LLAMA_LIKE, image_token_index=VOCAB - 1)),
     "xlm": ("XLMConfig", dict(emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=128, is_decoder=True,
                               causal=True)),
 }
@@ -82,8 +87,12 @@ def build(arch: str, folder: Path, tokenizer_json: str) -> Path:
 
     class_name, sizes = ARCHITECTURES[arch]
     torch.manual_seed(0)
-    config = getattr(transformers, class_name)(**{"vocab_size": VOCAB, "initializer_range": 0.3, **sizes},
-                                               bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    common = dict(vocab_size=VOCAB, initializer_range=0.3, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    if "text_config" in sizes:  # the language model's sizes are its text config's
+        sizes = {**sizes, "text_config": {**common, **sizes["text_config"]}}
+    else:
+        sizes = {**common, **sizes}
+    config = getattr(transformers, class_name)(**sizes)
     model = transformers.AutoModelForCausalLM.from_config(config)
     if arch in RANDOM_NORM_GAINS:
         with torch.no_grad():

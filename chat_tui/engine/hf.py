@@ -868,21 +868,6 @@ def _attention_implementation(model: Any) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _can_switch_attention(model: Any) -> bool:
-    """Whether transformers can change this model's attention at run time (it only warns when it cannot)."""
-    if not hasattr(model, "set_attn_implementation"):
-        return False
-    check = getattr(type(model), "_can_set_attn_implementation", None)
-    if check is None:
-        return True  # an older transformers: the switch itself is verified
-    try:
-        return all(
-            type(m)._can_set_attn_implementation() for m in model.modules() if hasattr(type(m), "_can_set_attn_implementation")
-        )
-    except Exception:  # noqa: BLE001 - a heuristic that reads source code: the switch itself is verified
-        return True
-
-
 def _is_attention(weights: Any, queries: int, keys: int, heads: int | None) -> bool:
     """(1, heads, queries, ≤ keys) weights, a layer's softmax over the keys (or the whole sequence's, run again)."""
     if not isinstance(weights, torch.Tensor) or weights.dim() != 4 or weights.shape[0] != 1:
@@ -988,7 +973,7 @@ class HFEngine:
         self.attention_unavailable: str | None = None
         self.attention_layers: list[int] | None = None  # the layers whose weights the inspector shows
         self.attention_note: str | None = None  # which layers have no attention weights, when some do
-        if self._fast_attention != "eager" and not _can_switch_attention(model):
+        if self._fast_attention != "eager" and not hasattr(model, "set_attn_implementation"):
             self.attention_unavailable = self._no_switch_reason()
 
         # generation defaults, shown to the user as the model's own
@@ -1169,7 +1154,8 @@ class HFEngine:
         wanted = "eager" if capture else self._fast_attention
         if wanted != self._current_attention:
             try:
-                self.model.set_attn_implementation(wanted)
+                with _quiet_logs():  # transformers only warns when it cannot: the check below tells
+                    self.model.set_attn_implementation(wanted)
                 took = _attention_implementation(self.model) == wanted
             except Exception as exc:  # noqa: BLE001 - transformers raises ValueError, ImportError, ...
                 took, why = False, _first_line(exc)
@@ -1192,7 +1178,7 @@ class HFEngine:
 
     def _restore_attention(self) -> None:
         """Back to the implementation the model loaded with, after a switch that went only part of the way."""
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), _quiet_logs():
             self.model.set_attn_implementation(self._fast_attention)
         self._current_attention = self._fast_attention
 
