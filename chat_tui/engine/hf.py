@@ -1068,6 +1068,7 @@ class HFEngine:
             hf_model = _load_model(folder, display, config, torch_dtype, torch_device, device_map, trust)
         engine = cls(hf_model, tokenizer, name=name, folder=folder, hub_id=hub_id, chat_format=chat_format,
                      context_length=context_length)
+        engine.learn_decode_mode()
         return engine
 
     # ------------------------------------------------------------------ the Engine protocol
@@ -1221,6 +1222,15 @@ class HFEngine:
         return [got[i] for i in shown]
 
     # ------------------------------------------------------------------ decoding without a returned cache
+
+    def learn_decode_mode(self) -> None:
+        """How the model carries its past (see HFRunner), from a one-token prefill: known, with
+        `decode_note`, before the first reply. A model that fails here learns it on its first reply."""
+        try:
+            with self._lock, torch.inference_mode():
+                HFRunner(self).prefill([min(self.eos_ids, default=0)], inspect=False)
+        except Exception:  # noqa: BLE001 - the first reply will try again, and say what is wrong
+            self.decode_mode = self.decode_note = None
 
     def own_cache(self) -> Any:
         """A cache for a model that fills one it is given but returns none, as `generate` makes it; else None."""
