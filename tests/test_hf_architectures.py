@@ -68,6 +68,7 @@ ARCHITECTURES = {
 }
 # what the inspector shows: "all" layers, "some" (and names the others), or "none" (and says why)
 NO_ATTENTION = {"falcon", "mamba", "mamba2", "rwkv", "reformer"}  # Falcon: it cannot switch to eager at run time
+STATE_SPACE = {"mamba", "mamba2"}
 SOME_ATTENTION = {"minimax", "bamba", "recurrent_gemma"}  # linear-attention / state-space layers beside attention
 RECOMPUTING = {"openai-gpt", "xlm", "reformer"}  # no KV cache and no state: every step runs the whole sequence
 # GPT-1 as built replies one token over and over (its last LayerNorm's unit gains favour one embedding):
@@ -126,6 +127,8 @@ def test_greedy_reply_and_attention_match_transformers(arch, tmp_path, tokenizer
         assert engine.decode_note == "no KV cache: recomputing the whole sequence each step (slower)"
     else:
         assert engine.decode_mode in {"cache", "own-cache", "state"} and engine.decode_note is None
+    if arch in STATE_SPACE:  # their outputs have no attentions at all: the inspector knows before it asks
+        assert "has no attention layers" in engine.attention_unavailable
 
     ours = [s.token_id for s in collect(engine.stream(CONVERSATION, greedy)).steps]
     # XLM's generate keeps its mask token's keys in the cache in place of each new token's; without

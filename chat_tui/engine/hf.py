@@ -16,16 +16,24 @@ Conversation formats (`HFEngine.chat_format`):
 - ``plain``: ``User: …`` / ``Assistant: …`` lines, for base models without a template;
 - ``raw``: the messages' text exactly as typed, one after the other, nothing added.
 
+Decoding: `HFRunner` passes what `generate` passes (`position_ids` among them) and carries the
+model's past the way the model keeps it: its KV cache, its own recurrent state (RWKV), or none
+(GPT-1, XLM, Reformer: every step runs the whole sequence again, and `decode_note` says so).
+
 Attention: the fast attention (SDPA) returns no weights, so when the inspector asks for them the
-model is switched to eager attention for that reply, and back afterwards. Every layer must return
-its weights, or `attention_unavailable` says why not. Grouped-query models report one row per
-query head (the keys are repeated per group, as the model computes them).
+model is switched to eager attention for that reply, and back afterwards. The switch is checked
+(transformers only warns when a model cannot make it); a model that cannot is left as it is, so
+the inspector never changes a reply, and `attention_unavailable` says why. The layers that return
+weights are shown (`attention_layers`); `attention_note` names those that do not (the linear or
+state-space layers of hybrid models). Grouped-query models report one row per query head (the
+keys are repeated per group, as the model computes them).
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import inspect as _inspect
@@ -75,6 +83,7 @@ TOKENIZER_FILES = (
 # what a download fetches: configs, safetensors weights, tokenizer files (pickled weights only when needed)
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
 DOWNLOAD_IGNORE = ["*/*", "consolidated*", "*.onnx", "*.gguf"]
+_NO_ATTENTION = "{} has no attention layers (its layers return no attention weights)"
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
                    "max_new_tokens", "stop_strings", "stop", "presence_penalty", "frequency_penalty", "repetition_window")
 
@@ -706,8 +715,9 @@ class HFRunner:
     How a model carries what it has read from one step to the next is learnt on its first prefill
     and kept on the engine (`HFEngine.decode_mode`):
 
-    - ``cache``: a KV cache the model returns (most models), or that it fills in place when handed
-      one (RecurrentGemma keeps its recurrent state in its layers and its attention in that cache);
+    - ``cache``: the KV cache the model returns (most models);
+    - ``own-cache``: a cache handed to the model, which fills it in place and returns none
+      (RecurrentGemma: its attention layers' keys there, its recurrent state in its layers);
     - ``state``: the model's own recurrent state (RWKV's ``state``);
     - ``recompute``: no cache at all (GPT-1, XLM, Reformer): every step runs the whole sequence
       again, with the inputs the model's `prepare_inputs_for_generation` builds (XLM appends its
@@ -767,6 +777,8 @@ class HFRunner:
             out = self._forward(ids, self.capture, first=True, mode="cache")
         except Exception:  # noqa: BLE001 - a model that takes no step-by-step inputs at all (Reformer)
             out = None
+        if out is not None and dataclasses.is_dataclass(out) and "attentions" not in {f.name for f in dataclasses.fields(out)}:
+            engine.attention_unavailable = engine.attention_unavailable or _NO_ATTENTION.format(engine.model_type)
         if out is not None and self.cache is not None:
             engine.decode_mode = "cache"
             return out
@@ -1201,7 +1213,7 @@ class HFEngine:
             if not shown:
                 self.attention_unavailable = (
                     f"{self.model_type} has no attention weights to show: none of its {total} layers returned any"
-                    if got else f"{self.model_type} has no attention layers (its layers return no attention weights)"
+                    if got else _NO_ATTENTION.format(self.model_type)
                 )
                 self._restore_attention()
                 return None
