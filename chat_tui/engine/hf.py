@@ -794,9 +794,10 @@ class HFRunner:
                 engine.decode_mode = "own-cache"
                 return out
             self.cache = None
+        out = self._recompute(self.capture)
         engine.decode_mode = "recompute"
         engine.decode_note = "no KV cache: recomputing the whole sequence each step (slower)"
-        return self._recompute(self.capture)
+        return out
 
     def prefill(self, ids: Sequence[int], inspect: bool):
         engine = self.engine
