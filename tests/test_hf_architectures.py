@@ -114,11 +114,12 @@ def generate(model, ids: list[int], eos: list[int], *, use_cache: bool) -> list[
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_greedy_reply_and_attention_match_transformers(arch, tmp_path, tokenizer_json, one_thread):
+def test_greedy_reply_and_attention_match_transformers(arch, tmp_path, tokenizer_json, one_thread, capfd):
     from transformers import AutoModelForCausalLM
 
     folder = build(arch, tmp_path / arch, tokenizer_json)
     engine = load_engine(folder, device="cpu", chat_format="plain")
+    capfd.readouterr()
     ids, _ = engine.render(CONVERSATION)
     greedy = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS)
     # known from the load, for the status line: each step of a model without a cache costs a prefill
@@ -131,13 +132,13 @@ def test_greedy_reply_and_attention_match_transformers(arch, tmp_path, tokenizer
         assert "has no attention layers" in engine.attention_unavailable
 
     ours = [s.token_id for s in collect(engine.stream(CONVERSATION, greedy)).steps]
+    inspected = collect(engine.stream(CONVERSATION, greedy, inspect=True))
+    assert capfd.readouterr().err == ""  # transformers' notes stay off the terminal (Reformer pads every step)
     # XLM's generate keeps its mask token's keys in the cache in place of each new token's; without
     # the cache it runs what its prepare_inputs_for_generation describes, as chat-tui does
     theirs = generate(engine.model, ids, sorted(engine.eos_ids), use_cache=arch != "xlm")
     assert len(theirs) >= 4 and len(set(theirs)) >= 2  # a reply that can tell a wrong decode apart
     assert ours == theirs
-
-    inspected = collect(engine.stream(CONVERSATION, greedy, inspect=True))
     assert [s.token_id for s in inspected.steps] == theirs  # the inspector never changes the reply
     if arch in NO_ATTENTION:
         assert engine.attention_unavailable and inspected.prompt.attention is None

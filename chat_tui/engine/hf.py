@@ -1140,7 +1140,7 @@ class HFEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
     ) -> Iterator[Step]:
-        with self._lock:
+        with self._lock, _quiet_logs():  # transformers' notes (Reformer pads every step) are not the user's business
             runner = HFRunner(self)
             yield from run_stream(
                 runner,
@@ -1240,7 +1240,7 @@ class HFEngine:
         """How the model carries its past (see HFRunner), from a one-token prefill: known, with
         `decode_note`, before the first reply. A model that fails here learns it on its first reply."""
         try:
-            with self._lock, torch.inference_mode():
+            with self._lock, _quiet_logs(), torch.inference_mode():
                 HFRunner(self).prefill([min(self.eos_ids, default=0)], inspect=False)
         except Exception:  # noqa: BLE001 - the first reply will try again, and say what is wrong
             self.decode_mode = self.decode_note = None
