@@ -84,7 +84,11 @@ class _Attempts(list):
 
 @pytest.fixture(scope="session")
 def bpe_json() -> str:
-    """A tiny byte-level BPE with the special tokens of the chat formats, trained once."""
+    return train_bpe()
+
+
+def train_bpe() -> str:
+    """A tiny byte-level BPE with the special tokens of the chat formats (tokenizer.json's text)."""
     from conftest import CORPUS
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -278,7 +282,7 @@ def test_attention_per_layer_and_query_head_matches_a_full_forward(engines, arch
     assert [s.token_id for s in plain.steps] == [s.token_id for s in reply.steps]
 
 
-def test_a_layer_without_attention_weights_is_reported(hf_folders, monkeypatch):
+def test_a_layer_without_attention_weights_is_shown_without_it(hf_folders, monkeypatch):
     engine = load_engine(hf_folders["llama"], device="cpu")
     real_forward = engine.model.forward
 
@@ -288,14 +292,46 @@ def test_a_layer_without_attention_weights_is_reported(hf_folders, monkeypatch):
             out.attentions = (out.attentions[0], None)  # what SDPA does silently, for one layer
         return out
 
+    plain = collect(engine.stream(CONVERSATION, SamplingParams(max_new_tokens=4, seed=1)))
     monkeypatch.setattr(engine.model, "forward", forward)
     reply = collect(engine.stream(CONVERSATION, SamplingParams(max_new_tokens=4, seed=1), inspect=True))
-    assert reply.tokens >= 1 and reply.prompt.attention is None
-    assert all(s.attention is None for s in reply.steps)
-    assert "1 of its 2 layers" in engine.attention_unavailable
-    # and the next inspected reply does not try again
+    assert [s.token_id for s in reply.steps] == [s.token_id for s in plain.steps]
+    n = len(reply.prompt.ids)
+    assert reply.prompt.attention.shape == (1, 4, n, n)  # layer 0 only
+    assert all(s.attention.shape == (1, 4, s.position + 1) for s in reply.steps)
+    assert engine.attention_unavailable is None and engine.attention_layers == [0]
+    assert engine.attention_note == "attention of layer 0 shown; layer 1 has no attention weights"
+
+
+def test_a_model_whose_layers_return_no_attention_replies_the_same(hf_folders, monkeypatch):
+    engine = load_engine(hf_folders["llama"], device="cpu")
+    real_forward = engine.model.forward
+
+    def forward(*args, **kwargs):  # a state-space model's output: no attentions at all
+        out = real_forward(*args, **kwargs)
+        out.attentions = None
+        return out
+
+    plain = collect(engine.stream(CONVERSATION, SamplingParams(max_new_tokens=4, seed=1)))
+    monkeypatch.setattr(engine.model, "forward", forward)
+    reply = collect(engine.stream(CONVERSATION, SamplingParams(max_new_tokens=4, seed=1), inspect=True))
+    assert [s.token_id for s in reply.steps] == [s.token_id for s in plain.steps]
+    assert reply.prompt.attention is None and all(s.attention is None for s in reply.steps)
+    assert "has no attention layers" in engine.attention_unavailable
+    # and the next inspected reply does not try again: the fast attention stays
     collect(engine.stream(CONVERSATION, SamplingParams(max_new_tokens=2, seed=1), inspect=True))
     assert engine.model.config._attn_implementation == "sdpa"
+
+
+def test_a_model_that_cannot_switch_to_eager_keeps_its_reply(hf_folders, monkeypatch):
+    """transformers only warns when a model cannot change its attention at run time (Falcon)."""
+    engine = load_engine(hf_folders["llama"], device="cpu")
+    plain = collect(engine.stream(CONVERSATION, SamplingParams(temperature=0, max_new_tokens=6)))
+    monkeypatch.setattr(engine.model, "set_attn_implementation", lambda implementation: None)
+    reply = collect(engine.stream(CONVERSATION, SamplingParams(temperature=0, max_new_tokens=6), inspect=True))
+    assert [s.token_id for s in reply.steps] == [s.token_id for s in plain.steps]
+    assert reply.prompt.attention is None
+    assert "cannot switch to eager attention at run time" in engine.attention_unavailable
 
 
 def test_old_turns_are_dropped_to_fit_the_context(engines):
@@ -571,6 +607,32 @@ def test_a_config_transformers_rejects(tmp_path, hf_folders):
     (folder / "config.json").write_text(json.dumps(data))
     with pytest.raises(hf.UnsupportedModelError, match="not a causal language model"):
         load_engine(folder)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("n_layer", 100000, "n_layer is 100000, but the weights (model.safetensors) hold 2 layers"),
+    ("n_layer", -1, "n_layer is -1; it must be a positive whole number"),
+    ("n_embd", "32", 'n_embd is "32"; it must be a positive whole number'),
+    ("n_embd", 48, "n_embd is 48, but model.safetensors holds transformer.wte.weight with shape [400, 32] "
+                   "(config.json makes it [400, 48])"),
+    ("vocab_size", 500, "vocab_size is 500, but model.safetensors holds transformer.wte.weight with shape [400, 32]"),
+])
+def test_a_config_that_does_not_match_the_weights_is_refused_before_building(tmp_path, hf_folders, monkeypatch,
+                                                                            key, value, expected):
+    import transformers
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_late)
+    folder = tmp_path / "mismatched"
+    shutil.copytree(hf_folders["gpt2"], folder)
+    data = json.loads((folder / "config.json").read_text())
+    data[key] = value
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(hf.InvalidConfigError) as info:
+        load_engine(folder, device="cpu")
+    assert one_line(info.value).startswith(f"{folder / 'config.json'}: {expected}")
 
 
 def test_a_model_that_needs_remote_code(tmp_path, hf_folders, transformers_untouched):

@@ -16,16 +16,24 @@ Conversation formats (`HFEngine.chat_format`):
 - ``plain``: ``User: …`` / ``Assistant: …`` lines, for base models without a template;
 - ``raw``: the messages' text exactly as typed, one after the other, nothing added.
 
+Decoding: `HFRunner` passes what `generate` passes (`position_ids` among them) and carries the
+model's past the way the model keeps it: its KV cache, its own recurrent state (RWKV), or none
+(GPT-1, XLM, Reformer: every step runs the whole sequence again, and `decode_note` says so).
+
 Attention: the fast attention (SDPA) returns no weights, so when the inspector asks for them the
-model is switched to eager attention for that reply, and back afterwards. Every layer must return
-its weights, or `attention_unavailable` says why not. Grouped-query models report one row per
-query head (the keys are repeated per group, as the model computes them).
+model is switched to eager attention for that reply, and back afterwards. The switch is checked
+(transformers only warns when a model cannot make it); a model that cannot is left as it is, so
+the inspector never changes a reply, and `attention_unavailable` says why. The layers that return
+weights are shown (`attention_layers`); `attention_note` names those that do not (the linear or
+state-space layers of hybrid models). Grouped-query models report one row per query head (the
+keys are repeated per group, as the model computes them).
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import inspect as _inspect
@@ -71,6 +79,7 @@ TOKENIZER_FILES = (
 # what a download fetches: configs, safetensors weights, tokenizer files (pickled weights only when needed)
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
 DOWNLOAD_IGNORE = ["*/*", "consolidated*", "*.onnx", "*.gguf"]
+_NO_ATTENTION = "{} has no attention layers (its layers return no attention weights)"
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
                    "max_new_tokens", "stop_strings", "stop", "presence_penalty", "frequency_penalty", "repetition_window")
 
@@ -389,6 +398,99 @@ def check_architecture(data: dict, name: str, trust_remote_code: bool) -> None:
         raise UnsupportedModelError(f"{name}: a {model_type!r} model is not a causal language model, so it cannot chat")
 
 
+# config.json's sizes that must be positive whole numbers (the names architectures give them)
+SIZE_KEYS = (
+    "n_layer", "n_layers", "num_hidden_layers", "num_layers", "n_embd", "hidden_size", "d_model", "emb_dim",
+    "n_head", "n_heads", "num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size",
+    "n_inner", "ffn_dim", "n_positions", "n_ctx", "max_position_embeddings", "head_dim",
+)
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block)\.(\d+)\.")
+
+
+def check_config_sizes(data: dict, folder: Path) -> None:
+    """Every size in config.json a positive whole number, before transformers builds anything from them."""
+    path = folder / "config.json"
+    for where, section in (("", data), ("text_config.", data.get("text_config"))):
+        if not isinstance(section, dict):
+            continue
+        for key in SIZE_KEYS:
+            value = section.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidConfigError(f"{path}: {where}{key} is {json.dumps(value)}; it must be a positive whole number")
+
+
+def safetensors_shapes(folder: Path, *, floats_only: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and file, from the safetensors headers (nothing loaded); {} if unreadable.
+
+    `floats_only` leaves out integer tensors (quantized weights are packed into other shapes).
+    """
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in (p for p in _weight_files(folder) if p.suffix == ".safetensors"):
+        try:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size < 100_000_000:
+                    return {}
+                header = json.loads(f.read(size))
+            for key, info in header.items():
+                if key != "__metadata__" and not (floats_only and not str(info.get("dtype", "F")).startswith(("F", "BF"))):
+                    shapes[key] = (tuple(int(d) for d in info["shape"]), path.name)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+    return shapes
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def check_config_against_weights(folder: Path, data: dict, config: Any, trust_remote_code: bool) -> None:
+    """config.json against the weights' shapes (read from the safetensors headers), before building the model.
+
+    A config that asks for more layers than the weights hold, or sizes other than the tensors', would
+    otherwise build a model of any size first (n_layer: 100000 allocates for minutes) and then fail
+    with transformers' report. The error names config.json, the key and the tensor that disagrees.
+    """
+    shapes = safetensors_shapes(folder, floats_only=True)
+    if not shapes or "quantization_config" in data:
+        return  # pickled weights (their shapes cannot be read without loading them), or packed quantized ones
+    path = folder / "config.json"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    indices = {int(m.group(1)) for key in shapes for m in [LAYER_INDEX.search(key)] if m}
+    if text is config and isinstance(layers, int) and indices and layers > max(indices) + 1:
+        key = next((k for k in LAYER_KEYS if data.get(k) == layers), "num_hidden_layers")
+        file = sorted({f for _, f in shapes.values()})[0]
+        raise InvalidConfigError(
+            f"{path}: {key} is {layers}, but the weights ({file}) hold {max(indices) + 1} layers"
+        )
+    try:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except Exception:  # noqa: BLE001 - a model that cannot be built empty: loading will say what is wrong
+        return
+    for key, shape in expected.items():
+        found = shapes.get(key)
+        if found is None or found[0] == shape or _numel(found[0]) == _numel(shape):
+            continue  # the same numbers in another layout are for transformers' load-time conversions
+        differing = {d for d, w in zip(shape, found[0], strict=False) if d != w}
+        culprit = next((k for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)
+                        and v in differing and k in SIZE_KEYS), None)
+        said = f"{culprit} is {data[culprit]}, but" if culprit else "does not match the weights:"
+        raise InvalidConfigError(
+            f"{path}: {said} {found[1]} holds {key} with shape {list(found[0])} (config.json makes it {list(shape)})"
+        )
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device is None or str(device).strip().lower() in {"", "auto"}:
         return torch.device(best_device())
@@ -447,23 +549,7 @@ def _config_dtype(config: Any) -> torch.dtype:
 
 def count_parameters(folder: Path, config: Any = None, trust_remote_code: bool = False) -> int | None:
     """Parameters in the checkpoint: from the safetensors headers (free), else an empty model on `meta`."""
-    total = 0
-    files = [p for p in _weight_files(folder) if p.suffix == ".safetensors"]
-    try:
-        for path in files:
-            with path.open("rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                if not 0 < size < 100_000_000:
-                    raise ValueError("bad header")
-                header = json.loads(f.read(size))
-            for key, info in header.items():
-                if key != "__metadata__":
-                    n = 1
-                    for dim in info["shape"]:
-                        n *= int(dim)
-                    total += n
-    except (OSError, ValueError, KeyError, TypeError):
-        total = 0
+    total = sum(_numel(shape) for shape, _ in safetensors_shapes(folder).values())
     if total:
         return total
     if config is None:
@@ -620,59 +706,131 @@ def _ids(value: Any) -> set[int]:
 
 
 class HFRunner:
-    """Drives a transformers model through its KV cache (a DynamicCache the model creates)."""
+    """Drives a transformers model step by step, as `model.generate` would.
+
+    How a model carries what it has read from one step to the next is learnt on its first prefill
+    and kept on the engine (`HFEngine.decode_mode`):
+
+    - ``cache``: the KV cache the model returns (most models);
+    - ``own-cache``: a cache handed to the model, which fills it in place and returns none
+      (RecurrentGemma: its attention layers' keys there, its recurrent state in its layers);
+    - ``state``: the model's own recurrent state (RWKV's ``state``);
+    - ``recompute``: no cache at all (GPT-1, XLM, Reformer): every step runs the whole sequence
+      again, with the inputs the model's `prepare_inputs_for_generation` builds (XLM appends its
+      mask token), so each step costs as much as a prefill.
+    """
 
     def __init__(self, engine: HFEngine) -> None:
         self.engine = engine
         self.model = engine.model
         self.device = engine.input_device
         self.cache: Any = None
+        self.state: Any = None
+        self.tokens: list[int] = []
         self.length = 0
         self.capture = False
 
-    def _forward(self, ids: list[int], capture: bool, first: bool):
+    def _forward(self, ids: list[int], capture: bool, first: bool, mode: str):
+        engine = self.engine
+        if mode == "recompute":
+            return self._recompute(capture)
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         kwargs: dict[str, Any] = {"use_cache": True}
-        if not first:
-            kwargs[self.engine.cache_kwarg] = self.cache
+        if mode == "state":
+            if not first:
+                kwargs["state"] = self.state
+        elif not first or self.cache is not None:
+            kwargs[engine.cache_kwarg] = self.cache
+        if engine.takes_position_ids:  # as generate passes them: some models count positions wrongly without
+            start = 0 if first else self.length
+            kwargs["position_ids"] = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
         if capture:
             kwargs["output_attentions"] = True
-        if first and self.engine.logits_to_keep:
+        if first and engine.logits_to_keep:
             kwargs["logits_to_keep"] = 1  # the prompt's other positions need no logits
         out = self.model(input_ids=x, **kwargs)
-        cache = getattr(out, "cache", None)
-        if cache is None:
-            cache = getattr(out, "past_key_values", None)
-        self.cache = cache if cache is not None else self.cache
+        if mode == "state":
+            self.state = getattr(out, "state", None)
+        else:
+            cache = getattr(out, "cache", None)
+            if cache is None:
+                cache = getattr(out, "past_key_values", None)
+            self.cache = cache if cache is not None else self.cache
+        return out
+
+    def _recompute(self, capture: bool):
+        x = torch.tensor([self.tokens], dtype=torch.long, device=self.device)
+        inputs = dict(self.engine.generation_inputs(x))
+        inputs["use_cache"] = False
+        if capture:
+            inputs["output_attentions"] = True
+        return self.model(**inputs)
+
+    def _learn_mode(self, ids: list[int]):
+        """The first prefill of this model: find how it decodes, and return that prefill's output."""
+        engine = self.engine
+        try:
+            out = self._forward(ids, self.capture, first=True, mode="cache")
+        except Exception:  # noqa: BLE001 - a model that takes no step-by-step inputs at all (Reformer)
+            out = None
+        if out is not None and dataclasses.is_dataclass(out) and "attentions" not in {f.name for f in dataclasses.fields(out)}:
+            engine.attention_unavailable = engine.attention_unavailable or _NO_ATTENTION.format(engine.model_type)
+        if out is not None and self.cache is not None:
+            engine.decode_mode = "cache"
+            return out
+        if out is not None and getattr(out, "state", None) is not None and "state" in engine.forward_parameters:
+            engine.decode_mode = "state"
+            self.state = out.state
+            return out
+        own = engine.own_cache() if out is not None else None
+        if own is not None:  # a model that fills a cache it is given but returns none (RecurrentGemma)
+            self.cache = own
+            out = self._forward(ids, self.capture, first=True, mode="cache")
+            if own.get_seq_length() == len(ids):
+                engine.decode_mode = "own-cache"
+                return out
+            self.cache = None
+        out = self._recompute(self.capture)
+        engine.decode_mode = "recompute"
+        engine.decode_note = "no KV cache: recomputing the whole sequence each step (slower)"
         return out
 
     def prefill(self, ids: Sequence[int], inspect: bool):
-        self.capture = self.engine.attention_mode(inspect)
+        engine = self.engine
+        self.capture = engine.attention_mode(inspect)
         ids = list(ids)
-        out = self._forward(ids, self.capture, first=True)
-        if self.cache is None:
-            raise EngineError(f"{self.engine.model_name}: the model returned no KV cache, so it cannot decode step by step")
+        self.tokens = list(ids)
         self.length = len(ids)
+        if engine.decode_mode is None:
+            out = self._learn_mode(ids)
+        else:
+            if engine.decode_mode == "own-cache":
+                self.cache = engine.own_cache()
+            out = self._forward(ids, self.capture, first=True, mode=engine.decode_mode)
         matrix = None
         if self.capture:
-            layers = self.engine.layer_weights(out.attentions)
+            layers = engine.layer_weights(getattr(out, "attentions", None), self.length, first=True)
             if layers is None:
                 self.capture = False
-            else:
-                matrix = torch.stack([_pad_keys(a[0], self.length) for a in layers])  # (layers, heads, P, P)
-        return self.engine.logits_out(out.logits[0, -1]), matrix
+            else:  # (layers, heads, P, P); a recomputing model may have read a token more (XLM's mask)
+                matrix = torch.stack([_pad_keys(a[0, :, : self.length, : self.length], self.length) for a in layers])
+        return engine.logits_out(out.logits[0, -1]), matrix
 
     def feed(self, token_id: int, inspect: bool):
-        out = self._forward([token_id], self.capture, first=False)
+        engine = self.engine
+        self.tokens.append(token_id)
+        out = self._forward([token_id], self.capture, first=False, mode=engine.decode_mode or "cache")
         self.length += 1
         row = None
         if self.capture:
-            layers = self.engine.layer_weights(out.attentions)
+            layers = engine.layer_weights(getattr(out, "attentions", None), self.length, first=False)
             if layers is None:
                 self.capture = False
             else:
-                row = torch.stack([_pad_keys(a[0, :, -1:], self.length)[:, 0] for a in layers])
-        return self.engine.logits_out(out.logits[0, -1]), row
+                last = self.length - 1  # the new token's row (the last one, unless the whole sequence was run)
+                row = torch.stack([_pad_keys(a[0, :, -1] if a.shape[-2] == 1 else a[0, :, last, : self.length], self.length)
+                                   for a in layers])
+        return engine.logits_out(out.logits[0, -1]), row
 
 
 def _backend_decode(tokenizer: Any) -> Callable[..., str] | None:
@@ -709,6 +867,40 @@ def _relayout_output_head(model: Any) -> bool:
     with torch.no_grad():
         weight.data = weight.data.t().contiguous().t()  # the Parameter object (and any tie) stays the same
     return True
+
+
+def _attention_implementation(model: Any) -> str | None:
+    """The attention implementation the language model runs (a multimodal wrapper's own may differ)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+    return found if isinstance(found, str) else None
+
+
+def _is_attention(weights: Any, queries: int, keys: int, heads: int | None) -> bool:
+    """(1, heads, queries, ≤ keys) weights, a layer's softmax over the keys (or the whole sequence's, run again)."""
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 4 or weights.shape[0] != 1:
+        return False
+    if heads is not None and weights.shape[1] != heads:
+        return False
+    q, k = weights.shape[-2], weights.shape[-1]
+    if q == queries and 1 <= k <= keys:  # the prompt, or one cached step
+        return True
+    return q == k >= keys  # a model without a cache ran the whole sequence (XLM: and its mask token)
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0–2, 5"."""
+    parts: list[str] = []
+    start = prev = None
+    for i in [*indices, None]:
+        if i is not None and prev is not None and i == prev + 1:
+            prev = i
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}–{prev}")
+        start = prev = i
+    return ", ".join(parts)
 
 
 def _pad_keys(weights: torch.Tensor, length: int) -> torch.Tensor:
@@ -771,23 +963,27 @@ class HFEngine:
         placed = {str(p.device) for p in model.parameters()}
         self.device = ",".join(sorted(placed)) if len(placed) > 1 else str(self.input_device)
         signature = _forward_parameters(model)
+        self.forward_parameters = signature
         self.cache_kwarg = "cache" if "cache" in signature else "past_key_values"
         self.logits_to_keep = "logits_to_keep" in signature
+        self.takes_position_ids = "position_ids" in signature
+        # how the model carries its past from step to step (see HFRunner), learnt on the first prefill
+        self.decode_mode: str | None = None
+        self.decode_note: str | None = None  # e.g. that each step recomputes the whole sequence
         self._lock = threading.Lock()  # one generation at a time per model
         self._backend_decode = _backend_decode(tokenizer)
         self.relaid_head = _relayout_output_head(model)
         self._token_texts: dict[int, str] = {}
 
-        # attention: the implementation it loaded with (fast), switched to eager only to inspect
-        self._fast_attention = getattr(config, "_attn_implementation", None) or "sdpa"
+        # attention: the implementation it loaded with (fast), switched to eager only to inspect; the
+        # language model's own config decides (a multimodal wrapper's may say eager while it runs SDPA)
+        self._fast_attention = _attention_implementation(model) or "sdpa"
         self._current_attention = self._fast_attention
         self.attention_unavailable: str | None = None
-        if not hasattr(model, "set_attn_implementation") and self._fast_attention != "eager":
-            import transformers
-
-            self.attention_unavailable = (
-                f"transformers {transformers.__version__} cannot switch {self.model_type} to eager attention at run time"
-            )
+        self.attention_layers: list[int] | None = None  # the layers whose weights the inspector shows
+        self.attention_note: str | None = None  # which layers have no attention weights, when some do
+        if self._fast_attention != "eager" and not hasattr(model, "set_attn_implementation"):
+            self.attention_unavailable = self._no_switch_reason()
 
         # generation defaults, shown to the user as the model's own
         gc = getattr(model, "generation_config", None)
@@ -862,11 +1058,13 @@ class HFEngine:
             display = hub_id or str(model)
             data = read_config_json(folder, display)
             check_architecture(data, display, trust)
+            check_config_sizes(data, folder)
             if not _has_weights(folder):
                 other = [p.name for p in folder.iterdir() if p.suffix in {".h5", ".msgpack", ".gguf", ".onnx"}]
                 extra = f" (only {', '.join(other)}, which chat-tui does not load)" if other else ""
                 raise MissingWeightsError(f"{display}: no weights: model.safetensors or pytorch_model.bin{extra}")
             config = _load_config(folder, display, trust)
+            check_config_against_weights(folder, data, config, trust)
             torch_dtype = _config_dtype(config) if wanted_dtype == "auto" else (wanted_dtype or default_dtype(torch_device))
             parameters = count_parameters(folder, config, trust)
             if check_memory and parameters:
@@ -879,6 +1077,7 @@ class HFEngine:
             hf_model = _load_model(folder, display, config, torch_dtype, torch_device, device_map, trust)
         engine = cls(hf_model, tokenizer, name=name, folder=folder, hub_id=hub_id, chat_format=chat_format,
                      context_length=context_length)
+        engine.learn_decode_mode()
         return engine
 
     # ------------------------------------------------------------------ the Engine protocol
@@ -937,7 +1136,7 @@ class HFEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
     ) -> Iterator[Step]:
-        with self._lock:
+        with self._lock, _quiet_logs():  # transformers' notes (Reformer pads every step) are not the user's business
             runner = HFRunner(self)
             yield from run_stream(
                 runner,
@@ -955,31 +1154,115 @@ class HFEngine:
     # ------------------------------------------------------------------ attention
 
     def attention_mode(self, inspect: bool) -> bool:
-        """Eager attention while inspecting, the fast one otherwise; True when weights will be captured."""
+        """Eager attention while inspecting, the fast one otherwise; True when weights will be captured.
+
+        The switch is checked, not trusted: transformers only warns when a model cannot change its
+        attention at run time (Falcon), and such a model would then compute its eager path without
+        a causal mask and change the reply. Such a model is left as it is, and the inspector says why.
+        """
         capture = inspect and self.attention_unavailable is None
         wanted = "eager" if capture else self._fast_attention
         if wanted != self._current_attention:
             try:
-                self.model.set_attn_implementation(wanted)
+                with _quiet_logs():  # transformers only warns when it cannot: the check below tells
+                    self.model.set_attn_implementation(wanted)
+                took = _attention_implementation(self.model) == wanted
             except Exception as exc:  # noqa: BLE001 - transformers raises ValueError, ImportError, ...
+                took, why = False, _first_line(exc)
+            else:
+                why = "transformers left it unchanged"
+            if not took:
                 if wanted != "eager":
-                    raise EngineError(f"{self.model_name}: could not switch attention back to {wanted} ({_first_line(exc)})") from None
-                self.attention_unavailable = f"{self.model_type} cannot switch to eager attention ({_first_line(exc)})"
+                    raise EngineError(f"{self.model_name}: could not switch attention back to {wanted} ({why})")
+                self.attention_unavailable = self._no_switch_reason()
+                self._restore_attention()
                 return False
             self._current_attention = wanted
         return capture
 
-    def layer_weights(self, attentions: Any) -> list[torch.Tensor] | None:
-        """The per-layer weights, or None (and the reason in `attention_unavailable`) if any layer gave none."""
+    def _no_switch_reason(self) -> str:
+        import transformers
+
+        return (f"{self.model_type} cannot switch to eager attention at run time (transformers "
+                f"{transformers.__version__}), so its attention weights cannot be shown without changing the reply")
+
+    def _restore_attention(self) -> None:
+        """Back to the implementation the model loaded with, after a switch that went only part of the way."""
+        with contextlib.suppress(Exception), _quiet_logs():
+            self.model.set_attn_implementation(self._fast_attention)
+        self._current_attention = self._fast_attention
+
+    def layer_weights(self, attentions: Any, length: int, *, first: bool) -> list[torch.Tensor] | None:
+        """The weights of the layers that have attention, or None (and why in `attention_unavailable`).
+
+        The prefill (`first`) finds which layers return (1, heads, queries, keys) weights: a state-space
+        or linear-attention layer returns none, or weights of another shape (MiniMax), and is left out;
+        `attention_layers` lists the layers shown and `attention_note` names the others. The later
+        steps take the same layers.
+        """
         got = list(attentions) if attentions else []
-        present = [a for a in got if isinstance(a, torch.Tensor) and a.dim() == 4]
-        if len(got) != self.n_layer or len(present) != self.n_layer:
-            self.attention_unavailable = (
-                f"{self.model_type} returned attention weights for {len(present)} of its {self.n_layer} layers "
-                "even with eager attention"
+        if first:
+            shown = [i for i, a in enumerate(got) if _is_attention(a, length, length, None)]
+            heads = {got[i].shape[1] for i in shown}
+            if len(heads) > 1:  # layers with different head counts cannot share one matrix: keep the first kind
+                shown = [i for i in shown if got[i].shape[1] == got[shown[0]].shape[1]]
+            total = max(self.n_layer, len(got))
+            if not shown:
+                self.attention_unavailable = (
+                    f"{self.model_type} has no attention weights to show: none of its {total} layers returned any"
+                    if got else _NO_ATTENTION.format(self.model_type)
+                )
+                self._restore_attention()
+                return None
+            self.attention_layers = shown
+            missing = [i for i in range(total) if i not in shown]
+            self.attention_note = (
+                f"attention of layer{'s' if len(shown) > 1 else ''} {_ranges(shown)} shown; "
+                f"layer{'s' if len(missing) > 1 else ''} {_ranges(missing)} {'have' if len(missing) > 1 else 'has'} "
+                "no attention weights" if missing else None
             )
+            return [got[i] for i in shown]
+        shown = self.attention_layers or []
+        ok = bool(shown) and len(got) > shown[-1] and isinstance(got[shown[0]], torch.Tensor)
+        if not ok or not all(_is_attention(got[i], 1, length, got[shown[0]].shape[1]) for i in shown):
+            self.attention_unavailable = f"{self.model_type} stopped returning attention weights after the prompt"
+            self._restore_attention()
             return None
-        return present
+        return [got[i] for i in shown]
+
+    # ------------------------------------------------------------------ decoding without a returned cache
+
+    def learn_decode_mode(self) -> None:
+        """How the model carries its past (see HFRunner), from a one-token prefill: known, with
+        `decode_note`, before the first reply. A model that fails here learns it on its first reply."""
+        try:
+            with self._lock, _quiet_logs(), torch.inference_mode():
+                HFRunner(self).prefill([min(self.eos_ids, default=0)], inspect=False)
+        except Exception:  # noqa: BLE001 - the first reply will try again, and say what is wrong
+            self.decode_mode = self.decode_note = None
+
+    def own_cache(self) -> Any:
+        """A cache for a model that fills one it is given but returns none, as `generate` makes it; else None."""
+        from transformers import DynamicCache, GenerationMixin
+
+        model = self.model
+        supports = getattr(model, "_supports_default_dynamic_cache", None)
+        overridden = type(model).prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation
+        if self.cache_kwarg not in self.forward_parameters or supports is None or not supports() or overridden:
+            return None
+        config = model.config
+        try:
+            return DynamicCache(config=config.get_text_config(decoder=True))
+        except Exception:  # noqa: BLE001 - a cache this model cannot describe: decode without one
+            return None
+
+    def generation_inputs(self, ids: torch.Tensor) -> dict[str, Any]:
+        """The inputs `generate` gives this model for the whole sequence `ids` (XLM adds its mask token)."""
+        try:
+            inputs = self.model.prepare_inputs_for_generation(ids)
+        except Exception:  # noqa: BLE001 - a model that wants more than the ids: give it the ids
+            return {"input_ids": ids}
+        return {k: v for k, v in dict(inputs).items() if v is not None and k != "cache_position"}
 
     def logits_out(self, logits: torch.Tensor) -> torch.Tensor:
         """One row of logits for the sampling chain, on the CPU (where the seeded generator lives)."""
