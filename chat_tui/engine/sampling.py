@@ -144,7 +144,8 @@ def _top_p(x: np.ndarray, top_p: float) -> None:
             if float(tail) > 1.0 - top_p:  # one of them would be kept: widen
                 k = min(vocab, k * _GROW)
                 continue
-        cum = np.cumsum(p[::-1], dtype=np.float32)[::-1]  # Hugging Face's ascending cumulative mass, read top-down
+        # Hugging Face's ascending cumulative mass, read top-down (torch's CPU cumsum adds in float64)
+        cum = np.cumsum(p[::-1], dtype=np.float64).astype(np.float32)[::-1]
         if tail is not None:
             # exact up to rounding: on a knife edge (within ~1e-7 of 1 - top_p) the boundary
             # token may differ from Hugging Face's full sort, which sums the tail in another order
@@ -176,7 +177,7 @@ def _typical_p(x: np.ndarray, mass: float) -> None:
     k = vocab if vocab <= _FULL_SORT_MAX else _PREFIX_K
     while True:
         idx = _top_indices(shifted, k, largest=False)  # ascending distance
-        cum = np.cumsum(probs[idx], dtype=np.float32)
+        cum = np.cumsum(probs[idx], dtype=np.float64).astype(np.float32)
         below = int((cum < mass).sum())
         if below >= k and k < vocab:  # the mass is reached beyond the prefix: widen
             k = min(vocab, k * _GROW)
