@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch_free_setup import report_torch
 
 from chat_tui.engine import EngineError, Message, SamplingParams, collect, load_engine
 from chat_tui.engine.process import ProcessEngine
-from torch_free_setup import report_torch
 
 HELLO = [Message("user", "Hello there! How are you today?")]
 ROOT = Path(__file__).resolve().parent.parent
