@@ -192,6 +192,7 @@ def test_engine_package_imports_without_torch():
 
     code = (
         "import sys, chat_tui, chat_tui.engine, chat_tui.engine.types, chat_tui.engine.params, chat_tui.engine.process, chat_tui.engine.explain; "
+        "import chat_tui.engine.minigpt, chat_tui.engine.generation, chat_tui.engine.sampling, chat_tui.engine.checkpoint; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules and 'textual' not in sys.modules, "
         "sorted(m for m in sys.modules if m.split('.')[0] in ('torch','transformers','textual'))"
     )

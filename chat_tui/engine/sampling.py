@@ -10,9 +10,9 @@ Each stage follows a reference implementation exactly:
   ``TopPLogitsWarper``, ``MinPLogitsWarper`` and ``TypicalLogitsWarper`` with ``min_tokens_to_keep=1``.
 
 The stages run in ``params.order``; a stage at its neutral value is skipped and costs nothing.
-Everything works on one 1-D numpy row of logits (no torch: the CPU decoder never imports it); no Python loop ever walks the vocabulary, and the
-truncations that need an ordering (top-p, typical) sort only a prefix of the vocabulary when that
-prefix already holds the mass they keep.
+Everything works on one 1-D numpy row of logits (no torch: the mini-GPT's CPU decoder never loads
+it); no Python loop ever walks the vocabulary, and the truncations that need an ordering (top-p,
+typical) sort only a prefix of the vocabulary when that prefix already holds the mass they keep.
 """
 
 from __future__ import annotations
