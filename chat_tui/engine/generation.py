@@ -297,8 +297,7 @@ def run_stream(
                 finish = "stop"
         if finish is None and index + 1 >= current.max_new_tokens:
             finish = "length"
-        slides = current.slide_context
-        if finish is None and not slides and position + 1 >= context_length:
+        if finish is None and not current.slide_context and position + 1 >= context_length:
             finish = "context"  # the next token would fall outside the window
         if finish is None and cancel is not None and cancel.is_set():
             finish = "cancelled"
