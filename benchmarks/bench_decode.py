@@ -18,14 +18,14 @@ import torch
 from chat_tui.engine import Message, SamplingParams, bundled_model_path
 from chat_tui.engine.convert import to_hf_model
 from chat_tui.engine.generation import run_stream
-from chat_tui.engine.minigpt import MiniGPTEngine, MiniGPTRunner, single_threaded_blas
+from chat_tui.engine.minigpt import MiniGPTEngine, single_threaded_blas
 
 PROMPT = [Message("user", "Hello! What is AI?")]
 
 
 def ours(engine: MiniGPTEngine, new_tokens: int, inspect: bool) -> tuple[float, list[int]]:
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
-    runner = MiniGPTRunner(engine.model, torch.device("cpu"), engine.decode_weights())
+    runner = engine.runner()  # numpy on the CPU, as MiniGPTEngine.stream decodes
     start = time.perf_counter()
     with single_threaded_blas():  # as MiniGPTEngine.stream does
         ids = [
@@ -75,7 +75,7 @@ def main() -> None:
     engine = MiniGPTEngine.load(args.model or bundled_model_path(), device="cpu")
     hf = to_hf_model(engine.model)
     prompt_ids, _ = engine.render(PROMPT)
-    cfg = engine.model.config
+    cfg = engine.config
     print(f"model: bundled mini-GPT, {cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd}, "
           f"vocab {cfg.vocab_size}, context {cfg.block_size}; prompt {len(prompt_ids)} tokens; "
           f"{args.new_tokens} new tokens, greedy; torch {torch.__version__}, {torch.get_num_threads()} threads")

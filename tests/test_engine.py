@@ -162,9 +162,10 @@ def test_single_prompt_longer_than_context_is_cut_from_the_start(tiny_engine):
     assert tiny_engine.decode(reply.prompt.ids).removesuffix("<|assistant|>").endswith("THE END<|end|>")
 
 
-def test_generation_stops_at_the_context_edge(tiny_engine):
+def test_generation_stops_at_the_context_edge_when_sliding_is_off(tiny_engine):
     text = " ".join(f"w{i}" for i in range(30))
-    reply = collect(tiny_engine.stream([Message("user", text)], SamplingParams(max_new_tokens=1000, seed=0, temperature=2)))
+    params = SamplingParams(max_new_tokens=1000, seed=0, temperature=2, slide_context=False)
+    reply = collect(tiny_engine.stream([Message("user", text)], params))
     assert reply.steps[-1].position < tiny_engine.context_length
     assert reply.finish_reason in {"context", "eos"}
 
@@ -191,31 +192,43 @@ def test_engine_package_imports_without_torch():
 
     code = (
         "import sys, chat_tui, chat_tui.engine, chat_tui.engine.types, chat_tui.engine.params, chat_tui.engine.process, chat_tui.engine.explain; "
+        "import chat_tui.engine.minigpt, chat_tui.engine.generation, chat_tui.engine.sampling, chat_tui.engine.checkpoint; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules and 'textual' not in sys.modules, "
         "sorted(m for m in sys.modules if m.split('.')[0] in ('torch','transformers','textual'))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _runner(engine, numpy_path: bool):
+    from chat_tui.engine.minigpt import DecodeWeights, MiniGPTRunner
+
+    model = engine.model
+    if numpy_path:
+        arrays = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        return MiniGPTRunner(model.config, DecodeWeights.from_arrays(model.config, arrays))
+    return MiniGPTRunner(model.config, DecodeWeights.from_model(model), model=model)
+
+
 @pytest.mark.parametrize("inspect", [False, True])
 @pytest.mark.parametrize("numpy_path", [True, False])
 def test_runner_decode_path_equals_the_model_forward(tiny_engine, inspect, numpy_path):
-    from chat_tui.engine.minigpt import MiniGPTRunner
-
     torch.manual_seed(0)
     ids = torch.randint(0, tiny_engine.model.config.vocab_size, (40,)).tolist()
-    runner = MiniGPTRunner(tiny_engine.model, torch.device("cpu"))
-    assert runner.numpy_path  # the CPU float32 default
-    runner.numpy_path = numpy_path
+    runner = _runner(tiny_engine, numpy_path)
+    assert runner.numpy_path == numpy_path
     with torch.no_grad():
-        runner.prefill(ids[:10], inspect)
+        logits, matrix = runner.prefill(ids[:10], inspect)
         _, _, full = tiny_engine.model(torch.tensor([ids]), capture=True)
         reference, _, _ = tiny_engine.model(torch.tensor([ids]))
+        np.testing.assert_allclose(logits, reference[0, 9].numpy(), atol=1e-5, rtol=0)
+        if inspect:
+            expected = torch.stack([w[0, :, :10, :10] for _, w in full]).numpy()
+            np.testing.assert_allclose(np.asarray(matrix), expected, atol=1e-6, rtol=0)
         for position in range(10, 40):
             logits, row = runner.feed(ids[position], inspect)
-            torch.testing.assert_close(logits, reference[0, position], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(logits, reference[0, position].numpy(), atol=1e-5, rtol=0)
             if inspect:
                 expected = torch.stack([w[0, :, position, : position + 1] for _, w in full])
-                torch.testing.assert_close(row, expected, atol=1e-6, rtol=0)
+                torch.testing.assert_close(torch.as_tensor(np.asarray(row)), expected, atol=1e-6, rtol=0)
             else:
                 assert row is None

@@ -17,10 +17,23 @@ from transformers.generation.logits_process import (
 
 from chat_tui.engine import sampling
 from chat_tui.engine.params import STAGES, SamplingParams
-from chat_tui.engine.sampling import STAGE_NAMES, ChainResult, apply_chain, sample, token_counts
+from chat_tui.engine.sampling import STAGE_NAMES, ChainResult, new_generator, token_counts
 
 VOCAB = 1000
 SEEDS = (0, 1, 2)
+
+
+def apply_chain(logits, context, params, **kwargs) -> ChainResult:
+    """The chain (numpy) on `logits`, its result as torch tensors to compare with Hugging Face's."""
+    if isinstance(logits, torch.Tensor):
+        logits = logits.numpy()
+    result = sampling.apply_chain(logits, context, params, **kwargs)
+    dropped = None if result.dropped_by is None else torch.from_numpy(result.dropped_by)
+    return ChainResult(torch.from_numpy(result.logits), torch.from_numpy(result.probs), dropped)
+
+
+def sample(result: ChainResult, params, generator=None) -> int:
+    return sampling.sample(ChainResult(result.logits.numpy(), result.probs.numpy()), params, generator)
 
 
 def random_logits(seed: int, vocab: int = VOCAB, scale: float = 3.0) -> torch.Tensor:
@@ -386,7 +399,7 @@ def test_greedy_ties_pick_the_lowest_id():
 
 
 def draws(result, params, seed, n=200):
-    g = torch.Generator().manual_seed(seed)
+    g = new_generator(seed)
     return [sample(result, params, g) for _ in range(n)]
 
 
@@ -414,18 +427,18 @@ def test_top_p_keeps_the_top_token_however_small_p_is():
 
 
 @pytest.mark.parametrize("u", [0.0, 1.0 - 2**-53, 1.0])
-def test_extreme_uniform_draws_never_pick_a_dropped_token(u, monkeypatch):
+def test_extreme_uniform_draws_never_pick_a_dropped_token(u):
     # the first and the last tokens are dropped; the draw must land on a kept one whatever u is
     x = torch.tensor([-50.0, 1.0, 2.0, 3.0, -50.0])
     params = SamplingParams(min_p=0.01)
     result = apply_chain(x, None, params)
     assert result.probs[0] == 0 and result.probs[-1] == 0
 
-    def fixed_rand(*size, generator=None, dtype=None, device=None):
-        return torch.full(size, u, dtype=dtype, device=device)
+    class Fixed:
+        def random(self) -> float:
+            return u
 
-    monkeypatch.setattr(torch, "rand", fixed_rand)
-    assert sample(result, params, torch.Generator()) == (1 if u == 0.0 else 3)
+    assert sample(result, params, Fixed()) == (1 if u == 0.0 else 3)
 
 
 @pytest.mark.parametrize(
@@ -447,7 +460,7 @@ def test_the_decode_loop_skips_the_chain_only_when_it_would_pick_the_raw_argmax(
         logits = torch.randn(50, generator=generator) * 3
         context = torch.argsort(logits, descending=True)[:2]  # the penalties hit the two most likely tokens
         chain = apply_chain(logits, context, params)
-        pick = sample(chain, params, torch.Generator().manual_seed(1))
+        pick = sample(chain, params, new_generator(1))
         if sampling.picks_argmax(params):
             assert pick == int(torch.argmax(logits))
             assert chain.probs[pick] == 1.0

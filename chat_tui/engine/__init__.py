@@ -1,6 +1,7 @@
 """The engine: models, tokenizers, sampling and the decode loop, with no UI.
 
-Nothing heavy is imported here: torch and transformers load inside `load_engine`.
+Nothing heavy is imported here. `load_engine` loads transformers (and torch) for a Hugging Face
+model; a mini-GPT on the CPU runs in numpy and never imports torch.
 """
 
 from __future__ import annotations

@@ -3,20 +3,24 @@
 Loading checks the config against sane limits before allocating anything, loads the weights
 strictly, and never unpickles: safetensors only, or `torch.load(weights_only=True)` for a
 `model.pt` state dict. Every failure is a CheckpointError with one line naming the file.
+
+`read_checkpoint` reads a safetensors folder as numpy arrays without importing torch (the CPU
+decoder runs on them); `load_model` builds the torch model from the same arrays.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import fields
+import struct
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from chat_tui.engine.files import atomic_write_bytes
-from chat_tui.engine.model import ACTIVATIONS, GPT, GPTConfig
+from chat_tui.engine.gptconfig import ACTIVATIONS, GPTConfig, parameter_shapes
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.tokenizer import ChatTokenizer
 from chat_tui.engine.types import CheckpointError
@@ -34,6 +38,14 @@ LIMITS = {
 }
 MAX_PARAMETERS = 20_000_000_000
 TIED = "lm_head.weight"  # tied to transformer.wte.weight, not stored twice
+# config.json's list of token ids the weights never learned (the special tokens a nanoGPT import
+# appends): the decoder gives them logit -inf so they neither compete nor take probability
+UNTRAINED = "untrained_token_ids"
+
+if TYPE_CHECKING:
+    import torch
+
+    from chat_tui.engine.model import GPT
 
 
 def _fail(path: Path, what: str) -> CheckpointError:
@@ -41,6 +53,10 @@ def _fail(path: Path, what: str) -> CheckpointError:
 
 
 def read_config(folder: Path) -> GPTConfig:
+    return _config_from(folder, _config_data(folder))
+
+
+def _config_data(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not folder.exists():
         raise _fail(folder, "no such checkpoint folder")
@@ -56,6 +72,11 @@ def read_config(folder: Path) -> GPTConfig:
         raise _fail(path, "must hold a JSON object")
     if data.get("model_type") != MODEL_TYPE:
         raise _fail(path, f"model_type is {data.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    return data
+
+
+def _config_from(folder: Path, data: dict[str, Any]) -> GPTConfig:
+    path = folder / "config.json"
     values: dict[str, Any] = {}
     for f in fields(GPTConfig):
         if f.name not in data:
@@ -80,6 +101,15 @@ def read_config(folder: Path) -> GPTConfig:
     return config
 
 
+def _untrained_ids(folder: Path, data: dict[str, Any], config: GPTConfig) -> tuple[int, ...]:
+    ids = data.get(UNTRAINED, [])
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size for i in ids
+    ):
+        raise _fail(folder / "config.json", f"{UNTRAINED} must be a list of token ids below {config.vocab_size}")
+    return tuple(sorted(set(ids)))
+
+
 def read_generation_config(folder: Path) -> SamplingParams:
     path = folder / "generation_config.json"
     if not path.is_file():
@@ -95,19 +125,27 @@ def read_generation_config(folder: Path) -> SamplingParams:
         raise _fail(path, f"invalid ({exc})") from None
 
 
-def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def load_arrays(folder: Path) -> dict[str, np.ndarray]:
+    """The stored tensors as numpy arrays; torch is imported only for a pickle-format file or bfloat16."""
     weights = folder / WEIGHTS
     if weights.is_file():
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         try:
-            return load_file(str(weights))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            if "BF16" not in _safetensors_dtypes(weights):
+                from safetensors.numpy import load_file
+
+                return load_file(str(weights))
+            from safetensors.torch import load_file as load_torch  # numpy has no bfloat16
+
+            return {k: v.float().numpy() for k, v in load_torch(str(weights)).items()}
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
             raise _fail(weights, f"unreadable or truncated ({_first_line(exc)})") from None
     for name in PICKLE_WEIGHTS:
         path = folder / name
         if path.is_file():
+            import torch
+
             try:
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
@@ -116,8 +154,21 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                 state = state["model"]  # a training checkpoint
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise _fail(path, "does not hold a state dict of tensors")
-            return state
+            return {k: v.detach().float().numpy() for k, v in state.items()}
     raise _fail(weights, "missing (a checkpoint folder needs model.safetensors)")
+
+
+def _safetensors_dtypes(path: Path) -> set[str]:
+    """The dtypes named in a safetensors header (8-byte length, then JSON)."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100_000_000:
+            raise ValueError("header too large")
+        header = json.loads(f.read(size))
+    return {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -125,9 +176,24 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, ChatTokenizer, SamplingParams]:
+@dataclass
+class Checkpoint:
+    """A checkpoint folder read without torch: its config, float32 weights, tokenizer and defaults."""
+
+    folder: Path
+    config: GPTConfig
+    arrays: dict[str, np.ndarray]  # float32, names as GPT's state dict, without the tied output head
+    tokenizer: ChatTokenizer
+    defaults: SamplingParams
+    untrained_token_ids: tuple[int, ...] = ()
+
+
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """Read and check a checkpoint folder (torch-free for safetensors weights)."""
     folder = Path(folder)
-    config = read_config(folder)
+    data = _config_data(folder)
+    config = _config_from(folder, data)
+    untrained = _untrained_ids(folder, data, config)
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise _fail(tokenizer_path, "missing (a checkpoint folder needs tokenizer.json)")
@@ -138,12 +204,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     if tokenizer.vocab_size > config.vocab_size:
         raise _fail(tokenizer_path, f"has {tokenizer.vocab_size} tokens, the model only {config.vocab_size}")
     defaults = read_generation_config(folder)
-    state = load_state_dict(folder)
+    state = load_arrays(folder)
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a compiled model
     state.pop(TIED, None)
-    with torch.device("meta"):
-        model = GPT(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != TIED}
+    expected = parameter_shapes(config)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     where = folder / WEIGHTS if (folder / WEIGHTS).is_file() else folder
@@ -154,11 +218,28 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
             raise _fail(where, f"does not match config.json: {name} has shape {tuple(state[name].shape)}, expected {shape}")
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+    return Checkpoint(folder, config, arrays, tokenizer, defaults, untrained)
+
+
+def model_from_arrays(config: GPTConfig, arrays: dict[str, np.ndarray], device: str | torch.device = "cpu") -> GPT:
+    """The torch model holding `arrays` (copied), in eval mode on `device`."""
+    import torch
+
+    from chat_tui.engine.model import GPT
+
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()}
     model = GPT(config)
     model.load_state_dict({**state, TIED: state["transformer.wte.weight"]}, strict=True)
     model.to(device)
     model.eval()
-    return model, tokenizer, defaults
+    return model
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, ChatTokenizer, SamplingParams]:
+    checkpoint = read_checkpoint(folder)
+    model = model_from_arrays(checkpoint.config, checkpoint.arrays, device)
+    return model, checkpoint.tokenizer, checkpoint.defaults
 
 
 def checkpoint_hash(folder: str | Path) -> str:

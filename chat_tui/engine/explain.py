@@ -7,7 +7,7 @@
   inspector's rows must equal).
 - `replay_chain`: the sampling chain run again on a Step's stored top-256 raw logits under other
   settings: which of them it keeps, their probabilities and, for each dropped one, the stage that
-  dropped it. No regeneration and no forward pass.
+  dropped it. No regeneration and no forward pass, and no torch: the chain is numpy.
 
 The tokens outside the stored 256 are known only through the softmax normaliser (their total
 probability, each no more likely than the 256th). `replay_chain` runs the chain on two extreme
@@ -32,8 +32,8 @@ from chat_tui.engine.types import EngineError, Step
 if TYPE_CHECKING:
     import torch
 
-# torch (and the sampling chain, which uses it) load inside the functions that compute: the app
-# unpickles an Explanation or a ChainReplay made in the model's process without importing torch
+# torch loads inside the functions that compute with the model: the app unpickles an Explanation or
+# a ChainReplay made in the model's process without importing torch (the sampling chain is numpy)
 
 # replay_chain never builds a tail model of more pseudo-tokens than this
 MAX_TAIL_TOKENS = 1 << 18
@@ -265,16 +265,13 @@ def _tail_models(top_logits: np.ndarray, logsumexp: float, tail_mass: float, tai
 
 
 def _run(top_logits: np.ndarray, tail: np.ndarray | None, local_context: list[int], params: SamplingParams):
-    import torch
-
     from chat_tui.engine.sampling import apply_chain
 
     k = top_logits.size
     values = top_logits.astype(np.float64) if tail is None else np.concatenate([top_logits.astype(np.float64), tail])
-    logits = torch.from_numpy(values.astype(np.float32))
-    result = apply_chain(logits, local_context, params, track=True)
-    dropped = result.dropped_by.numpy()
-    probs = result.probs.double().numpy()
+    result = apply_chain(values.astype(np.float32), local_context, params, track=True)
+    dropped = result.dropped_by
+    probs = result.probs.astype(np.float64)
     tail_kept = bool((dropped[k:] == -1).any()) if tail is not None else False
     return probs[:k], dropped[:k].copy(), tail_kept
 

@@ -2,22 +2,28 @@
 
 A backend supplies a `Runner` (prefill the prompt, feed one token) and its tokenizer functions;
 this module does the rest the same way for all of them: fitting the conversation into the
-context, the sampling chain, streaming-safe text, stop strings, candidates, timing and cancel.
+context, the sampling chain, streaming-safe text, stop strings, candidates, sliding the window
+when the context fills, timing and cancel.
+
+It works in numpy and never imports torch: a runner may hand back numpy arrays (the mini-GPT on
+the CPU) or torch tensors (converted here); a torch runner's calls run under
+`torch.inference_mode()` when torch is already loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from chat_tui.engine.sampling import apply_chain, picks_argmax, sample
+from chat_tui.engine.sampling import apply_chain, new_generator, picks_argmax, sample
 from chat_tui.engine.stopping import StopStringFilter
 from chat_tui.engine.types import (
     Candidate,
@@ -32,16 +38,24 @@ from chat_tui.engine.types import (
 )
 
 RAW_LOGITS_KEPT = 256  # per step, for replaying the sampling chain with other settings
+# when the context is full, the window slides: the last SLIDE_KEEP of it are prefilled again, so the
+# window fills (and slides) again only after another quarter of it has been generated
+SLIDE_KEEP = 0.75
+
+Array = Any  # a numpy array, or a torch tensor from a torch runner
 
 
 class Runner(Protocol):
-    """A model with a KV cache, as the loop drives it."""
+    """A model with a KV cache, as the loop drives it.
 
-    def prefill(self, ids: Sequence[int], inspect: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    `prefill` starts afresh (it is also how the window slides): whatever it cached before is gone.
+    """
+
+    def prefill(self, ids: Sequence[int], inspect: bool) -> tuple[Array, Array | None]:
         """Logits [V] after the last prompt token; attention (layers, heads, P, P) when inspecting."""
         ...
 
-    def feed(self, token_id: int, inspect: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def feed(self, token_id: int, inspect: bool) -> tuple[Array, Array | None]:
         """Append one token: the next logits [V] and its attention row (layers, heads, position + 1)."""
         ...
 
@@ -128,17 +142,66 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
 
 
-def _logsumexp(raw: torch.Tensor, raw_np: np.ndarray) -> float:
-    """log Σ exp(logits), the normaliser of the raw probabilities."""
-    if raw_np.size <= 32768:  # numpy is faster up to about this size, torch beyond it
-        peak = raw_np.max()
-        if np.isfinite(peak):
-            return float(peak + np.log(np.exp(raw_np - peak).sum(dtype=np.float64)))
-    return float(torch.logsumexp(raw, dim=-1))
+def _row(logits: Array) -> np.ndarray:
+    """One row of logits as float32 numpy (shared, not copied, when it already is)."""
+    if not isinstance(logits, np.ndarray):
+        logits = logits.detach().float().cpu().numpy()
+    return np.ascontiguousarray(logits, dtype=np.float32).reshape(-1)
 
 
-def _to_numpy16(t: torch.Tensor | None):
-    return None if t is None else t.detach().to("cpu", torch.float16).numpy()
+def _logsumexp(raw: np.ndarray, model_name: str | None) -> float:
+    """log Σ exp(logits), the normaliser of the raw probabilities; NaN logits are an EngineError."""
+    peak = raw.max()  # NaN anywhere makes the max NaN: the check costs nothing
+    if np.isnan(peak):
+        where = f"{model_name}: " if model_name else ""
+        raise EngineError(f"{where}the model produced NaN; the checkpoint is broken")
+    if not np.isfinite(peak):  # every token masked (-inf) or an overflow (+inf)
+        return float(peak)
+    return float(peak + np.log(np.exp(raw - peak).sum(dtype=np.float64)))
+
+
+def _attention16(matrix: Array | None) -> np.ndarray | None:
+    if matrix is None:
+        return None
+    if not isinstance(matrix, np.ndarray):
+        return matrix.detach().to("cpu").half().numpy()
+    return matrix.astype(np.float16)
+
+
+def _pad_keys(row: np.ndarray | None, length: int) -> np.ndarray | None:
+    """(layers, heads, keys) left-padded with zeros to `length` keys (a slid window sees fewer)."""
+    if row is None or row.shape[-1] >= length:
+        return row
+    padded = np.zeros((*row.shape[:-1], length), dtype=row.dtype)
+    padded[..., length - row.shape[-1] :] = row
+    return padded
+
+
+def _torch_context(runner: Runner) -> Callable[[], contextlib.AbstractContextManager]:
+    """What the runner's calls run under: `torch.inference_mode()` for a torch runner (torch is
+    loaded then), nothing for one that says `uses_torch = False`."""
+    torch = sys.modules.get("torch")
+    if torch is None or not getattr(runner, "uses_torch", True):
+        return contextlib.nullcontext
+    return torch.inference_mode
+
+
+class _History:
+    """The ids so far (prompt and reply), grown by doubling; the penalties read them."""
+
+    def __init__(self, ids: Sequence[int], capacity: int) -> None:
+        self.ids = np.zeros(max(capacity, len(ids), 1), dtype=np.int64)
+        self.ids[: len(ids)] = ids
+        self.n = len(ids)
+
+    def append(self, token: int) -> None:
+        if self.n == self.ids.size:
+            self.ids = np.concatenate([self.ids, np.zeros_like(self.ids)])
+        self.ids[self.n] = token
+        self.n += 1
+
+    def view(self) -> np.ndarray:
+        return self.ids[: self.n]
 
 
 def run_stream(
@@ -153,16 +216,23 @@ def run_stream(
     params: ParamsSource,
     inspect: bool,
     cancel: threading.Event | None,
+    model_name: str | None = None,
 ) -> Iterator[Step]:
-    """Generate a reply, one Step per token. See `chat_tui.engine.types.Step`."""
+    """Generate a reply, one Step per token. See `chat_tui.engine.types.Step`.
+
+    When the context is full the window slides (unless `params.slide_context` is off): the last
+    SLIDE_KEEP of the sequence is prefilled again and the reply goes on, each Step's
+    `window_start` telling the first position the model still sees.
+    """
     started = time.perf_counter()
     first = resolve_params(params)
     reserve = max(1, min(first.max_new_tokens, context_length // 2))
     fitted = fit_to_context(conversation, render, context_length - reserve)
     seed = first.seed if first.seed is not None else secrets.randbits(63)
-    generator = torch.Generator().manual_seed(seed)
+    generator = new_generator(seed)
+    torch_context = _torch_context(runner)
 
-    with torch.inference_mode():
+    with torch_context():
         logits, prompt_attention = runner.prefill(fitted.ids, inspect)
         prompt = PromptInfo(
             ids=list(fitted.ids),
@@ -172,102 +242,109 @@ def run_stream(
             dropped_tokens=fitted.dropped_tokens,
             seed=seed,
             prefill_s=time.perf_counter() - started,
-            attention=_to_numpy16(prompt_attention),
+            attention=_attention16(prompt_attention),
         )
-        history = torch.empty(context_length + 1, dtype=torch.long)
-        history[: len(fitted.ids)] = torch.tensor(fitted.ids, dtype=torch.long)
-        n_history = len(fitted.ids)
-        detok = IncrementalDetokenizer(decode)
-        stops = StopStringFilter(first.stop)
-        stop_strings = first.stop
-        position = len(fitted.ids)
+    history = _History(fitted.ids, context_length + 1)
+    detok = IncrementalDetokenizer(decode)
+    stops = StopStringFilter(first.stop)
+    stop_strings = first.stop
+    position = len(fitted.ids)
+    window_start = 0  # the first position the model sees (moves when the window slides)
+    keep_on_slide = max(1, int(context_length * SLIDE_KEEP))
+    last_time = time.perf_counter()
+    index = 0
+    while True:
+        current = resolve_params(params)
+        if current.stop != stop_strings:  # new stop strings apply from here on
+            released = stops.flush()
+            stops, stop_strings = StopStringFilter(current.stop), current.stop
+        else:
+            released = ""
+        raw = _row(logits)
+        log_z = _logsumexp(raw, model_name)
+        chain_probs: np.ndarray | None = None
+        if picks_argmax(current):  # the chain would change nothing: skip its copy of the vocabulary
+            token = int(raw.argmax())
+        else:
+            chain = apply_chain(raw, history.view(), current)
+            token = sample(chain, current, generator)
+            chain_probs = chain.probs
+
+        # The candidates: one partial sort, then plain numpy/Python on 256 numbers.
+        k = min(RAW_LOGITS_KEPT, raw.size)
+        top_ids = np.argpartition(raw, raw.size - k)[raw.size - k :] if k < raw.size else np.arange(raw.size)
+        top_ids = top_ids[np.argsort(-raw[top_ids], kind="stable")]
+        top_logits = raw[top_ids]
+        n_top = min(current.top_candidates, k)
+        top_ids_list = top_ids[:n_top].tolist()
+        top_raw = np.exp(top_logits[:n_top] - log_z).tolist()
+        if chain_probs is None:  # greedy: all of the chain's probability is on the argmax
+            top_chain = [1.0 if i == token else 0.0 for i in top_ids_list]
+            chain_prob = 1.0
+        else:
+            top_chain = chain_probs[top_ids[:n_top]].tolist()
+            chain_prob = float(chain_probs[token])
+        prob = float(np.exp(float(raw[token]) - log_z))
+
+        finish: str | None = None
+        if token in eos_ids:
+            finish = "eos"
+        else:
+            delta = detok.push(token)
+            text, stopped = stops.feed(delta)
+            released += text
+            if stopped:
+                finish = "stop"
+        if finish is None and index + 1 >= current.max_new_tokens:
+            finish = "length"
+        if finish is None and not current.slide_context and position + 1 >= context_length:
+            finish = "context"  # the next token would fall outside the window
+        if finish is None and cancel is not None and cancel.is_set():
+            finish = "cancelled"
+
+        history.append(token)
+        attention = None
+        if finish is None or (inspect and position - window_start < context_length):
+            # a finished reply is fed only for its attention row
+            with torch_context():
+                if position - window_start < context_length:
+                    logits, row = runner.feed(token, inspect)
+                    attention = _attention16(row)
+                else:  # the window is full: slide it, prefilling the newest tokens again
+                    window_start = position + 1 - keep_on_slide
+                    logits, matrix = runner.prefill(history.view()[window_start:].tolist(), inspect)
+                    matrix = _attention16(matrix)
+                    attention = None if matrix is None else matrix[:, :, -1]
+            attention = _pad_keys(attention, position + 1)
+        if finish is not None and finish != "stop":
+            released += stops.feed(detok.flush())[0] + stops.flush()
+
+        now = time.perf_counter()
+        yield Step(
+            index=index,
+            position=position,
+            token_id=token,
+            token=token_text(token),
+            text=released,
+            prob=prob,
+            chain_prob=chain_prob,
+            top=[
+                Candidate(i, token_text(i), p, c)
+                for i, p, c in zip(top_ids_list, top_raw, top_chain, strict=True)
+            ],
+            attention=attention,
+            top_ids=top_ids,
+            top_logits=top_logits,
+            logsumexp=log_z,
+            step_s=now - last_time,
+            elapsed_s=now - started,
+            finish_reason=finish,  # type: ignore[arg-type]
+            prompt=prompt if index == 0 else None,
+            params=current,
+            window_start=window_start,
+        )
         last_time = time.perf_counter()
-        index = 0
-        while True:
-            current = resolve_params(params)
-            if current.stop != stop_strings:  # new stop strings apply from here on
-                released = stops.flush()
-                stops, stop_strings = StopStringFilter(current.stop), current.stop
-            else:
-                released = ""
-            # sampling runs on the CPU: the generator is a CPU one, and the token id is needed here anyway
-            raw = logits.detach().to("cpu", torch.float32).contiguous()
-            raw_np = raw.numpy()  # shares memory: numpy is cheaper than torch on one small row
-            chain_probs: torch.Tensor | None = None
-            if picks_argmax(current):  # the chain would change nothing: skip its copy of the vocabulary
-                token = int(raw_np.argmax())
-            else:
-                chain = apply_chain(raw, history[:n_history], current)
-                token = sample(chain, current, generator)
-                chain_probs = chain.probs
-
-            # The candidates: one top-k, then plain numpy/Python on 256 numbers.
-            log_z = _logsumexp(raw, raw_np)
-            k = min(RAW_LOGITS_KEPT, raw_np.size)
-            top_logits_t, top_ids_t = torch.topk(raw, k)
-            top_logits, top_ids = top_logits_t.numpy(), top_ids_t.numpy()
-            n_top = min(current.top_candidates, k)
-            top_ids_list = top_ids[:n_top].tolist()
-            top_raw = np.exp(top_logits[:n_top] - log_z).tolist()
-            if chain_probs is None:  # greedy: all of the chain's probability is on the argmax
-                top_chain = [1.0 if i == token else 0.0 for i in top_ids_list]
-                chain_prob = 1.0
-            else:
-                top_chain = chain_probs[top_ids_t[:n_top]].tolist()
-                chain_prob = float(chain_probs[token])
-            prob = float(np.exp(float(raw_np[token]) - log_z))
-
-            finish: str | None = None
-            if token in eos_ids:
-                finish = "eos"
-            else:
-                delta = detok.push(token)
-                text, stopped = stops.feed(delta)
-                released += text
-                if stopped:
-                    finish = "stop"
-            if finish is None and index + 1 >= current.max_new_tokens:
-                finish = "length"
-            if finish is None and position + 1 >= context_length:
-                finish = "context"  # the next token would fall outside the window
-            if finish is None and cancel is not None and cancel.is_set():
-                finish = "cancelled"
-
-            history[n_history] = token
-            n_history += 1
-            attention = None
-            if finish is None or inspect:  # a finished reply is fed only for its attention row
-                logits, row = runner.feed(token, inspect)
-                attention = _to_numpy16(row)
-            if finish is not None and finish != "stop":
-                released += stops.feed(detok.flush())[0] + stops.flush()
-
-            now = time.perf_counter()
-            yield Step(
-                index=index,
-                position=position,
-                token_id=token,
-                token=token_text(token),
-                text=released,
-                prob=prob,
-                chain_prob=chain_prob,
-                top=[
-                    Candidate(i, token_text(i), p, c)
-                    for i, p, c in zip(top_ids_list, top_raw, top_chain, strict=True)
-                ],
-                attention=attention,
-                top_ids=top_ids,
-                top_logits=top_logits,
-                logsumexp=log_z,
-                step_s=now - last_time,
-                elapsed_s=now - started,
-                finish_reason=finish,  # type: ignore[arg-type]
-                prompt=prompt if index == 0 else None,
-                params=current,
-            )
-            last_time = time.perf_counter()
-            if finish is not None:
-                return
-            index += 1
-            position += 1
-
+        if finish is not None:
+            return
+        index += 1
+        position += 1

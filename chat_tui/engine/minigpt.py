@@ -1,31 +1,41 @@
-"""The mini-GPT backend: our own model and tokenizer behind the Engine protocol."""
+"""The mini-GPT backend: our own model and tokenizer behind the Engine protocol.
+
+On the CPU (the default) the model runs in numpy on the checkpoint's arrays, read with
+`safetensors.numpy`: answering a prompt never imports torch, which takes longer to import than the
+bundled model takes to load and reply. torch drives it on a GPU, and builds the `GPT` module only
+when something needs it (the attention inspector's explanations, training, export).
+"""
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import json
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
-from torch.nn import functional as F
 
 from chat_tui.engine.chat_formats import PLAIN_STOP, TEXT_FORMATS, render_text, with_stops
-from chat_tui.engine.checkpoint import checkpoint_hash, load_model
+from chat_tui.engine.checkpoint import TIED, checkpoint_hash, model_from_arrays, read_checkpoint
 from chat_tui.engine.generation import run_stream
-from chat_tui.engine.model import GPT, KVCache
+from chat_tui.engine.gptconfig import ACTIVATIONS, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, ChatTokenizer
 from chat_tui.engine.types import Conversation, EngineError, Message, MessageSpan, ParamsSource, Step
 
+if TYPE_CHECKING:
+    from chat_tui.engine.model import GPT
+
 
 def best_device() -> str:
+    """The fastest torch device here (imports torch: for a Hugging Face model or an explicit GPU)."""
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -35,52 +45,71 @@ def best_device() -> str:
 
 @dataclass
 class DecodeLayer:
-    ln_1: tuple[torch.Tensor, torch.Tensor]
-    attn: tuple[torch.Tensor, torch.Tensor]  # (in, out) weight, bias
-    attn_proj: tuple[torch.Tensor, torch.Tensor]
-    ln_2: tuple[torch.Tensor, torch.Tensor]
-    fc: tuple[torch.Tensor, torch.Tensor]
-    fc_proj: tuple[torch.Tensor, torch.Tensor]
+    ln_1: tuple[Any, Any]
+    attn: tuple[Any, Any]  # (in, out) weight, bias
+    attn_proj: tuple[Any, Any]
+    ln_2: tuple[Any, Any]
+    fc: tuple[Any, Any]
+    fc_proj: tuple[Any, Any]
 
 
 @dataclass
 class DecodeWeights:
-    """The model's weights laid out for one-token decoding.
+    """The model's weights laid out for decoding: numpy arrays on the CPU, torch tensors on a GPU.
 
     One query makes every projection a matrix-vector product, and the CPU BLAS runs that about
-    twice as fast on an (in, out) matrix (GPT-2's Conv1D layout, `addmm`) as on nn.Linear's
-    (out, in). So decoding keeps transposed copies, made once per engine.
+    twice as fast on an (in, out) matrix (GPT-2's Conv1D layout) as on nn.Linear's (out, in).
+    So decoding keeps transposed copies, made once per engine.
     """
 
     layers: list[DecodeLayer]
-    ln_f: tuple[torch.Tensor, torch.Tensor]
-    lm_head: torch.Tensor  # (n_embd, vocab)
-    wte: torch.Tensor
-    wpe: torch.Tensor
+    ln_f: tuple[Any, Any]
+    lm_head: Any  # (n_embd, vocab)
+    wte: Any
+    wpe: Any
     scale: float  # 1 / sqrt(head_dim)
-    approximate: str  # the GELU's
-    _numpy: DecodeWeights | None = None
+    approximate: str  # the GELU's: "tanh" or "none" (exact)
 
-    def numpy(self) -> DecodeWeights:
-        """The same weights as numpy arrays sharing their memory (CPU only), made once."""
-        if self._numpy is None:
-            def n(pair):
-                return tuple(t.numpy() for t in pair)
+    @classmethod
+    def from_arrays(cls, config: GPTConfig, arrays: dict[str, np.ndarray]) -> DecodeWeights:
+        """The numpy layout, from a state dict of float32 arrays (GPT's names)."""
 
-            layers = [
-                DecodeLayer(*(n(p) for p in (y.ln_1, y.attn, y.attn_proj, y.ln_2, y.fc, y.fc_proj)))
-                for y in self.layers
-            ]
-            self._numpy = DecodeWeights(layers, n(self.ln_f), self.lm_head.numpy(), self.wte.numpy(),
-                                        self.wpe.numpy(), self.scale, self.approximate)
-        return self._numpy
+        def t(name: str) -> tuple[np.ndarray, np.ndarray]:
+            return np.ascontiguousarray(arrays[name + ".weight"].T), arrays[name + ".bias"]
+
+        def ln(name: str) -> tuple[np.ndarray, np.ndarray]:
+            return arrays[name + ".weight"], arrays[name + ".bias"]
+
+        layers = []
+        for i in range(config.n_layer):
+            b = f"transformer.h.{i}."
+            layers.append(DecodeLayer(ln(b + "ln_1"), t(b + "attn.c_attn"), t(b + "attn.c_proj"), ln(b + "ln_2"),
+                                      t(b + "mlp.c_fc"), t(b + "mlp.c_proj")))
+        wte = arrays["transformer.wte.weight"]
+        return cls(layers, ln("transformer.ln_f"), np.ascontiguousarray(wte.T), wte, arrays["transformer.wpe.weight"],
+                   1.0 / math.sqrt(config.n_embd // config.n_head), ACTIVATIONS[config.activation])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The numpy layout back as a state dict (GPT's names and shapes; views, no copies)."""
+        state = {"transformer.wte.weight": self.wte, "transformer.wpe.weight": self.wpe,
+                 "transformer.ln_f.weight": self.ln_f[0], "transformer.ln_f.bias": self.ln_f[1]}
+        for i, y in enumerate(self.layers):
+            b = f"transformer.h.{i}."
+            for name, (weight, bias) in (("ln_1", y.ln_1), ("ln_2", y.ln_2)):
+                state[b + name + ".weight"], state[b + name + ".bias"] = weight, bias
+            for name, (weight, bias) in (("attn.c_attn", y.attn), ("attn.c_proj", y.attn_proj),
+                                         ("mlp.c_fc", y.fc), ("mlp.c_proj", y.fc_proj)):
+                state[b + name + ".weight"], state[b + name + ".bias"] = weight.T, bias
+        return state
 
     @classmethod
     def from_model(cls, model: GPT) -> DecodeWeights:
-        def t(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch layout, sharing the model's device and dtype."""
+
+        def t(linear) -> tuple[Any, Any]:
             return linear.weight.detach().t().contiguous(), linear.bias.detach()
 
-        def ln(norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        def ln(norm) -> tuple[Any, Any]:
             return norm.weight.detach(), norm.bias.detach()
 
         layers = [
@@ -100,35 +129,70 @@ class DecodeWeights:
 
 
 class MiniGPTRunner:
-    """Drives the model through a preallocated KV cache."""
+    """Drives the model through a preallocated KV cache: in numpy (`weights` in the numpy layout,
+    no `model`), or in torch (`model` given: a GPU, or a dtype other than float32).
 
-    def __init__(self, model: GPT, device: torch.device, weights: DecodeWeights | None = None) -> None:
+    `masked_ids` (tokens the checkpoint never learned) get logit -inf in every row it returns.
+    """
+
+    def __init__(self, config: GPTConfig, weights: DecodeWeights, *, model: GPT | None = None,
+                 masked_ids: Sequence[int] = ()) -> None:
+        self.config = config
+        self.weights = weights
         self.model = model
-        self.device = device
-        self.weights = weights if weights is not None else DecodeWeights.from_model(model)
-        dtype = next(model.parameters()).dtype
-        self.cache = KVCache(model.config, device=device, dtype=dtype)
         # On the CPU in float32, numpy's BLAS does these matrix-vector products near memory speed
         # (about 1.8x torch's addmm here) and its small ops cost a microsecond, not five.
-        self.numpy_path = device.type == "cpu" and dtype == torch.float32
+        self.numpy_path = model is None
+        self.uses_torch = model is not None  # the decode loop enters torch.inference_mode for it
+        self.masked = np.asarray(sorted(masked_ids), dtype=np.int64)
+        head_dim = config.n_embd // config.n_head
+        if self.numpy_path:
+            self.kv = np.zeros((config.n_layer, 2, config.n_head, config.block_size, head_dim), dtype=np.float32)
+            self.length = 0
+        else:
+            from chat_tui.engine.model import KVCache
+
+            parameter = next(model.parameters())
+            self.cache = KVCache(config, device=parameter.device, dtype=parameter.dtype)
 
     def prefill(self, ids: Sequence[int], inspect: bool):
-        self.cache.reset()
-        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        logits, _, attention = self.model(x, cache=self.cache, capture=inspect, last_only=True)
-        matrix = None
-        if attention is not None:
-            matrix = torch.stack([weights[0] for _, weights in attention])  # (layers, heads, P, P)
-        return logits[0, -1], matrix
+        """Start afresh with `ids`: the logits [V] after the last one and, when inspecting, the
+        attention (layers, heads, P, P)."""
+        if len(ids) > self.config.block_size:
+            raise ValueError(f"sequence of {len(ids)} tokens is longer than the context ({self.config.block_size})")
+        if self.numpy_path:
+            logits, matrix = self._prefill_numpy(ids, inspect)
+        else:
+            import torch
+
+            self.cache.reset()
+            x = torch.tensor([list(ids)], dtype=torch.long, device=self.cache.kv.device)
+            out, _, attention = self.model(x, cache=self.cache, capture=inspect, last_only=True)
+            logits = out[0, -1]
+            matrix = None
+            if attention is not None:
+                matrix = torch.stack([weights[0] for _, weights in attention])  # (layers, heads, P, P)
+        return self._out(logits), matrix
 
     def feed(self, token_id: int, inspect: bool):
         """One token through the cache: the next logits [V] and, when inspecting, its attention row."""
-        block_size = self.model.config.block_size
-        if self.cache.length >= block_size:
-            raise ValueError(f"sequence of {self.cache.length + 1} tokens is longer than the context ({block_size})")
+        length = self.length if self.numpy_path else self.cache.length
+        if length >= self.config.block_size:
+            raise ValueError(f"sequence of {length + 1} tokens is longer than the context ({self.config.block_size})")
         if self.numpy_path:
-            return self._feed_numpy(token_id, inspect)
-        return self._feed_torch(token_id, inspect)
+            logits, row = self._feed_numpy(token_id, inspect)
+        else:
+            logits, row = self._feed_torch(token_id, inspect)
+        return self._out(logits), row
+
+    def _out(self, logits) -> np.ndarray:
+        """float32 numpy logits with the never-learned tokens masked."""
+        if not isinstance(logits, np.ndarray):
+            logits = logits.detach().float().cpu().numpy()
+        if self.masked.size:
+            logits = logits.copy() if not logits.flags.writeable else logits
+            logits[self.masked] = -np.inf
+        return logits
 
     def _feed_torch(self, token_id: int, inspect: bool):
         """One token through the cache: the model's own math, written for a single query.
@@ -139,8 +203,11 @@ class MiniGPTRunner:
         weights it needs anyway are the inspector's row, so capturing attention costs almost
         nothing. Tested equal to `GPT.forward` with the cache (tests/test_engine.py).
         """
+        import torch
+        from torch.nn import functional as F
+
         cache, w = self.cache, self.weights
-        cfg = self.model.config
+        cfg = self.config
         C, nh, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon
         hd = C // nh
         pos = cache.length
@@ -167,39 +234,62 @@ class MiniGPTRunner:
         logits = torch.mm(x, w.lm_head)[0]
         return logits, (torch.stack(rows) if inspect else None)  # row: (layers, heads, position + 1)
 
-    def _feed_numpy(self, token_id: int, inspect: bool):
-        """`_feed_torch` in numpy, on the same weights and cache (views, no copies)."""
-        w = self.weights.numpy()
-        cfg = self.model.config
-        C, nh = cfg.n_embd, cfg.n_head
+    def _prefill_numpy(self, ids: Sequence[int], inspect: bool):
+        """`GPT.forward` over the prompt in numpy, filling the cache (tested equal to it)."""
+        w, cfg = self.weights, self.config
+        C, nh, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon
         hd = C // nh
-        pos = self.cache.length
+        T = len(ids)
+        x = w.wte[np.asarray(ids, dtype=np.int64)] + w.wpe[:T]  # (T, C)
+        future = np.triu(np.ones((T, T), dtype=bool), 1)  # key j after query i
+        maps = []
+        for i, layer in enumerate(w.layers):
+            h = _layer_norm(x, *layer.ln_1, eps)
+            q, k, v = (h @ layer.attn[0] + layer.attn[1]).reshape(T, 3, nh, hd).transpose(1, 2, 0, 3)
+            self.kv[i, 0, :, :T] = k  # (heads, T, head_dim)
+            self.kv[i, 1, :, :T] = v
+            scores = np.matmul(q, k.transpose(0, 2, 1)) * np.float32(w.scale)  # (heads, T, T)
+            scores[:, future] = -np.inf
+            weights = _softmax_rows(scores)
+            if inspect:
+                maps.append(weights)
+            y = np.matmul(weights, v).transpose(1, 0, 2).reshape(T, C)
+            x = x + (y @ layer.attn_proj[0] + layer.attn_proj[1])
+            h = _layer_norm(x, *layer.ln_2, eps)
+            h = _gelu(h @ layer.fc[0] + layer.fc[1], w.approximate)
+            x = x + (h @ layer.fc_proj[0] + layer.fc_proj[1])
+        self.length = T
+        last = _layer_norm(x[-1], *w.ln_f, eps)
+        return last @ w.lm_head, (np.stack(maps) if inspect else None)
+
+    def _feed_numpy(self, token_id: int, inspect: bool):
+        """`_feed_torch` in numpy, on the numpy weights and cache."""
+        w, cfg = self.weights, self.config
+        C, nh, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon
+        hd = C // nh
+        pos = self.length
         S = pos + 1
-        kv = self.cache.kv.numpy()
+        kv = self.kv
         x = w.wte[token_id] + w.wpe[pos]
         rows = []
         for i, layer in enumerate(w.layers):
-            h = _layer_norm(x, *layer.ln_1, cfg.layer_norm_epsilon)
+            h = _layer_norm(x, *layer.ln_1, eps)
             q, k, v = (h @ layer.attn[0] + layer.attn[1]).reshape(3, nh, hd)
-            keys, values = kv[i, 0, 0], kv[i, 1, 0]  # (heads, context, head_dim)
+            keys, values = kv[i, 0], kv[i, 1]  # (heads, context, head_dim)
             keys[:, pos] = k
             values[:, pos] = v
             scores = np.matmul(keys[:, :S], q[:, :, None])[:, :, 0] * w.scale  # (heads, S)
-            scores -= scores.max(axis=-1, keepdims=True)
-            weights = np.exp(scores)
-            weights /= weights.sum(axis=-1, keepdims=True)
+            weights = _softmax_rows(scores)
             if inspect:
                 rows.append(weights)
             y = np.matmul(weights[:, None, :], values[:, :S])[:, 0].reshape(C)
             x = x + (y @ layer.attn_proj[0] + layer.attn_proj[1])
-            h = _layer_norm(x, *layer.ln_2, cfg.layer_norm_epsilon)
-            h = h @ layer.fc[0] + layer.fc[1]
-            h = F.gelu(torch.from_numpy(h), approximate=w.approximate).numpy()
+            h = _layer_norm(x, *layer.ln_2, eps)
+            h = _gelu(h @ layer.fc[0] + layer.fc[1], w.approximate)
             x = x + (h @ layer.fc_proj[0] + layer.fc_proj[1])
-        self.cache.length = S
-        x = _layer_norm(x, *w.ln_f, cfg.layer_norm_epsilon)
-        logits = torch.from_numpy(x @ w.lm_head)
-        return logits, (torch.from_numpy(np.stack(rows)) if inspect else None)
+        self.length = S
+        x = _layer_norm(x, *w.ln_f, eps)
+        return x @ w.lm_head, (np.stack(rows) if inspect else None)  # row: (layers, heads, position + 1)
 
 
 def single_threaded_blas():
@@ -211,26 +301,39 @@ def single_threaded_blas():
 
 
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    centred = x - x.mean()
-    return centred / np.sqrt((centred * centred).mean() + eps) * weight + bias
+    centred = x - x.mean(axis=-1, keepdims=True)
+    return centred / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps) * weight + bias
+
+
+def _softmax_rows(scores: np.ndarray) -> np.ndarray:
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return weights
+
+
+_TANH_SCALE = np.float32(math.sqrt(2.0 / math.pi))
+
+
+def _gelu(x: np.ndarray, approximate: str) -> np.ndarray:
+    """torch's F.gelu in numpy: the tanh approximation, or the exact erf form."""
+    if approximate == "tanh":
+        return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(_TANH_SCALE * (x + np.float32(0.044715) * x * x * x)))
+    return (0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))).astype(np.float32)
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf in float64 (Abramowitz & Stegun 7.1.26, error below 1.5e-7): numpy has none."""
+    z = np.abs(x.astype(np.float64))
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t
+    return np.sign(x) * (1.0 - poly * np.exp(-z * z))
 
 
 NATIVE_FORMAT = "minigpt"  # the checkpoint's own chat tokens: <|bos|><|user|>…<|end|><|assistant|>
-UNTRAINED_KEY = "untrained_token_ids"  # config.json: special tokens the weights never learned (an import's)
 
 
-def untrained_token_ids(folder: Path | None) -> frozenset[int]:
-    """The ids config.json lists under `untrained_token_ids` (none for a checkpoint trained here)."""
-    if folder is None:
-        return frozenset()
-    try:
-        ids = json.loads((folder / "config.json").read_text(encoding="utf-8")).get(UNTRAINED_KEY) or ()
-        return frozenset(int(i) for i in ids)
-    except (OSError, ValueError, AttributeError, TypeError):
-        return frozenset()  # load_model has read this file already: a damaged list means none
-
-
-def choose_format(override: str | None, untrained: frozenset[int], tokenizer: ChatTokenizer) -> str:
+def choose_format(override: str | None, untrained: Sequence[int], tokenizer: ChatTokenizer) -> str:
     """The format asked for (`template` is the checkpoint's own chat tokens), else the native one,
     or `raw` for a base model whose chat tokens were never trained (an imported nanoGPT)."""
     if override in ("template", NATIVE_FORMAT):
@@ -240,7 +343,7 @@ def choose_format(override: str | None, untrained: frozenset[int], tokenizer: Ch
     if override is not None:
         raise EngineError(f"chat format {override!r} does not fit a mini-GPT checkpoint (use template, plain or raw)")
     chat_tokens = {tokenizer.special_ids[t] for t in (USER, ASSISTANT, END)}
-    return "raw" if untrained & chat_tokens else NATIVE_FORMAT
+    return "raw" if set(untrained) & chat_tokens else NATIVE_FORMAT
 
 
 class MiniGPTEngine:
@@ -248,50 +351,100 @@ class MiniGPTEngine:
     attention_unavailable: str | None = None
 
     def __init__(
-        self, model: GPT, tokenizer: ChatTokenizer, defaults: SamplingParams, *, name: str, path: Path | None = None,
+        self,
+        model: GPT | None,
+        tokenizer: ChatTokenizer,
+        defaults: SamplingParams,
+        *,
+        name: str,
+        path: Path | None = None,
+        weights: DecodeWeights | None = None,
+        config: GPTConfig | None = None,
+        untrained_token_ids: Sequence[int] = (),
         chat_format: str | None = None,
     ) -> None:
-        self.model = model
+        """Either a torch `model`, or (torch-free, on the CPU) its numpy `weights` and `config`."""
         self.tokenizer = tokenizer
         self._defaults = defaults
         self.model_name = name
         self.path = path
-        self.device = str(next(model.parameters()).device)
-        self.context_length = model.config.block_size
-        self.n_layer = model.config.n_layer
-        self.n_head = model.config.n_head
+        self._model = model
+        if model is not None:
+            config = model.config
+            parameter = next(model.parameters())
+            self.device = str(parameter.device)
+            if parameter.device.type == "cpu" and str(parameter.dtype) == "torch.float32":
+                # numpy decodes on the CPU: views of the model's own tensors
+                weights = DecodeWeights.from_arrays(
+                    config, {k: v.detach().numpy() for k, v in model.state_dict().items() if k != TIED})
+        else:
+            if weights is None or config is None:
+                raise TypeError("MiniGPTEngine needs a model, or numpy weights and their config")
+            self.device = "cpu"
+        assert config is not None
+        self.config = config
+        self._numpy_weights = weights  # None: torch decodes (a GPU, or another dtype)
+        self._torch_weights: DecodeWeights | None = None  # made at the first reply
+        self.context_length = config.block_size
+        self.n_layer = config.n_layer
+        self.n_head = config.n_head
+        self.vocab_size = config.vocab_size
+        self.untrained_token_ids = tuple(untrained_token_ids)
         self.checkpoint_hash = checkpoint_hash(path) if path is not None else "in-memory"
         # A reply ends at <|end|>; any other header means the model began a new turn itself.
         self.eos_ids = {tokenizer.special_ids[t] for t in (END, BOS, SYSTEM, USER, ASSISTANT)}
         self._lock = threading.Lock()  # one generation at a time per model
-        self._decode_weights: DecodeWeights | None = None  # made at the first reply
-        self.chat_format = choose_format(chat_format, untrained_token_ids(path), tokenizer)
+        self.chat_format = choose_format(chat_format, self.untrained_token_ids, tokenizer)
         self._format_stops = (PLAIN_STOP,) if self.chat_format == "plain" else ()
         # raw keeps special-token strings you type as the tokens (you write the format by hand), as for
         # Hugging Face models; a copy, because the shared tokenizer keeps them plain text everywhere else
         self._raw_tokenizer = Tokenizer.from_str(tokenizer.tokenizer.to_str()) if self.chat_format == "raw" else None
+
+    # explain_attention works here (it builds the torch model on first use)
+    explains = True
+
+    @property
+    def model(self) -> GPT:
+        """The torch model, built from the numpy weights on first use (this imports torch)."""
+        if self._model is None:
+            assert self._numpy_weights is not None
+            self._model = model_from_arrays(self.config, self._numpy_weights.arrays(), "cpu")
+        return self._model
 
     @classmethod
     def load(
         cls, path: str | Path, *, device: str | None = None, progress: Callable[[str], None] | None = None,
         chat_format: str | None = None,
     ) -> MiniGPTEngine:
+        """Load a checkpoint folder: on the CPU (the default) in numpy without torch, else with torch."""
         path = Path(path)
-        device = device or best_device()
         if progress:
             progress(f"loading {path.name}")
-        try:
-            torch_device = torch.device(device)
-        except RuntimeError:
-            raise EngineError(f"unknown device {device!r} (use cpu, cuda or mps)") from None
-        model, tokenizer, defaults = load_model(path, device=torch_device)
-        return cls(model, tokenizer, defaults, name=path.name, path=path, chat_format=chat_format)
+        on_cpu = device is None or device.split(":")[0] == "cpu"
+        if not on_cpu:
+            import torch
 
-    def decode_weights(self) -> DecodeWeights:
-        """The weights laid out for decoding, made at the first reply and kept."""
-        if self._decode_weights is None:
-            self._decode_weights = DecodeWeights.from_model(self.model)
-        return self._decode_weights
+            try:
+                torch_device = torch.device(device)
+            except RuntimeError:
+                raise EngineError(f"unknown device {device!r} (use cpu, cuda or mps)") from None
+        checkpoint = read_checkpoint(path)
+        common = dict(name=path.name, path=path, untrained_token_ids=checkpoint.untrained_token_ids,
+                      chat_format=chat_format)
+        if on_cpu:
+            weights = DecodeWeights.from_arrays(checkpoint.config, checkpoint.arrays)
+            return cls(None, checkpoint.tokenizer, checkpoint.defaults, weights=weights, config=checkpoint.config,
+                       **common)
+        model = model_from_arrays(checkpoint.config, checkpoint.arrays, torch_device)
+        return cls(model, checkpoint.tokenizer, checkpoint.defaults, **common)
+
+    def runner(self) -> MiniGPTRunner:
+        """A fresh runner (its own KV cache) over this engine's weights."""
+        if self._numpy_weights is not None:
+            return MiniGPTRunner(self.config, self._numpy_weights, masked_ids=self.untrained_token_ids)
+        if self._torch_weights is None:
+            self._torch_weights = DecodeWeights.from_model(self.model)
+        return MiniGPTRunner(self.config, self._torch_weights, model=self.model, masked_ids=self.untrained_token_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -330,7 +483,7 @@ class MiniGPTEngine:
         cancel: threading.Event | None = None,
     ) -> Iterator[Step]:
         with self._lock:
-            runner = MiniGPTRunner(self.model, next(self.model.parameters()).device, self.decode_weights())
+            runner = self.runner()
             with single_threaded_blas() if runner.numpy_path else contextlib.nullcontext():
                 yield from run_stream(
                     runner,
@@ -343,4 +496,5 @@ class MiniGPTEngine:
                     params=with_stops(params, self._format_stops),
                     inspect=inspect,
                     cancel=cancel,
+                    model_name=self.model_name,
                 )

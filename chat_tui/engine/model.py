@@ -12,26 +12,14 @@ the softmaxed weights, so the UI can show the real numbers. Both give the same o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from chat_tui.engine.gptconfig import ACTIVATIONS, GPTConfig
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 8192
-    block_size: int = 256  # the context length
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    dropout: float = 0.0
-    layer_norm_epsilon: float = 1e-5
-    activation: str = "gelu_tanh"  # GPT-2's tanh approximation; "gelu" (exact, erf) for nanoGPT imports
-
-    def to_dict(self) -> dict:
-        return {"model_type": "chat-tui-minigpt", **asdict(self)}
+__all__ = ["ACTIVATIONS", "GPT", "GPTConfig", "KVCache"]
 
 
 class KVCache:
@@ -110,9 +98,6 @@ def _causal_mask(T: int, S: int, past: int, device) -> torch.Tensor:
     """True where query i (at position past + i) may look at key j: j <= past + i."""
     q_pos = torch.arange(past, past + T, device=device).unsqueeze(1)
     return torch.arange(S, device=device).unsqueeze(0) <= q_pos
-
-
-ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}  # name -> F.gelu's `approximate`
 
 
 class MLP(nn.Module):

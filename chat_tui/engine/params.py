@@ -75,6 +75,13 @@ SPECS: dict[str, ParamSpec] = {
 }
 
 
+# the on/off settings, with what each does (the numeric ones are in SPECS)
+FLAGS: dict[str, str] = {
+    "slide_context": "when the context is full, slide the window and go on (off: the reply ends)",
+}
+_FLAG_WORDS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -91,11 +98,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     order: tuple[str, ...] = field(default=DEFAULT_ORDER)
     top_candidates: int = 10
+    # when the context is full: slide the window (the model then sees only the newest tokens) and
+    # go on, as nanoGPT's generate does; off, the reply ends with stop reason "context"
+    slide_context: bool = True
 
     def __post_init__(self) -> None:
         for spec in SPECS.values():
             value = getattr(self, spec.name)
             object.__setattr__(self, spec.name, check_value(spec, value))
+        for name in FLAGS:
+            object.__setattr__(self, name, check_flag(name, getattr(self, name)))
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)
@@ -141,6 +153,15 @@ class SamplingParams:
     def neutral(cls) -> SamplingParams:
         """Every processor off: plain softmax sampling at temperature 1."""
         return cls()
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A boolean, or one of the words for it ("on", "off", "true", "false", "yes", "no", "1", "0")."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _FLAG_WORDS:
+        return _FLAG_WORDS[value.strip().lower()]
+    raise InvalidParameter(name, value, "on or off")
 
 
 def check_value(spec: ParamSpec, value: Any) -> Any:

@@ -18,7 +18,8 @@ tokens (every `POLL_S` at the latest), so they apply within a token or two. Exce
 themselves (EngineError, CheckpointError, ...), with the child's traceback as a note. If the child
 dies, the app gets an EngineError that says so, never a hang; if the app dies, the child goes too.
 
-Nothing here imports torch: the child does, when it loads the model.
+Nothing here imports torch: the child does, when it loads a model that needs it (a mini-GPT on the
+CPU does not).
 """
 
 from __future__ import annotations
@@ -576,11 +577,15 @@ def _describe(engine: Any) -> dict[str, Any]:
 
     info = {name: getattr(engine, name, None) for name in ATTRIBUTES}
     info["vocab_size"] = vocab_size_of(engine)
-    try:
-        _model_of(engine)
-        info["explains"] = True
-    except ExplainUnavailable:
-        info["explains"] = False
+    explains = getattr(engine, "explains", None)  # the mini-GPT says so without building its torch model
+    if explains is not None:
+        info["explains"] = bool(explains)
+    else:
+        try:
+            _model_of(engine)
+            info["explains"] = True
+        except ExplainUnavailable:
+            info["explains"] = False
     try:
         info["default_params"] = engine.default_params()
     except Exception as exc:  # raised again when the app asks

@@ -104,6 +104,9 @@ class Step:
     finish_reason: FinishReason | None = None  # set on the last step of the stream
     prompt: PromptInfo | None = None  # set on the first step only
     params: SamplingParams | None = None  # the settings this token was sampled with
+    # the first position the model sees: 0 until the context fills and the window slides (then the
+    # model sees only the last position + 1 - window_start tokens; attention rows are 0 before it)
+    window_start: int = 0
 
 
 ParamsSource = SamplingParams | Callable[[], SamplingParams]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from chat_tui.engine.checkpoint import load_model, save_checkpoint
-from chat_tui.engine.minigpt import UNTRAINED_KEY
+from chat_tui.engine.checkpoint import UNTRAINED
 from chat_tui.engine.model import GPT, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import SPECIAL_TOKENS, ChatTokenizer
@@ -231,7 +231,7 @@ def import_nanogpt(
              "nanogpt_best_val_loss": float(raw["best_val_loss"]) if isinstance(raw.get("best_val_loss"), (int, float, torch.Tensor)) else None,
              # the chat tokens were never trained: the engine keeps them out of sampling, and the
              # default chat format is raw, until `chat-tui train sft` trains them
-             UNTRAINED_KEY: sorted(new_ids)}
+             UNTRAINED: sorted(new_ids)}
     save_checkpoint(out, model, chat_tokenizer, IMPORT_DEFAULTS, extra_config=extra)
     load_model(out)  # prove the folder loads
     if log:

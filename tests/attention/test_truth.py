@@ -119,17 +119,17 @@ def check_candidates(engine, steps, store: AttentionStore, extra: list[SamplingP
         for params in [s.params, *extra]:
             replay = replay_chain(s, context, params, vocab_size=vocab)
             full = apply_chain(logits, context, params, track=True)
-            kept_full = set(torch.nonzero(full.dropped_by == -1).flatten().tolist())
+            kept_full = set(np.flatnonzero(full.dropped_by == -1).tolist())
             if replay.exact:
                 exact += 1
                 assert not replay.tail_kept or replay.kept_ids() < kept_full
                 if not replay.tail_kept:
                     assert replay.kept_ids() == kept_full
                 np.testing.assert_allclose(
-                    replay.chain_probs, full.probs[torch.from_numpy(replay.ids)].double().numpy(), atol=1e-5
+                    replay.chain_probs, full.probs[replay.ids].astype(np.float64), atol=1e-5
                 )
                 # the dropping stage of every stored candidate is the chain's own
-                np.testing.assert_array_equal(replay.dropped_by, full.dropped_by[torch.from_numpy(replay.ids)].numpy())
+                np.testing.assert_array_equal(replay.dropped_by, full.dropped_by[replay.ids])
             else:
                 assert replay.notes  # the view says it is approximate
         # the step's own candidates, as reported while sampling, agree with the replay

@@ -1,0 +1,216 @@
+"""The mini-GPT without torch: numpy decoding equal to GPT.forward, a start that never imports torch,
+a window that slides when the context fills, NaN weights and never-learned tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch_free_setup import report_torch
+
+from chat_tui.engine import EngineError, Message, SamplingParams, collect, load_engine
+from chat_tui.engine.process import ProcessEngine
+
+HELLO = [Message("user", "Hello there! How are you today?")]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def save_tiny(folder: Path, tokenizer, *, block_size: int = 128, activation: str = "gelu_tanh", std: float = 0.02,
+              edit=None, extra_config: dict | None = None) -> Path:
+    from chat_tui.engine.checkpoint import save_checkpoint
+    from chat_tui.engine.model import GPT, GPTConfig
+
+    torch.manual_seed(1)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+                       activation=activation)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)  # wide weights: GELU's curved part and peaked distributions get exercised
+        if edit is not None:
+            edit(model)
+    save_checkpoint(folder, model, tokenizer, SamplingParams(temperature=0.0), extra_config=extra_config)
+    return folder
+
+
+def greedy_by_forward(model, ids: list[int], n: int, block_size: int) -> list[int]:
+    """nanoGPT's generate, greedy: crop to the last block_size tokens, full forward, argmax."""
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _, _ = model(torch.tensor([ids[-block_size:]]))
+            out.append(int(torch.argmax(logits[0, -1])))
+            ids.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_numpy_decoding_equals_the_torch_model(tmp_path, tiny_tokenizer, activation):
+    folder = save_tiny(tmp_path / activation, tiny_tokenizer, activation=activation, std=0.3)
+    engine = load_engine(folder, device="cpu")
+    runner = engine.runner()
+    assert runner.numpy_path and not runner.uses_torch
+    model = engine.model  # the torch model, built on first use
+    ids = torch.randint(0, tiny_tokenizer.vocab_size, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        reference = model(torch.tensor([ids]))[0][0].numpy()
+    logits, _ = runner.prefill(ids[:20], inspect=False)
+    np.testing.assert_allclose(logits, reference[19], atol=1e-4, rtol=0)
+    for position in range(20, 60):
+        logits, _ = runner.feed(ids[position], inspect=False)
+        np.testing.assert_allclose(logits, reference[position], atol=1e-4, rtol=0)
+
+    engine.eos_ids = set()
+    reply = collect(engine.stream(HELLO, SamplingParams(temperature=0, max_new_tokens=30)))
+    expected = greedy_by_forward(model, reply.prompt.ids, 30, engine.context_length)
+    assert [s.token_id for s in reply.steps] == expected
+
+
+def test_the_bundled_model_answers_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from chat_tui.cli import main\n"
+        "rc = main(['ask', 'hello', '--max-new-tokens', '8', '--seed', '1'])\n"
+        "assert rc == 0, rc\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()  # it did answer
+
+    engine = ProcessEngine.start(None, device="cpu", setup=report_torch)
+    try:
+        reply = collect(engine.stream(HELLO, SamplingParams(max_new_tokens=8, seed=1)))  # raises if torch loaded
+        assert reply.tokens >= 1
+    finally:
+        engine.close()
+
+
+# --- the window slides when the context fills -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def block64(tmp_path_factory, tiny_tokenizer) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("b64") / "block64", tiny_tokenizer, block_size=64, std=0.3)
+
+
+@pytest.mark.parametrize("inspect", [False, True])
+def test_a_full_context_slides_and_the_reply_goes_on(block64, inspect):
+    engine = load_engine(block64, device="cpu")
+    engine.eos_ids = set()  # a reply that only the length ends
+    reply = collect(engine.stream(HELLO, SamplingParams(temperature=0, max_new_tokens=150), inspect=inspect))
+    assert reply.finish_reason == "length" and reply.tokens == 150
+    assert reply.steps[-1].position > 150  # far beyond the 64 positions of the context
+    slid = [s for s in reply.steps if s.window_start > 0]
+    assert slid, "the window never slid"
+    for step in reply.steps:
+        assert step.position + 1 - step.window_start <= engine.context_length  # what the model sees fits
+        if inspect:
+            assert step.attention.shape == (engine.n_layer, engine.n_head, step.position + 1)
+            np.testing.assert_allclose(step.attention[:, :, step.window_start :].astype(np.float32).sum(-1), 1.0,
+                                       atol=2e-3)
+            assert not step.attention[:, :, : step.window_start].any()
+    # each token is the argmax of one forward pass over exactly the tokens the model saw
+    ids = list(reply.prompt.ids)
+    with torch.no_grad():
+        for step, previous in zip(reply.steps[1:], reply.steps, strict=False):
+            ids.append(previous.token_id)
+            seen = ids[previous.window_start :]
+            logits, _, _ = engine.model(torch.tensor([seen]))
+            assert step.token_id == int(torch.argmax(logits[0, -1]))
+
+
+def test_sliding_off_stops_at_the_context(block64):
+    engine = load_engine(block64, device="cpu")
+    engine.eos_ids = set()
+    reply = collect(engine.stream(HELLO, SamplingParams(temperature=0, max_new_tokens=150, slide_context=False)))
+    assert reply.finish_reason == "context"
+    assert reply.steps[-1].position == engine.context_length - 1
+    assert all(s.window_start == 0 for s in reply.steps)
+
+
+# --- NaN weights ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, tiny_tokenizer) -> Path:
+    def poison(model):
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+
+    return save_tiny(tmp_path_factory.mktemp("nan") / "broken-model", tiny_tokenizer, edit=poison)
+
+
+def test_nan_logits_are_a_one_line_error_naming_the_model(broken):
+    engine = load_engine(broken, device="cpu")
+    with pytest.raises(EngineError) as info:
+        collect(engine.stream(HELLO, SamplingParams(max_new_tokens=5, seed=0)))
+    message = str(info.value)
+    assert "broken-model" in message and "produced NaN" in message and "\n" not in message
+
+
+def test_ask_on_a_nan_checkpoint_fails_with_that_line(broken):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "chat_tui", "ask", "hello", "--model", str(broken)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the model produced NaN; the checkpoint is broken" in lines[0], done.stderr
+    assert "broken-model" in lines[0]
+    assert done.stdout.strip() == ""
+
+
+# --- tokens the checkpoint never learned ---------------------------------------------------------------
+
+
+def _tie_specials(real: int):
+    """The final hidden state is (nearly) one fixed vector whatever the input, so the logits are
+    wte @ that vector: token `real` is made the clear favourite and the five special tokens
+    (ids 0-4) get exactly its output row, as an imported nanoGPT model's appended tokens do."""
+
+    def edit(model):
+        direction = torch.randn(32, generator=torch.Generator().manual_seed(3))
+        model.transformer.ln_f.weight.fill_(1e-4)
+        model.transformer.ln_f.bias.copy_(direction)
+        model.transformer.wte.weight[real] = direction * 3.0
+        model.transformer.wte.weight[:5] = model.transformer.wte.weight[real]
+
+    return edit
+
+
+def test_untrained_tokens_never_compete(tmp_path, tiny_tokenizer):
+    real = tiny_tokenizer.encode("\n")[0]
+    assert real >= 5
+    tied = save_tiny(tmp_path / "tied", tiny_tokenizer, edit=_tie_specials(real))
+    masked = tmp_path / "masked"
+    config = json.loads((tied / "config.json").read_text())
+    save_tiny(masked, tiny_tokenizer, edit=_tie_specials(real), extra_config={"untrained_token_ids": [0, 1, 2, 3, 4]})
+    assert json.loads((masked / "config.json").read_text())["untrained_token_ids"] == [0, 1, 2, 3, 4]
+
+    # without the key the tie splits the probability six ways and greedy picks a special token
+    plain = collect(load_engine(tied, device="cpu").stream(HELLO, SamplingParams(temperature=0, max_new_tokens=3)))
+    assert plain.steps[0].token_id < 5 and plain.steps[0].prob < 0.2
+    assert config.get("untrained_token_ids") is None
+
+    engine = load_engine(masked, device="cpu")
+    reply = collect(engine.stream(HELLO, SamplingParams(temperature=0, max_new_tokens=3)))
+    first = reply.steps[0]
+    assert first.token_id == real
+    assert first.prob > 0.9  # the whole of its share, not a sixth of it
+    assert all(c.id >= 5 for c in first.top if c.prob > 0)
+    sampled = collect(engine.stream(HELLO, SamplingParams(temperature=1.5, max_new_tokens=40, seed=0)))
+    assert all(s.token_id >= 5 for s in sampled.steps)
+
+
+def test_untrained_token_ids_must_be_token_ids(tmp_path, tiny_tokenizer):
+    folder = save_tiny(tmp_path / "bad", tiny_tokenizer, extra_config={"untrained_token_ids": [0, "x"]})
+    with pytest.raises(EngineError, match="untrained_token_ids"):
+        load_engine(folder, device="cpu")
