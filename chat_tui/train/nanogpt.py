@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from chat_tui.engine.checkpoint import load_model, save_checkpoint
-from chat_tui.engine.checkpoint import UNTRAINED
+from chat_tui.engine.checkpoint import UNTRAINED, load_model, save_checkpoint
 from chat_tui.engine.model import GPT, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import SPECIAL_TOKENS, ChatTokenizer
