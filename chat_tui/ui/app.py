@@ -232,6 +232,7 @@ class ChatApp(App[int], inherit_bindings=False):
         self.loading = False  # a load_model call is under way (the model in use, if any, stays until it ends)
         self.loading_source: str | None = None  # what that call loads
         self.engine_source: str | None = None  # what the model in use was loaded from (a restart loads it again)
+        self._touched_before_load = False  # params_touched before open_checkpoint cleared it: a failed load gives it back
         # the model in a child process (ProcessEngine): run_app asks for it, config.toml may say no;
         # it passes pipes to the child by descriptor, which needs POSIX
         self.model_process = model_process and self.config.model_process and os.name == "posix"
@@ -560,6 +561,7 @@ class ChatApp(App[int], inherit_bindings=False):
         self.engine = message.engine
         self.engine_source = self.model_source = message.source
         self.loading = False
+        self._touched_before_load = False
         # the status bar's parts about the last reply (context used, speed, old turns left out) were
         # about the previous model's context
         self.notice = ""
@@ -636,6 +638,8 @@ class ChatApp(App[int], inherit_bindings=False):
         waiting = job if job is not None and not job.done and job.engine is None else None
         if engine is not None and _alive(engine):
             self.model_source = self.engine_source
+            # the settings typed for this model stay its own (a later restart of its process keeps them)
+            self.params_touched = self.params_touched or self._touched_before_load
             what = "Loading the bundled model" if self.loading_source is None else f"Loading {self.loading_source}"
             self._notify_error(f"{clean_line(what)} failed", error, log_path,
                                outcome=f"; still using {clean_line(engine.model_name)}")
@@ -892,6 +896,7 @@ class ChatApp(App[int], inherit_bindings=False):
         if self._busy(" first"):
             return False
         self.model_source = None if path is None else str(path)
+        self._touched_before_load = self.params_touched
         self.params_touched = self.params_touched and self.preset_name is not None
         self.load_model(self.model_source)
         return True

@@ -13,9 +13,11 @@ from chat_tui.config import get_paths
 from chat_tui.engine.fake import FakeEngine
 from chat_tui.engine.types import EngineError
 from chat_tui.ui.app import ChatApp
+from chat_tui.ui.sampling import SamplingTable
 from tests.test_process_engine import slow  # replies that run on, 20 ms a token: a kill lands mid-reply
 
 from .conftest import ready, send, wait_for
+from .test_app import row_index
 
 
 def notifications(app: ChatApp) -> list[str]:
@@ -140,3 +142,29 @@ async def test_a_killed_model_process_is_started_again(home, tiny_checkpoint):
         reply = app.conversation.items[-1]
         assert reply.status == "complete" and reply.tokens == 5
         assert app.engine is not second
+
+
+async def test_a_failed_load_keeps_the_settings_typed_for_the_model_in_use(make_app):
+    """The load that failed would have brought its model's defaults; the model that stays keeps the
+    user's settings, also when its process is started again later."""
+    app, first = make_app(["still here"])
+
+    def failing_load():
+        raise EngineError("/models/broken: no weights")
+
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await pilot.press("f5")
+        app.query_one(SamplingTable).cursor = row_index("temperature")
+        await pilot.press(*"0.3", "enter")
+        assert app.params.temperature == 0.3
+        app.engine_factory = failing_load
+        assert app.open_checkpoint("/models/broken")
+        await wait_for(pilot, lambda: app.state != "loading", what="the load to fail")
+        assert app.engine is first
+        first.alive = False  # its process dies: the next prompt starts the same model again
+        app.engine_factory = lambda: FakeEngine(["back"], defaults=first.default_params())
+        await send(pilot, app, "anyone there?")
+        assert app.engine is not first and app.conversation.items[-1].content == "back"
+        assert app.params.temperature == 0.3
+        assert "model defaults" not in str(app.query_one("#sampling-title").render())
