@@ -49,12 +49,9 @@ async def test_the_slide_setting_is_turned_off_and_on_in_the_sampling_pane(make_
 
 @pytest.fixture(scope="module")
 def block64(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A 64-token mini-GPT whose special tokens are marked never learned: nothing ends its replies early."""
-    from test_minigpt_numpy import save_tiny
+    from test_cli_slide import save_endless64
 
-    specials = sorted(tiny_tokenizer.special_ids.values())
-    return save_tiny(tmp_path_factory.mktemp("slide") / "block64", tiny_tokenizer, block_size=64, std=0.3,
-                     extra_config={"untrained_token_ids": specials})
+    return save_endless64(tmp_path_factory.mktemp("slide") / "block64", tiny_tokenizer)
 
 
 async def test_the_status_bar_says_the_window_slid_and_ctx_stays_within_the_context(home, block64):
