@@ -231,10 +231,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         cancel.set()
         reason = "cancelled"
-    if last is not None and last.window_start > 0:
-        print(f"chat-tui: note: the context window filled; the model saw only the last "
-              f"{last.position + 1 - last.window_start} tokens from token {last.window_start} on",
-              file=sys.stderr, flush=True)
     if args.json:
         summary = {
             "done": True,
@@ -249,6 +245,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     else:
         out.write("\n")
     out.flush()
+    if last is not None and last.window_start > 0:  # after the reply's last line, on a terminal too
+        print(f"chat-tui: note: the context window filled; the model saw only the last "
+              f"{last.position + 1 - last.window_start} tokens from token {last.window_start} on",
+              file=sys.stderr, flush=True)
     return 0
 
 
