@@ -77,6 +77,9 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=str, metavar="S", help="fixed seed = reproducible reply")
     group.add_argument("--max-new-tokens", type=str, metavar="N")
     group.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    group.add_argument("--no-slide-context", dest="slide_context", action="store_false", default=None,
+                       help="end the reply when the context is full (by default the window slides and the reply "
+                       "goes on, the model then seeing only the newest tokens)")
 
 
 SAMPLING_FLAGS = (
@@ -142,6 +145,8 @@ def sampling_params(args: argparse.Namespace, defaults):
     changes = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name, None) is not None}
     if args.stop:
         changes["stop"] = tuple(args.stop)
+    if getattr(args, "slide_context", None) is not None:
+        changes["slide_context"] = args.slide_context
     base = defaults if defaults is not None else SamplingParams()
     return base.with_(**changes)
 
@@ -197,6 +202,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     # a pager or a file shown later is a terminal too: escape codes are neutralised unless --raw
     safe, safe_json = ((lambda s: s), (lambda s: s)) if args.raw else (clean, clean_json)
     tokens, reason, dropped, prefill, decode_s = 0, None, 0, 0.0, 0.0
+    last = None  # the last step: where the window ended up
     cancel = threading.Event()
     try:
         for step in engine.stream(conversation, params, cancel=cancel):
@@ -210,6 +216,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
                           f"left out ({engine.context_length}-token window)", file=sys.stderr, flush=True)
             decode_s = step.elapsed_s - prefill
             reason = step.finish_reason or reason
+            last = step
             if args.json:
                 record = {
                     "token": step.text,
@@ -232,10 +239,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
             "stop_reason": reason or "cancelled",
             "dropped_tokens": dropped,
         }
+        if engine.decode_note:  # why the speed is what it is (stderr stays quiet: nothing is wrong)
+            summary["decode_note"] = engine.decode_note
         out.write(json.dumps(summary) + "\n")
     else:
         out.write("\n")
     out.flush()
+    if last is not None and last.window_start > 0:  # after the reply's last line, on a terminal too
+        print(f"chat-tui: note: the context window filled; the model saw only the last "
+              f"{last.position + 1 - last.window_start} tokens from token {last.window_start} on",
+              file=sys.stderr, flush=True)
     return 0
 
 

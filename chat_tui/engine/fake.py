@@ -69,6 +69,8 @@ class FakeEngine:
     backend = "fake"
     chat_format = "fake-chatml"
     attention_unavailable: str | None = None
+    attention_note: str | None = None
+    decode_note: str | None = None
 
     def __init__(
         self,

@@ -1149,6 +1149,7 @@ class HFEngine:
                 params=self._with_format_stops(params),
                 inspect=inspect,
                 cancel=cancel,
+                model_name=self.model_name,
             )
 
     # ------------------------------------------------------------------ attention

@@ -349,6 +349,8 @@ def choose_format(override: str | None, untrained: Sequence[int], tokenizer: Cha
 class MiniGPTEngine:
     backend = "minigpt"
     attention_unavailable: str | None = None
+    attention_note: str | None = None
+    decode_note: str | None = None
 
     def __init__(
         self,

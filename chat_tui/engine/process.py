@@ -11,7 +11,7 @@ The child loads the model with `load_engine` and answers on two channels:
 - control (both ways): the app's requests (`call`, `stream`, `params`, `cancel`, `close`); the child
   answers `call` only, in order.
 - steps (child to app): for each stream, its `Step`s (in batches of those made within BATCH_S),
-  then ("end", None) or ("error", ...).
+  then ("end", the REFRESHED attributes as they now are) or ("error", ...).
 
 Mid-reply edits reach the child as `params` messages and Esc as `cancel`; both are forwarded between
 tokens (every `POLL_S` at the latest), so they apply within a token or two. Exceptions come back as
@@ -69,6 +69,9 @@ PIPE_BYTES = 1 << 20  # the steps pipe's buffer (Linux; the default 64 KB holds 
 # what the app reads from an engine (the Engine protocol's attributes, and the vocabulary size for
 # the candidates view), copied once from the child's engine when it is ready
 ATTRIBUTES = (*Engine.__annotations__, "vocab_size")
+# what a reply may change (the inspector finds a model's attention unavailable while it runs): sent
+# again with each stream's end
+REFRESHED = ("attention_unavailable", "attention_note", "decode_note")
 # the engine methods the app may ask the child for, besides `stream`
 CALLS = ("encode", "decode", "token_text", "token_texts", "render", "explain_attention", "replay_chain")
 
@@ -88,6 +91,8 @@ class ProcessEngine:
     chat_format: str
     checkpoint_hash: str
     attention_unavailable: str | None
+    attention_note: str | None
+    decode_note: str | None
     vocab_size: int | None
     explains: bool  # whether explain_attention works (the mini-GPT's queries and keys are there)
 
@@ -291,6 +296,7 @@ class ProcessEngine:
                 kind, payload = message
                 if kind == "end":
                     ended = True
+                    self._refresh(payload)
                     return
                 if kind == "error":
                     ended = True
@@ -357,7 +363,15 @@ class ProcessEngine:
             while True:
                 message = self._next_step()
                 if message is not None and message[0] in ("end", "error"):
+                    if message[0] == "end":
+                        self._refresh(message[1])
                     return
+
+    def _refresh(self, attributes: dict[str, Any]) -> None:
+        """Take the attributes a reply may have changed in the child's engine (see REFRESHED)."""
+        for name in REFRESHED:
+            if name in attributes:
+                setattr(self, name, attributes[name])
 
     def _died(self, when: str) -> EngineError:
         if self._closed:
@@ -564,7 +578,7 @@ def _generate(engine: Any, steps: Connection, conversation: Conversation, latest
                 batch, sent_at = [], now
         if batch:
             steps.send(("steps", batch))
-        steps.send(("end", None))
+        steps.send(("end", {name: getattr(engine, name, None) for name in REFRESHED}))
     except (OSError, ValueError):  # the app has gone
         cancel.set()
     except BaseException as exc:

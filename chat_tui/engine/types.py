@@ -131,6 +131,11 @@ class Engine(Protocol):
     checkpoint_hash: str
     # None when attention can be captured, else the reason it cannot (shown by the inspector)
     attention_unavailable: str | None
+    # which layers have no attention weights to show, when some do (shown by the inspector)
+    attention_note: str | None
+    # how this model decodes when that matters to the user (e.g. no KV cache: each step recomputes
+    # the whole sequence), else None (shown in the status bar and in `ask --json`)
+    decode_note: str | None
 
     def encode(self, text: str) -> list[int]: ...
 

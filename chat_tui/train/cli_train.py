@@ -14,6 +14,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from chat_tui.engine.gptconfig import ACTIVATIONS
+
 SPLIT_HELP = (
     "Validation split: the documents (text files; each conversation of a .jsonl/.yml file) are shuffled "
     "with --seed when there are several, tokenised, joined with <|bos|>, and the last --val-fraction of the "
@@ -87,7 +89,7 @@ def add_train_commands(train_sub) -> None:
     m.add_argument("--n-head", type=_positive_int, metavar="N", help="attention heads (default 4)")
     m.add_argument("--n-embd", type=_positive_int, metavar="N", help="width (default 128)")
     m.add_argument("--block-size", type=_positive_int, metavar="N", help="context length in tokens (default 256)")
-    m.add_argument("--activation", choices=("gelu_tanh", "gelu"),  # engine.model.ACTIVATIONS (which imports torch)
+    m.add_argument("--activation", choices=tuple(ACTIVATIONS),  # the model's own list (torch-free)
                    help="GPT-2's tanh GELU (default) or the exact one, as nanoGPT's model has it")
     m.add_argument("--tokenizer", choices=("bpe", "char"), help="byte-level BPE (default) or one token per character")
     m.add_argument("--vocab-size", type=_positive_int, metavar="N", help="BPE vocabulary size (default 4096)")

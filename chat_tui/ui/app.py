@@ -687,10 +687,11 @@ class ChatApp(App[int], inherit_bindings=False):
             text.append(self.load_note if self.state in ("loading", "waiting") else "none loaded")
         job = self.job if self.job is not None else self.last_job
         if engine is not None:
-            used = "–"
-            if job is not None and job.prompt is not None:
-                used = str(len(job.prompt.ids) + job.count)
-            text.append(f" │ ctx {used}/{engine.context_length}")
+            used = job.context_used if job is not None else None
+            text.append(f" │ ctx {'–' if used is None else used}/{engine.context_length}")
+            if job is not None and job.window_slid:  # what ctx counts is then the window the model sees
+                text.append(" │ ")
+                text.append(f"context full: the model now sees only the last {used} tokens", style="yellow")
         state = self.state
         # with a model in use its name leads the line, so what is being loaded (another model, a
         # restart of its process) is said here
@@ -704,6 +705,8 @@ class ChatApp(App[int], inherit_bindings=False):
         text.append(shown, style=STATE_STYLE.get(state, "bold"))
         if job is not None and job.tokens_per_s:
             text.append(f" │ {job.tokens_per_s:.1f} tok/s")
+        if engine is not None and engine.decode_note:  # why the speed is what it is
+            text.append(f" │ {clean_line(engine.decode_note)}", style="dim")
         if self.notice:
             text.append(" │ ")
             text.append(self.notice, style="bold yellow")

@@ -2,8 +2,9 @@
 
 One focusable table (so Tab does not walk through fifteen rows): Up/Down choose a row,
 Left/Right step its value (Shift for ten steps), typing a number edits it and Enter applies it.
-A value outside its range is refused on the spot and the range is shown. Enter on the stop
-strings, the system prompt or the chain order opens an editor.
+A value outside its range is refused on the spot and the range is shown. Enter, Space or
+Left/Right turn an on/off setting over. Enter on the stop strings, the system prompt or the
+chain order opens an editor.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Static
 
-from chat_tui.engine.params import SPECS, InvalidParameter, ParamSpec, SamplingParams, check_value
+from chat_tui.engine.params import (
+    FLAGS,
+    SPECS,
+    InvalidParameter,
+    ParamSpec,
+    SamplingParams,
+    check_flag,
+    check_value,
+)
 from chat_tui.ui.text import clean_line
 
 NUMERIC_ROWS: tuple[tuple[str, str], ...] = (
@@ -39,6 +48,9 @@ NUMERIC_ROWS: tuple[tuple[str, str], ...] = (
     ("max_new_tokens", "max tokens"),
     ("seed", "seed"),
     ("top_candidates", "candidates"),
+)
+FLAG_ROWS: tuple[tuple[str, str], ...] = (
+    ("slide_context", "slide window"),
 )
 TEXT_ROWS: tuple[tuple[str, str], ...] = (
     ("stop", "stop"),
@@ -110,11 +122,17 @@ def format_value(spec: ParamSpec | None, value: object) -> str:
 class Row:
     name: str
     label: str
-    spec: ParamSpec | None  # None for the text rows
+    spec: ParamSpec | None  # None for the on/off and the text rows
+
+    @property
+    def is_flag(self) -> bool:
+        return self.name in FLAGS
 
 
-ROWS: tuple[Row, ...] = tuple(Row(n, label, SPECS[n]) for n, label in NUMERIC_ROWS) + tuple(
-    Row(n, label, None) for n, label in TEXT_ROWS
+ROWS: tuple[Row, ...] = (
+    tuple(Row(n, label, SPECS[n]) for n, label in NUMERIC_ROWS)
+    + tuple(Row(n, label, None) for n, label in FLAG_ROWS)
+    + tuple(Row(n, label, None) for n, label in TEXT_ROWS)
 )
 
 
@@ -132,6 +150,7 @@ class SamplingTable(Widget, can_focus=True):
         Binding("shift+left", "step(-10)", "Less ×10", show=False, id="param_decrease_more"),
         Binding("shift+right", "step(10)", "More ×10", show=False, id="param_increase_more"),
         Binding("enter", "edit", "Edit/apply", id="param_edit"),
+        Binding("space", "toggle", "Turn on/off", show=False, id="param_toggle"),
         Binding("backspace", "backspace", "Delete a digit", show=False, id="param_backspace"),
         Binding("escape", "cancel_edit", "Cancel the edit", show=False, id="param_cancel"),
         Binding("n", "neutral", "Neutral", id="params_neutral"),
@@ -179,6 +198,8 @@ class SamplingTable(Widget, can_focus=True):
         return ROWS[self.cursor]
 
     def value_text(self, row: Row) -> str:
+        if row.is_flag:
+            return "on" if getattr(self.params, row.name) else "off"
         if row.name == "stop":
             return ", ".join(repr(s)[1:-1] for s in self.params.stop) or "none"
         if row.name == "system_prompt":
@@ -211,10 +232,10 @@ class SamplingTable(Widget, can_focus=True):
                 value_style = "bold green" if valid else "bold red"
             else:
                 shown = clean_line(self.value_text(row))
-                value_style = "bold" if row.spec is not None else "italic"
+                value_style = "bold" if row.spec is not None or row.is_flag else "italic"
             if len(shown) > value_width:
                 shown = shown[: value_width - 1] + "…"
-            rng = range_label(row.spec) if row.spec is not None else "…"
+            rng = range_label(row.spec) if row.spec is not None else ("on/off" if row.is_flag else "…")
             rng = rng if len(rng) <= range_width else ""
             line = Text(end="")
             line.append(label, style="")
@@ -280,6 +301,9 @@ class SamplingTable(Widget, can_focus=True):
 
     def action_step(self, steps: int) -> None:
         row = self.row
+        if row.is_flag:
+            self.action_toggle()
+            return
         if row.spec is None:
             self.post_message(self.OpenEditor(row.name))
             return
@@ -308,8 +332,18 @@ class SamplingTable(Widget, can_focus=True):
             return
         self.post_message(self.Commit(row.name, value))
 
+    def action_toggle(self) -> None:
+        """Turn an on/off setting over (Space, Enter, Left/Right on its row)."""
+        row = self.row
+        if not row.is_flag:
+            raise SkipAction()
+        self.post_message(self.Commit(row.name, not getattr(self.params, row.name)))
+
     def action_edit(self) -> None:
         row = self.row
+        if row.is_flag:
+            self.action_toggle()
+            return
         if row.spec is None:
             self.post_message(self.OpenEditor(row.name))
             return
@@ -366,6 +400,9 @@ class SamplingTable(Widget, can_focus=True):
         row = self.row
         if not text:
             return
+        if row.is_flag:  # "on", "off", "true", ...: refused by the check like any bad value
+            self.post_message(self.Commit(row.name, text))
+            return
         if row.spec is None:
             if row.name != "order":  # the stop strings and the system prompt open with the paste added
                 self.post_message(self.OpenEditor(row.name, text))
@@ -420,6 +457,10 @@ class SamplingPane(Vertical):
             text = Text(f"{row.label} {range_label(row.spec)}: ", style="bold")
             text.append(row.spec.help)
             text.append("  ←/→ step · type + Enter · n neutral · d defaults", style="dim")
+        elif row.is_flag:
+            text = Text(f"{row.label}: ", style="bold")
+            text.append(FLAGS[row.name])
+            text.append("  Space/Enter turns it on or off", style="dim")
         else:
             text = Text(TEXT_HELP.get(row.name, row.label))
         help_.update(text)
@@ -430,13 +471,14 @@ class SamplingPane(Vertical):
     def on_sampling_table_commit(self, event: SamplingTable.Commit) -> None:
         event.stop()
         table = self.table
-        spec = SPECS[event.name]
+        spec = SPECS.get(event.name)
         try:
-            value = check_value(spec, event.value)
+            value = check_value(spec, event.value) if spec is not None else check_flag(event.name, event.value)
             params = table.params.with_(**{event.name: value})
         except InvalidParameter as exc:
             shown = clean_line(str(exc.value))[:20]
-            message = f"✗ {event.name} = {shown} refused: allowed {range_label(spec)}"
+            allowed = range_label(spec) if spec is not None else exc.allowed
+            message = f"✗ {event.name} = {shown} refused: allowed {allowed}"
             self._help(table.row, message)
             self.app.bell()
             self.notify(message, severity="warning", timeout=4, markup=False)

@@ -110,6 +110,20 @@ class GenJob:
             return steps
 
     @property
+    def context_used(self) -> int | None:
+        """How many tokens the model sees now: the prompt and the reply so far, or, once the window
+        slid, its newest part (never more than the context holds). None before the prompt is known."""
+        step = self.last_step
+        if step is not None:
+            return step.position + 1 - step.window_start
+        return len(self.prompt.ids) if self.prompt is not None else None
+
+    @property
+    def window_slid(self) -> bool:
+        """Whether the context filled and the model went on with only its newest tokens."""
+        return self.last_step is not None and self.last_step.window_start > 0
+
+    @property
     def tokens_per_s(self) -> float | None:
         step = self.last_step
         if step is None or self.count < 2:

@@ -59,7 +59,7 @@ from chat_tui.ui.attention.views import (
     turns_view,
 )
 from chat_tui.ui.budget import UIBudget
-from chat_tui.ui.text import token_label
+from chat_tui.ui.text import clean_line, token_label
 
 if TYPE_CHECKING:
     from chat_tui.engine.types import Engine
@@ -311,7 +311,7 @@ class InspectorPane(Vertical, can_focus=True):
     @property
     def unavailable(self) -> str | None:
         engine = self.engine
-        return getattr(engine, "attention_unavailable", None) if engine is not None else None
+        return engine.attention_unavailable if engine is not None else None
 
     @property
     def wants_attention(self) -> bool:
@@ -441,6 +441,12 @@ class InspectorPane(Vertical, can_focus=True):
     def notice_text(self) -> str:
         store = self.store
         notes = []
+        engine = self.engine
+        if engine is not None and engine.attention_unavailable:
+            if store.has_attention:  # lost after what is shown (else the view itself says why it is empty)
+                notes.append(f"attention no longer captured: {clean_line(engine.attention_unavailable)}")
+        elif engine is not None and engine.attention_note:  # some layers have none (state-space, linear)
+            notes.append(clean_line(engine.attention_note))
         if store.dropped_rows:
             notes.append(
                 f"{store.dropped_rows} oldest rows dropped to stay under "
