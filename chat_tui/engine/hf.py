@@ -53,6 +53,7 @@ from chat_tui.engine.chat_formats import CHAT_FORMATS, PLAIN_STOP, render_text, 
 from chat_tui.engine.generation import run_stream
 from chat_tui.engine.minigpt import best_device
 from chat_tui.engine.params import InvalidParameter, SamplingParams
+from chat_tui.engine.source import source_problem
 from chat_tui.engine.types import (
     CheckpointError,
     Conversation,
@@ -70,7 +71,6 @@ DTYPES = {
 }
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 MEMORY_HEADROOM = 0.9  # refuse to load when the weights alone need more than this share of the free memory
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.pt")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt",
@@ -210,10 +210,6 @@ def _quiet_logs():
 # Finding the model: a local folder, or a hub id in the cache (downloaded when allowed).
 
 
-def looks_like_hub_id(text: str) -> bool:
-    return bool(HUB_ID.match(text)) and ".." not in text and len(text) <= 96 and not text.endswith((".", "-"))
-
-
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -245,13 +241,12 @@ def resolve_source(
     text = str(model).strip()
     if not text:
         raise ModelNotFoundError("no model given: pass a folder or a Hugging Face hub id")
+    problem = source_problem(text)
+    if problem is not None:
+        raise ModelNotFoundError(problem)
     path = Path(text).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise ModelNotFoundError(f"{text}: not a folder (a model is a folder with config.json and weights)")
         return path, path.resolve().name or text, None
-    if not looks_like_hub_id(text):
-        raise ModelNotFoundError(f"{text}: no such folder")
     return _from_hub(text, offline=offline, offline_reason=offline_reason, trust_remote_code=trust_remote_code,
                      progress=progress, cache_dir=cache_dir), text, text
 

@@ -48,6 +48,7 @@ from chat_tui.config import (
     save_setting,
 )
 from chat_tui.engine.params import InvalidParameter, SamplingParams
+from chat_tui.engine.source import source_problem
 from chat_tui.engine.types import Engine, Message
 from chat_tui.store import Store, StoreError
 from chat_tui.ui.bindings import with_ids
@@ -640,7 +641,11 @@ class ChatApp(App[int], inherit_bindings=False):
             self.model_source = self.engine_source
             # the settings typed for this model stay its own (a later restart of its process keeps them)
             self.params_touched = self.params_touched or self._touched_before_load
-            what = "Loading the bundled model" if self.loading_source is None else f"Loading {self.loading_source}"
+            source = self.loading_source
+            if source is None:
+                what = "Loading the bundled model"
+            else:  # the error names the source already, as a rule: name it once
+                what = "Loading" if str(source) in str(error) else f"Loading {source}"
             self._notify_error(f"{clean_line(what)} failed", error, log_path,
                                outcome=f"; still using {clean_line(engine.model_name)}")
             self.state = "idle"
@@ -883,8 +888,14 @@ class ChatApp(App[int], inherit_bindings=False):
             return
 
         def done(source: str | None) -> None:
-            if source is not None:  # not Esc: the load itself says what is wrong with the source, as for --model
-                self.open_checkpoint(source.strip() or None)
+            if source is None:  # Esc
+                return
+            # a mistyped path is refused at once; anything else the load itself judges, as for --model
+            problem = source_problem(source.strip()) if source.strip() else None
+            if problem is not None:
+                self.notify(clean_line(problem), title="Load model", severity="warning", markup=False)
+                return
+            self.open_checkpoint(source.strip() or None)
 
         self.push_screen(
             InputScreen("Load a model", "", placeholder="empty: the bundled mini-GPT",

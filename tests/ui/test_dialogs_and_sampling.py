@@ -15,7 +15,7 @@ from chat_tui.ui.app import ChatApp
 from chat_tui.ui.sampling import SamplingTable
 from chat_tui.ui.screens import InputScreen, TextEditScreen
 
-from .conftest import ready, wait_for
+from .conftest import ready, send, wait_for
 from .test_app import notifications, row_index
 
 
@@ -207,3 +207,16 @@ async def test_the_load_dialog_left_empty_loads_the_bundled_model(home, tmp_path
         await _load_through_the_dialog(pilot, app, "  ")
         await wait_for(pilot, lambda: app.engine is not None, timeout=120, what="the bundled model")
         assert app.model_source is None and app.engine.model_name == bundled_model_path().name
+
+
+async def test_the_load_dialog_refuses_a_mistyped_path_at_once_and_keeps_the_model(make_app, tmp_path):
+    app, engine = make_app(["hi"])
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await _load_through_the_dialog(pilot, app, str(tmp_path / "chekpoints" / "run1"))
+        await pilot.pause()
+        assert not app.loading, "no model load was started for a path that does not exist"
+        assert app.engine is engine
+        assert any("no such folder" in n for n in warnings_and_errors(app))
+        await send(pilot, app, "still there?")
+        assert app.conversation.items[-1].content == "hi"
