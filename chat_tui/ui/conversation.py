@@ -33,10 +33,21 @@ if TYPE_CHECKING:
 
 
 def safe_parser() -> MarkdownIt:
-    """GFM without raw HTML: HTML in a reply shows as text."""
+    """GFM without raw HTML (HTML in a reply shows as text), and every line break the model wrote
+    kept: a single newline is a hard break, not Markdown's soft one that joins the lines (verse,
+    addresses and unmarked lists stay as written). Code blocks are not inline text: untouched."""
     from markdown_it import MarkdownIt
 
-    return MarkdownIt("gfm-like", {"html": False})
+    parser = MarkdownIt("gfm-like", {"html": False})
+    parser.core.ruler.push("hard_breaks", _hard_breaks)
+    return parser
+
+
+def _hard_breaks(state) -> None:  # noqa: ANN001 - markdown-it's StateCore, imported late
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
 
 
 @functools.cache
