@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -77,8 +78,14 @@ def reply_markdown():  # noqa: ANN201 - a Textual class, made at the first reply
     return ReplyMarkdown
 
 
+UNKNOWN_PROB_STYLE = Style(color="rgb(140,140,140)", italic=True)
+
+
 def prob_style(prob: float) -> Style:
-    """Red for unlikely tokens through yellow to green for near-certain ones."""
+    """Red for unlikely tokens through yellow to green for near-certain ones; grey italics for a
+    probability that is no number (NaN from a broken checkpoint, or any engine's bad value)."""
+    if math.isnan(prob):
+        return UNKNOWN_PROB_STYLE
     p = min(max(prob, 0.0), 1.0)
     if p < 0.5:
         r, g = 230, int(60 + 340 * p)

@@ -3,8 +3,12 @@ terminals, NaN probabilities, long conversations, huge pastes."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from textual.widgets._markdown import MarkdownFence
 
+from chat_tui.engine.fake import FakeEngine
 from chat_tui.ui.conversation import MessageView
 
 from .conftest import ready, send
@@ -30,3 +34,30 @@ async def test_single_line_breaks_in_a_reply_are_shown_as_written(make_app):
         assert any(line.endswith("▌first  line") for line in lines)
         assert any(line.endswith("▌    second\\") for line in lines)
         assert app.conversation.items[-1].content.startswith(VERSE)
+
+
+class NaNEngine(FakeEngine):
+    """A FakeEngine whose every token reports the probabilities a broken checkpoint gives."""
+
+    def stream(self, *args, **kwargs):
+        for step in super().stream(*args, **kwargs):
+            bad = (math.nan, math.inf, -math.inf)[step.index % 3]
+            top = [dataclasses.replace(c, prob=bad, chain_prob=bad) for c in step.top]
+            yield dataclasses.replace(step, prob=bad, chain_prob=bad, top=top)
+
+
+async def test_nan_and_infinite_probabilities_never_crash_the_colours(make_app):
+    app, _ = make_app(engine=NaNEngine(["some broken words here"]))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("f4")  # token colours on while the reply streams
+        await send(pilot, app, "go")
+        assert app.is_running
+        reply = app.conversation.items[-1]
+        assert reply.status == "complete" and reply.content == "some broken words here"
+        view = app.conversation.view_for(reply)
+        rendered = view.query_one(".probs").render()
+        assert "some broken words here" in str(rendered)
+        await pilot.press("f4")
+        await pilot.press("f4")
+        assert app.is_running
