@@ -873,10 +873,10 @@ class ChatApp(App[int], inherit_bindings=False):
             return
         if self._busy():
             return
-        text = clean(text).strip("\n")
         prompt = self.prompt_input
+        prompt.clear_sent(text)
+        text = clean(text).strip("\n")
         prompt.remember(text)
-        prompt.clear()
         if self.editing is not None:
             await self._drop_from(self.editing)
             self.editing = None

@@ -38,7 +38,20 @@ class PromptInput(TextArea, inherit_bindings=False):
         self._draft = ""
 
     def action_submit(self) -> None:
+        # Enter is a priority binding: the app runs it on arrival, while keys typed just before it
+        # in the same terminal write (a fast typist, a paste tool, tmux) still wait in this
+        # widget's queue. Read the text after them.
+        self.call_later(self._submit_typed)
+
+    def _submit_typed(self) -> None:
         self.post_message(self.Submitted(self, self.text))
+
+    def clear_sent(self, sent: str) -> None:
+        """Clear `sent` from the prompt, keeping any keys typed after Enter that have arrived since."""
+        rest = self.text[len(sent) :] if self.text.startswith(sent) else ""
+        self.clear()
+        if rest:
+            self.insert(rest)
 
     def action_newline(self) -> None:
         start, end = self.selection

@@ -6,12 +6,17 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from textual import events
+from textual.keys import _character_to_key
 from textual.widgets._markdown import MarkdownFence
 
+from chat_tui.config import get_paths
+
 from chat_tui.engine.fake import FakeEngine
+from chat_tui.store import Store
 from chat_tui.ui.conversation import MessageView
 
-from .conftest import ready, send
+from .conftest import ready, send, wait_for
 from .test_app import screen_lines
 
 VERSE = "Citizens:\nwey\nh!\nOf you our\nMENENIUS: hail"
@@ -61,3 +66,38 @@ async def test_nan_and_infinite_probabilities_never_crash_the_colours(make_app):
         await pilot.press("f4")
         await pilot.press("f4")
         assert app.is_running
+
+
+def burst(app, text: str, *, then: tuple[str, ...] = ("enter",)) -> None:
+    """Queue `text` and the keys `then` as one terminal write delivers them: all at once."""
+    for char in text:
+        key = char if char.isalnum() else _character_to_key(char)
+        app.post_message(events.Key(key, char))
+    for key in then:
+        app.post_message(events.Key(key, "\r" if key == "enter" else None))
+
+
+TYPED = ("The quick brown fox, typed by a paste tool: " + "jumps over the lazy dog; " * 10)[:281]
+
+
+async def test_keys_that_arrive_with_enter_in_one_write_all_reach_the_prompt(make_app):
+    app, engine = make_app(["ok"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        burst(app, TYPED, then=("enter", *"next"))
+        await wait_for(pilot, lambda: len(app.conversation.items) == 2 and app.job is None and app.settled,
+                       what="the reply")
+        assert app.conversation.items[0].content == TYPED, "every key before Enter is in the prompt"
+        assert engine.records[-1].conversation[-1].content == TYPED
+        assert app.prompt_input.text == "next", "keys after Enter stay for the next prompt"
+    (conversation,) = Store(get_paths().database).list_conversations()
+    assert Store(get_paths().database).messages(conversation.id)[0].content == TYPED
+
+
+async def test_a_pasted_newline_does_not_send(make_app):
+    app, _ = make_app(["ok"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        app.post_message(events.Paste("first line\nsecond line\n"))
+        await pilot.pause()
+        assert app.prompt_input.text == "first line\nsecond line\n" and not app.conversation.items
