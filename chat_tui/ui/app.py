@@ -91,6 +91,7 @@ EngineFactory = Callable[[], Engine]
 PANE_WIDTH = {"sampling": 36, "inspector": 40}  # 40: fits beside the chat at 80 columns
 CHAT_MIN_WIDTH = 40
 NARROW_WIDTH = CHAT_MIN_WIDTH + PANE_WIDTH["sampling"]  # below this the panes stack
+MIN_SIZE = (20, 6)  # below this only a "terminal too small" line shows (the panes cannot draw in less)
 FLUSH_INTERVAL = 0.05  # seconds between Markdown updates while a reply streams
 MAX_FLUSH_GAP = 0.25  # ... but never less often than this
 # The share of one core the UI thread aims to stay under while streaming. A Python-side engine
@@ -268,6 +269,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 yield Static(Text("Inspector", style="bold"), classes="pane-title")
         yield PromptInput(id="prompt")
         yield Static("", id="status")
+        yield Static(id="too-small")
         # the footer (a widget per key) is mounted just after the first frame too: see _start_after_first_frame
 
     def _view_for(self, item: ChatItem) -> MessageView | None:
@@ -333,6 +335,12 @@ class ChatApp(App[int], inherit_bindings=False):
         except NoMatches:
             return
         width = self.size.width
+        too_small = width < MIN_SIZE[0] or self.size.height < MIN_SIZE[1]
+        body.screen.set_class(too_small, "-too-small")
+        if too_small:
+            self.query_one("#too-small", Static).update(
+                f"Terminal too small ({width}×{self.size.height}): chat-tui needs {MIN_SIZE[0]}×{MIN_SIZE[1]}."
+            )
         narrow = width < NARROW_WIDTH
         body.set_class(narrow, "-narrow")
         show: dict[str, bool] = {}

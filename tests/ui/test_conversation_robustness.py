@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 from textual import events
 from textual.keys import _character_to_key
 from textual.widgets._markdown import MarkdownFence
@@ -20,6 +21,7 @@ from .conftest import ready, send, wait_for
 from .test_app import screen_lines
 
 VERSE = "Citizens:\nwey\nh!\nOf you our\nMENENIUS: hail"
+LONG = " ".join(f"word{i}" for i in range(150))
 FENCE = "```\nfirst  line\n    second\\\n```"
 
 
@@ -101,3 +103,29 @@ async def test_a_pasted_newline_does_not_send(make_app):
         app.post_message(events.Paste("first line\nsecond line\n"))
         await pilot.pause()
         assert app.prompt_input.text == "first line\nsecond line\n" and not app.conversation.items
+
+
+@pytest.mark.parametrize("size", [(1, 10), (2, 40), (10, 3), (19, 30)])
+async def test_any_terminal_size_is_survived_and_too_small_says_so(make_app, size):
+    app, _ = make_app([LONG])
+    async with app.run_test(size=size) as pilot:
+        await ready(pilot, app)
+        await pilot.pause(0.1)
+        assert app.is_running
+        notice = app.query_one("#too-small")
+        assert notice.display and "too small" in str(notice.render())
+        assert not app.query_one("#body").display and not app.query_one("#prompt").display
+        await pilot.resize_terminal(100, 30)
+        await pilot.pause()
+        assert not notice.display and app.query_one("#body").display and app.prompt_input.display
+        await send(pilot, app, "after the resize", wait=False)
+        await pilot.resize_terminal(*size)  # small again while the reply streams
+        await pilot.pause(0.05)
+        await pilot.press("f1")  # a dialog opened at this size
+        await pilot.pause(0.05)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.job is None and app.settled, what="the reply")
+        await pilot.resize_terminal(100, 30)
+        await pilot.pause()
+        assert app.is_running and app.conversation.items[-1].content == LONG
+        assert any("word149" in line for line in screen_lines(app)), "the reply is drawn again"
