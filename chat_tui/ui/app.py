@@ -704,6 +704,8 @@ class ChatApp(App[int], inherit_bindings=False):
             )
             for m in stored
         ]
+        for item in items:  # one copy of the colours in memory: the pairs (the store keeps its own)
+            item.meta.pop("token_probs", None)
         self.conversation_id = conversation_id
         self.system_prompt = info.system_prompt
         self.editing = None
@@ -1100,6 +1102,7 @@ class ChatApp(App[int], inherit_bindings=False):
             view.refresh_header()
             view.set_meta(self.meta_text(item))
         self._save_reply(job)
+        item.meta.pop("token_probs", None)  # saved; in memory the colours keep item.token_probs only
         self.last_job = job
         self.job = None
         if error is not None:

@@ -137,7 +137,6 @@ class MessageView(Vertical, can_focus=False):
         self._busy = False
         self._code_index = -1
         self._prob_text: Text | None = None
-        self._prob_count = 0
 
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="who")
@@ -238,13 +237,12 @@ class MessageView(Vertical, can_focus=False):
     # ------------------------------------------------------------------ probability colours
 
     def add_token_probs(self, pairs: list[tuple[str, float]]) -> None:
-        if self._prob_text is None:
-            self._prob_text = Text(end="")
-        for text, prob in pairs:
-            self._prob_text.append(clean(text), prob_style(prob))
-        self._prob_count += len(pairs)
+        """`pairs` were just added to the item's token_probs (a streaming reply)."""
+        if self._prob_text is not None:
+            for text, prob in pairs:
+                self._prob_text.append(clean(text), prob_style(prob))
         if self.show_probs and pairs:
-            self.query_one(".probs", Static).update(self._prob_text)
+            self._sync_probs()
 
     def set_show_probs(self, show: bool) -> None:
         self.show_probs = show
@@ -253,12 +251,11 @@ class MessageView(Vertical, can_focus=False):
     def _sync_probs(self) -> None:
         if self.item.role != "assistant":
             return
-        if self._prob_text is None and self.item.token_probs:
+        on_ = self.show_probs and bool(self.item.token_probs)
+        if on_ and self._prob_text is None:  # built when first shown: most replies never are
             self._prob_text = Text(end="")
             for text, prob in self.item.token_probs:
                 self._prob_text.append(clean(text), prob_style(prob))
-        has = self._prob_text is not None
-        on_ = self.show_probs and has
         probs = self.query_one(".probs", Static)
         probs.display = on_
         self.query_one(".body").display = not on_
@@ -290,9 +287,14 @@ class MessageView(Vertical, can_focus=False):
 
 
 class ConversationView(VerticalScroll, can_focus=False):
-    """The messages of the open conversation; only the newest `page` are mounted at first."""
+    """The messages of the open conversation; only the newest `page` are mounted at first.
+
+    At most `max_mounted` messages stay mounted: each new one unmounts the oldest beyond that
+    (the "Show earlier" button brings them back), so a long session's widgets do not pile up.
+    """
 
     page = 24
+    max_mounted = 2 * page
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -348,10 +350,19 @@ class ConversationView(VerticalScroll, can_focus=False):
         self.items.append(item)
         view = self._make(item)
         await self.mount(view)
+        await self._unmount_oldest()
         self._sync_chrome()
         self.anchor()
         self.scroll_end(animate=False)
         return view
+
+    async def _unmount_oldest(self) -> None:
+        views = list(self.query(MessageView))
+        excess = len(views) - self.max_mounted
+        if excess > 0:
+            await self.remove_children(views[:excess])
+            first = views[excess].item
+            self._first_shown = next(i for i, it in enumerate(self.items) if it is first)
 
     async def remove_from(self, item: ChatItem) -> None:
         """Remove `item` and every later message."""

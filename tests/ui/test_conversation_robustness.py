@@ -129,3 +129,24 @@ async def test_any_terminal_size_is_survived_and_too_small_says_so(make_app, siz
         await pilot.pause()
         assert app.is_running and app.conversation.items[-1].content == LONG
         assert any("word149" in line for line in screen_lines(app)), "the reply is drawn again"
+
+
+async def test_a_long_session_keeps_a_bounded_number_of_messages_mounted(make_app):
+    app, _ = make_app(["a reply\nin two lines"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        conversation = app.conversation
+        conversation.page, conversation.max_mounted = 3, 6
+        for n in range(8):
+            await send(pilot, app, f"prompt {n}")
+        mounted = list(conversation.query(MessageView))
+        assert len(conversation.items) == 16 and len(mounted) == 6
+        assert [v.item for v in mounted] == conversation.items[-6:], "the newest stay, in order"
+        assert conversation.view_for(conversation.items[-1]).query_one(".body").display
+        earlier = conversation.query_one("#earlier")
+        assert earlier.display and "10" in str(earlier.label), "the button offers the unmounted ones"
+        earlier.press()
+        await pilot.pause(0.1)
+        assert [v.item for v in conversation.query(MessageView)] == conversation.items[-9:]
+        assert all(item.meta.get("token_probs") is None for item in conversation.items), "one copy of the colours"
+        assert conversation.items[-1].token_probs, "the colours are kept"

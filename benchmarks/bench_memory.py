@@ -1,0 +1,99 @@
+"""The app's memory over a long session: RSS after 20, 100 and 240 replies in one conversation.
+
+Each reply is a FakeEngine reply of about 160 tokens (paragraphs, a list and a code block) sent
+through the prompt as a user sends it, at 120x40 with the inspector open (its default). The
+model's own memory is not in the figure: `chat-tui` runs the model in a process of its own, and the
+FakeEngine's record of each stream (for tests) is dropped after every reply. Target: no growth
+without bound; what a reply leaves behind is bounded (mounted messages, per-token records).
+
+    PYTHONPATH=. python benchmarks/bench_memory.py [--replies 240] [--at 20 100 240] [--tokens 160]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MB (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reply_text(tokens: int) -> str:
+    from chat_tui.engine.fake import tokenize
+
+    words = " ".join(f"word{i}" for i in range(tokens))
+    text = (f"A reply with **bold** text.\nA second line.\n\n- one\n- two\n\n```python\nprint('hi')\n```\n\n{words}")
+    while len(tokenize(text)) > tokens:
+        text = text.rsplit(" ", 1)[0]
+    return text
+
+
+async def measure(replies: int, at: set[int], tokens: int) -> list[dict]:
+    from chat_tui.config import get_paths
+    from chat_tui.engine.fake import FakeEngine
+    from chat_tui.engine.params import SamplingParams
+    from chat_tui.ui.app import ChatApp
+    from chat_tui.ui.conversation import MessageView
+
+    engine = FakeEngine([reply_text(tokens)])
+    app = ChatApp(engine_factory=lambda: engine, paths=get_paths(), new=True)
+    app.tune_runtime = True  # as run_app does
+    rows = []
+    async with app.run_test(size=(120, 40)) as pilot:
+        while app.engine is None:
+            await pilot.pause(0.01)
+        app.params = SamplingParams(max_new_tokens=tokens + 10, seed=1)
+        app.params_touched = True
+        for n in range(1, replies + 1):
+            app.last_job = None
+            app.prompt_input.load_text(f"prompt number {n}")
+            app.prompt_input.action_submit()
+            while app.last_job is None or not app.settled:
+                await asyncio.sleep(0.002)
+            engine.records.clear()  # the fake engine's own test log, not the app's
+            if n in at:
+                await pilot.pause(0.05)
+                gc.collect()
+                rows.append({
+                    "replies": n,
+                    "rss_mb": rss_mb(),
+                    "blocks": sys.getallocatedblocks(),
+                    "mounted": len(list(app.conversation.query(MessageView))),
+                    "widgets": sum(1 for _ in app.screen.walk_children()),
+                })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replies", type=int, default=240)
+    parser.add_argument("--at", type=int, nargs="*", default=[20, 100, 240])
+    parser.add_argument("--tokens", type=int, default=160, help="tokens per reply")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["CHAT_TUI_HOME"] = home
+        rows = asyncio.run(measure(args.replies, set(args.at), args.tokens))
+    print(f"memory of the app over one conversation ({args.tokens}-token replies, FakeEngine, 120x40)")
+    print(f"{'replies':>8} {'RSS MB':>8} {'Python blocks':>14} {'messages mounted':>17} {'widgets':>8}")
+    for row in rows:
+        print(f"{row['replies']:>8} {row['rss_mb']:>8.1f} {row['blocks']:>14,} {row['mounted']:>17} {row['widgets']:>8}")
+    if len(rows) >= 2:
+        first, last = rows[0], rows[-1]
+        per = (last["rss_mb"] - first["rss_mb"]) / max(last["replies"] - first["replies"], 1) * 1024
+        print(f"growth from reply {first['replies']} to {last['replies']}: {per:.0f} KB a reply")
+
+
+if __name__ == "__main__":
+    main()
