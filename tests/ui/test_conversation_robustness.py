@@ -12,7 +12,6 @@ from textual.keys import _character_to_key
 from textual.widgets._markdown import MarkdownFence
 
 from chat_tui.config import get_paths
-
 from chat_tui.engine.fake import FakeEngine
 from chat_tui.store import Store
 from chat_tui.ui.conversation import MessageView
