@@ -1,12 +1,14 @@
 """The app's memory over a long session: RSS after 20, 100 and 240 replies in one conversation.
 
-Each reply is a FakeEngine reply of about 160 tokens (paragraphs, a list and a code block) sent
-through the prompt as a user sends it, at 120x40 with the inspector open (its default). The
-model's own memory is not in the figure: `chat-tui` runs the model in a process of its own, and the
-FakeEngine's record of each stream (for tests) is dropped after every reply. Target: no growth
-without bound; what a reply leaves behind is bounded (mounted messages, per-token records).
+Each reply is a FakeEngine reply of about 80 tokens (lines, a list and a code block) sent through
+the prompt as a user sends it, at 120x40. The model's own memory is not in the figure: `chat-tui`
+runs the model in a process of its own, and the FakeEngine's record of each stream (for tests) is
+dropped after every reply. The inspector is closed unless --inspector: its attention store is
+capped per reply, and the FakeEngine's made-up prompt attention (a P x P array a reply, built in
+this process) would swamp the figure. Target: the growth levels off: what a reply leaves behind
+(mounted messages and their rendered lines, per-token records) is bounded.
 
-    PYTHONPATH=. python benchmarks/bench_memory.py [--replies 240] [--at 20 100 240] [--tokens 160]
+    PYTHONPATH=. python benchmarks/bench_memory.py [--replies 240] [--at 20 100 240] [--tokens 80]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def reply_text(tokens: int) -> str:
     return text
 
 
-async def measure(replies: int, at: set[int], tokens: int) -> list[dict]:
+async def measure(replies: int, at: set[int], tokens: int, inspector: bool) -> list[dict]:
     from chat_tui.config import get_paths
     from chat_tui.engine.fake import FakeEngine
     from chat_tui.engine.params import SamplingParams
@@ -56,6 +58,8 @@ async def measure(replies: int, at: set[int], tokens: int) -> list[dict]:
             await pilot.pause(0.01)
         app.params = SamplingParams(max_new_tokens=tokens + 10, seed=1)
         app.params_touched = True
+        if not inspector and app.query_one("#inspector").display:
+            app.action_toggle_pane("inspector")
         for n in range(1, replies + 1):
             app.last_job = None
             app.prompt_input.load_text(f"prompt number {n}")
@@ -80,12 +84,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replies", type=int, default=240)
     parser.add_argument("--at", type=int, nargs="*", default=[20, 100, 240])
-    parser.add_argument("--tokens", type=int, default=160, help="tokens per reply")
+    parser.add_argument("--tokens", type=int, default=80, help="tokens per reply")
+    parser.add_argument("--inspector", action="store_true", help="keep the attention inspector open")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
         os.environ["CHAT_TUI_HOME"] = home
-        rows = asyncio.run(measure(args.replies, set(args.at), args.tokens))
-    print(f"memory of the app over one conversation ({args.tokens}-token replies, FakeEngine, 120x40)")
+        rows = asyncio.run(measure(args.replies, set(args.at), args.tokens, args.inspector))
+    pane = "open" if args.inspector else "closed"
+    print(f"memory of the app over one conversation ({args.tokens}-token replies, FakeEngine, 120x40, "
+          f"inspector {pane})")
     print(f"{'replies':>8} {'RSS MB':>8} {'Python blocks':>14} {'messages mounted':>17} {'widgets':>8}")
     for row in rows:
         print(f"{row['replies']:>8} {row['rss_mb']:>8.1f} {row['blocks']:>14,} {row['mounted']:>17} {row['widgets']:>8}")

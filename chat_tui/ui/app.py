@@ -48,7 +48,7 @@ from chat_tui.config import (
     save_setting,
 )
 from chat_tui.engine.params import InvalidParameter, SamplingParams
-from chat_tui.engine.types import Engine, Message
+from chat_tui.engine.types import Engine, Message, PromptInfo
 from chat_tui.store import Store, StoreError
 from chat_tui.ui.bindings import with_ids
 from chat_tui.ui.budget import UIBudget
@@ -142,6 +142,27 @@ def settings_summary(params: dict[str, Any] | None) -> str:
     if params.get("order") and list(params["order"]) != list(neutral["order"]):
         parts.append("custom order")
     return " ".join(parts)
+
+
+def fit_notice(conversation: list[Message], prompt: PromptInfo) -> str:
+    """What the engine left out of `conversation` to fit the context, in words ("" if nothing)."""
+    if not prompt.dropped_tokens:
+        return ""
+    parts = []
+    dropped = prompt.dropped_messages
+    if dropped:
+        parts.append(f"{dropped} old turn{'s' if dropped != 1 else ''} left out to fit the context")
+    # the newest message loses its start when it alone is too long: its kept tokens tell how much
+    newest = len(conversation) - 1
+    span = next((s for s in prompt.spans if s.message_index == newest), None)
+    if span is not None:
+        message = conversation[newest]
+        cut = len(message.content) - sum(len(token) for token in prompt.tokens[span.start : span.end])
+        if cut > 0:
+            whose = "your message" if message.role == "user" else "the reply being continued"
+            parts.append(f"the start of {whose} was cut to fit the context: about {cut:,} of its "
+                         f"{len(message.content):,} characters")
+    return "; ".join(parts) or f"prompt cut by {prompt.dropped_tokens:,} tokens to fit the context"
 
 
 def tune_runtime() -> None:
@@ -990,13 +1011,10 @@ class ChatApp(App[int], inherit_bindings=False):
                 pane.add_step(step)  # every step: its attention row (cheap; drawn on the pane's tick)
             if step.prompt is not None:
                 job.prompt = step.prompt
-                dropped = step.prompt.dropped_messages
-                if dropped:
-                    self.notice = f"{dropped} old turn{'s' if dropped != 1 else ''} left out to fit the context"
-                    self.notify(self.notice, severity="warning", timeout=5, markup=False)
-                elif step.prompt.dropped_tokens:
-                    self.notice = f"prompt cut by {step.prompt.dropped_tokens} tokens to fit the context"
-                    self.notify(self.notice, severity="warning", timeout=5, markup=False)
+                notice = fit_notice(job.conversation, step.prompt)
+                if notice:
+                    self.notice = notice
+                    self.notify(notice, severity="warning", timeout=8, markup=False)
             params = step.params
             if params is not None:
                 if job.first_params is None:

@@ -94,6 +94,20 @@ def prob_style(prob: float) -> Style:
     return Style(color=f"rgb({max(r, 60)},{min(g, 230)},70)")
 
 
+# A message of yours longer than this shows its start and end only (wrapping 100,000 characters
+# took half a second at every layout); the whole text is kept, sent and copied (c).
+SHOWN_LIMIT = 6_000
+
+
+def shown_text(text: str) -> str:
+    """`text`, or its start and end with a line saying how much is not shown in between."""
+    if len(text) <= SHOWN_LIMIT:
+        return text
+    head, tail = text[: SHOWN_LIMIT * 2 // 3], text[-(SHOWN_LIMIT // 3) :]
+    hidden = len(text) - len(head) - len(tail)
+    return f"{head}\n\n[… {hidden:,} more characters not shown; c copies the whole message …]\n\n{tail}"
+
+
 def code_blocks(markdown: str) -> list[tuple[str, str]]:
     """The fenced code blocks of a reply as (language, code), in order."""
     parser = safe_parser()
@@ -144,7 +158,8 @@ class MessageView(Vertical, can_focus=False):
             yield reply_markdown()(clean(self.item.content) or None, parser_factory=safe_parser, open_links=False,
                                    classes="body")
         else:
-            yield Static(safe_text(self.item.content), classes="body plain")
+            content = self.item.content if self.item.role == "assistant" else shown_text(self.item.content)
+            yield Static(safe_text(content), classes="body plain")
         if self.item.role == "assistant":
             yield Static("", classes="probs")
             yield Static(self._initial_meta or "", classes="meta")

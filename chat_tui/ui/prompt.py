@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from textual import events
 from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import TextArea
 
 from chat_tui.ui.bindings import with_ids
+
+
+# The most a prompt takes from pastes, in characters: a megabyte froze the editor for seconds and
+# sending it for twenty, and no model's context holds even this much (about 25,000 tokens of prose)
+PROMPT_LIMIT = 100_000
 
 
 class PromptInput(TextArea, inherit_bindings=False):
@@ -36,6 +42,20 @@ class PromptInput(TextArea, inherit_bindings=False):
         self.prompt_history: list[str] = []
         self._browse: int | None = None  # index into history while recalling
         self._draft = ""
+
+    def _on_paste(self, event: events.Paste) -> None:
+        """A paste beyond PROMPT_LIMIT is cut there (TextArea inserts the rest), and a notice says so."""
+        start, end = sorted(self.selection)
+        room = max(0, PROMPT_LIMIT - len(self.text) + len(self.get_text_range(start, end)))
+        pasted = len(event.text)
+        if pasted <= room:
+            return
+        event.text = event.text[:room]
+        self.notify(
+            f"The paste was {pasted:,} characters: the first {room:,} went into the prompt and the last "
+            f"{pasted - room:,} were left out (a prompt takes at most {PROMPT_LIMIT:,}).",
+            severity="warning", timeout=10, markup=False,
+        )
 
     def action_submit(self) -> None:
         # Enter is a priority binding: the app runs it on arrival, while keys typed just before it

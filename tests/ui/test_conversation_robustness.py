@@ -15,6 +15,7 @@ from chat_tui.config import get_paths
 from chat_tui.engine.fake import FakeEngine
 from chat_tui.store import Store
 from chat_tui.ui.conversation import MessageView
+from chat_tui.ui.prompt import PROMPT_LIMIT
 
 from .conftest import ready, send, wait_for
 from .test_app import screen_lines
@@ -149,3 +150,43 @@ async def test_a_long_session_keeps_a_bounded_number_of_messages_mounted(make_ap
         assert [v.item for v in conversation.query(MessageView)] == conversation.items[-9:]
         assert all(item.meta.get("token_probs") is None for item in conversation.items), "one copy of the colours"
         assert conversation.items[-1].token_probs, "the colours are kept"
+
+
+def notifications(app) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+async def test_a_megabyte_paste_is_cut_with_a_notice_and_sends_whole(make_app):
+    app, engine = make_app(["ok"], context_length=256)
+    pasted = ("All work and no play makes Jack a dull boy.\n" * 24_000)[:1_000_000]
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        app.post_message(events.Paste(pasted))
+        await pilot.pause()
+        prompt_text = app.prompt_input.text
+        assert prompt_text == pasted[:PROMPT_LIMIT]
+        (notice,) = notifications(app)
+        assert "1,000,000 characters" in notice and f"last {1_000_000 - PROMPT_LIMIT:,}" in notice
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(app.conversation.items) == 2 and app.job is None and app.settled,
+                       timeout=60, what="the reply")
+        user = app.conversation.items[0]
+        assert user.content == prompt_text.strip("\n"), "what was in the prompt is sent and kept whole"
+        view = app.conversation.view_for(user)
+        assert "more characters not shown" in str(view.query_one(".body").render())
+        view.action_copy_message()
+        assert app.clipboard == user.content
+        assert any("start of your message was cut" in n for n in notifications(app))
+
+
+async def test_a_prompt_longer_than_the_context_says_what_was_cut(make_app):
+    app, engine = make_app(["ok"], context_length=64)
+    message = " ".join(f"w{i}" for i in range(300))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, message)
+        (notice,) = [n for n in notifications(app) if "context" in n]
+        assert "the start of your message was cut" in notice and f"of its {len(message):,} characters" in notice
+        seen = engine.records[-1]
+        assert seen.conversation[-1].content == message, "the engine was given it all and cut it itself"
+        assert "start of your message" in str(app.query_one("#status").render())
