@@ -1390,20 +1390,9 @@ class ChatApp(App[int], inherit_bindings=False):
     def action_focus_prompt(self) -> None:
         self.prompt_input.focus()
 
-    def action_focus_message(self, delta: int) -> None:
-        views = list(self.conversation.query(MessageView))
-        if not views:
-            return
-        focused = self.focused
-        if isinstance(focused, MessageView) and focused in views:
-            index = views.index(focused) + delta
-            if index >= len(views):
-                self.prompt_input.focus()
-                return
-            index = max(index, 0)
-        else:
-            index = len(views) - 1 if delta < 0 else 0
-        views[index].take_focus()
+    async def action_focus_message(self, delta: int) -> None:
+        if not await self.conversation.step_focus(delta, self.focused):
+            self.prompt_input.focus()
 
     def action_toggle_probs(self) -> None:
         self.show_probs = not self.show_probs

@@ -131,6 +131,8 @@ class MessageView(Vertical, can_focus=False):
         Binding("up", "app.focus_message(-1)", "Previous message", show=False, id="message_previous"),
         Binding("down", "app.focus_message(1)", "Next message", show=False, id="message_next"),
         Binding("enter", "app.focus_prompt", "Back to the prompt", show=False, id="message_to_prompt"),
+        Binding("home", "edge('first')", "First message", show=False, id="message_first"),
+        Binding("end", "edge('last')", "Last message", show=False, id="message_last"),
     ]
 
     def __init__(
@@ -166,6 +168,10 @@ class MessageView(Vertical, can_focus=False):
 
     def on_mount(self) -> None:
         self._sync_probs()
+
+    async def action_edge(self, which: str) -> None:
+        conversation = self.query_ancestor(ConversationView)
+        await (conversation.show_first() if which == "first" else conversation.show_last())
 
     def take_focus(self) -> None:
         self.can_focus = True
@@ -302,10 +308,13 @@ class MessageView(Vertical, can_focus=False):
 
 
 class ConversationView(VerticalScroll, can_focus=False):
-    """The messages of the open conversation; only the newest `page` are mounted at first.
+    """The messages of the open conversation, mounted a window at a time.
 
-    At most `max_mounted` messages stay mounted: each new one unmounts the oldest beyond that
-    (the "Show earlier" button brings them back), so a long session's widgets do not pile up.
+    A conversation opens with its newest `page` messages mounted; "Show earlier" (or Up on the
+    first one) mounts the page before, "Show later" (or Down on the last) the page after, Home and
+    End on a message jump to either end. At most `max_mounted` messages stay mounted: paging
+    unmounts those at the other end, and each new message the oldest, so neither a long session
+    nor a long conversation piles up widgets.
     """
 
     page = 24
@@ -316,7 +325,8 @@ class ConversationView(VerticalScroll, can_focus=False):
         self.items: list[ChatItem] = []
         self.markdown = True
         self.show_probs = False
-        self._first_shown = 0
+        self._first_shown = 0  # the mounted window is items[_first_shown:_end_shown]
+        self._end_shown = 0
         self.meta_for: Callable[[ChatItem], Text] | None = None
 
     def compose(self) -> ComposeResult:
@@ -329,6 +339,7 @@ class ConversationView(VerticalScroll, can_focus=False):
             ),
             id="empty-hint",
         )
+        yield Button("Show later messages", id="later", compact=True)
 
     def on_mount(self) -> None:
         self._sync_chrome()
@@ -337,10 +348,18 @@ class ConversationView(VerticalScroll, can_focus=False):
         earlier = self.query_one("#earlier", Button)
         earlier.display = self._first_shown > 0
         earlier.label = f"▲ Show {min(self.page, self._first_shown)} earlier of {self._first_shown}"
+        later_count = len(self.items) - self._end_shown
+        later = self.query_one("#later", Button)
+        later.display = later_count > 0
+        later.label = f"▼ Show {min(self.page, later_count)} later of {later_count}"
         self.query_one("#empty-hint").display = not self.items
 
+    def _views(self) -> list[MessageView]:
+        return list(self.query_children(MessageView))
+
     def view_for(self, item: ChatItem) -> MessageView | None:
-        for view in self.query(MessageView):
+        """The mounted view of `item`, or None (it is outside the mounted window)."""
+        for view in self._views():
             if view.item is item:
                 return view
         return None
@@ -349,63 +368,133 @@ class ConversationView(VerticalScroll, can_focus=False):
         meta = self.meta_for(item) if self.meta_for is not None and item.role == "assistant" else None
         return MessageView(item, markdown=self.markdown, show_probs=self.show_probs, meta=meta)
 
+    def _index(self, item: ChatItem) -> int:
+        return next(i for i, it in enumerate(self.items) if it is item)
+
+    async def _mount_window(self, start: int) -> list[MessageView]:
+        """Unmount every message and mount items[start : start + page]."""
+        await self.remove_children(self._views())
+        self._first_shown = max(0, min(start, len(self.items)))
+        self._end_shown = min(len(self.items), self._first_shown + self.page)
+        views = [self._make(item) for item in self.items[self._first_shown : self._end_shown]]
+        if views:
+            await self.mount_all(views, before=self.query_one("#later"))
+        self._sync_chrome()
+        return views
+
     async def show(self, items: list[ChatItem]) -> None:
         """Replace everything with `items`, mounting only the newest page."""
         self.items = items
-        await self.remove_children(MessageView)
-        self._first_shown = max(0, len(items) - self.page)
-        views = [self._make(item) for item in items[self._first_shown :]]
-        if views:
-            await self.mount_all(views)
-        self._sync_chrome()
+        await self._mount_window(len(items) - self.page)
         self.scroll_end(animate=False, immediate=True)
         self.anchor()
 
+    async def show_first(self) -> None:
+        """The oldest page, scrolled to its top, its first message focused (Home)."""
+        views = await self._mount_window(0)
+        self.anchor(False)
+        self.scroll_home(animate=False, immediate=True)
+        if views:
+            views[0].take_focus()
+
+    async def show_last(self) -> None:
+        """The newest page, scrolled to the end, its last message focused (End)."""
+        if self._end_shown < len(self.items):
+            await self.show(self.items)
+        self.scroll_end(animate=False, immediate=True)
+        self.anchor()
+        views = self._views()
+        if views:
+            views[-1].take_focus()
+
     async def add(self, item: ChatItem) -> MessageView:
+        if self._end_shown < len(self.items):  # paged back: a new message brings the newest page back
+            await self.show(self.items)
         self.items.append(item)
         view = self._make(item)
-        await self.mount(view)
-        await self._unmount_oldest()
+        await self.mount(view, before=self.query_one("#later"))
+        self._end_shown = len(self.items)
+        await self._unmount(oldest=True)
         self._sync_chrome()
         self.anchor()
         self.scroll_end(animate=False)
         return view
 
-    async def _unmount_oldest(self) -> None:
-        views = list(self.query(MessageView))
+    async def _unmount(self, *, oldest: bool) -> None:
+        """Unmount the messages beyond `max_mounted`, at the top (oldest) or at the bottom."""
+        views = self._views()
         excess = len(views) - self.max_mounted
-        if excess > 0:
+        if excess <= 0:
+            return
+        if oldest:
             await self.remove_children(views[:excess])
-            first = views[excess].item
-            self._first_shown = next(i for i, it in enumerate(self.items) if it is first)
+            self._first_shown = self._index(views[excess].item)
+        else:
+            await self.remove_children(views[-excess:])
+            self._end_shown = self._index(views[-excess].item)
 
     async def remove_from(self, item: ChatItem) -> None:
         """Remove `item` and every later message."""
-        index = next(i for i, it in enumerate(self.items) if it is item)
+        index = self._index(item)
         doomed = self.items[index:]
         del self.items[index:]
-        views = [v for v in self.query(MessageView) if any(v.item is d for d in doomed)]
+        views = [v for v in self._views() if any(v.item is d for d in doomed)]
         if views:
             await self.remove_children(views)
         self._first_shown = min(self._first_shown, len(self.items))
+        self._end_shown = min(self._end_shown, len(self.items))
         self._sync_chrome()
 
     @on(Button.Pressed, "#earlier")
     async def show_earlier(self) -> None:
+        """Mount the page before the first mounted message and focus the message just before it."""
         start = max(0, self._first_shown - self.page)
         views = [self._make(item) for item in self.items[start : self._first_shown]]
-        first = next(iter(self.query(MessageView)), None)
         if views:
-            if first is not None:
-                await self.mount_all(views, before=first)
-            else:
-                await self.mount_all(views)
+            await self.mount_all(views, after=self.query_one("#earlier"))
         self._first_shown = start
+        await self._unmount(oldest=False)
         self._sync_chrome()
         if views:
             views[-1].take_focus()
 
+    @on(Button.Pressed, "#later")
+    async def show_later(self) -> None:
+        """Mount the page after the last mounted message and focus the message just after it."""
+        end = min(len(self.items), self._end_shown + self.page)
+        views = [self._make(item) for item in self.items[self._end_shown : end]]
+        if views:
+            await self.mount_all(views, before=self.query_one("#later"))
+        self._end_shown = end
+        await self._unmount(oldest=True)
+        self._sync_chrome()
+        if views:
+            views[0].take_focus()
+
+    async def step_focus(self, delta: int, focused: object) -> bool:
+        """Move the focus `delta` messages from `focused`, mounting the next page at either end of the
+        window; False when it moves past the newest message (the prompt is next)."""
+        views = self._views()
+        if not views:
+            return True
+        if isinstance(focused, MessageView) and focused in views:
+            index = views.index(focused) + delta
+            if index >= len(views):
+                if self._end_shown < len(self.items):
+                    await self.show_later()
+                    return True
+                return False
+            if index < 0:
+                if self._first_shown > 0:
+                    await self.show_earlier()
+                    return True
+                index = 0
+        else:
+            index = len(views) - 1 if delta < 0 else 0
+        views[index].take_focus()
+        return True
+
     def set_show_probs(self, show: bool) -> None:
         self.show_probs = show
-        for view in self.query(MessageView):
+        for view in self._views():
             view.set_show_probs(show)

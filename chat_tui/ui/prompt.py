@@ -9,7 +9,6 @@ from textual.widgets import TextArea
 
 from chat_tui.ui.bindings import with_ids
 
-
 # The most a prompt takes from pastes, in characters: a megabyte froze the editor for seconds and
 # sending it for twenty, and no model's context holds even this much (about 25,000 tokens of prose)
 PROMPT_LIMIT = 100_000

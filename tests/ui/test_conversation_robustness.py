@@ -190,3 +190,42 @@ async def test_a_prompt_longer_than_the_context_says_what_was_cut(make_app):
         seen = engine.records[-1]
         assert seen.conversation[-1].content == message, "the engine was given it all and cut it itself"
         assert "start of your message" in str(app.query_one("#status").render())
+
+
+async def test_a_thousand_message_conversation_opens_and_pages_to_either_end_by_keys(make_app):
+    store = Store(get_paths().database)
+    cid = store.create_conversation("long")
+    store.add_messages(cid, [("user" if i % 2 == 0 else "assistant", f"message {i}") for i in range(1000)])
+    store.close()
+    app, _ = make_app(["x"], conversation_id=cid, context_length=8192)  # the whole conversation fits
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: len(app.conversation.items) == 1000, what="the conversation")
+        await ready(pilot, app)
+        conversation = app.conversation
+
+        def shown() -> list[str]:
+            return [view.item.content for view in conversation.query(MessageView)]
+
+        assert shown()[-1] == "message 999" and len(shown()) == conversation.page
+        assert any(line.rstrip().endswith("message 999") for line in screen_lines(app)), "opens at the end"
+        await pilot.press("ctrl+up")  # the newest message takes the focus
+        assert app.focused.item.content == "message 999"
+        await pilot.press("home")
+        await pilot.pause()
+        assert app.focused.item.content == "message 0" and shown()[0] == "message 0"
+        assert conversation.scroll_y == 0
+        assert any(line.rstrip().endswith("message 0") for line in screen_lines(app)), "the top is on screen"
+        for _ in range(conversation.page):  # Down walks on past the mounted page into the next
+            await pilot.press("down")
+        assert app.focused.item.content == f"message {conversation.page}"
+        assert len(shown()) <= conversation.max_mounted
+        await pilot.press("end")
+        await pilot.pause()
+        assert app.focused.item.content == "message 999" and shown()[-1] == "message 999"
+        assert any(line.rstrip().endswith("message 999") for line in screen_lines(app)), "the end is on screen"
+        for _ in range(conversation.page):  # Up walks back past the mounted page into the one before
+            await pilot.press("up")
+        assert app.focused.item.content == f"message {999 - conversation.page}"
+        await pilot.press("home")
+        await send(pilot, app, "a new message")  # sending while paged back shows the newest again
+        assert shown()[-2:] == ["a new message", "x"] and len(conversation.items) == 1002
