@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import gc
 import os
 import sys
@@ -32,6 +33,15 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def trimmed_rss_mb() -> float:
+    """RSS after asking glibc to hand freed heap pages back (what is left is memory in use)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return float("nan")
+    return rss_mb()
+
+
 def reply_text(tokens: int) -> str:
     from chat_tui.engine.fake import tokenize
 
@@ -42,7 +52,7 @@ def reply_text(tokens: int) -> str:
     return text
 
 
-async def measure(replies: int, at: set[int], tokens: int, inspector: bool) -> list[dict]:
+async def measure(replies: int, at: set[int], tokens: int, inspector: bool, engine_turns: int) -> list[dict]:
     from chat_tui.config import get_paths
     from chat_tui.engine.fake import FakeEngine
     from chat_tui.engine.params import SamplingParams
@@ -50,6 +60,9 @@ async def measure(replies: int, at: set[int], tokens: int, inspector: bool) -> l
     from chat_tui.ui.conversation import MessageView
 
     engine = FakeEngine([reply_text(tokens)])
+    if engine_turns:  # the FakeEngine's own work (and garbage) grows with the conversation: keep it flat
+        stream = engine.stream
+        engine.stream = lambda conversation, *args, **kwargs: stream(conversation[-engine_turns:], *args, **kwargs)
     app = ChatApp(engine_factory=lambda: engine, paths=get_paths(), new=True)
     app.tune_runtime = True  # as run_app does
     rows = []
@@ -73,6 +86,7 @@ async def measure(replies: int, at: set[int], tokens: int, inspector: bool) -> l
                 rows.append({
                     "replies": n,
                     "rss_mb": rss_mb(),
+                    "trimmed_mb": trimmed_rss_mb(),
                     "blocks": sys.getallocatedblocks(),
                     "mounted": len(list(app.conversation.query(MessageView))),
                     "widgets": sum(1 for _ in app.screen.walk_children()),
@@ -86,16 +100,21 @@ def main() -> None:
     parser.add_argument("--at", type=int, nargs="*", default=[20, 100, 240])
     parser.add_argument("--tokens", type=int, default=80, help="tokens per reply")
     parser.add_argument("--inspector", action="store_true", help="keep the attention inspector open")
+    parser.add_argument("--engine-turns", type=int, default=0,
+                        help="give the FakeEngine only the newest N messages (0: all, as the app sends them)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
         os.environ["CHAT_TUI_HOME"] = home
-        rows = asyncio.run(measure(args.replies, set(args.at), args.tokens, args.inspector))
+        rows = asyncio.run(measure(args.replies, set(args.at), args.tokens, args.inspector, args.engine_turns))
     pane = "open" if args.inspector else "closed"
-    print(f"memory of the app over one conversation ({args.tokens}-token replies, FakeEngine, 120x40, "
-          f"inspector {pane})")
-    print(f"{'replies':>8} {'RSS MB':>8} {'Python blocks':>14} {'messages mounted':>17} {'widgets':>8}")
+    seen = f"the newest {args.engine_turns} messages" if args.engine_turns else "the whole conversation"
+    print(f"memory of the app over one conversation ({args.tokens}-token replies, FakeEngine given {seen}, "
+          f"120x40, inspector {pane})")
+    print(f"{'replies':>8} {'RSS MB':>8} {'after trim':>11} {'Python blocks':>14} {'messages mounted':>17} "
+          f"{'widgets':>8}")
     for row in rows:
-        print(f"{row['replies']:>8} {row['rss_mb']:>8.1f} {row['blocks']:>14,} {row['mounted']:>17} {row['widgets']:>8}")
+        print(f"{row['replies']:>8} {row['rss_mb']:>8.1f} {row['trimmed_mb']:>11.1f} {row['blocks']:>14,} "
+              f"{row['mounted']:>17} {row['widgets']:>8}")
     if len(rows) >= 2:
         first, last = rows[0], rows[-1]
         per = (last["rss_mb"] - first["rss_mb"]) / max(last["replies"] - first["replies"], 1) * 1024
