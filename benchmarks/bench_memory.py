@@ -8,7 +8,11 @@ capped per reply, and the FakeEngine's made-up prompt attention (a P x P array a
 this process) would swamp the figure. Target: the growth levels off: what a reply leaves behind
 (mounted messages and their rendered lines, per-token records) is bounded.
 
+"after trim" is the RSS once glibc has handed back the heap pages it keeps free; "Python blocks"
+counts the interpreter's small objects; "messages mounted" and "widgets" what the screen holds.
+
     PYTHONPATH=. python benchmarks/bench_memory.py [--replies 240] [--at 20 100 240] [--tokens 80]
+                                                   [--inspector] [--engine-turns N]
 """
 
 from __future__ import annotations
