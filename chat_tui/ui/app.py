@@ -49,7 +49,7 @@ from chat_tui.config import (
 )
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.source import source_problem
-from chat_tui.engine.types import Engine, Message
+from chat_tui.engine.types import Engine, Message, PromptInfo
 from chat_tui.store import Store, StoreError
 from chat_tui.ui.bindings import with_ids
 from chat_tui.ui.budget import UIBudget
@@ -92,6 +92,7 @@ EngineFactory = Callable[[], Engine]
 PANE_WIDTH = {"sampling": 36, "inspector": 40}  # 40: fits beside the chat at 80 columns
 CHAT_MIN_WIDTH = 40
 NARROW_WIDTH = CHAT_MIN_WIDTH + PANE_WIDTH["sampling"]  # below this the panes stack
+MIN_SIZE = (20, 6)  # below this only a "terminal too small" line shows (the panes cannot draw in less)
 FLUSH_INTERVAL = 0.05  # seconds between Markdown updates while a reply streams
 MAX_FLUSH_GAP = 0.25  # ... but never less often than this
 # The share of one core the UI thread aims to stay under while streaming. A Python-side engine
@@ -142,6 +143,27 @@ def settings_summary(params: dict[str, Any] | None) -> str:
     if params.get("order") and list(params["order"]) != list(neutral["order"]):
         parts.append("custom order")
     return " ".join(parts)
+
+
+def fit_notice(conversation: list[Message], prompt: PromptInfo) -> str:
+    """What the engine left out of `conversation` to fit the context, in words ("" if nothing)."""
+    if not prompt.dropped_tokens:
+        return ""
+    parts = []
+    dropped = prompt.dropped_messages
+    if dropped:
+        parts.append(f"{dropped} old turn{'s' if dropped != 1 else ''} left out to fit the context")
+    # the newest message loses its start when it alone is too long: its kept tokens tell how much
+    newest = len(conversation) - 1
+    span = next((s for s in prompt.spans if s.message_index == newest), None)
+    if span is not None:
+        message = conversation[newest]
+        cut = len(message.content) - sum(len(token) for token in prompt.tokens[span.start : span.end])
+        if cut > 0:
+            whose = "your message" if message.role == "user" else "the reply being continued"
+            parts.append(f"the start of {whose} was cut to fit the context: about {cut:,} of its "
+                         f"{len(message.content):,} characters")
+    return "; ".join(parts) or f"prompt cut by {prompt.dropped_tokens:,} tokens to fit the context"
 
 
 def tune_runtime() -> None:
@@ -280,6 +302,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 yield Static(Text("Inspector", style="bold"), classes="pane-title")
         yield PromptInput(id="prompt")
         yield Static("", id="status")
+        yield Static(id="too-small")
         # the footer (a widget per key) is mounted just after the first frame too: see _start_after_first_frame
 
     def _view_for(self, item: ChatItem) -> MessageView | None:
@@ -345,6 +368,12 @@ class ChatApp(App[int], inherit_bindings=False):
         except NoMatches:
             return
         width = self.size.width
+        too_small = width < MIN_SIZE[0] or self.size.height < MIN_SIZE[1]
+        body.screen.set_class(too_small, "-too-small")
+        if too_small:
+            self.query_one("#too-small", Static).update(
+                f"Terminal too small ({width}×{self.size.height}): chat-tui needs {MIN_SIZE[0]}×{MIN_SIZE[1]}."
+            )
         narrow = width < NARROW_WIDTH
         body.set_class(narrow, "-narrow")
         show: dict[str, bool] = {}
@@ -766,6 +795,8 @@ class ChatApp(App[int], inherit_bindings=False):
             )
             for m in stored
         ]
+        for item in items:  # one copy of the colours in memory: the pairs (the store keeps its own)
+            item.meta.pop("token_probs", None)
         self.conversation_id = conversation_id
         self.system_prompt = info.system_prompt
         self.editing = None
@@ -947,10 +978,10 @@ class ChatApp(App[int], inherit_bindings=False):
             return
         if self._busy():
             return
-        text = clean(text).strip("\n")
         prompt = self.prompt_input
+        prompt.clear_sent(text)
+        text = clean(text).strip("\n")
         prompt.remember(text)
-        prompt.clear()
         if self.editing is not None:
             await self._drop_from(self.editing)
             self.editing = None
@@ -1057,13 +1088,10 @@ class ChatApp(App[int], inherit_bindings=False):
                 pane.add_step(step)  # every step: its attention row (cheap; drawn on the pane's tick)
             if step.prompt is not None:
                 job.prompt = step.prompt
-                dropped = step.prompt.dropped_messages
-                if dropped:
-                    self.notice = f"{dropped} old turn{'s' if dropped != 1 else ''} left out to fit the context"
-                    self.notify(self.notice, severity="warning", timeout=5, markup=False)
-                elif step.prompt.dropped_tokens:
-                    self.notice = f"prompt cut by {step.prompt.dropped_tokens} tokens to fit the context"
-                    self.notify(self.notice, severity="warning", timeout=5, markup=False)
+                notice = fit_notice(job.conversation, step.prompt)
+                if notice:
+                    self.notice = notice
+                    self.notify(notice, severity="warning", timeout=8, markup=False)
             params = step.params
             if params is not None:
                 if job.first_params is None:
@@ -1169,6 +1197,7 @@ class ChatApp(App[int], inherit_bindings=False):
             view.refresh_header()
             view.set_meta(self.meta_text(item))
         self._save_reply(job)
+        item.meta.pop("token_probs", None)  # saved; in memory the colours keep item.token_probs only
         self.last_job = job
         self.job = None
         if self.loading:
@@ -1458,20 +1487,9 @@ class ChatApp(App[int], inherit_bindings=False):
     def action_focus_prompt(self) -> None:
         self.prompt_input.focus()
 
-    def action_focus_message(self, delta: int) -> None:
-        views = list(self.conversation.query(MessageView))
-        if not views:
-            return
-        focused = self.focused
-        if isinstance(focused, MessageView) and focused in views:
-            index = views.index(focused) + delta
-            if index >= len(views):
-                self.prompt_input.focus()
-                return
-            index = max(index, 0)
-        else:
-            index = len(views) - 1 if delta < 0 else 0
-        views[index].take_focus()
+    async def action_focus_message(self, delta: int) -> None:
+        if not await self.conversation.step_focus(delta, self.focused):
+            self.prompt_input.focus()
 
     def action_toggle_probs(self) -> None:
         self.show_probs = not self.show_probs

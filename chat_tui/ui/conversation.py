@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -33,10 +34,21 @@ if TYPE_CHECKING:
 
 
 def safe_parser() -> MarkdownIt:
-    """GFM without raw HTML: HTML in a reply shows as text."""
+    """GFM without raw HTML (HTML in a reply shows as text), and every line break the model wrote
+    kept: a single newline is a hard break, not Markdown's soft one that joins the lines (verse,
+    addresses and unmarked lists stay as written). Code blocks are not inline text: untouched."""
     from markdown_it import MarkdownIt
 
-    return MarkdownIt("gfm-like", {"html": False})
+    parser = MarkdownIt("gfm-like", {"html": False})
+    parser.core.ruler.push("hard_breaks", _hard_breaks)
+    return parser
+
+
+def _hard_breaks(state) -> None:  # noqa: ANN001 - markdown-it's StateCore, imported late
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
 
 
 @functools.cache
@@ -66,14 +78,34 @@ def reply_markdown():  # noqa: ANN201 - a Textual class, made at the first reply
     return ReplyMarkdown
 
 
+UNKNOWN_PROB_STYLE = Style(color="rgb(140,140,140)", italic=True)
+
+
 def prob_style(prob: float) -> Style:
-    """Red for unlikely tokens through yellow to green for near-certain ones."""
+    """Red for unlikely tokens through yellow to green for near-certain ones; grey italics for a
+    probability that is no number (NaN from a broken checkpoint, or any engine's bad value)."""
+    if math.isnan(prob):
+        return UNKNOWN_PROB_STYLE
     p = min(max(prob, 0.0), 1.0)
     if p < 0.5:
         r, g = 230, int(60 + 340 * p)
     else:
         r, g = int(230 - 300 * (p - 0.5)), 230
     return Style(color=f"rgb({max(r, 60)},{min(g, 230)},70)")
+
+
+# A message of yours longer than this shows its start and end only (wrapping 100,000 characters
+# took half a second at every layout); the whole text is kept, sent and copied (c).
+SHOWN_LIMIT = 6_000
+
+
+def shown_text(text: str) -> str:
+    """`text`, or its start and end with a line saying how much is not shown in between."""
+    if len(text) <= SHOWN_LIMIT:
+        return text
+    head, tail = text[: SHOWN_LIMIT * 2 // 3], text[-(SHOWN_LIMIT // 3) :]
+    hidden = len(text) - len(head) - len(tail)
+    return f"{head}\n\n[… {hidden:,} more characters not shown; c copies the whole message …]\n\n{tail}"
 
 
 def code_blocks(markdown: str) -> list[tuple[str, str]]:
@@ -99,6 +131,8 @@ class MessageView(Vertical, can_focus=False):
         Binding("up", "app.focus_message(-1)", "Previous message", show=False, id="message_previous"),
         Binding("down", "app.focus_message(1)", "Next message", show=False, id="message_next"),
         Binding("enter", "app.focus_prompt", "Back to the prompt", show=False, id="message_to_prompt"),
+        Binding("home", "edge('first')", "First message", show=False, id="message_first"),
+        Binding("end", "edge('last')", "Last message", show=False, id="message_last"),
     ]
 
     def __init__(
@@ -119,7 +153,6 @@ class MessageView(Vertical, can_focus=False):
         self._busy = False
         self._code_index = -1
         self._prob_text: Text | None = None
-        self._prob_count = 0
 
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="who")
@@ -127,13 +160,18 @@ class MessageView(Vertical, can_focus=False):
             yield reply_markdown()(clean(self.item.content) or None, parser_factory=safe_parser, open_links=False,
                                    classes="body")
         else:
-            yield Static(safe_text(self.item.content), classes="body plain")
+            content = self.item.content if self.item.role == "assistant" else shown_text(self.item.content)
+            yield Static(safe_text(content), classes="body plain")
         if self.item.role == "assistant":
             yield Static("", classes="probs")
             yield Static(self._initial_meta or "", classes="meta")
 
     def on_mount(self) -> None:
         self._sync_probs()
+
+    async def action_edge(self, which: str) -> None:
+        conversation = self.query_ancestor(ConversationView)
+        await (conversation.show_first() if which == "first" else conversation.show_last())
 
     def take_focus(self) -> None:
         self.can_focus = True
@@ -220,13 +258,12 @@ class MessageView(Vertical, can_focus=False):
     # ------------------------------------------------------------------ probability colours
 
     def add_token_probs(self, pairs: list[tuple[str, float]]) -> None:
-        if self._prob_text is None:
-            self._prob_text = Text(end="")
-        for text, prob in pairs:
-            self._prob_text.append(clean(text), prob_style(prob))
-        self._prob_count += len(pairs)
+        """`pairs` were just added to the item's token_probs (a streaming reply)."""
+        if self._prob_text is not None:
+            for text, prob in pairs:
+                self._prob_text.append(clean(text), prob_style(prob))
         if self.show_probs and pairs:
-            self.query_one(".probs", Static).update(self._prob_text)
+            self._sync_probs()
 
     def set_show_probs(self, show: bool) -> None:
         self.show_probs = show
@@ -235,12 +272,11 @@ class MessageView(Vertical, can_focus=False):
     def _sync_probs(self) -> None:
         if self.item.role != "assistant":
             return
-        if self._prob_text is None and self.item.token_probs:
+        on_ = self.show_probs and bool(self.item.token_probs)
+        if on_ and self._prob_text is None:  # built when first shown: most replies never are
             self._prob_text = Text(end="")
             for text, prob in self.item.token_probs:
                 self._prob_text.append(clean(text), prob_style(prob))
-        has = self._prob_text is not None
-        on_ = self.show_probs and has
         probs = self.query_one(".probs", Static)
         probs.display = on_
         self.query_one(".body").display = not on_
@@ -272,16 +308,25 @@ class MessageView(Vertical, can_focus=False):
 
 
 class ConversationView(VerticalScroll, can_focus=False):
-    """The messages of the open conversation; only the newest `page` are mounted at first."""
+    """The messages of the open conversation, mounted a window at a time.
+
+    A conversation opens with its newest `page` messages mounted; "Show earlier" (or Up on the
+    first one) mounts the page before, "Show later" (or Down on the last) the page after, Home and
+    End on a message jump to either end. At most `max_mounted` messages stay mounted: paging
+    unmounts those at the other end, and each new message the oldest, so neither a long session
+    nor a long conversation piles up widgets.
+    """
 
     page = 24
+    max_mounted = 2 * page
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.items: list[ChatItem] = []
         self.markdown = True
         self.show_probs = False
-        self._first_shown = 0
+        self._first_shown = 0  # the mounted window is items[_first_shown:_end_shown]
+        self._end_shown = 0
         self.meta_for: Callable[[ChatItem], Text] | None = None
 
     def compose(self) -> ComposeResult:
@@ -294,6 +339,7 @@ class ConversationView(VerticalScroll, can_focus=False):
             ),
             id="empty-hint",
         )
+        yield Button("Show later messages", id="later", compact=True)
 
     def on_mount(self) -> None:
         self._sync_chrome()
@@ -302,10 +348,18 @@ class ConversationView(VerticalScroll, can_focus=False):
         earlier = self.query_one("#earlier", Button)
         earlier.display = self._first_shown > 0
         earlier.label = f"▲ Show {min(self.page, self._first_shown)} earlier of {self._first_shown}"
+        later_count = len(self.items) - self._end_shown
+        later = self.query_one("#later", Button)
+        later.display = later_count > 0
+        later.label = f"▼ Show {min(self.page, later_count)} later of {later_count}"
         self.query_one("#empty-hint").display = not self.items
 
+    def _views(self) -> list[MessageView]:
+        return list(self.query_children(MessageView))
+
     def view_for(self, item: ChatItem) -> MessageView | None:
-        for view in self.query(MessageView):
+        """The mounted view of `item`, or None (it is outside the mounted window)."""
+        for view in self._views():
             if view.item is item:
                 return view
         return None
@@ -314,54 +368,133 @@ class ConversationView(VerticalScroll, can_focus=False):
         meta = self.meta_for(item) if self.meta_for is not None and item.role == "assistant" else None
         return MessageView(item, markdown=self.markdown, show_probs=self.show_probs, meta=meta)
 
+    def _index(self, item: ChatItem) -> int:
+        return next(i for i, it in enumerate(self.items) if it is item)
+
+    async def _mount_window(self, start: int) -> list[MessageView]:
+        """Unmount every message and mount items[start : start + page]."""
+        await self.remove_children(self._views())
+        self._first_shown = max(0, min(start, len(self.items)))
+        self._end_shown = min(len(self.items), self._first_shown + self.page)
+        views = [self._make(item) for item in self.items[self._first_shown : self._end_shown]]
+        if views:
+            await self.mount_all(views, before=self.query_one("#later"))
+        self._sync_chrome()
+        return views
+
     async def show(self, items: list[ChatItem]) -> None:
         """Replace everything with `items`, mounting only the newest page."""
         self.items = items
-        await self.remove_children(MessageView)
-        self._first_shown = max(0, len(items) - self.page)
-        views = [self._make(item) for item in items[self._first_shown :]]
-        if views:
-            await self.mount_all(views)
-        self._sync_chrome()
+        await self._mount_window(len(items) - self.page)
         self.scroll_end(animate=False, immediate=True)
         self.anchor()
 
+    async def show_first(self) -> None:
+        """The oldest page, scrolled to its top, its first message focused (Home)."""
+        views = await self._mount_window(0)
+        self.anchor(False)
+        self.scroll_home(animate=False, immediate=True)
+        if views:
+            views[0].take_focus()
+
+    async def show_last(self) -> None:
+        """The newest page, scrolled to the end, its last message focused (End)."""
+        if self._end_shown < len(self.items):
+            await self.show(self.items)
+        self.scroll_end(animate=False, immediate=True)
+        self.anchor()
+        views = self._views()
+        if views:
+            views[-1].take_focus()
+
     async def add(self, item: ChatItem) -> MessageView:
+        if self._end_shown < len(self.items):  # paged back: a new message brings the newest page back
+            await self.show(self.items)
         self.items.append(item)
         view = self._make(item)
-        await self.mount(view)
+        await self.mount(view, before=self.query_one("#later"))
+        self._end_shown = len(self.items)
+        await self._unmount(oldest=True)
         self._sync_chrome()
         self.anchor()
         self.scroll_end(animate=False)
         return view
 
+    async def _unmount(self, *, oldest: bool) -> None:
+        """Unmount the messages beyond `max_mounted`, at the top (oldest) or at the bottom."""
+        views = self._views()
+        excess = len(views) - self.max_mounted
+        if excess <= 0:
+            return
+        if oldest:
+            await self.remove_children(views[:excess])
+            self._first_shown = self._index(views[excess].item)
+        else:
+            await self.remove_children(views[-excess:])
+            self._end_shown = self._index(views[-excess].item)
+
     async def remove_from(self, item: ChatItem) -> None:
         """Remove `item` and every later message."""
-        index = next(i for i, it in enumerate(self.items) if it is item)
+        index = self._index(item)
         doomed = self.items[index:]
         del self.items[index:]
-        views = [v for v in self.query(MessageView) if any(v.item is d for d in doomed)]
+        views = [v for v in self._views() if any(v.item is d for d in doomed)]
         if views:
             await self.remove_children(views)
         self._first_shown = min(self._first_shown, len(self.items))
+        self._end_shown = min(self._end_shown, len(self.items))
         self._sync_chrome()
 
     @on(Button.Pressed, "#earlier")
     async def show_earlier(self) -> None:
+        """Mount the page before the first mounted message and focus the message just before it."""
         start = max(0, self._first_shown - self.page)
         views = [self._make(item) for item in self.items[start : self._first_shown]]
-        first = next(iter(self.query(MessageView)), None)
         if views:
-            if first is not None:
-                await self.mount_all(views, before=first)
-            else:
-                await self.mount_all(views)
+            await self.mount_all(views, after=self.query_one("#earlier"))
         self._first_shown = start
+        await self._unmount(oldest=False)
         self._sync_chrome()
         if views:
             views[-1].take_focus()
 
+    @on(Button.Pressed, "#later")
+    async def show_later(self) -> None:
+        """Mount the page after the last mounted message and focus the message just after it."""
+        end = min(len(self.items), self._end_shown + self.page)
+        views = [self._make(item) for item in self.items[self._end_shown : end]]
+        if views:
+            await self.mount_all(views, before=self.query_one("#later"))
+        self._end_shown = end
+        await self._unmount(oldest=True)
+        self._sync_chrome()
+        if views:
+            views[0].take_focus()
+
+    async def step_focus(self, delta: int, focused: object) -> bool:
+        """Move the focus `delta` messages from `focused`, mounting the next page at either end of the
+        window; False when it moves past the newest message (the prompt is next)."""
+        views = self._views()
+        if not views:
+            return True
+        if isinstance(focused, MessageView) and focused in views:
+            index = views.index(focused) + delta
+            if index >= len(views):
+                if self._end_shown < len(self.items):
+                    await self.show_later()
+                    return True
+                return False
+            if index < 0:
+                if self._first_shown > 0:
+                    await self.show_earlier()
+                    return True
+                index = 0
+        else:
+            index = len(views) - 1 if delta < 0 else 0
+        views[index].take_focus()
+        return True
+
     def set_show_probs(self, show: bool) -> None:
         self.show_probs = show
-        for view in self.query(MessageView):
+        for view in self._views():
             view.set_show_probs(show)

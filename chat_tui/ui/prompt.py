@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from textual import events
 from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import TextArea
 
 from chat_tui.ui.bindings import with_ids
+
+# The most a prompt takes from pastes, in characters: a megabyte froze the editor for seconds and
+# sending it for twenty, and no model's context holds even this much (about 25,000 tokens of prose)
+PROMPT_LIMIT = 100_000
 
 
 class PromptInput(TextArea, inherit_bindings=False):
@@ -37,8 +42,35 @@ class PromptInput(TextArea, inherit_bindings=False):
         self._browse: int | None = None  # index into history while recalling
         self._draft = ""
 
+    def _on_paste(self, event: events.Paste) -> None:
+        """A paste beyond PROMPT_LIMIT is cut there (TextArea inserts the rest), and a notice says so."""
+        start, end = sorted(self.selection)
+        room = max(0, PROMPT_LIMIT - len(self.text) + len(self.get_text_range(start, end)))
+        pasted = len(event.text)
+        if pasted <= room:
+            return
+        event.text = event.text[:room]
+        self.notify(
+            f"The paste was {pasted:,} characters: the first {room:,} went into the prompt and the last "
+            f"{pasted - room:,} were left out (a prompt takes at most {PROMPT_LIMIT:,}).",
+            severity="warning", timeout=10, markup=False,
+        )
+
     def action_submit(self) -> None:
+        # Enter is a priority binding: the app runs it on arrival, while keys typed just before it
+        # in the same terminal write (a fast typist, a paste tool, tmux) still wait in this
+        # widget's queue. Read the text after them.
+        self.call_later(self._submit_typed)
+
+    def _submit_typed(self) -> None:
         self.post_message(self.Submitted(self, self.text))
+
+    def clear_sent(self, sent: str) -> None:
+        """Clear `sent` from the prompt, keeping any keys typed after Enter that have arrived since."""
+        rest = self.text[len(sent) :] if self.text.startswith(sent) else ""
+        self.clear()
+        if rest:
+            self.insert(rest)
 
     def action_newline(self) -> None:
         start, end = self.selection
