@@ -1026,8 +1026,11 @@ class ChatApp(App[int], inherit_bindings=False):
         else:
             item = ChatItem("assistant", "", status="waiting")
             conversation = self._messages_before(None)
-            await self.conversation.add(item)
             job = GenJob(conversation=conversation, item=item)
+            self.job = job  # before the await: the app is not settled while the reply's view mounts
+            await self.conversation.add(item)
+            if job.done:  # Esc while it mounted
+                return
         self.job = job
         self.notice = ""
         if self.engine is None or self.loading:  # a model on its way (a restart, another model) answers
