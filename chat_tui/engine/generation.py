@@ -204,6 +204,32 @@ class _History:
         return self.ids[: self.n]
 
 
+def _pick(raw: np.ndarray, history: _History, current, generator) -> tuple[int, np.ndarray | None]:
+    """The next token, and the chain's probabilities (None when the chain was skipped)."""
+    if picks_argmax(current):  # the chain would change nothing: skip its copy of the vocabulary
+        return int(raw.argmax()), None
+    chain = apply_chain(raw, history.view(), current)
+    return sample(chain, current, generator), chain.probs
+
+
+def _candidates(raw: np.ndarray, log_z: float, token: int, chain_probs: np.ndarray | None, n_top: int):
+    """The candidates: one partial sort, then plain numpy/Python on 256 numbers."""
+    k = min(RAW_LOGITS_KEPT, raw.size)
+    top_ids = np.argpartition(raw, raw.size - k)[raw.size - k :] if k < raw.size else np.arange(raw.size)
+    top_ids = top_ids[np.argsort(-raw[top_ids], kind="stable")]
+    top_logits = raw[top_ids]
+    n_top = min(n_top, k)
+    top_ids_list = top_ids[:n_top].tolist()
+    top_raw = np.exp(top_logits[:n_top] - log_z).tolist()
+    if chain_probs is None:  # greedy: all of the chain's probability is on the argmax
+        top_chain = [1.0 if i == token else 0.0 for i in top_ids_list]
+        chain_prob = 1.0
+    else:
+        top_chain = chain_probs[top_ids[:n_top]].tolist()
+        chain_prob = float(chain_probs[token])
+    return top_ids, top_logits, top_ids_list, top_raw, top_chain, chain_prob
+
+
 def run_stream(
     runner: Runner,
     *,
@@ -262,28 +288,9 @@ def run_stream(
             released = ""
         raw = _row(logits)
         log_z = _logsumexp(raw, model_name)
-        chain_probs: np.ndarray | None = None
-        if picks_argmax(current):  # the chain would change nothing: skip its copy of the vocabulary
-            token = int(raw.argmax())
-        else:
-            chain = apply_chain(raw, history.view(), current)
-            token = sample(chain, current, generator)
-            chain_probs = chain.probs
-
-        # The candidates: one partial sort, then plain numpy/Python on 256 numbers.
-        k = min(RAW_LOGITS_KEPT, raw.size)
-        top_ids = np.argpartition(raw, raw.size - k)[raw.size - k :] if k < raw.size else np.arange(raw.size)
-        top_ids = top_ids[np.argsort(-raw[top_ids], kind="stable")]
-        top_logits = raw[top_ids]
-        n_top = min(current.top_candidates, k)
-        top_ids_list = top_ids[:n_top].tolist()
-        top_raw = np.exp(top_logits[:n_top] - log_z).tolist()
-        if chain_probs is None:  # greedy: all of the chain's probability is on the argmax
-            top_chain = [1.0 if i == token else 0.0 for i in top_ids_list]
-            chain_prob = 1.0
-        else:
-            top_chain = chain_probs[top_ids[:n_top]].tolist()
-            chain_prob = float(chain_probs[token])
+        token, chain_probs = _pick(raw, history, current, generator)
+        top_ids, top_logits, top_ids_list, top_raw, top_chain, chain_prob = _candidates(
+            raw, log_z, token, chain_probs, current.top_candidates)
         prob = float(np.exp(float(raw[token]) - log_z))
 
         finish: str | None = None
