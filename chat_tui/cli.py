@@ -199,7 +199,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     tokens, reason, dropped, prefill, decode_s = 0, None, 0, 0.0, 0.0
     cancel = threading.Event()
     try:
-        for step in engine.stream(conversation, params, cancel=cancel):
+        # a plain reply reads only the text: the candidates (top-256, probabilities) are skipped
+        for step in engine.stream(conversation, params, cancel=cancel, candidates=args.json):
             tokens += 1
             if step.prompt is not None:
                 prefill = step.prompt.prefill_s

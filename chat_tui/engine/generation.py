@@ -13,6 +13,7 @@ the CPU) or torch tensors (converted here); a torch runner's calls run under
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import sys
 import threading
@@ -149,12 +150,24 @@ def _row(logits: Array) -> np.ndarray:
     return np.ascontiguousarray(logits, dtype=np.float32).reshape(-1)
 
 
+def _nan_error(model_name: str | None) -> EngineError:
+    where = f"{model_name}: " if model_name else ""
+    return EngineError(f"{where}the model produced NaN; the checkpoint is broken")
+
+
+def _check_nan(raw: np.ndarray, argmax: int | None, model_name: str | None) -> None:
+    """NaN logits are an EngineError (without the log-sum-exp that finds them for free).
+
+    `argmax`: the raw argmax when the loop took it; numpy's picks a NaN first, so its logit tells."""
+    if np.isnan(raw[argmax] if argmax is not None else raw.max()):
+        raise _nan_error(model_name)
+
+
 def _logsumexp(raw: np.ndarray, model_name: str | None) -> float:
     """log Σ exp(logits), the normaliser of the raw probabilities; NaN logits are an EngineError."""
     peak = raw.max()  # NaN anywhere makes the max NaN: the check costs nothing
     if np.isnan(peak):
-        where = f"{model_name}: " if model_name else ""
-        raise EngineError(f"{where}the model produced NaN; the checkpoint is broken")
+        raise _nan_error(model_name)
     if not np.isfinite(peak):  # every token masked (-inf) or an overflow (+inf)
         return float(peak)
     return float(peak + np.log(np.exp(raw - peak).sum(dtype=np.float64)))
@@ -243,8 +256,13 @@ def run_stream(
     inspect: bool,
     cancel: threading.Event | None,
     model_name: str | None = None,
+    candidates: bool = True,
 ) -> Iterator[Step]:
     """Generate a reply, one Step per token. See `chat_tui.engine.types.Step`.
+
+    Without `candidates` (a plain streamed reply, which reads only the text) the Steps carry no
+    candidates, top logits or probabilities (NaN): the log-sum-exp and the top-256 they need are
+    a tenth of a small model's token.
 
     When the context is full the window slides (unless `params.slide_context` is off): the last
     SLIDE_KEEP of the sequence is prefilled again and the reply goes on, each Step's
@@ -287,11 +305,18 @@ def run_stream(
         else:
             released = ""
         raw = _row(logits)
-        log_z = _logsumexp(raw, model_name)
-        token, chain_probs = _pick(raw, history, current, generator)
-        top_ids, top_logits, top_ids_list, top_raw, top_chain, chain_prob = _candidates(
-            raw, log_z, token, chain_probs, current.top_candidates)
-        prob = float(np.exp(float(raw[token]) - log_z))
+        if candidates:
+            log_z = _logsumexp(raw, model_name)
+            token, chain_probs = _pick(raw, history, current, generator)
+            top_ids, top_logits, top_ids_list, top_raw, top_chain, chain_prob = _candidates(
+                raw, log_z, token, chain_probs, current.top_candidates)
+            prob = float(np.exp(float(raw[token]) - log_z))
+        else:  # nobody reads them: no log-sum-exp, no top-256, no probabilities
+            token, chain_probs = _pick(raw, history, current, generator)
+            _check_nan(raw, token if chain_probs is None else None, model_name)
+            top_ids = top_logits = None
+            top_ids_list, top_raw, top_chain = [], [], []
+            log_z = prob = chain_prob = math.nan
 
         finish: str | None = None
         if token in eos_ids:

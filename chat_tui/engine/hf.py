@@ -1135,6 +1135,7 @@ class HFEngine:
         *,
         inspect: bool = False,
         cancel: threading.Event | None = None,
+        candidates: bool = True,
     ) -> Iterator[Step]:
         with self._lock, _quiet_logs():  # transformers' notes (Reformer pads every step) are not the user's business
             runner = HFRunner(self)
@@ -1147,6 +1148,7 @@ class HFEngine:
                 eos_ids=self.eos_ids,
                 context_length=self.context_length,
                 params=self._with_format_stops(params),
+                candidates=candidates,
                 inspect=inspect,
                 cancel=cancel,
             )
