@@ -184,7 +184,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--model", default=None, help="a mini-GPT checkpoint folder (default: the bundled one)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for generate (default 1: the engine decodes on one core too)")
     parser.add_argument("--profile", action="store_true", help="only the per-token profile of the decode loop")
     args = parser.parse_args()
     if args.threads:
