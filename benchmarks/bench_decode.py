@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from bench_hf import memory_bandwidth  # this folder is on sys.path when run as a script
 
 from chat_tui.engine import Message, SamplingParams, bundled_model_path, generation
 from chat_tui.engine.convert import to_hf_model
@@ -244,6 +245,14 @@ def main() -> None:
     capture_ms = 1000 * statistics.median(times["engine + capture"]) / args.new_tokens
     print(f"engine + capture, ms a token:     {capture_ms:.3f}  (target <= 0.6)")
     print(f"cost of capture and candidates:   {100 * (1 - 1 / ratio('engine', 'engine + capture')):.1f}%")
+    weights = engine.runner().weights
+    read = weights.lm_head.nbytes + sum(a.nbytes for layer in weights.layers for pair in
+                                        (layer.ln_1, layer.attn, layer.attn_proj, layer.ln_2, layer.fc, layer.fc_proj)
+                                        for a in pair)
+    bandwidth = memory_bandwidth()
+    print(f"weights read per token: {read / 1e6:.1f} MB; at this machine's copy bandwidth now "
+          f"({bandwidth / 1e9:.1f} GB/s copied) that alone takes {1000 * read / bandwidth:.2f} ms when they are "
+          f"not in the cache")
     print(f"end: {load_average()}")
 
 
