@@ -1,21 +1,27 @@
 """Decode speed on the bundled model: our engine (with and without attention capture) against
 `transformers.GPT2LMHeadModel.generate` on the same weights, side by side in one process.
 
-Greedy, 256 new tokens (end-of-turn ignored so every run makes all 256), best of N runs,
-runs interleaved so background load hits all three alike.
+Greedy, 256 new tokens (end-of-turn ignored so every run makes all 256). The runs alternate, so
+background load hits all three alike, and every ratio is the median of the per-round ratios;
+the load average is printed at the start and the end. "engine" is a plain reply (`ask`: no
+candidates), "engine + capture" is the app's with the inspector shown (attention and candidates).
 
     python benchmarks/bench_decode.py [--runs 5] [--new-tokens 256] [--threads N]
+    python benchmarks/bench_decode.py --profile   # where a token's time goes, per part of the loop
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
+import numpy as np
 import torch
+from bench_hf import memory_bandwidth  # this folder is on sys.path when run as a script
 
-from chat_tui.engine import Message, SamplingParams, bundled_model_path
+from chat_tui.engine import Message, SamplingParams, bundled_model_path, generation
 from chat_tui.engine.convert import to_hf_model
 from chat_tui.engine.generation import run_stream
 from chat_tui.engine.minigpt import MiniGPTEngine, single_threaded_blas
@@ -23,7 +29,7 @@ from chat_tui.engine.minigpt import MiniGPTEngine, single_threaded_blas
 PROMPT = [Message("user", "Hello! What is AI?")]
 
 
-def ours(engine: MiniGPTEngine, new_tokens: int, inspect: bool) -> tuple[float, list[int]]:
+def ours(engine: MiniGPTEngine, new_tokens: int, inspect: bool, candidates: bool) -> tuple[float, list[int]]:
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     runner = engine.runner()  # numpy on the CPU, as MiniGPTEngine.stream decodes
     start = time.perf_counter()
@@ -41,6 +47,7 @@ def ours(engine: MiniGPTEngine, new_tokens: int, inspect: bool) -> tuple[float, 
                 params=params,
                 inspect=inspect,
                 cancel=None,
+                candidates=candidates,
             )
         ]
     return time.perf_counter() - start, ids
@@ -62,17 +69,136 @@ def hf_generate(hf, prompt_ids: list[int], new_tokens: int) -> tuple[float, list
     return time.perf_counter() - start, out[0, len(prompt_ids) :].tolist()
 
 
+class _Clock:
+    """Seconds spent inside wrapped calls, per part of the loop (calls inside calls count once)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.depth = 0
+
+    def wrap(self, part: str, fn):
+        def timed(*args, **kwargs):
+            if self.depth:
+                return fn(*args, **kwargs)
+            self.depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+                self.depth -= 1
+
+        return timed
+
+
+def _blas_seconds(runner, first: int, last: int) -> float:
+    """The model's matrix products alone, at positions first..last-1, on the runner's own weights
+    and filled cache: the products one `feed` makes, without anything around them."""
+    w, cfg = runner.weights, runner.config
+    nh, hd = cfg.n_head, cfg.n_embd // cfg.n_head
+    x = np.ones(cfg.n_embd, dtype=np.float32)
+    wide = np.ones(w.layers[0].fc[0].shape[1], dtype=np.float32)
+    start = time.perf_counter()
+    for pos in range(first, last):
+        S = pos + 1
+        for i, layer in enumerate(w.layers):
+            qkv = x @ layer.attn[0]
+            q = qkv[: cfg.n_embd].reshape(nh, hd)
+            scores = np.matmul(runner.kv[i, 0, :, :S], q[:, :, None])[:, :, 0]
+            np.matmul(scores[:, None, :], runner.kv[i, 1, :, :S])
+            x @ layer.attn_proj[0]
+            x @ layer.fc[0]
+            wide @ layer.fc_proj[0]
+        x @ w.lm_head
+    return time.perf_counter() - start
+
+
+def profile(engine: MiniGPTEngine, new_tokens: int, runs: int) -> None:
+    """Where one token's time goes (greedy, capture on), median over `runs` runs."""
+    parts = ["model: BLAS products", "model: numpy glue", "sampling (pick the token)",
+             "inspector: log-sum-exp + top-256", "capture: attention to fp16", "detokenize + stop strings",
+             "token text (Step.token, candidates)", "generator's own Python"]
+    table: dict[str, list[float]] = {p: [] for p in [*parts, "total"]}
+    originals = {name: getattr(generation, name) for name in
+                 ("_pick", "_logsumexp", "_candidates", "_attention16", "_pad_keys", "StopStringFilter")}
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    try:
+        for _ in range(runs):
+            clock = _Clock()
+            generation._pick = clock.wrap(parts[2], originals["_pick"])
+            generation._logsumexp = clock.wrap(parts[3], originals["_logsumexp"])
+            generation._candidates = clock.wrap(parts[3], originals["_candidates"])
+            generation._attention16 = clock.wrap(parts[4], originals["_attention16"])
+            generation._pad_keys = clock.wrap(parts[4], originals["_pad_keys"])
+
+            class TimedStops(originals["StopStringFilter"]):
+                feed = clock.wrap(parts[5], originals["StopStringFilter"].feed)
+
+            generation.StopStringFilter = TimedStops
+            runner = engine.runner()
+            runner.feed = clock.wrap("feed", runner.feed)
+            steps = 0
+            with single_threaded_blas():
+                start = time.perf_counter()
+                for _step in generation.run_stream(
+                    runner, conversation=PROMPT, render=engine.render,
+                    decode=clock.wrap(parts[5], engine.decode), token_text=clock.wrap(parts[6], engine.token_text),
+                    eos_ids=set(), context_length=engine.context_length, params=params, inspect=True, cancel=None,
+                ):
+                    if steps == 0:  # from the first step on: the prefill is not decoding
+                        start = time.perf_counter()
+                        clock.seconds.clear()
+                    steps += 1
+                total = time.perf_counter() - start
+                n = steps - 1
+                prompt_length = runner.length - n
+                blas = _blas_seconds(runner, prompt_length, prompt_length + n)
+            s = clock.seconds
+            feed = s.pop("feed", 0.0)
+            s[parts[0]] = blas
+            s[parts[1]] = feed - blas
+            s[parts[7]] = total - sum(s.values())
+            for p in parts:
+                table[p].append(1e6 * s.get(p, 0.0) / n)
+            table["total"].append(1e6 * total / n)
+    finally:
+        for name, value in originals.items():
+            setattr(generation, name, value)
+    total = statistics.median(table["total"])
+    print(f"per-token profile, greedy, capture on, {new_tokens} tokens, median of {runs} runs "
+          "(each timed call adds about 0.2 us of timing)")
+    print()
+    print(f"| {'part':<37} | {'us/token':>8} | {'share':>6} |")
+    print(f"|{'-' * 39}|{'-' * 10}|{'-' * 8}|")
+    for p in parts:
+        us = statistics.median(table[p])
+        print(f"| {p:<37} | {us:>8.1f} | {100 * us / total:>5.1f}% |")
+    print(f"| {'total (one step of run_stream)':<37} | {total:>8.1f} | {100.0:>5.1f}% |")
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--model", default=None, help="a mini-GPT checkpoint folder (default: the bundled one)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for generate (default 1: the engine decodes on one core too)")
+    parser.add_argument("--profile", action="store_true", help="only the per-token profile of the decode loop")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     engine = MiniGPTEngine.load(args.model or bundled_model_path(), device="cpu")
+    if args.profile:
+        print(f"start: {load_average()}")
+        profile(engine, 16, 1)  # warm-up
+        profile(engine, args.new_tokens, args.runs)
+        print(f"end: {load_average()}")
+        return
     hf = to_hf_model(engine.model)
     prompt_ids, _ = engine.render(PROMPT)
     cfg = engine.config
@@ -80,38 +206,54 @@ def main() -> None:
           f"vocab {cfg.vocab_size}, context {cfg.block_size}; prompt {len(prompt_ids)} tokens; "
           f"{args.new_tokens} new tokens, greedy; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
+    print(f"start: {load_average()}")
     # warm up every path once
-    ours(engine, 16, False)
-    ours(engine, 16, True)
+    ours(engine, 16, False, False)
+    ours(engine, 16, True, True)
     hf_generate(hf, prompt_ids, 16)
 
-    times: dict[str, list[float]] = {"engine": [], "engine + capture": [], "HF generate": []}
+    runs = {
+        "engine": lambda: ours(engine, args.new_tokens, False, False),
+        "engine + capture": lambda: ours(engine, args.new_tokens, True, True),
+        "HF generate": lambda: hf_generate(hf, prompt_ids, args.new_tokens),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
     outputs: dict[str, list[int]] = {}
     for _ in range(args.runs):
-        for name, fn in (
-            ("engine", lambda: ours(engine, args.new_tokens, False)),
-            ("engine + capture", lambda: ours(engine, args.new_tokens, True)),
-            ("HF generate", lambda: hf_generate(hf, prompt_ids, args.new_tokens)),
-        ):
+        for name, fn in runs.items():
             seconds, ids = fn()
             times[name].append(seconds)
             outputs[name] = ids
 
+    def ratio(a: str, b: str) -> float:
+        """How many times faster a is than b: the median over rounds (a round runs each once)."""
+        return statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))
+
     same = outputs["engine"] == outputs["engine + capture"] == outputs["HF generate"]
-    best = {name: min(ts) for name, ts in times.items()}
-    rate = {name: args.new_tokens / t for name, t in best.items()}
     print()
-    print(f"| {'run':<18} | {'tokens/s (best)':>15} | {'median s':>9} | {'ms/token':>8} |")
-    print(f"|{'-' * 20}|{'-' * 17}|{'-' * 11}|{'-' * 10}|")
-    for name in times:
-        print(f"| {name:<18} | {rate[name]:>15.1f} | {statistics.median(times[name]):>9.3f} | "
-              f"{1000 * best[name] / args.new_tokens:>8.2f} |")
+    print(f"| {'run':<18} | {'tokens/s (median)':>17} | {'ms/token (median)':>17} | {'ms/token (best)':>15} |")
+    print(f"|{'-' * 20}|{'-' * 19}|{'-' * 19}|{'-' * 17}|")
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        print(f"| {name:<18} | {args.new_tokens / median:>17.1f} | {1000 * median / args.new_tokens:>17.3f} | "
+              f"{1000 * min(ts) / args.new_tokens:>15.3f} |")
     print()
     print(f"greedy tokens identical across the three: {same}")
-    print(f"engine / HF generate:             {rate['engine'] / rate['HF generate']:.2f}x")
-    print(f"engine + capture / HF generate:   {rate['engine + capture'] / rate['HF generate']:.2f}x  (target >= 2x)")
-    cost = 1 - rate["engine + capture"] / rate["engine"]
-    print(f"cost of attention capture:        {100 * cost:.1f}%  (target <= 15%)")
+    print(f"medians of {args.runs} alternating rounds:")
+    print(f"engine / HF generate:             {ratio('engine', 'HF generate'):.2f}x")
+    print(f"engine + capture / HF generate:   {ratio('engine + capture', 'HF generate'):.2f}x  (target >= 3x)")
+    capture_ms = 1000 * statistics.median(times["engine + capture"]) / args.new_tokens
+    print(f"engine + capture, ms a token:     {capture_ms:.3f}  (target <= 0.6)")
+    print(f"cost of capture and candidates:   {100 * (1 - 1 / ratio('engine', 'engine + capture')):.1f}%")
+    weights = engine.runner().weights
+    read = weights.lm_head.nbytes + sum(a.nbytes for layer in weights.layers for pair in
+                                        (layer.ln_1, layer.attn, layer.attn_proj, layer.ln_2, layer.fc, layer.fc_proj)
+                                        for a in pair)
+    bandwidth = memory_bandwidth()
+    print(f"weights read per token: {read / 1e6:.1f} MB; at this machine's copy bandwidth now "
+          f"({bandwidth / 1e9:.1f} GB/s copied) that alone takes {1000 * read / bandwidth:.2f} ms when they are "
+          f"not in the cache")
+    print(f"end: {load_average()}")
 
 
 if __name__ == "__main__":

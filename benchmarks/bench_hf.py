@@ -16,13 +16,24 @@ loop itself costs or saves, apart from the layout.
 
 Targets: our loop / generate >= 1.0x; attention capture costs <= 10% on the 124M model.
 
+`limits` (in --models by default) measures this machine's memory bandwidth in the same run (a
+large numpy copy, one thread like the decode: bytes copied / seconds; each is read once and
+written once, so the bytes moved are twice that) and sets GPT-2 124M's tokens/s against the bound
+`bandwidth / weight bytes` (a token reads every weight once), for both counts, in float32, in int8
+(`--quantize int8`) and in bfloat16 (`--dtype bfloat16`; whether this CPU has native bf16
+arithmetic, AVX-512 BF16 or AMX, is detected and printed), each with its greedy agreement with
+float32 over the new tokens. Every ratio is the median of the rounds' ratios (a round runs each
+path once, alternating); the load average is printed at the start and the end.
+
     python benchmarks/bench_hf.py [--runs 5] [--new-tokens 128] [--threads N] [--checkpoint DIR]
+    python benchmarks/bench_hf.py --models limits
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -33,7 +44,7 @@ import torch
 
 from chat_tui.engine import CheckpointError, Message, SamplingParams, bundled_model_path
 from chat_tui.engine.generation import run_stream
-from chat_tui.engine.hf import HFEngine, HFRunner
+from chat_tui.engine.hf import HFEngine, HFRunner, quantize_int8
 
 PROMPT = [Message("user", "Hello! What is AI?")]
 CHATML = (
@@ -76,6 +87,134 @@ def hf_generate(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, l
     with torch.inference_mode():
         out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
     return time.perf_counter() - start, out[0, len(prompt_ids):].tolist()
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """This machine's memory bandwidth now: bytes copied per second by a large numpy copy (the
+    median of `repeats` copies of `mib` MiB, far larger than any cache). Each byte is read once
+    and written once: the bytes moved are twice this."""
+    import numpy as np
+
+    source = np.ones(mib * 2**20 // 4, dtype=np.float32)
+    target = np.empty_like(source)
+    np.copyto(target, source)  # touch every page first
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        seconds.append(time.perf_counter() - start)
+    return source.nbytes / statistics.median(seconds)
+
+
+def fast_bf16() -> str:
+    """Whether this CPU does bfloat16 arithmetic natively (AVX-512 BF16 or AMX), in words."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    native = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    if native:
+        return f"yes ({', '.join(native)})"
+    return "no (no avx512_bf16 or amx_bf16 flag: torch converts bf16 to float32 around each product)"
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The bytes one decoded token reads: every weight once (a tied one once), except the position
+    embedding, of which it reads one row."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    positions = getattr(getattr(model, "transformer", None), "wpe", None)
+    if positions is not None:
+        total -= positions.weight.numel() * positions.weight.element_size()
+    return total
+
+
+def limits(runs: int, new_tokens: int) -> None:
+    """GPT-2 124M against the bandwidth bound: float32, int8 and bfloat16."""
+    engine, stock = gpt2_124m()
+    int8_model = copy.deepcopy(stock)
+    quantize_int8(int8_model)
+    int8 = HFEngine(int8_model, engine.tokenizer, name="gpt2-124m-int8")
+    bf16 = HFEngine(copy.deepcopy(stock).to(torch.bfloat16), engine.tokenizer, name="gpt2-124m-bf16")
+    for e in (engine, int8, bf16):
+        e.learn_decode_mode()
+    bytes_fp32 = weight_bytes(engine.model)
+    paths: dict[str, Callable[[], tuple[float, list[int]]]] = {
+        "float32, our loop": lambda: ours(engine, new_tokens, False),
+        "int8, our loop": lambda: ours(int8, new_tokens, False),
+        "bfloat16, our loop": lambda: ours(bf16, new_tokens, False),
+    }
+    for fn in paths.values():
+        fn()  # warm up
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    bandwidths: list[float] = []
+    outputs: dict[str, list[int]] = {}
+    for _ in range(runs):
+        bandwidths.append(memory_bandwidth())
+        for path, fn in paths.items():
+            seconds, ids = fn()
+            times[path].append(seconds)
+            outputs[path] = ids
+    # each round's tokens/s against the bound measured in the same round
+    bound = [b / bytes_fp32 for b in bandwidths]
+    reference = outputs["float32, our loop"]
+    print()
+    print(f"GPT-2 124M (random weights), {new_tokens} new tokens, greedy, {runs} alternating rounds; "
+          f"float32 weights read per token: {bytes_fp32 / 1e6:.0f} MB")
+    print(f"memory bandwidth (numpy copy): median {statistics.median(bandwidths) / 1e9:.1f} GB/s copied, "
+          f"{2 * statistics.median(bandwidths) / 1e9:.1f} GB/s read + written "
+          f"(rounds, copied: {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)}); float32 bound "
+          f"{statistics.median(bound):.1f} tokens/s (copied), {2 * statistics.median(bound):.1f} (read + written)")
+    print(f"native bfloat16 on this CPU: {fast_bf16()}")
+    print()
+    print(f"| {'path':<18} | {'tokens/s':>8} | {'x bound (copied)':>16} | {'x bound (read+written)':>22} | "
+          f"{'x float32':>9} | {'greedy agreement with float32':>31} |")
+    print(f"|{'-' * 20}|{'-' * 10}|{'-' * 18}|{'-' * 24}|{'-' * 11}|{'-' * 33}|")
+    fp32 = times["float32, our loop"]
+    for path, ts in times.items():
+        rate = statistics.median(new_tokens / t for t in ts)
+        of_bound = statistics.median(new_tokens / t / b for t, b in zip(ts, bound, strict=True))
+        speedup = statistics.median(f / t for f, t in zip(fp32, ts, strict=True))
+        ids = outputs[path]
+        equal = sum(a == b for a, b in zip(ids, reference, strict=True))
+        first = next((i for i, (a, b) in enumerate(zip(ids, reference, strict=True)) if a != b), None)
+        agreement = f"{equal}/{new_tokens}" + (f", first differs at {first}" if first is not None else "")
+        print(f"| {path:<18} | {rate:>8.1f} | {of_bound:>15.2f}x | {of_bound / 2:>21.2f}x | {speedup:>8.2f}x | "
+              f"{agreement:>31} |")
+    print()
+    print("(random weights give nearly flat logits, so rounding flips a greedy pick early; see the trained model below)")
+    trained_agreement(new_tokens)
+    print("targets: float32 >= 0.8x the bound; int8 >= 1.8x float32 (medians of the rounds). int8 trades a "
+          "little accuracy (weights rounded to 256 levels, activations quantized per call) for a quarter of the "
+          "weight bytes; bfloat16 halves the bytes but without native bf16 each product converts to float32.")
+
+
+def trained_agreement(new_tokens: int) -> None:
+    """int8's and bfloat16's greedy agreement with float32 on trained weights: the bundled mini-GPT,
+    exported to the Hugging Face format and loaded through the backend each way."""
+    from chat_tui.engine.export import export_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_hf(bundled_model_path(), Path(tmp) / "exported")
+        replies = {}
+        for label, options in (("float32", {}), ("int8", {"quantize": "int8"}), ("bfloat16", {"dtype": "bfloat16"})):
+            engine = HFEngine.load(str(folder), device="cpu", **options)
+            replies[label] = ours(engine, new_tokens, False)[1]
+    for label in ("int8", "bfloat16"):
+        ids = replies[label]
+        pairs = list(zip(ids, replies["float32"], strict=True))
+        equal = sum(a == b for a, b in pairs)
+        first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        where = f", first differs at {first}" if first is not None else ""
+        print(f"bundled mini-GPT (trained), {label}: greedy agreement with float32 {equal}/{new_tokens}{where}")
 
 
 def gpt2_124m() -> tuple[HFEngine, torch.nn.Module]:
@@ -151,17 +290,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--models", default="124m,bundled", help="which models, comma-separated (124m, bundled)")
+    parser.add_argument("--models", default="limits,124m,bundled",
+                        help="which benchmarks, comma-separated (limits, 124m, bundled)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a mini-GPT to export (default: the bundled one)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+    print(f"{os.cpu_count()} CPUs; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads, "
           f"{args.new_tokens} new tokens, greedy, best of {args.runs} (of {4 * args.runs} on the bundled model)")
+    print(f"start: {load_average()}")
     results: list[tuple[str, dict[str, list[float]]]] = []
     models = {name.strip() for name in args.models.split(",")}
+    if "limits" in models:
+        limits(args.runs, args.new_tokens)
     if "124m" in models:
         results.append(("GPT-2 124M (random)", bench("GPT-2 124M (random)", *gpt2_124m(), args.runs, args.new_tokens,
                                                      True)))
@@ -175,6 +319,9 @@ def main() -> None:
                                                                     4 * args.runs, args.new_tokens, False)))
 
     n = args.new_tokens
+    if not results:
+        print(f"end: {load_average()}")
+        return
     print()
     print(f"| {'model':<27} | {'path':<23} | {'tokens/s (best)':>15} | {'median s':>8} | {'ms/token':>8} |")
     print(f"|{'-' * 29}|{'-' * 25}|{'-' * 17}|{'-' * 10}|{'-' * 10}|")
@@ -190,6 +337,7 @@ def main() -> None:
         if "our loop + attention" in rate:
             cost = 1 - rate["our loop + attention"] / rate["our loop"]
             print(f"{model}: cost of attention capture = {100 * cost:.1f}%  (target <= 10%)")
+    print(f"end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -789,3 +789,31 @@ def test_cli_errors_are_one_line(tmp_path, capsys, extra, expected):
     out, err = capsys.readouterr()
     assert rc != 0 and out == ""
     assert err.count("\n") == 1 and err.startswith("chat-tui: error: ") and expected in err
+
+
+@pytest.mark.parametrize("arch", ("gpt2", "llama"))
+def test_int8_quantization_on_request(hf_folders, engines, arch):
+    from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
+    from transformers.pytorch_utils import Conv1D
+
+    engine = load_engine(hf_folders[arch], device="cpu", quantize="int8")
+    modules = list(engine.model.modules())
+    # every projection (GPT-2's Conv1D ones too) and the output head are int8; nothing float is left
+    assert sum(isinstance(m, QuantizedLinear) for m in modules) >= 5
+    assert not any(type(m) is torch.nn.Linear or isinstance(m, Conv1D) for m in modules)
+    reply = collect(engine.stream(CONVERSATION, SamplingParams(temperature=0, max_new_tokens=6), inspect=True))
+    assert reply.tokens >= 1 and reply.prompt.attention is not None
+    ids = torch.tensor([reply.prompt.ids])
+    with torch.inference_mode():
+        full = engines[arch].model(ids).logits[0, -1].float().numpy()
+        quantized = engine.model(ids).logits[0, -1].float().numpy()
+    assert np.corrcoef(full, quantized)[0, 1] > 0.99  # the same model, a little rounded
+
+
+def test_int8_is_refused_where_it_does_not_apply(hf_folders, tiny_checkpoint):
+    with pytest.raises(EngineError, match="for float32 models on the CPU"):
+        load_engine(hf_folders["llama"], device="cpu", dtype="bfloat16", quantize="int8")
+    with pytest.raises(EngineError, match="for Hugging Face models"):
+        load_engine(tiny_checkpoint, quantize="int8")
+    with pytest.raises(EngineError, match="unknown quantization"):
+        load_engine(hf_folders["llama"], device="cpu", quantize="int4")

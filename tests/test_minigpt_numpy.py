@@ -214,3 +214,53 @@ def test_untrained_token_ids_must_be_token_ids(tmp_path, tiny_tokenizer):
     folder = save_tiny(tmp_path / "bad", tiny_tokenizer, extra_config={"untrained_token_ids": [0, "x"]})
     with pytest.raises(EngineError, match="untrained_token_ids"):
         load_engine(folder, device="cpu")
+
+
+# --- candidates only when asked --------------------------------------------------------------------------
+
+
+def test_a_stream_without_candidates_gives_the_same_reply_and_no_candidates():
+    engine = load_engine(None, device="cpu")
+    params = SamplingParams(temperature=0.8, top_k=40, seed=7, max_new_tokens=24)
+    full = collect(engine.stream(HELLO, params))
+    plain = collect(engine.stream(HELLO, params, candidates=False))
+    assert [s.token_id for s in plain.steps] == [s.token_id for s in full.steps]
+    assert plain.text == full.text
+    assert all(s.top_logits is not None and s.top for s in full.steps)
+    assert all(s.top_logits is None and s.top_ids is None and s.top == [] for s in plain.steps)
+
+
+def test_a_plain_ask_skips_the_candidates_and_ask_json_gets_them(monkeypatch, capsys):
+    from chat_tui import cli
+    from chat_tui.engine.minigpt import MiniGPTEngine
+
+    seen = []  # every Step the real engine gives the CLI
+    real_stream = MiniGPTEngine.stream
+
+    def recording_stream(self, *args, **kwargs):
+        for step in real_stream(self, *args, **kwargs):
+            seen.append(step)
+            yield step
+
+    monkeypatch.setattr(MiniGPTEngine, "stream", recording_stream)
+    assert cli.main(["ask", "hello", "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    assert seen and all(s.top_logits is None and s.top == [] for s in seen)
+    seen.clear()
+    assert cli.main(["ask", "hello", "--temperature", "0", "--max-new-tokens", "8", "--json"]) == 0
+    assert seen and all(s.top_logits is not None and len(s.top) == 10 for s in seen)
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert all(len(r["top"]) == 10 for r in records if "token" in r)
+
+
+def test_the_numpy_feed_reuses_its_buffers():
+    """No allocation per token: every feed hands back the same logits buffer, filled anew."""
+    engine = load_engine(None, device="cpu")
+    runner = engine.runner()
+    ids, _ = engine.render(HELLO)
+    runner.prefill(ids, inspect=False)
+    first, _ = runner.feed(ids[-1], inspect=True)
+    first_copy = first.copy()
+    second, row = runner.feed(ids[-2], inspect=True)
+    assert second is first and not np.array_equal(first_copy, second)
+    assert row.shape == (engine.n_layer, engine.n_head, len(ids) + 2)
+    np.testing.assert_allclose(row.sum(-1), 1.0, atol=1e-5)

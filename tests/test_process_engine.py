@@ -296,3 +296,12 @@ print("ok", reply.tokens, len(explanation.weights))
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("ok 4 ")
+
+
+def test_a_stream_without_candidates_skips_them_in_the_model_process(remote):
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    plain = collect(remote.stream(CONVERSATION, params, candidates=False))
+    full = collect(remote.stream(CONVERSATION, params))
+    assert [s.token_id for s in plain.steps] == [s.token_id for s in full.steps]
+    assert all(s.top_logits is None and s.top == [] for s in plain.steps)
+    assert all(s.top_logits is not None and s.top for s in full.steps)

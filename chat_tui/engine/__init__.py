@@ -76,6 +76,8 @@ def load_engine(
     if _is_minigpt_checkpoint(path):
         from chat_tui.engine.minigpt import MiniGPTEngine
 
+        if options.get("quantize"):
+            raise EngineError("--quantize is for Hugging Face models (the mini-GPT decodes in float32)")
         chat_format = options.get("chat_format")
         return MiniGPTEngine.load(path, device=device, progress=progress,
                                   chat_format=None if chat_format is None else str(chat_format))

@@ -236,6 +236,7 @@ class FakeEngine:
         *,
         inspect: bool = False,
         cancel: threading.Event | None = None,
+        candidates: bool = True,
     ) -> Iterator[Step]:
         started = time.perf_counter()
         messages = list(conversation)

@@ -13,6 +13,7 @@ the CPU) or torch tensors (converted here); a torch runner's calls run under
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import sys
 import threading
@@ -149,12 +150,24 @@ def _row(logits: Array) -> np.ndarray:
     return np.ascontiguousarray(logits, dtype=np.float32).reshape(-1)
 
 
+def _nan_error(model_name: str | None) -> EngineError:
+    where = f"{model_name}: " if model_name else ""
+    return EngineError(f"{where}the model produced NaN; the checkpoint is broken")
+
+
+def _check_nan(raw: np.ndarray, argmax: int | None, model_name: str | None) -> None:
+    """NaN logits are an EngineError (without the log-sum-exp that finds them for free).
+
+    `argmax`: the raw argmax when the loop took it; numpy's picks a NaN first, so its logit tells."""
+    if np.isnan(raw[argmax] if argmax is not None else raw.max()):
+        raise _nan_error(model_name)
+
+
 def _logsumexp(raw: np.ndarray, model_name: str | None) -> float:
     """log Σ exp(logits), the normaliser of the raw probabilities; NaN logits are an EngineError."""
     peak = raw.max()  # NaN anywhere makes the max NaN: the check costs nothing
     if np.isnan(peak):
-        where = f"{model_name}: " if model_name else ""
-        raise EngineError(f"{where}the model produced NaN; the checkpoint is broken")
+        raise _nan_error(model_name)
     if not np.isfinite(peak):  # every token masked (-inf) or an overflow (+inf)
         return float(peak)
     return float(peak + np.log(np.exp(raw - peak).sum(dtype=np.float64)))
@@ -204,6 +217,32 @@ class _History:
         return self.ids[: self.n]
 
 
+def _pick(raw: np.ndarray, history: _History, current, generator) -> tuple[int, np.ndarray | None]:
+    """The next token, and the chain's probabilities (None when the chain was skipped)."""
+    if picks_argmax(current):  # the chain would change nothing: skip its copy of the vocabulary
+        return int(raw.argmax()), None
+    chain = apply_chain(raw, history.view(), current)
+    return sample(chain, current, generator), chain.probs
+
+
+def _candidates(raw: np.ndarray, log_z: float, token: int, chain_probs: np.ndarray | None, n_top: int):
+    """The candidates: one partial sort, then plain numpy/Python on 256 numbers."""
+    k = min(RAW_LOGITS_KEPT, raw.size)
+    top_ids = np.argpartition(raw, raw.size - k)[raw.size - k :] if k < raw.size else np.arange(raw.size)
+    top_ids = top_ids[np.argsort(-raw[top_ids], kind="stable")]
+    top_logits = raw[top_ids]
+    n_top = min(n_top, k)
+    top_ids_list = top_ids[:n_top].tolist()
+    top_raw = np.exp(top_logits[:n_top] - log_z).tolist()
+    if chain_probs is None:  # greedy: all of the chain's probability is on the argmax
+        top_chain = [1.0 if i == token else 0.0 for i in top_ids_list]
+        chain_prob = 1.0
+    else:
+        top_chain = chain_probs[top_ids[:n_top]].tolist()
+        chain_prob = float(chain_probs[token])
+    return top_ids, top_logits, top_ids_list, top_raw, top_chain, chain_prob
+
+
 def run_stream(
     runner: Runner,
     *,
@@ -217,8 +256,13 @@ def run_stream(
     inspect: bool,
     cancel: threading.Event | None,
     model_name: str | None = None,
+    candidates: bool = True,
 ) -> Iterator[Step]:
     """Generate a reply, one Step per token. See `chat_tui.engine.types.Step`.
+
+    Without `candidates` (a plain streamed reply, which reads only the text) the Steps carry no
+    candidates, top logits or probabilities (NaN): the log-sum-exp and the top-256 they need are
+    a tenth of a small model's token.
 
     When the context is full the window slides (unless `params.slide_context` is off): the last
     SLIDE_KEEP of the sequence is prefilled again and the reply goes on, each Step's
@@ -261,30 +305,18 @@ def run_stream(
         else:
             released = ""
         raw = _row(logits)
-        log_z = _logsumexp(raw, model_name)
-        chain_probs: np.ndarray | None = None
-        if picks_argmax(current):  # the chain would change nothing: skip its copy of the vocabulary
-            token = int(raw.argmax())
-        else:
-            chain = apply_chain(raw, history.view(), current)
-            token = sample(chain, current, generator)
-            chain_probs = chain.probs
-
-        # The candidates: one partial sort, then plain numpy/Python on 256 numbers.
-        k = min(RAW_LOGITS_KEPT, raw.size)
-        top_ids = np.argpartition(raw, raw.size - k)[raw.size - k :] if k < raw.size else np.arange(raw.size)
-        top_ids = top_ids[np.argsort(-raw[top_ids], kind="stable")]
-        top_logits = raw[top_ids]
-        n_top = min(current.top_candidates, k)
-        top_ids_list = top_ids[:n_top].tolist()
-        top_raw = np.exp(top_logits[:n_top] - log_z).tolist()
-        if chain_probs is None:  # greedy: all of the chain's probability is on the argmax
-            top_chain = [1.0 if i == token else 0.0 for i in top_ids_list]
-            chain_prob = 1.0
-        else:
-            top_chain = chain_probs[top_ids[:n_top]].tolist()
-            chain_prob = float(chain_probs[token])
-        prob = float(np.exp(float(raw[token]) - log_z))
+        if candidates:
+            log_z = _logsumexp(raw, model_name)
+            token, chain_probs = _pick(raw, history, current, generator)
+            top_ids, top_logits, top_ids_list, top_raw, top_chain, chain_prob = _candidates(
+                raw, log_z, token, chain_probs, current.top_candidates)
+            prob = float(np.exp(float(raw[token]) - log_z))
+        else:  # nobody reads them: no log-sum-exp, no top-256, no probabilities
+            token, chain_probs = _pick(raw, history, current, generator)
+            _check_nan(raw, token if chain_probs is None else None, model_name)
+            top_ids = top_logits = None
+            top_ids_list, top_raw, top_chain = [], [], []
+            log_z = prob = chain_prob = math.nan
 
         finish: str | None = None
         if token in eos_ids:

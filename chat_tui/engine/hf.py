@@ -41,6 +41,7 @@ import json
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -844,6 +845,40 @@ def _backend_decode(tokenizer: Any) -> Callable[..., str] | None:
     return backend.decode
 
 
+QUANTIZATIONS = (None, "int8")
+
+
+def quantize_int8(model: Any) -> int:
+    """torch's dynamic int8 quantization of every Linear layer (the output head included), in place,
+    for decoding on the CPU; returns how many layers it quantized.
+
+    Decoding one token reads every weight once, so on a CPU it runs at memory speed: int8 weights
+    are a quarter of float32's bytes. Activations stay float32 and are quantized per call, so the
+    logits move a little and a greedy reply can part from float32's after a while
+    (benchmarks/bench_hf.py reports how many of 128 tokens agree). GPT-2's Conv1D layers (a Linear
+    with the weight transposed) become Linear first, so they are quantized too.
+    """
+    from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
+    from torch.ao.quantization import quantize_dynamic
+    from transformers.pytorch_utils import Conv1D
+
+    def to_linear(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1], device="meta")
+                linear.weight = torch.nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
+                linear.bias = torch.nn.Parameter(child.bias.detach(), requires_grad=False)
+                setattr(module, name, linear)
+            else:
+                to_linear(child)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notes (its successor is the torchao package)
+        to_linear(model)
+        quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return sum(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
 def _relayout_output_head(model: Any) -> bool:
     """Store the output head's float32 CPU weight column-major: same shape, same values.
 
@@ -1027,6 +1062,7 @@ class HFEngine:
         context_length: int | None = None,
         check_memory: bool = True,
         cache_dir: str | None = None,
+        quantize: str | None = None,
         **unknown: Any,
     ) -> HFEngine:
         if unknown:
@@ -1035,6 +1071,8 @@ class HFEngine:
         if chat_format is not None and chat_format not in CHAT_FORMATS:
             raise ChatTemplateError(f"unknown chat format {chat_format!r} (use {', '.join(CHAT_FORMATS)})")
         wanted_dtype = parse_dtype(dtype)
+        if quantize not in QUANTIZATIONS:
+            raise EngineError(f"unknown quantization {quantize!r} (use {', '.join(q for q in QUANTIZATIONS if q)})")
         if device_map:
             if importlib.util.find_spec("accelerate") is None:
                 raise MissingDependencyError("--device-map needs the accelerate package: pip install accelerate")
@@ -1070,6 +1108,11 @@ class HFEngine:
                 where = f"device map {device_map}" if device_map else str(torch_device)
                 progress(f"loading {name} ({size}{DTYPE_NAMES[torch_dtype]}) on {where}")
             hf_model = _load_model(folder, display, config, torch_dtype, torch_device, device_map, trust)
+            if quantize == "int8":
+                if torch_device.type != "cpu" or device_map or torch_dtype != torch.float32:
+                    raise EngineError(f"{display}: --quantize int8 is for float32 models on the CPU "
+                                      "(leave out --device, --device-map and --dtype)")
+                quantize_int8(hf_model)
         engine = cls(hf_model, tokenizer, name=name, folder=folder, hub_id=hub_id, chat_format=chat_format,
                      context_length=context_length)
         engine.learn_decode_mode()
@@ -1130,6 +1173,7 @@ class HFEngine:
         *,
         inspect: bool = False,
         cancel: threading.Event | None = None,
+        candidates: bool = True,
     ) -> Iterator[Step]:
         with self._lock, _quiet_logs():  # transformers' notes (Reformer pads every step) are not the user's business
             runner = HFRunner(self)
@@ -1142,6 +1186,7 @@ class HFEngine:
                 eos_ids=self.eos_ids,
                 context_length=self.context_length,
                 params=self._with_format_stops(params),
+                candidates=candidates,
                 inspect=inspect,
                 cancel=cancel,
                 model_name=self.model_name,

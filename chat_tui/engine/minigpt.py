@@ -147,8 +147,10 @@ class MiniGPTRunner:
         self.masked = np.asarray(sorted(masked_ids), dtype=np.int64)
         head_dim = config.n_embd // config.n_head
         if self.numpy_path:
+            # one preallocated cache per layer (kv[i]: keys and values, each (heads, context, head_dim))
             self.kv = np.zeros((config.n_layer, 2, config.n_head, config.block_size, head_dim), dtype=np.float32)
             self.length = 0
+            self._buffers = _FeedBuffers(config, weights)
         else:
             from chat_tui.engine.model import KVCache
 
@@ -263,33 +265,70 @@ class MiniGPTRunner:
         return last @ w.lm_head, (np.stack(maps) if inspect else None)
 
     def _feed_numpy(self, token_id: int, inspect: bool):
-        """`_feed_torch` in numpy, on the numpy weights and cache."""
-        w, cfg = self.weights, self.config
-        C, nh, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon
-        hd = C // nh
+        """`_feed_torch` in numpy, on the numpy weights and cache, written for speed: a token of the
+        bundled model is about 30 small products, so the Python and numpy overhead around them is
+        most of its time. Every product writes into the runner's preallocated buffers (`out=`), the
+        heads' attention is one batched product each way, and nothing is allocated per token.
+
+        The logits and the attention row returned are views of those buffers: valid until the next
+        `feed` or `prefill`.
+        """
+        w, cfg, b = self.weights, self.config, self._buffers
+        eps = cfg.layer_norm_epsilon
         pos = self.length
         S = pos + 1
-        kv = self.kv
-        x = w.wte[token_id] + w.wpe[pos]
-        rows = []
+        x, h, qkv, y, proj, wide, tmp = b.x, b.h, b.qkv, b.y, b.proj, b.wide, b.tmp
+        np.add(w.wte[token_id], w.wpe[pos], out=x)
         for i, layer in enumerate(w.layers):
-            h = _layer_norm(x, *layer.ln_1, eps)
-            q, k, v = (h @ layer.attn[0] + layer.attn[1]).reshape(3, nh, hd)
-            keys, values = kv[i, 0], kv[i, 1]  # (heads, context, head_dim)
-            keys[:, pos] = k
-            values[:, pos] = v
-            scores = np.matmul(keys[:, :S], q[:, :, None])[:, :, 0] * w.scale  # (heads, S)
-            weights = _softmax_rows(scores)
-            if inspect:
-                rows.append(weights)
-            y = np.matmul(weights[:, None, :], values[:, :S])[:, 0].reshape(C)
-            x = x + (y @ layer.attn_proj[0] + layer.attn_proj[1])
-            h = _layer_norm(x, *layer.ln_2, eps)
-            h = _gelu(h @ layer.fc[0] + layer.fc[1], w.approximate)
-            x = x + (h @ layer.fc_proj[0] + layer.fc_proj[1])
+            _layer_norm_into(x, *layer.ln_1, eps, h)
+            np.matmul(h, layer.attn[0], out=qkv)
+            qkv += layer.attn[1]
+            keys, values = self.kv[i, 0], self.kv[i, 1]  # (heads, context, head_dim)
+            keys[:, pos] = b.k
+            values[:, pos] = b.v
+            weights = b.attention[i, :, :S]  # (heads, S): the scores, then the softmax in place
+            np.matmul(keys[:, :S], b.q, out=weights[:, :, None])
+            weights *= w.scale
+            _softmax_rows_into(weights, b.head_column)
+            np.matmul(weights[:, None, :], values[:, :S], out=b.y_heads)
+            np.matmul(y, layer.attn_proj[0], out=proj)
+            proj += layer.attn_proj[1]
+            x += proj
+            _layer_norm_into(x, *layer.ln_2, eps, h)
+            np.matmul(h, layer.fc[0], out=wide)
+            wide += layer.fc[1]
+            _gelu_into(wide, w.approximate, tmp)
+            np.matmul(wide, layer.fc_proj[0], out=proj)
+            proj += layer.fc_proj[1]
+            x += proj
         self.length = S
-        x = _layer_norm(x, *w.ln_f, eps)
-        return x @ w.lm_head, (np.stack(rows) if inspect else None)  # row: (layers, heads, position + 1)
+        _layer_norm_into(x, *w.ln_f, eps, h)
+        np.matmul(h, w.lm_head, out=b.logits)
+        return b.logits, (b.attention[:, :, :S] if inspect else None)  # row: (layers, heads, position + 1)
+
+
+class _FeedBuffers:
+    """Everything one numpy `feed` writes, allocated once per runner."""
+
+    def __init__(self, config: GPTConfig, weights: DecodeWeights) -> None:
+        C, nh = config.n_embd, config.n_head
+        hd = C // nh
+        f32 = np.float32
+        self.x = np.empty(C, f32)  # the residual stream
+        self.h = np.empty(C, f32)  # a layer norm's output
+        self.qkv = np.empty(3 * C, f32)
+        self.q = self.qkv[:C].reshape(nh, hd, 1)  # views into qkv, per head
+        self.k = self.qkv[C : 2 * C].reshape(nh, hd)
+        self.v = self.qkv[2 * C :].reshape(nh, hd)
+        self.y = np.empty(C, f32)  # the heads' outputs side by side
+        self.y_heads = self.y.reshape(nh, 1, hd)
+        self.proj = np.empty(C, f32)
+        hidden = weights.layers[0].fc[0].shape[1] if weights.layers else 4 * C
+        self.wide = np.empty(hidden, f32)
+        self.tmp = np.empty(hidden, f32)
+        self.head_column = np.empty((nh, 1), f32)  # a per-head max, then sum
+        self.attention = np.zeros((config.n_layer, nh, config.block_size), f32)  # softmax weights, per layer
+        self.logits = np.empty(config.vocab_size, f32)
 
 
 def single_threaded_blas():
@@ -303,6 +342,25 @@ def single_threaded_blas():
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     centred = x - x.mean(axis=-1, keepdims=True)
     return centred / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps) * weight + bias
+
+
+def _layer_norm_into(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """`_layer_norm` of one vector, into `out` (no allocation but scalars)."""
+    n = x.shape[0]
+    np.subtract(x, np.add.reduce(x) / np.float32(n), out=out)
+    variance = np.dot(out, out) / np.float32(n)
+    out /= np.sqrt(variance + np.float32(eps))
+    out *= weight
+    out += bias
+
+
+def _softmax_rows_into(scores: np.ndarray, column: np.ndarray) -> None:
+    """`_softmax_rows` in place; `column` is a (rows, 1) scratch buffer."""
+    np.maximum.reduce(scores, axis=-1, keepdims=True, out=column)
+    scores -= column
+    np.exp(scores, out=scores)
+    np.add.reduce(scores, axis=-1, keepdims=True, out=column)
+    scores /= column
 
 
 def _softmax_rows(scores: np.ndarray) -> np.ndarray:
@@ -320,6 +378,22 @@ def _gelu(x: np.ndarray, approximate: str) -> np.ndarray:
     if approximate == "tanh":
         return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(_TANH_SCALE * (x + np.float32(0.044715) * x * x * x)))
     return (0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))).astype(np.float32)
+
+
+def _gelu_into(x: np.ndarray, approximate: str, tmp: np.ndarray) -> None:
+    """`_gelu` in place, in the same order of operations; `tmp` is scratch of x's shape."""
+    if approximate != "tanh":
+        x[:] = _gelu(x, approximate)  # the exact form: only imported checkpoints use it
+        return
+    np.multiply(x, np.float32(0.044715), out=tmp)
+    tmp *= x
+    tmp *= x
+    tmp += x
+    tmp *= _TANH_SCALE
+    np.tanh(tmp, out=tmp)
+    tmp += np.float32(1.0)
+    x *= np.float32(0.5)
+    x *= tmp
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -483,6 +557,7 @@ class MiniGPTEngine:
         *,
         inspect: bool = False,
         cancel: threading.Event | None = None,
+        candidates: bool = True,
     ) -> Iterator[Step]:
         with self._lock:
             runner = self.runner()
@@ -499,4 +574,5 @@ class MiniGPTEngine:
                     inspect=inspect,
                     cancel=cancel,
                     model_name=self.model_name,
+                    candidates=candidates,
                 )

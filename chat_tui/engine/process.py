@@ -259,20 +259,21 @@ class ProcessEngine:
         *,
         inspect: bool = False,
         cancel: threading.Event | None = None,
+        candidates: bool = True,
     ) -> Iterator[Step]:
         # one stream at a time; a caller that is cancelled while it waits for the last one gets nothing
         while not self._stream_lock.acquire(timeout=POLL_S * 10):
             if cancel is not None and cancel.is_set():
                 return
         try:
-            yield from self._stream(conversation, params, inspect, cancel)
+            yield from self._stream(conversation, params, inspect, cancel, candidates)
         finally:
             self._stream_lock.release()
 
     def _stream(self, conversation: Conversation, params: ParamsSource, inspect: bool,
-                cancel: threading.Event | None) -> Iterator[Step]:
+                cancel: threading.Event | None, candidates: bool) -> Iterator[Step]:
         sent = resolve_params(params)
-        self._send(("stream", (list(conversation), sent, inspect)))
+        self._send(("stream", (list(conversation), sent, inspect, candidates)))
         pending: deque[Step] = deque()  # received in one batch, not yet handed on
         cancel_sent = False
         ended = False
@@ -532,10 +533,11 @@ def _serve(control: Connection, steps: Connection, model: str | None, device: st
         elif kind == "stream":
             if worker is not None:
                 worker.join()  # the app reads each stream to its end before it starts another
-            conversation, params, inspect = payload
+            conversation, params, inspect, candidates = payload
             latest["params"] = params
             cancel = threading.Event()
-            worker = threading.Thread(target=_generate, args=(engine, steps, conversation, latest, inspect, cancel),
+            worker = threading.Thread(target=_generate,
+                                      args=(engine, steps, conversation, latest, inspect, candidates, cancel),
                                       name="generate", daemon=True)
             worker.start()
         elif kind == "close":
@@ -564,11 +566,12 @@ def _answer(engine: Any, name: str, args: tuple[Any, ...]) -> Any:
 
 
 def _generate(engine: Any, steps: Connection, conversation: Conversation, latest: dict[str, SamplingParams],
-              inspect: bool, cancel: threading.Event) -> None:
+              inspect: bool, candidates: bool, cancel: threading.Event) -> None:
     batch: list[Step] = []
     sent_at = 0.0
     try:
-        for step in engine.stream(conversation, lambda: latest["params"], inspect=inspect, cancel=cancel):
+        for step in engine.stream(conversation, lambda: latest["params"], inspect=inspect, cancel=cancel,
+                                  candidates=candidates):
             batch.append(step)
             now = time.perf_counter()
             # a fast model's steps go a few at a time: each message costs a write and a wake-up of

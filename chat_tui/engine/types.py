@@ -89,6 +89,8 @@ class Step:
     token_id: int
     token: str  # the token's own text (for labels; may hold U+FFFD for a partial character)
     text: str  # text released to the stream by this step: never half a character, never part of a stop string
+    # The candidates' fields (prob, chain_prob, top, top_ids, top_logits, logsumexp) are filled only when
+    # the stream was asked for them (`stream(..., candidates=True)`, the default); else NaN, [] or None.
     prob: float  # raw probability of the chosen token
     chain_prob: float  # its probability after the sampling chain
     top: list[Candidate]  # the top candidates by raw probability (params.top_candidates of them)
@@ -154,6 +156,7 @@ class Engine(Protocol):
         *,
         inspect: bool = False,
         cancel: threading.Event | None = None,
+        candidates: bool = True,
     ) -> Iterator[Step]: ...
 
 
