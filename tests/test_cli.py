@@ -220,6 +220,7 @@ def test_ask_on_a_hugging_face_model_keeps_stderr_empty(tmp_path, tiny_checkpoin
 
     folder = export_hf(tiny_checkpoint, tmp_path / "hf")  # a GPT2LMHeadModel folder that transformers loads
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
-    result = run("ask", "Hello", "--model", str(folder), "--max-new-tokens", "4", env=env)
-    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    # --json: one line per token even if the random model's reply is blank; --seed: the same reply every run
+    result = run("ask", "Hello", "--model", str(folder), "--max-new-tokens", "4", "--seed", "0", "--json", env=env)
+    assert result.returncode == 0 and '"done": true' in result.stdout, result.stderr
     assert result.stderr == ""  # no "Loading weights: 0%|…" in a pipe or a log
