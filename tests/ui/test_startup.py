@@ -224,11 +224,18 @@ async def test_the_model_asked_for_last_wins_when_loads_overlap(home, tiny_check
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-async def test_quitting_while_the_model_loads_leaves_no_model_process(home, tiny_checkpoint):
+async def test_quitting_while_the_model_loads_leaves_no_model_process(home, tiny_checkpoint, tmp_path):
+    from chat_tui.engine.export import export_hf
+
+    # a Hugging Face folder: its process imports torch and transformers, seconds (a mini-GPT is ready at once)
+    slow = export_hf(tiny_checkpoint, tmp_path / "hf")
     before = set(_model_processes())
-    app = ChatApp(str(tiny_checkpoint), paths=get_paths(), device="cpu", model_process=True)
+    app = ChatApp(str(slow), paths=get_paths(), device="cpu", model_process=True)
     async with app.run_test() as pilot:
-        await pilot.pause(0.3)
+        deadline = time.monotonic() + 30
+        while not set(_model_processes()) - before and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        assert set(_model_processes()) - before, "the model's process started"
         assert app.engine is None  # still loading
     deadline = time.monotonic() + 60
     while set(_model_processes()) - before and time.monotonic() < deadline:
