@@ -145,6 +145,20 @@ class Store:
     # ------------------------------------------------------------------ opening
 
     def _open(self) -> sqlite3.Connection:
+        """Open, retrying while another window holds the lock: SQLite answers some of the first
+        statements (switching a fresh file to WAL) with "database is locked" at once, without waiting."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        delay = 0.01
+        while True:
+            try:
+                return self._open_once()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def _open_once(self) -> sqlite3.Connection:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(

@@ -208,23 +208,27 @@ async def test_a_thousand_message_conversation_opens_and_pages_to_either_end_by_
         def shown() -> list[str]:
             return [view.item.content for view in conversation.query(MessageView)]
 
+        def focused_content() -> str | None:
+            return app.focused.item.content if isinstance(app.focused, MessageView) else None
+
         assert shown()[-1] == "message 999" and len(shown()) == conversation.page
         assert any(line.rstrip().endswith("message 999") for line in screen_lines(app)), "opens at the end"
         await pilot.press("ctrl+up")  # the newest message takes the focus
         assert app.focused.item.content == "message 999"
         await pilot.press("home")
-        await pilot.pause()
-        assert app.focused.item.content == "message 0" and shown()[0] == "message 0"
-        assert conversation.scroll_y == 0
+        await wait_for(pilot, lambda: focused_content() == "message 0" and conversation.scroll_y == 0,
+                       what="the first message, scrolled to the top")
+        assert shown()[0] == "message 0"
         assert any(line.rstrip().endswith("message 0") for line in screen_lines(app)), "the top is on screen"
         for _ in range(conversation.page):  # Down walks on past the mounted page into the next
             await pilot.press("down")
         assert app.focused.item.content == f"message {conversation.page}"
         assert len(shown()) <= conversation.max_mounted
         await pilot.press("end")
-        await pilot.pause()
-        assert app.focused.item.content == "message 999" and shown()[-1] == "message 999"
-        assert any(line.rstrip().endswith("message 999") for line in screen_lines(app)), "the end is on screen"
+        await wait_for(pilot, lambda: focused_content() == "message 999"
+                       and any(line.rstrip().endswith("message 999") for line in screen_lines(app)),
+                       what="the last message, on screen")
+        assert shown()[-1] == "message 999"
         for _ in range(conversation.page):  # Up walks back past the mounted page into the one before
             await pilot.press("up")
         assert app.focused.item.content == f"message {999 - conversation.page}"
