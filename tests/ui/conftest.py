@@ -71,6 +71,8 @@ async def send(pilot, app: ChatApp, text: str, *, wait: bool = True) -> None:
     before = len(app.conversation.items)
     app.prompt_input.focus()
     app.prompt_input.load_text(text)
+    # Enter goes to the focused widget: after a resize or a dialog the focus can take a moment to land
+    await wait_for(pilot, lambda: app.focused is app.prompt_input, what="the prompt to take the focus")
     if not wait:
         await press_now(pilot, "enter")
         await wait_for(pilot, lambda: app.job is not None, what="the reply to start")
