@@ -118,7 +118,9 @@ async def test_any_terminal_size_is_survived_and_too_small_says_so(make_app, siz
         await pilot.resize_terminal(100, 30)
         await pilot.pause()
         assert not notice.display and app.query_one("#body").display and app.prompt_input.display
-        await send(pilot, app, "after the resize", wait=False)
+        app.prompt_input.load_text("after the resize")  # sent as Enter would (the key route is tested elsewhere)
+        app.prompt_input.action_submit()
+        await wait_for(pilot, lambda: app.job is not None, what="the reply to start")
         await pilot.resize_terminal(*size)  # small again while the reply streams
         await pilot.pause(0.05)
         await pilot.press("f1")  # a dialog opened at this size
