@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from chat_tui.engine.params import SamplingParams
+from chat_tui.errors import CheckpointError, EngineError  # noqa: F401 - engine code imports them from here
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,14 +21,6 @@ Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 FinishReason = Literal["eos", "stop", "length", "context", "cancelled"]
-
-
-class EngineError(Exception):
-    """A problem the user can fix, with a one-line message fit to show as it is."""
-
-
-class CheckpointError(EngineError):
-    """A checkpoint that is missing, truncated, mismatched or in a refused format."""
 
 
 @dataclass(frozen=True)
