@@ -17,6 +17,8 @@ from chat_tui.errors import CheckpointError, EngineError  # noqa: F401 - engine 
 if TYPE_CHECKING:
     import numpy as np
 
+    from chat_tui.engine.explain import ChainReplay, Explanation
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
@@ -151,6 +153,43 @@ class Engine(Protocol):
         cancel: threading.Event | None = None,
         candidates: bool = True,
     ) -> Iterator[Step]: ...
+
+    # How many tokens the model can emit (None when the backend does not say); the candidates
+    # view uses it to bound the tail of the distribution it did not keep.
+    vocab_size: int | None
+
+    @property
+    def alive(self) -> bool:
+        """False once the model's process has died (in-process engines: always True)."""
+        ...
+
+    def close(self) -> None:
+        """Free the model (a no-op for an engine that holds nothing outside Python's memory)."""
+        ...
+
+
+@runtime_checkable
+class Explainer(Protocol):
+    """What the inspector asks of an engine beyond streaming: an engine that can answer has these
+    methods and says `explains = True`. Ask `explainer(engine)`, never `getattr`."""
+
+    explains: bool
+
+    def explain_attention(self, ids: Sequence[int], query_position: int, layer: int, head: int) -> Explanation:
+        """q·k, the scaled scores, softmax and value sizes for one query of one head."""
+        ...
+
+    def replay_chain(self, step: Step, context_ids: Sequence[int] | None,
+                     params: SamplingParams | None) -> ChainReplay:
+        """The sampling chain run again on `step`'s kept logits under `params` (None: its own)."""
+        ...
+
+
+def explainer(engine: object) -> Explainer | None:
+    """`engine` as an Explainer when it can explain (its model is reachable), else None."""
+    if isinstance(engine, Explainer) and engine.explains:
+        return engine
+    return None
 
 
 @dataclass
