@@ -16,12 +16,9 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 from chat_tui import __version__
+from chat_tui.errors import CLIError, EngineError, TrainingError, first_line
 
 SUBCOMMANDS = ("ask", "train", "export", "import")
-
-
-class CLIError(Exception):
-    """An error to print as one line and exit with status 2."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -330,18 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(exc: BaseException) -> int:
+    # no model library here: reporting an error must not import torch (chat_tui.errors and these are light)
     from chat_tui.engine.params import InvalidParameter
-    from chat_tui.engine.types import EngineError
+    from chat_tui.train.data import DataError
 
-    known = (CLIError, EngineError, InvalidParameter, FileNotFoundError, PermissionError, OSError, ValueError)
-    try:
-        from chat_tui.train.data import DataError
-        from chat_tui.train.loop import TrainingError
-
-        known = (*known, DataError, TrainingError)
-    except ImportError:  # pragma: no cover
-        pass
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    known = (CLIError, EngineError, TrainingError, DataError, InvalidParameter, OSError, ValueError)
+    message = first_line(exc)
     if not isinstance(exc, known):
         message = f"unexpected error: {type(exc).__name__}: {message}"
     print(f"chat-tui: error: {message}", file=sys.stderr)

@@ -215,6 +215,7 @@ class Store:
         assert self.path is not None
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self._now()))
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        # not files.free_path: that numbers before the last suffix (c.db-2.corrupt-…); these number after it
         n = 1
         while target.exists():
             n += 1

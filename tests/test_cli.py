@@ -32,6 +32,29 @@ def test_version_and_help():
         assert flag in result.stdout
 
 
+def test_reporting_an_error_never_imports_torch():
+    code = (
+        "import sys\n"
+        "from chat_tui import cli\n"
+        "from chat_tui.errors import DeviceError, TrainingError\n"
+        "from chat_tui.train.data import DataError\n"
+        "assert cli._report(TrainingError('the loss became nan at step 3\\nmore')) == 1\n"
+        "assert cli._report(DeviceError(\"device 'cuda': CUDA is not available here\")) == 1\n"
+        "assert cli._report(DataError('corpus.txt: file is empty')) == 1\n"
+        "assert cli._report(cli.CLIError('--out DIR is required')) == 2\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "chat-tui: error: the loss became nan at step 3",
+        "chat-tui: error: device 'cuda': CUDA is not available here",
+        "chat-tui: error: corpus.txt: file is empty",
+        "chat-tui: error: --out DIR is required",
+    ]
+
+
 def test_ask_json_streams_one_object_per_token_then_a_summary(tiny_checkpoint):
     result = run("ask", "Hello", "--model", str(tiny_checkpoint), "--seed", "3", "--max-new-tokens", "8", "--json")
     assert result.returncode == 0, result.stderr

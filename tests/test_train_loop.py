@@ -19,10 +19,10 @@ import torch
 from chat_tui.cli import main
 from chat_tui.engine import Message, SamplingParams, load_engine
 from chat_tui.engine.checkpoint import load_model
+from chat_tui.errors import TrainingError
 from chat_tui.train import fastpath
 from chat_tui.train.loop import (
     TrainConfig,
-    TrainingError,
     lr_at,
     parse_duration,
     read_metrics,
@@ -75,6 +75,11 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert lr_at(110, cfg) == pytest.approx(1e-4)
     budget = TrainConfig(out="x", lr=1e-3, warmup=0, max_steps=None, time_budget=60)
     assert lr_at(5, budget, time_fraction=1.0) == pytest.approx(1e-4)  # min_lr defaults to lr / 10
+
+
+def test_a_device_that_is_not_here_is_one_training_error(corpus, tmp_path):
+    with pytest.raises(TrainingError, match=r"^unknown device 'tpu' \(use cpu, cuda, cuda:N or mps\)$"):
+        train(tiny_config(corpus, tmp_path / "run", device="tpu"))
 
 
 @pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("10m", 600), ("1h30m", 5400), ("1.5m", 90)])

@@ -24,6 +24,7 @@ from chat_tui.engine.gptconfig import ACTIVATIONS, GPTConfig, parameter_shapes
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.tokenizer import ChatTokenizer
 from chat_tui.engine.types import CheckpointError
+from chat_tui.errors import first_line
 
 MODEL_TYPE = "chat-tui-minigpt"
 WEIGHTS = "model.safetensors"
@@ -140,7 +141,7 @@ def load_arrays(folder: Path) -> dict[str, np.ndarray]:
 
             return {k: v.float().numpy() for k, v in load_torch(str(weights)).items()}
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-            raise _fail(weights, f"unreadable or truncated ({_first_line(exc)})") from None
+            raise _fail(weights, f"unreadable or truncated ({first_line(exc)})") from None
     for name in PICKLE_WEIGHTS:
         path = folder / name
         if path.is_file():
@@ -149,7 +150,7 @@ def load_arrays(folder: Path) -> dict[str, np.ndarray]:
             try:
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
-                raise _fail(path, f"refused: not a plain tensor file ({_first_line(exc)})") from None
+                raise _fail(path, f"refused: not a plain tensor file ({first_line(exc)})") from None
             if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
                 state = state["model"]  # a training checkpoint
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -169,11 +170,6 @@ def _safetensors_dtypes(path: Path) -> set[str]:
             raise ValueError("header too large")
         header = json.loads(f.read(size))
     return {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 @dataclass
@@ -200,7 +196,7 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
     try:
         tokenizer = ChatTokenizer.from_file(tokenizer_path)
     except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exceptions
-        raise _fail(tokenizer_path, f"unreadable ({_first_line(exc)})") from None
+        raise _fail(tokenizer_path, f"unreadable ({first_line(exc)})") from None
     if tokenizer.vocab_size > config.vocab_size:
         raise _fail(tokenizer_path, f"has {tokenizer.vocab_size} tokens, the model only {config.vocab_size}")
     defaults = read_generation_config(folder)

@@ -54,6 +54,7 @@ from chat_tui.engine.types import (
     Step,
     resolve_params,
 )
+from chat_tui.errors import first_line
 
 try:
     import fcntl
@@ -434,7 +435,6 @@ def _portable(exc: BaseException) -> Payload:
     Only Python's own exceptions and ours travel as themselves: unpickling one of torch's or
     transformers' would import that library into the app. Others become EngineError("Type: text").
     """
-    text = str(exc) or type(exc).__name__
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     module = type(exc).__module__
     if module == "builtins" or module == "chat_tui" or module.startswith("chat_tui."):
@@ -443,8 +443,8 @@ def _portable(exc: BaseException) -> Payload:
         except Exception:
             pass
         else:
-            return exc, text, trace
-    return None, f"{type(exc).__name__}: {text}", trace
+            return exc, first_line(exc), trace
+    return None, first_line(f"{type(exc).__name__}: {first_line(exc)}"), trace
 
 
 def _restore(payload: Payload) -> BaseException:

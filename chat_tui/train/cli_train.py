@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from chat_tui.engine.gptconfig import ACTIVATIONS
+from chat_tui.errors import CLIError
 
 SPLIT_HELP = (
     "Validation split: the documents (text files; each conversation of a .jsonl/.yml file) are shuffled "
@@ -125,7 +126,6 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def build_config(args: argparse.Namespace):
-    from chat_tui.cli import CLIError
     from chat_tui.train.loop import TrainConfig, resume_config
 
     kind = args.train_command

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from chat_tui.engine.types import ROLES, Message
+from chat_tui.errors import first_line
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ""}
 CONVERSATION_SUFFIXES = {".jsonl", ".yml", ".yaml"}
@@ -80,7 +81,7 @@ def load_chatterbot_yaml(path: Path) -> list[list[Message]]:
     try:
         data = yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
         raise DataError(f"{path}: not a chatterbot-corpus file (no 'conversations' list)")
     conversations = []

@@ -46,10 +46,12 @@ import numpy as np
 import torch
 
 from chat_tui.engine.checkpoint import load_model, save_checkpoint
+from chat_tui.engine.devices import resolve_device
 from chat_tui.engine.files import atomic_write_bytes
 from chat_tui.engine.model import ACTIVATIONS, GPT, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ChatTokenizer
+from chat_tui.errors import DeviceError, TrainingError, first_line
 from chat_tui.train.data import DataError
 from chat_tui.train.duration import parse_duration  # noqa: F401 - part of this module's interface
 from chat_tui.train.fastpath import LossModel, token_losses
@@ -60,10 +62,6 @@ STATUS_FILE = "status.json"
 BEST_DIR = "best"
 STATE_VERSION = 1
 PRETRAIN_DEFAULTS = SamplingParams(temperature=0.8, top_k=40, max_new_tokens=200)
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN loss, a failed save, a resume that does not match): one line."""
 
 
 @dataclass
@@ -253,7 +251,7 @@ def read_train_state(out: Path) -> dict:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable state is reported the same way
-        raise TrainingError(f"{path}: unreadable ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})") from None
+        raise TrainingError(f"{path}: unreadable ({first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise TrainingError(f"{path}: not a chat-tui training state")
     return state
@@ -306,7 +304,7 @@ def saved_tokenizer(out: Path) -> ChatTokenizer:
     try:
         return ChatTokenizer.from_file(Path(out) / "tokenizer.json")
     except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exceptions
-        raise TrainingError(f"{Path(out) / 'tokenizer.json'}: unreadable, cannot resume ({str(exc)[:120]})") from None
+        raise TrainingError(f"{Path(out) / 'tokenizer.json'}: unreadable, cannot resume ({first_line(exc)})") from None
 
 
 def prepare_data(cfg: TrainConfig, *, resume: bool = False, tokenizer: ChatTokenizer | None = None, log=None):
@@ -410,18 +408,12 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def best_device(requested: str | None) -> torch.device:
-    if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            raise TrainingError(f"unknown device {requested!r} (use cpu, cuda or mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainingError("--device cuda: no CUDA GPU is available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+def training_device(requested: str | None) -> torch.device:
+    """The device `--device` names (the best one here when None), or a TrainingError saying why not."""
+    try:
+        return resolve_device(requested)
+    except DeviceError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 class Trainer:
@@ -448,7 +440,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        device = best_device(cfg.device)
+        device = training_device(cfg.device)
         self.d = init_distributed(device.type)
         if device.type == "cuda" and self.d.enabled:
             device = torch.device("cuda", self.d.local_rank)
@@ -546,7 +538,7 @@ class Trainer:
             self.model.load_state_dict({**state["model"], "lm_head.weight": state["model"]["transformer.wte.weight"]})
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise TrainingError(f"{self.out / STATE_FILE}: does not match this run ({str(exc).splitlines()[0][:160]})") from None
+            raise TrainingError(f"{self.out / STATE_FILE}: does not match this run ({first_line(exc)})") from None
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed_s"])
         self.tokens = int(state["tokens"])

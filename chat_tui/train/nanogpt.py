@@ -35,6 +35,7 @@ from chat_tui.engine.model import GPT, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import SPECIAL_TOKENS, ChatTokenizer
 from chat_tui.engine.types import CheckpointError
+from chat_tui.errors import first_line
 
 IMPORT_DEFAULTS = SamplingParams(temperature=0.8, top_k=200, max_new_tokens=200)  # nanoGPT's sample.py
 IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the causal mask nanoGPT keeps without flash attention
@@ -80,7 +81,7 @@ def read_meta(path: str | Path) -> dict:
     except _Refused as exc:
         raise CheckpointError(f"{path}: refused: meta.pkl may hold only dicts, strings and integers ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in many ways
-        raise CheckpointError(f"{path}: not a readable meta.pkl ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise CheckpointError(f"{path}: not a readable meta.pkl ({first_line(f'{type(exc).__name__}: {exc}')})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("itos"), dict):
         raise CheckpointError(f"{path}: not nanoGPT's meta.pkl (no 'itos' vocabulary)")
     return meta
@@ -92,8 +93,7 @@ def _load_ckpt(path: Path) -> dict:
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - refused or damaged: the file's fault either way
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: refused: not a plain nanoGPT checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: refused: not a plain nanoGPT checkpoint ({first_line(exc)})") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         return ckpt
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -142,7 +142,7 @@ def _gpt2_tokenizer(tokenizer: str | Path | None):
         try:
             return Tokenizer.from_file(str(tokenizer))
         except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exceptions
-            raise CheckpointError(f"{tokenizer}: not a tokenizer.json ({str(exc)[:120]})") from None
+            raise CheckpointError(f"{tokenizer}: not a tokenizer.json ({first_line(exc)})") from None
     try:  # GPT-2's tokenizer, if transformers has it cached; never the network
         from transformers import AutoTokenizer
 

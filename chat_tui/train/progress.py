@@ -14,17 +14,10 @@ from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.text import Text
 
+from chat_tui.engine.files import format_duration
+
 # Braille: each character is a 2 x 4 grid of dots; bit values by (column, row).
 _DOTS = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
-
-
-def _fmt_time(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "--:--"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 class LossChart:
@@ -174,7 +167,7 @@ class ConsoleProgress:
             parts.append(f"{entry['val_bpb']:.3f} bpb")
         parts.append(f"{entry.get('tokens_per_s', 0):,.0f} tok/s")
         parts.append(f"lr {entry.get('lr', 0):.2e}")
-        parts.append(f"left {_fmt_time(entry.get('eta_s'))}")
+        parts.append(f"left {format_duration(entry.get('eta_s'))}")
         info = "  ".join(parts)
         if self.total:
             completed = step

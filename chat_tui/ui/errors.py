@@ -7,7 +7,7 @@ import traceback
 from pathlib import Path
 
 from chat_tui.config import Paths
-from chat_tui.engine.types import EngineError
+from chat_tui.errors import EngineError, first_line
 from chat_tui.ui.text import clean_line
 
 
@@ -16,8 +16,7 @@ def describe(error: BaseException, limit: int = 240) -> str:
     text = str(error).strip()
     if not isinstance(error, EngineError) and not isinstance(error, OSError):
         text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    text = clean_line(text.splitlines()[0] if text else type(error).__name__)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return clean_line(first_line(text or type(error).__name__, limit))
 
 
 def log_error(paths: Paths, error: BaseException, context: str) -> Path | None:

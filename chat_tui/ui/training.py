@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import shlex
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +30,9 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, Footer, Input, Label, Select, Static
 
+from chat_tui.engine.files import format_duration, free_path
+from chat_tui.errors import TrainingError, first_line
+from chat_tui.train.data import DataError  # no torch: the data checks' error
 from chat_tui.train.progress import LossChart  # rich only: no torch
 from chat_tui.ui.errors import describe, log_error
 from chat_tui.ui.text import clean_line, safe_text
@@ -135,23 +137,9 @@ def _num(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
 def default_out(paths: Any) -> str:
     """A fresh folder under the data folder: runs/model, runs/model-2, …"""
-    base = Path(paths.data) / "runs"
-    for n in range(1, 1000):
-        candidate = base / ("model" if n == 1 else f"model-{n}")
-        if not candidate.exists():
-            return str(candidate)
-    return str(base / f"model-{int(time.time())}")
+    return str(free_path(Path(paths.data) / "runs" / "model"))
 
 
 def _whole(name: str, label: str, text: str) -> int:
@@ -456,8 +444,8 @@ class TrainingScreen(ModalScreen[None]):
                 cfg = TrainConfig(**settings)
             run = TrainingRun.start(cfg, resume=resume)
         except Exception as exc:  # a bad setting, an unreadable folder: one line, the details in the log
-            if type(exc).__name__ in ("TrainingError", "DataError"):  # the trainer's own one-line messages
-                message = clean_line(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            if isinstance(exc, (TrainingError, DataError)):  # the trainer's own one-line messages
+                message = clean_line(first_line(exc))
             else:
                 message = describe(exc)
                 if not isinstance(exc, OSError):
@@ -600,8 +588,8 @@ class TrainingScreen(ModalScreen[None]):
             ("val loss", f"{session.last_val:.4f}" if session.last_val is not None else "–"),
             ("tok/s", f"{rate:,.0f}" if rate is not None else "–"),
             ("lr", f"{lr:.2e}" if lr is not None else "–"),
-            ("time left", "–" if session.finished else fmt_time(_num(row.get("eta_s")))),
-            ("elapsed", fmt_time(_num(row.get("elapsed_s")))),
+            ("time left", "–" if session.finished else format_duration(_num(row.get("eta_s")), missing="–")),
+            ("elapsed", format_duration(_num(row.get("elapsed_s")), missing="–")),
         ]
 
 
