@@ -119,15 +119,9 @@ def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a mini-GPT")
     train_sub = train.add_subparsers(dest="train_command", metavar="STAGE", required=True)
-    bundled = train_sub.add_parser("bundled", help="re-train the bundled model from scratch (chatterbot corpus)")
-    bundled.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder")
-    bundled.add_argument("--pretrain-steps", type=int, default=300)
-    bundled.add_argument("--sft-steps", type=int, default=700)
-    bundled.add_argument("--sft2-steps", type=int, default=600)
-    bundled.add_argument("--sft3-steps", type=int, default=400)
     from chat_tui.train.cli_train import add_import_command, add_train_commands
 
-    add_train_commands(train_sub)  # pretrain, sft
+    add_train_commands(train_sub)  # bundled, pretrain, sft
     add_import_command(sub)  # import nanogpt
 
     export = sub.add_parser("export", help="write a mini-GPT checkpoint as a standard Hugging Face model folder",
@@ -254,21 +248,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from chat_tui.train.cli_train import cmd_train_bundled, cmd_train_run
 
-    if args.train_command != "bundled":
-        from chat_tui.train.cli_train import cmd_train_run
-
-        return cmd_train_run(args, getattr(args, "argv", None))
-
-    from chat_tui.train.trainer import build_bundled
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    build_bundled(Path(args.out), pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps,
-                  sft2_steps=args.sft2_steps, sft3_steps=args.sft3_steps, log=log)
-    return 0
+    if args.train_command == "bundled":
+        return cmd_train_bundled(args)
+    return cmd_train_run(args, getattr(args, "argv", None))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """The `chat-tui train pretrain|sft` and `chat-tui import nanogpt` commands (argparse side).
 
 Options default to None here so that `--resume` can tell what was typed from what was not; the
-real defaults live in `TrainConfig`.
+real defaults are `TrainConfig.defaults(kind)`, which --help shows too.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from chat_tui.engine.gptconfig import ACTIVATIONS
 from chat_tui.errors import CLIError
+from chat_tui.train.config import TrainConfig, setting_text
 
 SPLIT_HELP = (
     "Validation split: the documents (text files; each conversation of a .jsonl/.yml file) are shuffled "
@@ -24,6 +25,9 @@ SPLIT_HELP = (
     "of the shuffled conversations. Tokenised data is cached beside OUT (in .chat-tui-data-cache/), so the next "
     "run on the same files starts at once."
 )
+
+# --STEPS of each run of the bundled model's recipe (chat_tui.train.bundled.RUNS), in order
+BUNDLED_STEP_FLAGS = ("--pretrain-steps", "--sft-steps", "--sft2-steps", "--sft3-steps")
 
 # What --resume lets you change; everything else comes from the saved run.
 RESUME_OVERRIDES = ("max_steps", "time_budget", "eval_every", "log_every", "save_every", "device", "compile")
@@ -48,7 +52,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _common_options(p: argparse.ArgumentParser, *, pretrain: bool) -> None:
+def _common_options(p: argparse.ArgumentParser, *, kind: str) -> None:
+    pretrain = kind == "pretrain"
+    d = TrainConfig.defaults(kind)
+
+    def default(name: str) -> str:
+        return setting_text(getattr(d, name))
+
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="text files or folders of them" + (", .jsonl conversations, chatterbot .yml" if pretrain
                                                            else ": .jsonl conversations or chatterbot .yml files"))
@@ -56,50 +66,69 @@ def _common_options(p: argparse.ArgumentParser, *, pretrain: bool) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
     p.add_argument("--nproc", type=_positive_int, metavar="N", help="train with N processes (PyTorch DDP via torchrun)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch-size", type=_positive_int, metavar="B", help="sequences per process per micro-step (default 12)")
-    o.add_argument("--grad-accum", type=_positive_int, metavar="K", help="micro-steps per optimiser step (default 1)")
-    o.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate (default {'1e-3' if pretrain else '3e-4'})")
+    o.add_argument("--batch-size", type=_positive_int, metavar="B",
+                   help=f"sequences per process per micro-step (default {default('batch_size')})")
+    o.add_argument("--grad-accum", type=_positive_int, metavar="K",
+                   help=f"micro-steps per optimiser step (default {default('grad_accum')})")
+    o.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate (default {default('lr')})")
     o.add_argument("--min-lr", type=float, metavar="LR", help="final learning rate of the cosine decay (default lr/10)")
-    o.add_argument("--warmup", type=int, metavar="STEPS", help=f"linear warm-up steps (default {100 if pretrain else 20})")
-    o.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimiser steps (default 2000, or none with --time-budget)")
+    o.add_argument("--warmup", type=int, metavar="STEPS", help=f"linear warm-up steps (default {default('warmup')})")
+    o.add_argument("--max-steps", type=_positive_int, metavar="N",
+                   help=f"optimiser steps (default {default('max_steps')}, or none with --time-budget)")
     o.add_argument("--time-budget", type=_duration, metavar="TIME", help="stop after this long: 90s, 10m, 1h30m")
-    o.add_argument("--dropout", type=float, metavar="P", help="dropout (default 0)")
-    o.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay on matrices (default 0.1)")
-    o.add_argument("--grad-clip", type=float, metavar="NORM", help="clip the gradient norm (default 1; 0 = off)")
+    o.add_argument("--dropout", type=float, metavar="P", help=f"dropout (default {default('dropout')})")
+    o.add_argument("--weight-decay", type=float, metavar="WD",
+                   help=f"AdamW weight decay on matrices (default {default('weight_decay')})")
+    o.add_argument("--grad-clip", type=float, metavar="NORM",
+                   help=f"clip the gradient norm (default {default('grad_clip')}; 0 = off)")
     e = p.add_argument_group("evaluation and saving")
-    e.add_argument("--eval-every", type=_positive_int, metavar="STEPS", help="validate (and save) every N steps (default 250)")
-    e.add_argument("--eval-iters", type=_positive_int, metavar="N", help="validation batches per evaluation (default 20)")
-    e.add_argument("--log-every", type=_positive_int, metavar="STEPS", help="metrics.jsonl line every N steps (default 10)")
+    e.add_argument("--eval-every", type=_positive_int, metavar="STEPS",
+                   help=f"validate (and save) every N steps (default {default('eval_every')})")
+    e.add_argument("--eval-iters", type=_positive_int, metavar="N",
+                   help=f"validation batches per evaluation (default {default('eval_iters')})")
+    e.add_argument("--log-every", type=_positive_int, metavar="STEPS",
+                   help=f"metrics.jsonl line every N steps (default {default('log_every')})")
     e.add_argument("--save-every", type=_positive_int, metavar="STEPS", help="save every N steps (default: --eval-every)")
-    e.add_argument("--val-fraction", type=float, metavar="F", help="share held out for validation (default 0.1)")
+    e.add_argument("--val-fraction", type=float, metavar="F",
+                   help=f"share held out for validation (default {default('val_fraction')})")
     s = p.add_argument_group("system")
-    s.add_argument("--seed", type=int, metavar="S", help="random seed (default 1337)")
-    s.add_argument("--device", help="cpu, cuda or mps (default: cuda if available, else cpu)")
+    s.add_argument("--seed", type=int, metavar="S", help=f"random seed (default {default('seed')})")
+    s.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, then mps, else cpu)")
     s.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     s.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads per process (default: all cores)")
     s.add_argument("--quiet", action="store_true", help="no progress display (metrics.jsonl is still written)")
 
 
 def add_train_commands(train_sub) -> None:
-    """Add `pretrain` and `sft` to the `chat-tui train` subparsers."""
+    """Add `bundled`, `pretrain` and `sft` to the `chat-tui train` subparsers."""
+    from chat_tui.train.bundled import RUNS
+
+    bundled = train_sub.add_parser("bundled", help="re-train the bundled model from scratch (chatterbot corpus)",
+                                   description="Re-train the bundled model: its runs (pretraining, then three rounds "
+                                   "of fine-tuning) write into OUT-runs/, and the last becomes OUT.")
+    bundled.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder")
+    for flag, (name, _kind, _data, settings) in zip(BUNDLED_STEP_FLAGS, RUNS, strict=True):
+        bundled.add_argument(flag, type=_positive_int, metavar="N",
+                             help=f"optimiser steps of the run {name} (default {settings['max_steps']})")
     pre = train_sub.add_parser("pretrain", help="pretrain a mini-GPT from scratch on your text",
                                description="Pretrain a mini-GPT by next-token prediction. " + SPLIT_HELP)
-    _common_options(pre, pretrain=True)
+    _common_options(pre, kind="pretrain")
+    d = TrainConfig.defaults("pretrain")
     m = pre.add_argument_group("model")
-    m.add_argument("--n-layer", type=_positive_int, metavar="N", help="transformer blocks (default 4)")
-    m.add_argument("--n-head", type=_positive_int, metavar="N", help="attention heads (default 4)")
-    m.add_argument("--n-embd", type=_positive_int, metavar="N", help="width (default 128)")
-    m.add_argument("--block-size", type=_positive_int, metavar="N", help="context length in tokens (default 256)")
+    m.add_argument("--n-layer", type=_positive_int, metavar="N", help=f"transformer blocks (default {d.n_layer})")
+    m.add_argument("--n-head", type=_positive_int, metavar="N", help=f"attention heads (default {d.n_head})")
+    m.add_argument("--n-embd", type=_positive_int, metavar="N", help=f"width (default {d.n_embd})")
+    m.add_argument("--block-size", type=_positive_int, metavar="N", help=f"context length in tokens (default {d.block_size})")
     m.add_argument("--activation", choices=tuple(ACTIVATIONS),  # the model's own list (torch-free)
                    help="GPT-2's tanh GELU (default) or the exact one, as nanoGPT's model has it")
     m.add_argument("--tokenizer", choices=("bpe", "char"), help="byte-level BPE (default) or one token per character")
-    m.add_argument("--vocab-size", type=_positive_int, metavar="N", help="BPE vocabulary size (default 4096)")
+    m.add_argument("--vocab-size", type=_positive_int, metavar="N", help=f"BPE vocabulary size (default {d.vocab_size})")
 
     sft = train_sub.add_parser("sft", help="fine-tune a checkpoint on dialogues (loss on the replies only)",
                                description="Fine-tune a mini-GPT on conversations; the loss covers the assistant's "
                                "tokens only. " + SPLIT_HELP)
     sft.add_argument("--from", dest="init_from", metavar="CKPT", help="the checkpoint folder to start from")
-    _common_options(sft, pretrain=False)
+    _common_options(sft, kind="sft")
 
 
 def add_import_command(sub) -> None:
@@ -126,7 +155,7 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def build_config(args: argparse.Namespace):
-    from chat_tui.train.loop import TrainConfig, resume_config
+    from chat_tui.train.loop import resume_config
 
     kind = args.train_command
     given = _given(args)
@@ -153,12 +182,8 @@ def build_config(args: argparse.Namespace):
         raise CLIError("--data PATH… is required (or --resume DIR)")
     if not args.out:
         raise CLIError("--out DIR is required")
-    defaults = {} if kind == "pretrain" else {"lr": 3e-4, "warmup": 20, "batch_size": 8}
-    if "max_steps" not in given and "time_budget" not in given:
-        defaults["max_steps"] = 2000 if kind == "pretrain" else 500
-    cfg = TrainConfig(kind=kind, data=list(args.data), out=args.out, init_from=getattr(args, "init_from", None),
-                      **{**defaults, **given})
-    return cfg
+    return TrainConfig.of_kind(kind, data=list(args.data), out=args.out, init_from=getattr(args, "init_from", None),
+                               **given)
 
 
 def _sigint_handler(stop: threading.Event, say, *, worker: bool):
@@ -242,6 +267,19 @@ def cmd_train_run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                   f"checkpoint {cfg.out}", flush=True)
     if result.reason == "interrupted" and not under_torchrun():
         return 130
+    return 0
+
+
+def cmd_train_bundled(args: argparse.Namespace) -> int:
+    """`chat-tui train bundled --out DIR`"""
+    from chat_tui.train.bundled import build_bundled
+
+    steps = [getattr(args, flag[2:].replace("-", "_")) for flag in BUNDLED_STEP_FLAGS]
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    build_bundled(Path(args.out), steps=steps, log=log)
     return 0
 
 

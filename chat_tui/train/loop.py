@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +48,11 @@ import torch
 from chat_tui.engine.checkpoint import load_model, save_checkpoint
 from chat_tui.engine.devices import resolve_device
 from chat_tui.engine.files import atomic_write_bytes
-from chat_tui.engine.model import ACTIVATIONS, GPT, GPTConfig
+from chat_tui.engine.model import GPT, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ChatTokenizer
 from chat_tui.errors import DeviceError, TrainingError, first_line
+from chat_tui.train.config import TrainConfig, lr_at
 from chat_tui.train.data import DataError
 from chat_tui.train.duration import parse_duration  # noqa: F401 - part of this module's interface
 from chat_tui.train.fastpath import LossModel, token_losses
@@ -65,85 +66,6 @@ PRETRAIN_DEFAULTS = SamplingParams(temperature=0.8, top_k=40, max_new_tokens=200
 
 
 @dataclass
-class TrainConfig:
-    kind: str = "pretrain"  # "pretrain" or "sft"
-    data: list[str] = field(default_factory=list)
-    out: str = ""
-    init_from: str | None = None  # sft: the checkpoint to fine-tune
-    # model (pretraining; fine-tuning keeps the checkpoint's)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 256
-    dropout: float = 0.0
-    activation: str = "gelu_tanh"  # GPT-2's tanh GELU; "gelu" is the exact one (nanoGPT's nn.GELU)
-    tokenizer: str = "bpe"
-    vocab_size: int = 4096
-    # optimisation
-    batch_size: int = 12
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float | None = None  # default lr / 10
-    warmup: int = 100
-    max_steps: int | None = None
-    time_budget: float | None = None  # seconds
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    # evaluation, logging, saving
-    eval_every: int = 250
-    eval_iters: int = 20
-    log_every: int = 10
-    save_every: int | None = None  # default: eval_every
-    val_fraction: float = 0.1
-    seed: int = 1337
-    device: str | None = None
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        self.data = [str(p) for p in self.data]
-        self.out = str(self.out)
-
-    @property
-    def final_lr(self) -> float:
-        return self.min_lr if self.min_lr is not None else self.lr / 10
-
-    def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise TrainingError(message)
-
-        need(self.kind in ("pretrain", "sft"), f"unknown training kind {self.kind!r}")
-        need(bool(self.out), "no output folder (--out DIR)")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_every",
-                     "eval_iters", "log_every"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be a whole number ≥ 1, not {value!r}")
-        need(self.n_embd % self.n_head == 0, f"--n-embd ({self.n_embd}) must be a multiple of --n-head ({self.n_head})")
-        need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), not {self.dropout}")
-        need(self.activation in ACTIVATIONS,
-             f"--activation must be {' or '.join(ACTIVATIONS)}, not {self.activation!r}")
-        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, not {self.lr}")
-        need(self.warmup >= 0, f"--warmup must be ≥ 0, not {self.warmup}")
-        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be ≥ 1, not {self.max_steps}")
-        need(self.time_budget is None or self.time_budget > 0, "--time-budget must be positive")
-        need(self.weight_decay >= 0, f"--weight-decay must be ≥ 0, not {self.weight_decay}")
-        need(self.grad_clip >= 0, f"--grad-clip must be ≥ 0, not {self.grad_clip}")
-        need(0.0 < self.val_fraction < 1.0, f"--val-fraction must be between 0 and 1, not {self.val_fraction}")
-        if self.kind == "sft":
-            need(bool(self.init_from), "fine-tuning needs a checkpoint to start from (--from CKPT)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass
 class TrainResult:
     out: Path
     step: int
@@ -154,18 +76,6 @@ class TrainResult:
     elapsed_s: float
     tokens: int
     history: list[dict]
-
-
-def lr_at(step: int, cfg: TrainConfig, time_fraction: float | None = None) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to the final lr (by steps or by time)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.max_steps is not None:
-        progress = (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup)
-    else:
-        progress = time_fraction or 0.0
-    progress = min(1.0, max(0.0, progress))
-    return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.final_lr)
 
 
 def flops_per_token(config: GPTConfig, n_params: int) -> float:
@@ -722,7 +632,7 @@ class Trainer:
         if self.resume:
             self.log(f"resuming at step {self.step}")
         if cfg.max_steps is None and cfg.time_budget is None:
-            cfg.max_steps = 2000
+            cfg.max_steps = TrainConfig.defaults(cfg.kind).max_steps
         history: list[dict] = []
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.d.world * cfg.block_size
         last_loss = None

@@ -32,6 +32,7 @@ from textual.widgets import Button, Footer, Input, Label, Select, Static
 
 from chat_tui.engine.files import format_duration, free_path
 from chat_tui.errors import TrainingError, first_line
+from chat_tui.train.config import TrainConfig, setting_text  # no torch: the settings and their defaults
 from chat_tui.train.data import DataError  # no torch: the data checks' error
 from chat_tui.train.progress import LossChart  # rich only: no torch
 from chat_tui.ui.errors import describe, log_error
@@ -39,30 +40,30 @@ from chat_tui.ui.text import clean_line, safe_text
 
 POLL_INTERVAL = 0.5  # seconds between reads of metrics.jsonl
 
-# What `chat-tui train` uses when a flag is left out (cli_train.build_config), per kind.
-KIND_DEFAULTS: dict[str, dict[str, str]] = {
-    "pretrain": {"lr": "1e-3", "max_steps": "2000", "batch_size": "12"},
-    "sft": {"lr": "3e-4", "max_steps": "500", "batch_size": "8"},
-}
-WARMUP = {"pretrain": 100, "sft": 20}
-
-# (field id, label, default, pretrain only)
-NUMBER_FIELDS: tuple[tuple[str, str, str, bool], ...] = (
-    ("n_layer", "Layers", "4", True),
-    ("n_head", "Heads", "4", True),
-    ("n_embd", "Width", "128", True),
-    ("block_size", "Context", "256", True),
-    ("batch_size", "Batch", "12", False),
-    ("vocab_size", "Vocab (BPE)", "4096", True),
-    ("max_steps", "Steps", "2000", False),
-    ("time_budget", "Time budget", "", False),
-    ("lr", "Learning rate", "1e-3", False),
-    ("eval_every", "Eval every", "250", False),
+# (field id, label, pretrain only); a field starts at TrainConfig.defaults(kind), as `chat-tui train` does
+NUMBER_FIELDS: tuple[tuple[str, str, bool], ...] = (
+    ("n_layer", "Layers", True),
+    ("n_head", "Heads", True),
+    ("n_embd", "Width", True),
+    ("block_size", "Context", True),
+    ("batch_size", "Batch", False),
+    ("vocab_size", "Vocab (BPE)", True),
+    ("max_steps", "Steps", False),
+    ("time_budget", "Time budget", False),
+    ("lr", "Learning rate", False),
+    ("eval_every", "Eval every", False),
 )
 # Time budget may be left empty; Steps may be left empty when a time budget is given.
 PLACEHOLDERS = {"time_budget": "optional: 90s, 10m, 1h30m", "max_steps": "or none, with a time budget"}
 INT_LIMITS = {"n_layer": 64, "n_head": 64, "n_embd": 8192, "block_size": 65536, "batch_size": 4096,
               "vocab_size": 1_000_000, "max_steps": 10_000_000, "eval_every": 10_000_000}
+
+
+def form_defaults(kind: str) -> dict[str, str]:
+    """The form's number fields as a new run of this kind starts (an unset one, the time budget, empty)."""
+    defaults = TrainConfig.defaults(kind)
+    values = {name: getattr(defaults, name) for name, *_ in NUMBER_FIELDS}
+    return {name: "" if value is None else setting_text(value) for name, value in values.items()}
 
 
 class FormError(ValueError):
@@ -198,7 +199,7 @@ def parse_form(values: dict[str, str], *, resume: bool = False) -> dict[str, Any
         if tokenizer not in ("char", "bpe"):
             raise FormError(f"unknown tokenizer {clean_line(str(tokenizer))!r}: choose char or bpe")
         cfg["tokenizer"] = tokenizer
-    for name, label, _default, pretrain_only in NUMBER_FIELDS:
+    for name, label, pretrain_only in NUMBER_FIELDS:
         if pretrain_only and kind == "sft":
             continue
         text = values.get(name, "")
@@ -229,7 +230,8 @@ def parse_form(values: dict[str, str], *, resume: bool = False) -> dict[str, Any
     if kind == "pretrain" and cfg["n_embd"] % cfg["n_head"]:
         raise FormError(f"Width ({cfg['n_embd']}) must be a multiple of Heads ({cfg['n_head']})")
     steps = cfg["max_steps"]
-    cfg["warmup"] = WARMUP[kind] if steps is None else min(WARMUP[kind], steps // 5)  # never most of a short run
+    warmup = TrainConfig.defaults(kind).warmup
+    cfg["warmup"] = warmup if steps is None else min(warmup, steps // 5)  # never most of a short run
     cfg["log_every"] = min(10, cfg["eval_every"])
     return cfg
 
@@ -330,11 +332,11 @@ class TrainingScreen(ModalScreen[None]):
                     yield Select([("char: one token per character", "char"), ("bpe: byte-level BPE", "bpe")],
                                  value=settings.get("tokenizer", "char"), allow_blank=False, compact=True,
                                  id="tokenizer")
-                defaults = KIND_DEFAULTS[kind]
-                for name, label, default, _pretrain_only in NUMBER_FIELDS:
+                defaults = form_defaults(kind)
+                for name, label, _pretrain_only in NUMBER_FIELDS:
                     value = settings.get(name)
                     shown = f"{value:g}" if isinstance(value, float) else str(value) if value is not None else None
-                    yield self._input_field(name, label, shown or defaults.get(name, default), PLACEHOLDERS.get(name, ""))
+                    yield self._input_field(name, label, shown or defaults[name], PLACEHOLDERS.get(name, ""))
                 with Horizontal(id="train-buttons"):
                     yield Button("Start", id="start", variant="primary", compact=True)
                     yield Button("Stop", id="stop", compact=True)
@@ -387,7 +389,7 @@ class TrainingScreen(ModalScreen[None]):
 
     def _apply_kind(self, kind: Any, *, swap_defaults: bool) -> None:
         sft = kind == "sft"
-        off = {"tokenizer", *(name for name, _l, _d, pretrain_only in NUMBER_FIELDS if pretrain_only)} if sft else {"init_from"}
+        off = {"tokenizer", *(name for name, _label, pretrain_only in NUMBER_FIELDS if pretrain_only)} if sft else {"init_from"}
         if self.query_one("#tokenizer", Select).value != "bpe":
             off.add("vocab_size")  # a character model's vocabulary is its text's characters
         for name in ("init_from", "tokenizer", *(n for n, *_ in NUMBER_FIELDS)):
@@ -396,10 +398,10 @@ class TrainingScreen(ModalScreen[None]):
             for widget in row.query("Input, Select"):
                 widget.disabled = name in off
         if swap_defaults:  # a default of the other kind becomes this kind's default; a typed value stays
-            other = KIND_DEFAULTS["pretrain" if sft else "sft"]
-            for name, value in KIND_DEFAULTS["sft" if sft else "pretrain"].items():
+            other = form_defaults("pretrain" if sft else "sft")
+            for name, value in form_defaults("sft" if sft else "pretrain").items():
                 box = self.query_one(f"#{name}", Input)
-                if box.value.strip() == other[name]:
+                if value != other[name] and box.value.strip() == other[name]:
                     box.value = value
 
     def show_error(self, message: str | None) -> None:
