@@ -11,7 +11,7 @@ import yaml
 
 from chat_tui.engine import Message, SamplingParams, load_engine
 from chat_tui.engine.checkpoint import load_model
-from chat_tui.train.bundled import BUNDLED_DEFAULTS, RUNS, bundled_runs, build_bundled, casual_variants
+from chat_tui.train.bundled import BUNDLED_DEFAULTS, RUNS, build_bundled, bundled_runs, casual_variants
 from chat_tui.train.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

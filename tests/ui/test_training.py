@@ -10,8 +10,10 @@ from rich.console import Console
 from rich.text import Text
 from textual.widgets import Input, Select, Static
 
+from chat_tui.train.config import TrainConfig, setting_text
 from chat_tui.ui.app import ChatApp
 from chat_tui.ui.training import (
+    NUMBER_FIELDS,
     FiguresView,
     FormError,
     LossChartView,
@@ -87,6 +89,40 @@ async def test_the_palette_command_opens_the_training_screen(make_app):
         assert not isinstance(app.screen, TrainingScreen)
         await pilot.press("ctrl+t")  # the binding opens it again
         await wait_for(pilot, lambda: isinstance(app.screen, TrainingScreen), what="the training screen again")
+
+
+def help_defaults(kind: str, capsys) -> dict[str, str]:
+    """`chat-tui train KIND --help`: each option's "(default …)", by TrainConfig field name."""
+    import re
+
+    from chat_tui.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", kind, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    found = re.findall(r"(?<![\w-])--([a-z-]+) [A-Z]+ (?:(?!--|\(default)[^\[\]])*\(default ([0-9][\w.-]*)", text)
+    return {flag.replace("-", "_"): value for flag, value in found}
+
+
+async def test_the_form_the_cli_help_and_the_kinds_defaults_agree(make_app, capsys):
+    in_help = {kind: help_defaults(kind, capsys) for kind in ("pretrain", "sft")}  # before the app takes stdout
+    for kind, defaults in in_help.items():
+        assert defaults == {name: setting_text(getattr(TrainConfig.defaults(kind), name)) for name in defaults}
+        assert {"batch_size", "lr", "warmup", "max_steps", "eval_every", "seed"} <= set(defaults)
+        assert ({"n_layer", "n_embd", "block_size", "vocab_size"} <= set(defaults)) == (kind == "pretrain")
+        assert (defaults["lr"], defaults["max_steps"]) == {"pretrain": ("1e-3", "2000"), "sft": ("3e-4", "500")}[kind]
+    app, _ = make_app()
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_training(pilot, app)
+        for kind in ("sft", "pretrain"):  # the form opens on pretrain: both ways round
+            fill(screen, kind=kind)
+            await pilot.pause()
+            defaults = TrainConfig.defaults(kind)
+            shown = {name: screen.query_one(f"#{name}", Input).value for name, *_ in NUMBER_FIELDS}
+            assert shown == {name: "" if getattr(defaults, name) is None else setting_text(getattr(defaults, name))
+                             for name in shown}
+            assert {name: shown[name] for name in in_help[kind] if name in shown} == {
+                name: value for name, value in in_help[kind].items() if name in shown}
 
 
 async def test_invalid_input_is_refused_with_one_line(make_app, tmp_path):
@@ -224,8 +260,6 @@ def test_parse_form_builds_the_train_config(tmp_path):
     assert cfg == dict(kind="pretrain", data=[form["data"]], out=form["out"], tokenizer="char", n_layer=1, n_head=2,
                        n_embd=32, block_size=32, batch_size=4, max_steps=30, lr=1e-3, eval_every=10, warmup=6,
                        log_every=10)
-    from chat_tui.train.loop import TrainConfig
-
     TrainConfig(**cfg).validate()
     # a BPE model takes its vocabulary size; a time budget can stand in for the step count
     timed = parse_form({**form, "tokenizer": "bpe", "vocab_size": "300", "max_steps": "", "time_budget": "1m30s"})
