@@ -435,8 +435,7 @@ class TrainingScreen(ModalScreen[None]):
     def _start_worker(self, settings: dict[str, Any], resume: bool) -> None:
         app = self.app
         try:
-            from chat_tui.train.loop import TrainConfig
-            from chat_tui.train.run import TrainingRun
+            from chat_tui.train.run import TrainingRun  # imports torch: here, in the worker thread
 
             if resume:
                 from chat_tui.train.loop import resume_config
