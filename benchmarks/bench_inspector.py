@@ -139,7 +139,7 @@ def bench_frames(repeat: int) -> None:
 async def bench_textual(repeat: int) -> None:
     """The pane's own path through Textual: Strips cached per line, only changed lines repainted."""
     print("== the InspectorPane's heatmap through Textual (update_frame + render_lines)")
-    from tests.attention.harness import InspectorHarness
+    from tests.ui.attention.harness import InspectorHarness
 
     store, steps, _ = make_store()
     held_back = 12  # fed one at a time to time "one new row"

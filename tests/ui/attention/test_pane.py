@@ -12,7 +12,7 @@ import pytest
 from chat_tui.engine.params import SamplingParams
 from chat_tui.ui.attention import REDRAW_HZ, VIEWS, InspectorPane
 from chat_tui.ui.attention.pane import AttentionCanvas
-from tests.attention.harness import InspectorHarness, fake_engine, fake_steps
+from tests.ui.attention.harness import InspectorHarness, fake_engine, fake_steps
 
 
 def canvas_text(app: InspectorHarness) -> str:
