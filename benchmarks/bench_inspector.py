@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_tui.engine.types import MessageSpan, PromptInfo, Step  # noqa: E402
-from chat_tui.ui.attention.pane import HeatmapPainter  # noqa: E402
+from chat_tui.ui.attention.canvas import HeatmapPainter  # noqa: E402
 from chat_tui.ui.attention.render import Heatmap  # noqa: E402
 from chat_tui.ui.attention.store import AttentionStore  # noqa: E402
 
@@ -150,7 +150,7 @@ async def bench_textual(repeat: int) -> None:
             for s in steps[: -held_back - 1]:
                 pane.add_step(s)
             await pilot.pause(0.2)
-            from chat_tui.ui.attention.pane import AttentionCanvas
+            from chat_tui.ui.attention.canvas import AttentionCanvas
 
             canvas = app.query_one(AttentionCanvas)
             region = canvas.content_region.reset_offset
@@ -163,13 +163,13 @@ async def bench_textual(repeat: int) -> None:
 
             def cold(pane=pane, draw=draw, layers=layers):
                 layers[0] = (layers[0] + 1) % LAYERS
-                pane.attn_layer = layers[0]
+                pane.state.attn_layer = layers[0]
                 draw()
 
             cold_ms = best(cold, repeat)
             warm_ms = best(draw, repeat)
 
-            pane.attn_layer = 0
+            pane.state.attn_layer = 0
             draw()
             new_times, repainted = [], []
             for s in steps[-held_back - 1 :]:

@@ -11,7 +11,7 @@ import pytest
 
 from chat_tui.engine.params import SamplingParams
 from chat_tui.ui.attention import REDRAW_HZ, VIEWS, InspectorPane
-from chat_tui.ui.attention.pane import AttentionCanvas
+from chat_tui.ui.attention.canvas import AttentionCanvas
 from tests.ui.attention.harness import InspectorHarness, fake_engine, fake_steps
 
 
