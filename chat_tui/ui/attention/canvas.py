@@ -103,7 +103,6 @@ class AttentionCanvas(Widget):
         self.pane = pane
         self._strips: list[Strip] = []
         self._frame_size: tuple[int, int] | None = None
-        self.repainted_lines = 0  # lines handed to Textual to repaint (for tests and the benchmark)
 
     def _build(self) -> tuple[list[Strip], tuple[int, int]]:
         size = self.content_size
@@ -120,11 +119,9 @@ class AttentionCanvas(Widget):
         new, size = self._build()
         self._strips, self._frame_size = new, size
         if old_size != size or len(old) != len(new):
-            self.repainted_lines += len(new)
             self.refresh()
             return
         changed = [y for y, (a, b) in enumerate(zip(old, new, strict=True)) if a is not b]
-        self.repainted_lines += len(changed)
         if len(changed) == len(new):
             self.refresh()
         elif changed:

@@ -387,7 +387,7 @@ class InspectorPane(Vertical, can_focus=True):
                 "and the value sizes need the model's queries and keys (the mini-GPT has them)."
             )
         elif isinstance(result, Exception):
-            unavailable = str(result)
+            unavailable = first_line(result)
         elif result is not None:
             explanation = result
         elif key != self._explain_asked:
@@ -443,20 +443,20 @@ class InspectorPane(Vertical, can_focus=True):
         if step.top_ids is None:
             unavailable = "this backend stores no logits: the chain cannot be replayed."
         elif isinstance(result, Exception):
-            unavailable = f"replay failed: {result}"
+            unavailable = f"replay failed: {first_line(result)}"
         elif result is not None:
             as_sampled, replay_now, texts = result.as_sampled, result.now, result.texts
         elif key != self._replay_asked:
             self._replay_asked = key
-            self.replay_in_background(key, step, self.store.context_ids(pos), now)
+            self.replay_in_background(self.engine, key, step, self.store.context_ids(pos), now)
         return candidates_view(step, as_sampled, replay_now, width=width, height=height,
                                offset=self.state.offsets["candidates"], mode=self.mode,
                                unavailable=unavailable, texts=texts,
                                rows=listing.top_candidates if listing is not None else None)
 
     @work(thread=True, exclusive=True, group="attn-replay", exit_on_error=False)
-    def replay_in_background(self, key: tuple, step: Step, context: list[int], now: SamplingParams | None) -> None:
-        engine = self.engine
+    def replay_in_background(self, engine: Engine | None, key: tuple, step: Step, context: list[int],
+                             now: SamplingParams | None) -> None:
         with self._replay_lock:
             if get_current_worker().is_cancelled:  # another token or setting was asked for meanwhile
                 return
