@@ -61,13 +61,12 @@ class HeatmapPainter:
         """`heatmap` as Strips of `width` cells; a line whose rows (`row_keys`, from `row_key`) and
         marks are unchanged is the very same Strip as last time."""
         cache = self.strips
-        keys = row_keys
         step = heatmap.rows_per_line
         cols = heatmap.levels.shape[1]
         strips = []
         for y in range(heatmap.line_count):
-            top = keys[y * step]
-            bottom = keys[y * step + 1] if step == 2 and y * step + 1 < len(keys) else None
+            top = row_keys[y * step]
+            bottom = row_keys[y * step + 1] if step == 2 and y * step + 1 < len(row_keys) else None
             key = (top, bottom, heatmap.gutter_mark(y), cols, heatmap.mode, width, base)
             strip = cache.get(key)
             if strip is None:
