@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_tui.engine.types import MessageSpan, PromptInfo, Step  # noqa: E402
-from chat_tui.ui.attention.pane import HeatmapPainter  # noqa: E402
+from chat_tui.ui.attention.canvas import HeatmapPainter  # noqa: E402
 from chat_tui.ui.attention.render import Heatmap  # noqa: E402
 from chat_tui.ui.attention.store import AttentionStore  # noqa: E402
 
@@ -136,10 +136,23 @@ def bench_frames(repeat: int) -> None:
     print(f"  the new row's levels alone: {(time.perf_counter() - start) / repeat * 1000:6.3f} ms")
 
 
+def count_repainted_lines(canvas) -> list[int]:
+    """Count the lines `canvas` hands Textual to repaint (a whole refresh: all of them) in a one-item list."""
+    count = [0]
+    refresh = canvas.refresh
+
+    def counting_refresh(*regions, **kwargs):
+        count[0] += len(regions) if regions else canvas.content_size.height
+        return refresh(*regions, **kwargs)
+
+    canvas.refresh = counting_refresh
+    return count
+
+
 async def bench_textual(repeat: int) -> None:
     """The pane's own path through Textual: Strips cached per line, only changed lines repainted."""
     print("== the InspectorPane's heatmap through Textual (update_frame + render_lines)")
-    from tests.attention.harness import InspectorHarness
+    from tests.ui.attention.harness import InspectorHarness
 
     store, steps, _ = make_store()
     held_back = 12  # fed one at a time to time "one new row"
@@ -150,10 +163,11 @@ async def bench_textual(repeat: int) -> None:
             for s in steps[: -held_back - 1]:
                 pane.add_step(s)
             await pilot.pause(0.2)
-            from chat_tui.ui.attention.pane import AttentionCanvas
+            from chat_tui.ui.attention.canvas import AttentionCanvas
 
             canvas = app.query_one(AttentionCanvas)
             region = canvas.content_region.reset_offset
+            repainted_lines = count_repainted_lines(canvas)
 
             def draw(canvas=canvas, region=region):
                 canvas.update_frame()  # what a redraw tick does: the view's Strips, changed lines marked
@@ -163,22 +177,22 @@ async def bench_textual(repeat: int) -> None:
 
             def cold(pane=pane, draw=draw, layers=layers):
                 layers[0] = (layers[0] + 1) % LAYERS
-                pane.attn_layer = layers[0]
+                pane.state.attn_layer = layers[0]
                 draw()
 
             cold_ms = best(cold, repeat)
             warm_ms = best(draw, repeat)
 
-            pane.attn_layer = 0
+            pane.state.attn_layer = 0
             draw()
             new_times, repainted = [], []
             for s in steps[-held_back - 1 :]:
-                before = canvas.repainted_lines
+                before = repainted_lines[0]
                 start = time.perf_counter()
                 pane.add_step(s)
                 draw()
                 new_times.append((time.perf_counter() - start) * 1000)
-                repainted.append(canvas.repainted_lines - before)
+                repainted.append(repainted_lines[0] - before)
             size = canvas.content_size
             print(f"  pane in Textual {size.width:>3}×{size.height:<3}: cold frame {cold_ms:6.2f} ms   "
                   f"unchanged {warm_ms:5.2f} ms   one new row {min(new_times):5.2f} ms best, "

@@ -356,7 +356,7 @@ class ChatApp(App[int], inherit_bindings=False):
         from chat_tui.ui.attention import InspectorPane
 
         placeholder = self.query_one("#inspector")
-        pane = InspectorPane(id="inspector")
+        pane = InspectorPane(id="inspector", export_dir=self.paths.exports)
         pane.display = placeholder.display
         await placeholder.remove()
         await self.query_one("#body").mount(pane, after=self.query_one(ConversationView))

@@ -44,6 +44,7 @@ class InspectorHarness(App):
         self.engine = engine
         self.pane_kwargs = pane_kwargs
         self.pane_width = width
+        self._params: SamplingParams | None = None
 
     def compose(self) -> ComposeResult:
         from textual.widgets import Static
@@ -59,6 +60,16 @@ class InspectorHarness(App):
 
     def on_mount(self) -> None:
         self.pane.focus()
+
+    @property
+    def params(self) -> SamplingParams | None:
+        """The settings in force; setting them tells the pane, as ChatApp's settings watcher does."""
+        return self._params
+
+    @params.setter
+    def params(self, params: SamplingParams) -> None:
+        self._params = params
+        self.pane.params_changed(params)
 
     def feed(self, steps: Iterable[Step]) -> None:
         for step in steps:

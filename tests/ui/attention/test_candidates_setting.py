@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Message
-from tests.attention.harness import InspectorHarness
-from tests.attention.test_pane import canvas_text, settle
+from tests.ui.attention.harness import InspectorHarness
+from tests.ui.attention.test_pane import canvas_text, settle
 
 
 def candidate_rows(app: InspectorHarness) -> list[str]:

@@ -8,7 +8,7 @@ from chat_tui.engine.types import MessageSpan, PromptInfo, Step
 from chat_tui.ui.attention.stats import head_stats, turn_shares
 from chat_tui.ui.attention.store import AttentionStore
 from chat_tui.ui.attention.views import candidates_view, row_view, turns_view
-from tests.attention.harness import fake_engine, fake_steps
+from tests.ui.attention.harness import fake_engine, fake_steps
 
 
 def causal(layers: int, heads: int, n: int, seed: int = 0) -> np.ndarray:

@@ -177,7 +177,7 @@ def test_replay_flags_what_it_cannot_know(tiny_engine):
 
 
 def test_explain_is_refused_for_a_backend_without_the_model():
-    from tests.attention.harness import fake_engine
+    from tests.ui.attention.harness import fake_engine
 
     with pytest.raises(ExplainUnavailable, match="fake backend"):
         explain_attention(fake_engine(), [1, 2, 3], 2, 0, 0)

@@ -11,8 +11,8 @@ import pytest
 
 from chat_tui.engine.params import SamplingParams
 from chat_tui.ui.attention import REDRAW_HZ, VIEWS, InspectorPane
-from chat_tui.ui.attention.pane import AttentionCanvas
-from tests.attention.harness import InspectorHarness, fake_engine, fake_steps
+from chat_tui.ui.attention.canvas import AttentionCanvas
+from tests.ui.attention.harness import InspectorHarness, fake_engine, fake_steps
 
 
 def canvas_text(app: InspectorHarness) -> str:
@@ -297,3 +297,27 @@ async def test_explain_and_candidates_views_with_the_model(tiny_engine, tiny_che
     finally:
         if engine is not tiny_engine:
             engine.close()
+
+
+async def test_moving_while_explanations_are_computed_ends_on_the_token_selected(tiny_checkpoint):
+    """Each move asks for another explanation; they are computed one at a time, those superseded
+    while they waited are skipped, and the view ends on the selected token's, not "computing"."""
+    pytest.importorskip("torch")
+    from chat_tui.engine.process import ProcessEngine
+    from chat_tui.engine.types import Message
+
+    engine = ProcessEngine.start(tiny_checkpoint, device="cpu")
+    try:
+        params = SamplingParams(temperature=0.9, top_k=20, seed=2, max_new_tokens=12)
+        steps = list(engine.stream([Message("user", "Hello there")], params, inspect=True))
+        app = InspectorHarness(engine, color_mode="truecolor")
+        async with app.run_test(size=(110, 40)) as pilot:
+            app.feed(steps)
+            await pilot.press("3", *["up"] * 6)
+            await settle(pilot, app)
+            assert app.pane.position == app.pane.store.length - 7
+            text = canvas_text(app)
+            assert "matches the stored row" in text and "computing q·k" not in text
+            assert f"▶{app.pane.position} " in app.pane.header_text(60).plain
+    finally:
+        engine.close()

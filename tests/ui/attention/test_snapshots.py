@@ -1,6 +1,6 @@
 """Snapshots of each view of the inspector, on deterministic data (FakeEngine with a fixed seed).
 
-Update with `pytest tests/attention/test_snapshots.py --snapshot-update` after a deliberate change,
+Update with `pytest tests/ui/attention/test_snapshots.py --snapshot-update` after a deliberate change,
 and look at the SVGs before committing them.
 """
 
@@ -10,7 +10,7 @@ import pytest
 
 from chat_tui.engine.params import SamplingParams
 from chat_tui.ui.attention import REDRAW_HZ
-from tests.attention.harness import InspectorHarness, fake_engine, fake_steps
+from tests.ui.attention.harness import InspectorHarness, fake_engine, fake_steps
 
 SIZE = (90, 32)
 
