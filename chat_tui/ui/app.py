@@ -312,9 +312,7 @@ class ChatApp(App[int], inherit_bindings=False):
         if (new.params, new.system_prompt, new.label) != (old.params, old.system_prompt, old.label):
             self._show_settings(new)
         if new.params != old.params:
-            inspector = self._inspector_pane()
-            if inspector is not None:
-                inspector.params_changed(new.params)
+            self._tell_inspector(new.params)
 
     def _show_settings(self, settings: Settings) -> None:
         try:
@@ -322,6 +320,18 @@ class ChatApp(App[int], inherit_bindings=False):
         except NoMatches:  # closing
             return
         pane.show(settings.params, settings.system_prompt, preset=settings.label)
+
+    def _tell_inspector(self, params: SamplingParams) -> None:
+        """The candidates view replays the chain with the settings in force."""
+        try:
+            slot = self.query_one("#inspector")
+        except NoMatches:  # closing
+            return
+        if slot.has_class("-placeholder"):  # _mount_inspector hands the settings over after the first frame
+            return  # (and asking for the inspector now would import it, and numpy, before that frame)
+        pane = self._inspector_pane()
+        if pane is not None:
+            pane.params_changed(params)
 
     # ------------------------------------------------------------------ layout
 
@@ -395,7 +405,7 @@ class ChatApp(App[int], inherit_bindings=False):
         pane.display = placeholder.display
         await placeholder.remove()
         await self.query_one("#body").mount(pane, after=self.query_one(ConversationView))
-        pane.params_changed(self.settings.params)
+        self._tell_inspector(self.settings.params)
 
     def update_layout(self) -> None:
         """Show the side panes that fit; below NARROW_WIDTH they stack over the conversation."""
