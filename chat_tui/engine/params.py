@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -203,3 +204,53 @@ def check_value(spec: ParamSpec, value: Any) -> Any:
     if too_low or value > spec.high:
         raise InvalidParameter(spec.name, original, spec.range_text)
     return value
+
+
+# The short names of the settings and of the chain's stages, for one-line summaries (the
+# inspector's, the sampling pane's order row); the message details spell three of them out
+SHORT_NAMES: dict[str, str] = {
+    "repetition": "rep",
+    "presence_frequency": "pres/freq",
+    "temperature": "temp",
+    "top_k": "k",
+    "top_p": "p",
+    "min_p": "min-p",
+    "typical_p": "typ",
+    "repetition_penalty": "rep",
+    "presence_penalty": "pres",
+    "frequency_penalty": "freq",
+}
+DETAIL_NAMES: dict[str, str] = {**SHORT_NAMES, "top_k": "top-k", "top_p": "top-p", "typical_p": "typ-p"}
+SUMMARISED = ("top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def settings_summary(params: SamplingParams | Mapping[str, Any] | None, *, short: bool = False) -> str:
+    """The sampling settings that differ from neutral, in one line: "T 0.7 top-p 0.95 rep 1.1 2 stop".
+
+    `params`: the settings, or their dict as a saved message keeps it (keys may be missing).
+    `short`: the inspector's narrower line ("k 40", "p 0.9"; no stop strings, no order).
+    """
+    values = params.to_dict() if isinstance(params, SamplingParams) else params
+    if not values:
+        return ""
+    neutral = SamplingParams.neutral().to_dict()
+    names = SHORT_NAMES if short else DETAIL_NAMES
+    parts = ["greedy"] if values.get("temperature") == 0 else [f"T {values.get('temperature', 1.0):g}"]
+    for key in SUMMARISED:
+        value = values.get(key)
+        if value is not None and value != neutral[key]:
+            parts.append(f"{names[key]} {value:g}")
+    if not short:
+        if values.get("stop"):
+            parts.append(f"{len(values['stop'])} stop")
+        if values.get("order") and list(values["order"]) != list(DEFAULT_ORDER):
+            parts.append("custom order")
+    return " ".join(parts)
+
+
+def order_summary(order: Iterable[str]) -> str:
+    """The sampling chain's order in short names ("rep→pres/freq→temp→k→p→min-p→typ"), or "default"."""
+    order = tuple(order)
+    if order == DEFAULT_ORDER:
+        return "default"
+    return "→".join(SHORT_NAMES.get(stage, stage) for stage in order)

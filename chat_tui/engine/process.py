@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import json
 import os
 import pickle
@@ -44,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import IO, Any
 
+from chat_tui.engine.collector import tune_collection
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import (
     Conversation,
@@ -498,10 +498,7 @@ def _serve(control: Connection, steps: Connection, model: str | None, device: st
         if setup is not None:
             setup(engine)
         info = _describe(engine)
-        # torch and the model are a million long-lived objects, and a token makes many short-lived
-        # ones: keep the collector's passes off the former and rare for the latter (as the app does)
-        gc.freeze()
-        gc.set_threshold(10_000, 20, 50)
+        tune_collection()  # torch and the model are a million long-lived objects
         with send_lock:
             loaded.set()
             control.send(("ready", info))

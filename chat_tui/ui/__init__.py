@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from chat_tui.engine.collector import collection_paused
 from chat_tui.engine.types import Engine
 
 
@@ -28,17 +28,11 @@ def run_app(
     `load_options`: extra keyword arguments for `chat_tui.engine.load_engine` (dtype, Hugging Face options).
     `engine_factory`: build the engine without `load_engine` (tests, demos).
     """
-    # Start-up makes a few hundred thousand objects and frees almost none, so the collector's
-    # passes over them (some 60 ms before the first frame here) find nothing. The app freezes what
-    # start-up made and turns collection back on once the first frame is painted (tune_runtime).
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    # the app freezes what start-up made and turns collection back on once the first frame is
+    # painted (tune_runtime)
+    with collection_paused():
         return _run_app(model, new=new, conversation_id=conversation_id, device=device,
                         engine_factory=engine_factory, load_options=load_options)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _run_app(

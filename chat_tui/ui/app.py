@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import os
 import sqlite3
 import sys
@@ -30,6 +29,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
+from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
@@ -47,7 +47,8 @@ from chat_tui.config import (
     save_preset,
     save_setting,
 )
-from chat_tui.engine.params import InvalidParameter, SamplingParams
+from chat_tui.engine.collector import freeze_long_lived, tune_collection
+from chat_tui.engine.params import InvalidParameter, SamplingParams, settings_summary
 from chat_tui.engine.source import source_problem
 from chat_tui.engine.types import Engine, Message, PromptInfo
 from chat_tui.store import Store, StoreError
@@ -70,6 +71,7 @@ from chat_tui.ui.screens import (
     decode_stops,
     encode_stops,
 )
+from chat_tui.ui.settings import Settings
 from chat_tui.ui.state import (
     ChatItem,
     GenerationDone,
@@ -121,30 +123,6 @@ STATE_STYLE = {
 }
 
 
-def settings_summary(params: dict[str, Any] | None) -> str:
-    """The sampling settings that differ from neutral, briefly."""
-    if not params:
-        return ""
-    neutral = SamplingParams.neutral().to_dict()
-    if params.get("temperature") == 0:
-        parts = ["greedy"]
-    else:
-        parts = [f"T {params.get('temperature', 1.0):g}"]
-    names = {
-        "top_k": "top-k", "top_p": "top-p", "min_p": "min-p", "typical_p": "typ-p",
-        "repetition_penalty": "rep", "presence_penalty": "pres", "frequency_penalty": "freq",
-    }
-    for key, label in names.items():
-        value = params.get(key)
-        if value is not None and value != neutral[key]:
-            parts.append(f"{label} {value:g}")
-    if params.get("stop"):
-        parts.append(f"{len(params['stop'])} stop")
-    if params.get("order") and list(params["order"]) != list(neutral["order"]):
-        parts.append("custom order")
-    return " ".join(parts)
-
-
 def fit_notice(conversation: list[Message], prompt: PromptInfo) -> str:
     """What the engine left out of `conversation` to fit the context, in words ("" if nothing)."""
     if not prompt.dropped_tokens:
@@ -170,15 +148,12 @@ def tune_runtime() -> None:
     """Process-wide settings for the real app (run_app), not for tests that start many apps.
 
     A shorter GIL switch interval (0.2 ms instead of 5) lets the generation thread take each
-    token as soon as it is ready while the UI thread paints; freezing what start-up allocated keeps the garbage
-    collector's full passes (which stall both threads) short. Collection itself comes back on here.
+    token as soon as it is ready while the UI thread paints; what start-up allocated is frozen out
+    of the garbage collector's reach (see chat_tui.engine.collector), and collection, off while
+    run_app started, comes back on.
     """
     sys.setswitchinterval(0.0002)
-    gc.freeze()
-    # a UI makes and drops many short-lived objects (segments, strips) and few cycles: collect the
-    # young generation less often, and the old one (a 30-80 ms pause once the app has grown) rarely
-    gc.set_threshold(10_000, 20, 50)
-    gc.enable()  # run_app starts with it off
+    tune_collection()
 
 
 def _alive(engine: Engine) -> bool:
@@ -191,6 +166,20 @@ def _close_quietly(engine: Engine | None) -> None:
     close = getattr(engine, "close", None)
     if close is not None:
         close(wait=False)
+
+
+class UnexpectedError(Exception):
+    """An error no handler caught, as the one line the app exits with (the log has its traceback)."""
+
+    def __init__(self, error: Exception, log_path: Path | None) -> None:
+        super().__init__(describe(error))
+        self.__cause__ = error
+        self.error = error
+        self.log_path = log_path
+
+    def __rich__(self) -> Text:
+        where = f" Details in {self.log_path}." if self.log_path else ""
+        return Text(f"chat-tui stopped after an unexpected error: {describe(self.error)}.{where}")
 
 
 class MainScreen(Screen, inherit_bindings=False):
@@ -230,6 +219,10 @@ class ChatApp(App[int], inherit_bindings=False):
         Binding("ctrl+down", "focus_message(1)", "Next message", id="focus_next_message", show=False),
     ]
 
+    # the sampling settings, preset, system prompt and the reset to undo: one value, replaced whole
+    # (the reply's worker thread reads it at each token); watch_settings tells the panes
+    settings: var[Settings] = var(Settings, init=False)
+
     def __init__(
         self,
         model: str | None = None,
@@ -255,7 +248,7 @@ class ChatApp(App[int], inherit_bindings=False):
         self.loading = False  # a load_model call is under way (the model in use, if any, stays until it ends)
         self.loading_source: str | None = None  # what that call loads
         self.engine_source: str | None = None  # what the model in use was loaded from (a restart loads it again)
-        self._touched_before_load = False  # params_touched before open_checkpoint cleared it: a failed load gives it back
+        self._touched_before_load = False  # settings.touched before open_checkpoint cleared it: a failed load gives it back
         # the model in a child process (ProcessEngine): run_app asks for it, config.toml may say no;
         # it passes pipes to the child by descriptor, which needs POSIX
         self.model_process = model_process and self.config.model_process and os.name == "posix"
@@ -265,12 +258,7 @@ class ChatApp(App[int], inherit_bindings=False):
         self.engine: Engine | None = None
         self.state = "loading"
         self.load_note = "starting"
-        self.params = SamplingParams()
-        self.params_touched = False
-        self.preset_name: str | None = None
-        # (params, preset name, touched, pane title) before the last reset, for its undo
-        self._before_reset: tuple[SamplingParams, str | None, bool, str | None] | None = None
-        self.system_prompt = ""
+        self.keymap: dict[str, str] = {}  # binding id -> keys, as given to set_keymap
         self.conversation_id: int | None = None
         self.job: GenJob | None = None
         self.last_job: GenJob | None = None
@@ -287,6 +275,63 @@ class ChatApp(App[int], inherit_bindings=False):
         self._flush_budget = UIBudget(UI_CPU_SHARE, MAX_FLUSH_GAP)
         self.tune_runtime = False  # run_app turns this on (see tune_runtime)
         self.training: TrainingSession | None = None  # the run started from the training screen
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def params(self) -> SamplingParams:
+        """The sampling settings in force (the reply's worker reads them at each token)."""
+        return self.settings.params
+
+    @params.setter
+    def params(self, params: SamplingParams) -> None:  # tests and benchmarks set them directly
+        self.settings = dataclasses.replace(self.settings, params=params)
+
+    @property
+    def params_touched(self) -> bool:
+        return self.settings.touched
+
+    @params_touched.setter
+    def params_touched(self, touched: bool) -> None:
+        self.settings = dataclasses.replace(self.settings, touched=touched)
+
+    @property
+    def preset_name(self) -> str | None:
+        return self.settings.preset
+
+    @property
+    def system_prompt(self) -> str:
+        return self.settings.system_prompt
+
+    @system_prompt.setter
+    def system_prompt(self, text: str) -> None:
+        self.settings = dataclasses.replace(self.settings, system_prompt=text)
+
+    def watch_settings(self, old: Settings, new: Settings) -> None:
+        """Attributes down: the sampling pane and the inspector get the settings now in force."""
+        if (new.params, new.system_prompt, new.label) != (old.params, old.system_prompt, old.label):
+            self._show_settings(new)
+        if new.params != old.params:
+            self._tell_inspector(new.params)
+
+    def _show_settings(self, settings: Settings) -> None:
+        try:
+            pane = self.sampling
+        except NoMatches:  # closing
+            return
+        pane.show(settings.params, settings.system_prompt, preset=settings.label)
+
+    def _tell_inspector(self, params: SamplingParams) -> None:
+        """The candidates view replays the chain with the settings in force."""
+        try:
+            slot = self.query_one("#inspector")
+        except NoMatches:  # closing
+            return
+        if slot.has_class("-placeholder"):  # _mount_inspector hands the settings over after the first frame
+            return  # (and asking for the inspector now would import it, and numpy, before that frame)
+        pane = self._inspector_pane()
+        if pane is not None:
+            pane.params_changed(params)
 
     # ------------------------------------------------------------------ layout
 
@@ -360,6 +405,7 @@ class ChatApp(App[int], inherit_bindings=False):
         pane.display = placeholder.display
         await placeholder.remove()
         await self.query_one("#body").mount(pane, after=self.query_one(ConversationView))
+        self._tell_inspector(self.settings.params)
 
     def update_layout(self) -> None:
         """Show the side panes that fit; below NARROW_WIDTH they stack over the conversation."""
@@ -423,7 +469,7 @@ class ChatApp(App[int], inherit_bindings=False):
         self.conversation.meta_for = self.meta_text
         self._apply_config()
         self._open_store()
-        self.sampling.show(self.params, self.system_prompt)
+        self._show_settings(self.settings)
         self.update_layout()
         self.prompt_input.focus()
         self._flush_timer = self.set_interval(FLUSH_INTERVAL, self._flush_stream, pause=True)
@@ -451,7 +497,8 @@ class ChatApp(App[int], inherit_bindings=False):
         for warning in self.config.warnings:
             self.notify(warning, severity="warning", timeout=8, markup=False)
         if self.config.keymap:
-            self.set_keymap(self.config.keymap)
+            self.keymap = dict(self.config.keymap)
+            self.set_keymap(self.keymap)
         if self.config.theme:
             if self.config.theme in self.available_themes:
                 self.theme = self.config.theme
@@ -459,15 +506,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 self.notify(f"config.toml: unknown theme {self.config.theme!r}", severity="warning", markup=False)
         self.conversation.markdown = self.config.markdown
         if self.config.preset:
-            try:
-                preset = load_preset(self.config.preset, self.paths)
-                self.params = preset.apply(self.params)
-                if preset.system_prompt:
-                    self.system_prompt = preset.system_prompt
-                self.preset_name = preset.name
-                self.params_touched = True
-            except (PresetError, InvalidParameter) as exc:
-                self.notify(f"config.toml preset: {exc}", severity="warning", markup=False)
+            self._apply_preset(self.config.preset, failed="config.toml preset: ")
 
     def watch_theme(self, theme: str) -> None:
         """A theme picked from the palette is remembered in config.toml for the next start."""
@@ -597,17 +636,18 @@ class ChatApp(App[int], inherit_bindings=False):
         self.notice = ""
         self.last_job = None
         if self.tune_runtime:
-            gc.freeze()  # torch and the model are a million long-lived objects: keep full collections off them
+            freeze_long_lived()  # torch and the model are a million long-lived objects
         try:
             self.inspector.set_engine(message.engine)
         except NoMatches:  # the app is closing: the model arrived too late to matter
             return
-        if not self.params_touched:
+        if not self.settings.touched:
+            defaults = self.settings.params
             try:
-                self.params = message.engine.default_params()
+                defaults = message.engine.default_params()
             except Exception as exc:  # a backend's defaults should never stop the app
                 log_error(self.paths, exc, "reading the model's default settings")
-            self.sampling.show(self.params, self.system_prompt, preset="model defaults")
+            self.settings = self.settings.model_defaults(defaults)
         self.state = "idle"
         job = self.job
         if job is not None and not job.done and job.engine is None:
@@ -669,7 +709,8 @@ class ChatApp(App[int], inherit_bindings=False):
         if engine is not None and _alive(engine):
             self.model_source = self.engine_source
             # the settings typed for this model stay its own (a later restart of its process keeps them)
-            self.params_touched = self.params_touched or self._touched_before_load
+            if self._touched_before_load:
+                self.settings = self.settings.as_chosen()
             source = self.loading_source
             if source is None:
                 what = "Loading the bundled model"
@@ -692,17 +733,18 @@ class ChatApp(App[int], inherit_bindings=False):
         self._refresh_status()
 
     def _handle_exception(self, error: Exception) -> None:
-        """An unexpected error in the UI itself: log the traceback, exit with one line, no traceback."""
+        """An unexpected error in the UI itself: log the traceback, exit with one line, no traceback.
+
+        Textual 8 has no public hook for an error no handler caught, so this one override of its
+        private handler stays. It leaves Textual's handling in place (exit status 1, the error kept
+        for a test's pilot to raise), only handing it an error that shows as one line: Textual
+        prints an error with `__rich__` instead of a traceback.
+        """
         try:
-            path = log_error(self.paths, error, "unexpected error")
-            self._return_code = 1
-            if self._exception is None:
-                self._exception = error
-                self._exception_event.set()
-            where = f" Details in {path}." if path else ""
-            self.panic(Text(f"chat-tui stopped after an unexpected error: {describe(error)}.{where}"))
+            shown: Exception = UnexpectedError(error, log_error(self.paths, error, "unexpected error"))
         except Exception:
-            super()._handle_exception(error)
+            shown = error
+        super()._handle_exception(shown)
 
     # ------------------------------------------------------------------ status bar
 
@@ -798,7 +840,7 @@ class ChatApp(App[int], inherit_bindings=False):
         for item in items:  # one copy of the colours in memory: the pairs (the store keeps its own)
             item.meta.pop("token_probs", None)
         self.conversation_id = conversation_id
-        self.system_prompt = info.system_prompt
+        self.settings = self.settings.for_conversation(info.system_prompt)
         self.editing = None
         self.last_job = None
         self.notice = ""
@@ -806,15 +848,10 @@ class ChatApp(App[int], inherit_bindings=False):
         self._clear_inspector()
         await self.conversation.show(items)
         if self.tune_runtime:
-            # a long conversation is tens of thousands of long-lived objects: collect once now (the
-            # last conversation's widgets), then keep the collector's full passes off them, which
-            # would otherwise stall a streaming reply and the keyboard for 30-80 ms each
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
+            # a long conversation is tens of thousands of long-lived objects; the last one's are garbage now
+            freeze_long_lived(collect_first=True)
         self.prompt_input.prompt_history = [i.content for i in items if i.role == "user"][-200:]
         self.sub_title = clean_line(info.title)
-        self.sampling.show(self.params, self.system_prompt, preset=self.preset_name)
         self._refresh_status()
         return True
 
@@ -941,8 +978,8 @@ class ChatApp(App[int], inherit_bindings=False):
         if self._busy(" first"):
             return False
         self.model_source = None if path is None else str(path)
-        self._touched_before_load = self.params_touched
-        self.params_touched = self.params_touched and self.preset_name is not None
+        self._touched_before_load = self.settings.touched
+        self.settings = self.settings.for_next_model()
         self.load_model(self.model_source)
         return True
 
@@ -1339,46 +1376,29 @@ class ChatApp(App[int], inherit_bindings=False):
     # ------------------------------------------------------------------ sampling pane
 
     def on_sampling_pane_changed(self, event: SamplingPane.Changed) -> None:
-        self.params = event.params  # the worker reads this at its next token
-        self.params_touched = True
-        self._preset_modified()
-
-    def _preset_modified(self) -> None:
-        self._before_reset = None  # an undo now would throw this change away
-        label = f"{self.preset_name} (edited)" if self.preset_name else "custom"
-        self.sampling.show(self.params, self.system_prompt, preset=label)
+        self.settings = self.settings.edit(event.params)  # the worker reads them at its next token
 
     def on_sampling_table_reset(self, event: SamplingTable.Reset) -> None:
-        before = (self.params, self.preset_name, self.params_touched, self.sampling.preset_label)
         if event.which == "neutral":
-            keep = {k: getattr(self.params, k) for k in ("max_new_tokens", "seed", "stop", "top_candidates")}
-            self.params = SamplingParams.neutral().with_(**keep)
-            self.preset_name = None
-            self.params_touched = True
-            self.sampling.show(self.params, self.system_prompt, preset="neutral")
+            self.settings = self.settings.reset_to_neutral()
             done = "Sampling reset to neutral: every processor off, temperature 1"
         else:
             if self.engine is None:
                 self.notify("The model is not loaded yet: its defaults are not known.", severity="warning",
                             markup=False)
                 return
-            self.params = self.engine.default_params()
-            self.preset_name = None
-            self.params_touched = False
-            self.sampling.show(self.params, self.system_prompt, preset="model defaults")
+            self.settings = self.settings.reset_to_defaults(self.engine.default_params())
             done = "Sampling set to the model's defaults (generation_config.json)"
         # a single key resets every setting: stray typing must not cost them
-        self._before_reset = before
         undo = "u undoes" if self.sampling.table.has_focus else "u in the sampling pane (F5) undoes"
         self.notify(f"{done} · {undo}", timeout=6, markup=False)
 
     def on_sampling_table_undo_reset(self, event: SamplingTable.UndoReset) -> None:
-        if self._before_reset is None:
+        before = self.settings.undo_reset()
+        if before is None:
             self.bell()
             return
-        self.params, self.preset_name, self.params_touched, label = self._before_reset
-        self._before_reset = None
-        self.sampling.show(self.params, self.system_prompt, preset=label)
+        self.settings = before
         self.notify("Sampling settings as before the reset", timeout=3, markup=False)
 
     def on_sampling_table_open_editor(self, event: SamplingTable.OpenEditor) -> None:
@@ -1388,12 +1408,11 @@ class ChatApp(App[int], inherit_bindings=False):
                 if text is None:
                     return
                 try:
-                    self.params = self.params.with_(stop=decode_stops(text))
+                    params = self.params.with_(stop=decode_stops(text))
                 except InvalidParameter as exc:
                     self.notify(str(exc), severity="warning", markup=False)
                     return
-                self.params_touched = True
-                self._preset_modified()
+                self.settings = self.settings.edit(params)
 
             stops = encode_stops(self.params.stop)
             self.push_screen(
@@ -1406,10 +1425,9 @@ class ChatApp(App[int], inherit_bindings=False):
             def done_system(text: str | None) -> None:
                 if text is None:
                     return
-                self.system_prompt = clean(text).strip("\n")
+                self.settings = self.settings.with_system_prompt(clean(text).strip("\n"))
                 if self.conversation_id is not None and self.store is not None:
                     self._db(self.store.set_system_prompt, self.conversation_id, self.system_prompt)
-                self._preset_modified()
 
             text = "\n".join(filter(None, (self.system_prompt, event.initial)))  # a paste comes after the text
             self.push_screen(TextEditScreen("System prompt", text), done_system)
@@ -1418,9 +1436,7 @@ class ChatApp(App[int], inherit_bindings=False):
             def done_order(order: tuple[str, ...] | None) -> None:
                 if order is None:
                     return
-                self.params = self.params.with_(order=order)
-                self.params_touched = True
-                self._preset_modified()
+                self.settings = self.settings.edit(self.params.with_(order=order))
 
             self.push_screen(OrderScreen(tuple(self.params.order)), done_order)
 
@@ -1439,19 +1455,17 @@ class ChatApp(App[int], inherit_bindings=False):
         self.push_screen(PresetScreen(list_presets(self.paths), SHIPPED_PRESETS), done)
 
     def load_preset(self, name: str) -> None:
+        if self._apply_preset(name):
+            self.notify(f"Loaded preset {name}", timeout=3, markup=False)
+
+    def _apply_preset(self, name: str, *, failed: str = "") -> bool:
+        """Load the preset `name` into the settings; a bad one is reported (after `failed`): False."""
         try:
-            preset = load_preset(name, self.paths)
-            self.params = preset.apply(self.params)
+            self.settings = self.settings.with_preset(load_preset(name, self.paths))
         except (PresetError, InvalidParameter) as exc:
-            self.notify(str(exc), severity="warning", markup=False)
-            return
-        if preset.system_prompt is not None:
-            self.system_prompt = preset.system_prompt
-        self.preset_name = name
-        self.params_touched = True
-        self._before_reset = None
-        self.sampling.show(self.params, self.system_prompt, preset=name)
-        self.notify(f"Loaded preset {name}", timeout=3, markup=False)
+            self.notify(f"{failed}{exc}", severity="warning", markup=False)
+            return False
+        return True
 
     def action_save_preset(self) -> None:
         def done(name: str | None) -> None:
@@ -1462,8 +1476,7 @@ class ChatApp(App[int], inherit_bindings=False):
             except PresetError as exc:
                 self.notify(str(exc), severity="warning", markup=False)
                 return
-            self.preset_name = name.strip()
-            self.sampling.show(self.params, self.system_prompt, preset=self.preset_name)
+            self.settings = self.settings.saved_as(name.strip())
             self.notify(f"Saved preset {name.strip()} to {path}", markup=False)
 
         self.push_screen(
@@ -1522,7 +1535,7 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def binding_rows(self) -> list[tuple[str, str, str, str]]:
         """(where, description, keys, id) for every binding, with the keymap applied."""
-        keymap = getattr(self, "_keymap", {}) or {}
+        keymap = self.keymap
         rows = []
         seen = set()
         for where, owner in self.binding_owners():

@@ -32,6 +32,7 @@ from chat_tui.engine.params import (
     SamplingParams,
     check_flag,
     check_value,
+    order_summary,
 )
 from chat_tui.ui.text import clean_line
 
@@ -61,15 +62,6 @@ TEXT_HELP = {
     "stop": "stop strings: the reply ends before any of them (Enter edits, one per line)",
     "system_prompt": "system prompt: sent before the conversation (Enter edits)",
     "order": "order of the sampling chain's stages (Enter edits)",
-}
-STAGE_SHORT = {
-    "repetition": "rep",
-    "presence_frequency": "pres/freq",
-    "temperature": "temp",
-    "top_k": "k",
-    "top_p": "p",
-    "min_p": "min-p",
-    "typical_p": "typ",
 }
 
 
@@ -205,9 +197,7 @@ class SamplingTable(Widget, can_focus=True):
         if row.name == "system_prompt":
             return self.system_prompt.splitlines()[0] if self.system_prompt.strip() else "none"
         if row.name == "order":
-            if tuple(self.params.order) == tuple(SamplingParams().order):
-                return "default"
-            return "→".join(STAGE_SHORT.get(s, s) for s in self.params.order)
+            return order_summary(self.params.order)
         return format_value(row.spec, getattr(self.params, row.name))
 
     def get_content_height(self, container, viewport, width: int) -> int:  # noqa: ANN001
@@ -420,11 +410,6 @@ class SamplingPane(Vertical):
             super().__init__()
             self.params = params
 
-    class SystemPromptChanged(Message):
-        def __init__(self, text: str) -> None:
-            super().__init__()
-            self.text = text
-
     def compose(self) -> ComposeResult:
         yield Static(Text("Sampling", style="bold"), classes="pane-title", id="sampling-title")
         with VerticalScroll(id="sampling-rows", can_focus=False):
@@ -435,10 +420,8 @@ class SamplingPane(Vertical):
     def table(self) -> SamplingTable:
         return self.query_one(SamplingTable)
 
-    preset_label: str | None = None  # what the title names: a preset, "custom", "model defaults"…
-
     def show(self, params: SamplingParams, system_prompt: str, *, preset: str | None = None) -> None:
-        self.preset_label = preset
+        """`preset`: what the title names (a preset, "custom", "model defaults"…)."""
         self.table.show(params, system_prompt)
         title = Text("Sampling", style="bold")
         if preset:

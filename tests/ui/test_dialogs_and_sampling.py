@@ -220,3 +220,33 @@ async def test_the_load_dialog_refuses_a_mistyped_path_at_once_and_keeps_the_mod
         assert any("no such folder" in n for n in warnings_and_errors(app))
         await send(pilot, app, "still there?")
         assert app.conversation.items[-1].content == "hi"
+
+
+# ------------------------------------------------------------------ the settings, told to the panes
+
+
+async def test_each_change_of_the_settings_reaches_the_pane_and_the_inspector(make_app):
+    app, engine = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        title = app.query_one("#sampling-title", Static)
+        assert app.params == engine.default_params() and "model defaults" in str(title.render())
+        assert app.inspector.params == app.params, "the inspector is handed the settings as it mounts"
+        await focus_row(pilot, app, "temperature")
+        await pilot.press(*"1.5", "enter")
+        assert app.inspector.params.temperature == 1.5 and "custom" in str(title.render())
+        app.load_preset("greedy")
+        await pilot.pause()
+        assert app.inspector.params == app.params and app.params.temperature == 0
+        assert app.query_one(SamplingTable).params == app.params and "greedy" in str(title.render())
+
+
+async def test_a_preset_named_in_the_config_file_is_in_force_from_the_start(make_app, home):
+    config = home / "config"
+    config.mkdir(parents=True)
+    (config / "config.toml").write_text('preset = "greedy"\n', encoding="utf-8")
+    app, _ = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        assert app.params.temperature == 0 and app.preset_name == "greedy", "the model's defaults do not replace it"
+        assert "greedy" in str(app.query_one("#sampling-title", Static).render())

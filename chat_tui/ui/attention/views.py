@@ -15,15 +15,18 @@ from rich.cells import cell_len, set_cell_size
 from rich.style import Style
 from rich.text import Text
 
+from chat_tui.engine.params import settings_summary
 from chat_tui.ui.attention.render import LEVELS, ColorMode, level_color
 from chat_tui.ui.attention.stats import HeadStats, order_for, turn_shares
 from chat_tui.ui.text import token_label
 
 if TYPE_CHECKING:
     from chat_tui.engine.explain import ChainReplay, Explanation
+    from chat_tui.engine.params import SamplingParams
     from chat_tui.engine.types import Step
 
 BAR = " ▏▎▍▌▋▊▉█"
+# the candidates table's column of dropping stages: it has room for longer names than SHORT_NAMES
 STAGE_SHORT = {
     "repetition": "rep-pen",
     "presence_frequency": "pres/freq",
@@ -335,21 +338,8 @@ def turns_view(
 # Candidates (sampling-chain X-ray)
 
 
-def short_settings(params: Any) -> str:
-    if params is None:
-        return "?"
-    if params.temperature == 0:
-        parts = ["greedy"]
-    else:
-        parts = [f"T {params.temperature:g}"]
-    for name, neutral, text in (
-        ("top_k", 0, "k"), ("top_p", 1.0, "p"), ("min_p", 0.0, "min-p"), ("typical_p", 1.0, "typ"),
-        ("repetition_penalty", 1.0, "rep"), ("presence_penalty", 0.0, "pres"), ("frequency_penalty", 0.0, "freq"),
-    ):
-        value = getattr(params, name)
-        if value != neutral:
-            parts.append(f"{text} {value:g}")
-    return " ".join(parts)
+def short_settings(params: SamplingParams | None) -> str:
+    return "?" if params is None else settings_summary(params, short=True)
 
 
 def _chain_cell(replay: ChainReplay, i: int, width: int) -> tuple[str, Style]:
