@@ -546,7 +546,7 @@ def test_a_download_that_cannot_reach_the_hub_is_one_line(hub_cache, monkeypatch
 
 def test_download_progress_goes_to_the_callback(capsys):
     seen: list[str] = []
-    bar_class = hf._progress_tqdm(seen.append, "org/model")
+    bar_class = hf.locate._progress_tqdm(seen.append, "org/model")
     assert list(bar_class(iter("abc"), total=3, desc="Fetching 3 files")) == ["a", "b", "c"]
     with bar_class(total=2048, unit="B") as bar:
         bar.update(1024)
@@ -718,7 +718,7 @@ def test_memory_is_checked_before_loading(hf_folders, monkeypatch):
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_late)
-    monkeypatch.setattr(hf, "free_memory", lambda device, device_map=None: 100_000)
+    monkeypatch.setattr(hf.memory, "free_memory", lambda device, device_map=None: 100_000)
     with pytest.raises(hf.InsufficientMemoryError) as info:
         load_engine(hf_folders["llama"], device="cpu")
     message = one_line(info.value)
