@@ -478,6 +478,22 @@ def test_checkpoint_hash_is_the_sha256_of_the_weights(engines, hf_folders):
     assert engines["llama"].checkpoint_hash != engines["gpt2"].checkpoint_hash
 
 
+def test_the_engine_is_an_engine_and_close_frees_its_model(hf_folders):
+    import gc
+    import weakref
+
+    from chat_tui.engine.types import Engine
+
+    engine = load_engine(hf_folders["gpt2"], device="cpu")
+    assert isinstance(engine, Engine) and engine.alive
+    assert engine.vocab_size == engine.model.get_output_embeddings().weight.shape[0]
+    model = weakref.ref(engine.model)
+    engine.close()
+    gc.collect()
+    assert model() is None
+    engine.close()  # closing twice is harmless
+
+
 # ----------------------------------------------------------------------------------------------------
 # hub ids, the cache and offline mode
 

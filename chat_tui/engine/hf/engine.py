@@ -257,15 +257,17 @@ class HFEngine:
     def alive(self) -> bool:
         return True  # in this process: alive as long as the app is
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
         """Free the model: drop this engine's references to it, and give CUDA's cached blocks back.
 
-        A reply still streaming keeps the model until it ends (its runner holds it). Closing twice is fine.
+        A reply still streaming keeps the model until it ends (its runner holds it). Closing twice is
+        fine. `wait` is `ProcessEngine.close`'s option (the app passes it to any engine): in this
+        process the model is freed at once either way.
         """
         on_cuda = "cuda" in self.device
         self.model = None
         self._token_texts.clear()
-        gc.collect()  # the model's modules refer to each other: free them now, not at the next collection
+        gc.collect()  # a reference cycle through the model would otherwise keep it until the next collection
         if on_cuda and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
