@@ -478,6 +478,16 @@ def test_checkpoint_hash_is_the_sha256_of_the_weights(engines, hf_folders):
     assert engines["llama"].checkpoint_hash != engines["gpt2"].checkpoint_hash
 
 
+def test_end_of_text_ids_come_from_generation_config_and_the_tokenizer():
+    from types import SimpleNamespace
+
+    from chat_tui.engine.hf.defaults import end_of_text_ids
+
+    assert end_of_text_ids(SimpleNamespace(eos_token_id=[2, 7]), SimpleNamespace(eos_token_id=2)) == {2, 7}
+    assert end_of_text_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace(eos_token_id=5)) == {5}
+    assert end_of_text_ids(None, SimpleNamespace(eos_token_id=None)) == set()
+
+
 def test_the_engine_is_an_engine_and_close_frees_its_model(hf_folders):
     import gc
     import weakref

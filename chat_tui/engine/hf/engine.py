@@ -450,6 +450,7 @@ def _ranges(indices: Sequence[int]) -> str:
         start = prev = i
     return ", ".join(parts)
 
+
 def _choose_device(device: str | None, device_map: str | None) -> torch.device:
     """The device to load on: the user's (checked), or with a device map the best one here (accelerate places the rest)."""
     if not device_map:
