@@ -4,7 +4,7 @@ Greedy, 128 new tokens (end-of-text ignored so every run makes all of them), bes
 interleaved so background load hits every path alike, on two models:
 
 The reference is `generate` on the model exactly as transformers builds or loads it. The backend
-stores the output head column-major on the CPU (`chat_tui.engine.hf._relayout_output_head`), so a
+stores the output head column-major on the CPU (`chat_tui.engine.hf.loading.relayout_output_head`), so a
 third row runs `generate` on the engine's own model too: the gap between it and our loop is what the
 loop itself costs or saves, apart from the layout.
 

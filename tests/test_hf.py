@@ -478,6 +478,32 @@ def test_checkpoint_hash_is_the_sha256_of_the_weights(engines, hf_folders):
     assert engines["llama"].checkpoint_hash != engines["gpt2"].checkpoint_hash
 
 
+def test_end_of_text_ids_come_from_generation_config_and_the_tokenizer():
+    from types import SimpleNamespace
+
+    from chat_tui.engine.hf.defaults import end_of_text_ids
+
+    assert end_of_text_ids(SimpleNamespace(eos_token_id=[2, 7]), SimpleNamespace(eos_token_id=2)) == {2, 7}
+    assert end_of_text_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace(eos_token_id=5)) == {5}
+    assert end_of_text_ids(None, SimpleNamespace(eos_token_id=None)) == set()
+
+
+def test_the_engine_is_an_engine_and_close_frees_its_model(hf_folders):
+    import gc
+    import weakref
+
+    from chat_tui.engine.types import Engine
+
+    engine = load_engine(hf_folders["gpt2"], device="cpu")
+    assert isinstance(engine, Engine) and engine.alive
+    assert engine.vocab_size == engine.model.get_output_embeddings().weight.shape[0]
+    model = weakref.ref(engine.model)
+    engine.close()
+    gc.collect()
+    assert model() is None
+    engine.close()  # closing twice is harmless
+
+
 # ----------------------------------------------------------------------------------------------------
 # hub ids, the cache and offline mode
 
@@ -546,7 +572,7 @@ def test_a_download_that_cannot_reach_the_hub_is_one_line(hub_cache, monkeypatch
 
 def test_download_progress_goes_to_the_callback(capsys):
     seen: list[str] = []
-    bar_class = hf._progress_tqdm(seen.append, "org/model")
+    bar_class = hf.locate._progress_tqdm(seen.append, "org/model")
     assert list(bar_class(iter("abc"), total=3, desc="Fetching 3 files")) == ["a", "b", "c"]
     with bar_class(total=2048, unit="B") as bar:
         bar.update(1024)
@@ -718,7 +744,7 @@ def test_memory_is_checked_before_loading(hf_folders, monkeypatch):
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_late)
-    monkeypatch.setattr(hf, "free_memory", lambda device, device_map=None: 100_000)
+    monkeypatch.setattr(hf.memory, "free_memory", lambda device, device_map=None: 100_000)
     with pytest.raises(hf.InsufficientMemoryError) as info:
         load_engine(hf_folders["llama"], device="cpu")
     message = one_line(info.value)

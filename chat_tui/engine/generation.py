@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from chat_tui.engine.chat_formats import with_stops
 from chat_tui.engine.sampling import apply_chain, new_generator, picks_argmax, sample
 from chat_tui.engine.stopping import StopStringFilter
 from chat_tui.engine.types import (
@@ -380,3 +381,35 @@ def run_stream(
             return
         index += 1
         position += 1
+
+
+def stream_engine(
+    engine: Any,
+    runner: Runner,
+    conversation: Conversation,
+    params: ParamsSource,
+    *,
+    stops: tuple[str, ...],
+    inspect: bool,
+    cancel: threading.Event | None,
+    candidates: bool,
+) -> Iterator[Step]:
+    """`run_stream` for an engine that renders and decodes itself (the mini-GPT, Hugging Face models).
+
+    Takes the engine's `render`, `decode`, `token_text`, `eos_ids`, `context_length` and
+    `model_name`, and adds its chat format's `stops` to the sampling settings.
+    """
+    return run_stream(
+        runner,
+        conversation=conversation,
+        render=engine.render,
+        decode=engine.decode,
+        token_text=engine.token_text,
+        eos_ids=engine.eos_ids,
+        context_length=engine.context_length,
+        params=with_stops(params, stops),
+        inspect=inspect,
+        cancel=cancel,
+        model_name=engine.model_name,
+        candidates=candidates,
+    )
