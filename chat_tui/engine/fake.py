@@ -116,6 +116,8 @@ class FakeEngine:
         self._lock = threading.Lock()
         self.calls = 0
         self.records: list[StreamRecord] = []
+        # always, in this process; a test sets it False to play a model process that died
+        self.alive = True
 
     # ------------------------------------------------------------------ tokenizer
 
@@ -210,7 +212,6 @@ class FakeEngine:
         row /= row.sum(axis=-1, keepdims=True)
         return row.astype(np.float16)
 
-
     def _prompt_attention(self, seed: int, length: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, seed, 0])
         full = rng.random((self.n_layer, self.n_head, length, length), dtype=np.float32) ** 3
@@ -263,7 +264,12 @@ class FakeEngine:
             candidates=candidates,
             default_seed=seed,
         )
-        for step in steps:
+        while True:
+            # the fake model's time for a token, spent before the loop picks it: Esc meanwhile cancels it
+            _wait(self.token_delay, cancel)
+            step = next(steps, None)
+            if step is None:
+                return
             record.params.append(step.params or first)
             if self.fail_at is not None and step.index >= self.fail_at:
                 raise EngineError(f"the fake engine failed on purpose at token {step.index}")
@@ -273,12 +279,10 @@ class FakeEngine:
             if step.finish_reason is not None:
                 record.finish_reason = step.finish_reason
             yield step
+            if step.finish_reason is not None:
+                return
 
     # ------------------------------------------------------------------ the rest of the Engine protocol
-
-    @property
-    def alive(self) -> bool:
-        return True
 
     def close(self, *, wait: bool = True) -> None:
         """Nothing to free: the fake holds no model."""
@@ -299,14 +303,6 @@ class _ScriptRunner:
         self.next = 0  # the index in `ids` of the token the next logits choose
         self.scripted_reason = "eos"
 
-    def _wait(self, seconds: float) -> None:
-        if not seconds:
-            return
-        if self.cancel is not None:
-            self.cancel.wait(seconds)
-        else:
-            time.sleep(seconds)
-
     def _logits(self) -> np.ndarray:
         assert self.ids is not None
         logits = np.full(len(self.engine._vocab), UNCHOSEN_LOGIT, dtype=np.float32)
@@ -317,14 +313,21 @@ class _ScriptRunner:
         if self.ids is None:  # the first prefill (a later one slides the window: the script goes on)
             text, self.scripted_reason = self.script()
             self.ids = [*self.engine.encode(text), self.engine._ids["<|end|>"]]
-            self._wait(self.engine.prefill_delay)
+            _wait(self.engine.prefill_delay, self.cancel)
         else:
             self.next += 1
-        self._wait(self.engine.token_delay)
         return self._logits(), None
 
     def feed(self, token_id: int, inspect: bool) -> tuple[np.ndarray, None]:
         self.next += 1
-        if self.ids is not None and self.next < len(self.ids):  # after <|end|> the reply is over: no wait
-            self._wait(self.engine.token_delay)
         return self._logits(), None
+
+
+def _wait(seconds: float, cancel: threading.Event | None) -> None:
+    """Sleep, or less when `cancel` is set meanwhile."""
+    if not seconds:
+        return
+    if cancel is not None:
+        cancel.wait(seconds)
+    else:
+        time.sleep(seconds)

@@ -68,12 +68,18 @@ def test_the_minigpt_is_an_engine_and_its_own_explainer(tiny_engine):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def llama_path(tmp_path_factory):
     pytest.importorskip("transformers")
-    from chat_tui.engine import load_engine
     from tests.test_hf import build_model, train_bpe
 
-    return load_engine(build_model("llama", tmp_path_factory.mktemp("hf") / "tiny-llama", train_bpe()), device="cpu")
+    return build_model("llama", tmp_path_factory.mktemp("hf") / "tiny-llama", train_bpe())
+
+
+@pytest.fixture(scope="module")
+def llama(llama_path):
+    from chat_tui.engine import load_engine
+
+    return load_engine(llama_path, device="cpu")
 
 
 def test_the_hf_engine_explains_nothing(llama):
@@ -90,3 +96,21 @@ def test_the_hf_engine_is_an_engine(llama):
     assert llama.alive
     llama.close()
     llama.close()
+
+
+def test_a_hf_model_in_its_own_process_is_an_engine_that_explains_nothing(llama_path, llama):
+    from chat_tui.engine.process import ProcessEngine
+
+    engine = ProcessEngine.start(llama_path, device="cpu")
+    try:
+        assert isinstance(engine, Engine) and engine.alive
+        assert explainer(engine) is None and not can_explain(engine)
+        assert engine.vocab_size == llama.model.config.vocab_size
+        # its steps replay here, on their stored logits, as the in-process engine's do
+        step = collect(engine.stream(HELLO, SamplingParams(temperature=0.8, seed=1, max_new_tokens=2))).steps[0]
+        here, there = replay_for(engine, step, [], None), replay_for(llama, step, [], None)
+        assert np.array_equal(here.dropped_by, there.dropped_by) and here.exact == there.exact
+    finally:
+        engine.close()
+    engine.close()
+    assert not engine.alive
