@@ -224,6 +224,8 @@ class FakeEngine:
         candidates (when asked for) and attention (when inspecting), the same for the same seed."""
         if step.prompt is not None and inspect:
             step.prompt.attention = self._prompt_attention(seed, len(step.prompt.ids))
+        if not (candidates or inspect):
+            return
         rng = np.random.default_rng([self.seed, seed, step.index + 1])
         # drawn even when not kept, so that the attention rows do not depend on `candidates`
         drawn = self._candidates(rng, step.token_id, step.params or self._defaults)
@@ -261,7 +263,7 @@ class FakeEngine:
             inspect=inspect,
             cancel=cancel,
             model_name=self.model_name,
-            candidates=candidates,
+            candidates=False,  # the loop's would be those of the certain logits: `_dress` makes some up
             default_seed=seed,
         )
         while True:
