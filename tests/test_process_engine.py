@@ -64,6 +64,15 @@ def test_it_describes_the_same_model(remote, local):
     assert remote.render(CONVERSATION) == local.render(CONVERSATION)
 
 
+def test_it_is_an_engine_and_an_explainer_as_its_model_is(remote, local):
+    from chat_tui.engine import Engine, explainer
+    from chat_tui.engine.explain import can_explain, vocab_size_of
+
+    assert isinstance(remote, Engine) and remote.alive
+    assert explainer(remote) is remote and explainer(local) is local and can_explain(remote)
+    assert remote.vocab_size == local.vocab_size == vocab_size_of(remote)
+
+
 def test_the_inspector_numbers_come_from_the_model_process(remote, local):
     from chat_tui.engine.explain import explain_attention, replay_chain, vocab_size_of
 
@@ -262,8 +271,10 @@ def test_progress_arrives_and_close_ends_the_process(tiny_checkpoint):
     engine = ProcessEngine.start(tiny_checkpoint, device="cpu", progress=lines.append)
     assert lines and all(isinstance(line, str) for line in lines)
     pid = engine.pid
+    assert engine.alive
     engine.close()
     engine.close()  # twice is fine
+    assert not engine.alive
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     with pytest.raises(EngineError, match="closed"):

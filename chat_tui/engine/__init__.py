@@ -16,12 +16,14 @@ from chat_tui.engine.types import (
     Conversation,
     Engine,
     EngineError,
+    Explainer,
     Message,
     MessageSpan,
     PromptInfo,
     Reply,
     Step,
     collect,
+    explainer,
 )
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ __all__ = [
     "Conversation",
     "Engine",
     "EngineError",
+    "Explainer",
     "InvalidParameter",
     "Message",
     "MessageSpan",
@@ -42,6 +45,7 @@ __all__ = [
     "Step",
     "bundled_model_path",
     "collect",
+    "explainer",
     "load_engine",
 ]
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from chat_tui.engine.params import MASKED_BEFORE, SamplingParams
-from chat_tui.engine.types import EngineError, Step
+from chat_tui.engine.types import Engine, EngineError, Step, explainer
 
 if TYPE_CHECKING:
     import torch
@@ -61,20 +61,21 @@ def _model_of(engine_or_model: Any):
 
 
 def can_explain(engine: Any) -> bool:
-    """Whether `explain_attention` can work for `engine`, decided without importing torch: its
-    model is here, or (a model in its own process) the engine says so."""
-    explains = getattr(engine, "explains", None)
-    return bool(explains) if explains is not None else getattr(engine, "model", None) is not None
+    """Whether the inspector should ask `explain_attention` for `engine` (decided without torch).
+
+    `explainer(engine)` is the rule; an in-process engine that has a model but explains nothing
+    (Hugging Face) is asked too, and its ExplainUnavailable says why. Kept for the inspector until it
+    asks `explainer()` itself.
+    """
+    return explainer(engine) is not None or getattr(engine, "model", None) is not None
 
 
 def vocab_size_of(engine_or_model: Any) -> int | None:
-    """The size of the output vocabulary, when the backend tells."""
-    size = getattr(engine_or_model, "vocab_size", None)
-    if isinstance(size, int):
-        return size
-    model = getattr(engine_or_model, "model", engine_or_model)
-    config = getattr(model, "config", None)
-    size = getattr(config, "vocab_size", None)
+    """The size of the output vocabulary: the Engine's `vocab_size`, or a bare model's config's."""
+    if isinstance(engine_or_model, Engine):
+        return engine_or_model.vocab_size
+    model = getattr(engine_or_model, "model", engine_or_model)  # an engine without the whole protocol yet
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
     return size if isinstance(size, int) else None
 
 
@@ -129,12 +130,12 @@ def explain_attention(engine_or_model: Any, ids: Sequence[int], query_position: 
 
     Exact for the mini-GPT: the same modules and the same arithmetic as the model's inspecting path
     (only the tokens up to the query are fed, which causal attention makes equivalent).
-    Raises ExplainUnavailable for a backend without the model's modules. An engine whose model runs
-    in another process (ProcessEngine) computes it there.
+    Raises ExplainUnavailable for a backend without the model's modules. An Explainer engine
+    answers itself (a ProcessEngine computes it in the model's process).
     """
-    remote = getattr(engine_or_model, "explain_attention", None)
-    if remote is not None:
-        return remote(ids, query_position, layer, head)
+    explaining = explainer(engine_or_model)
+    if explaining is not None:
+        return explaining.explain_attention(ids, query_position, layer, head)
     import torch
 
     model = _model_of(engine_or_model)
@@ -276,13 +277,13 @@ def _run(top_logits: np.ndarray, tail: np.ndarray | None, local_context: list[in
     return probs[:k], dropped[:k].copy(), tail_kept
 
 
-def replay_for(engine: Any, step: Step, context_ids: Sequence[int] | None,
+def replay_for(engine: Engine | None, step: Step, context_ids: Sequence[int] | None,
                params: SamplingParams | None) -> ChainReplay:
-    """`replay_chain` with `engine`'s vocabulary size; an engine whose model runs in another process
-    (ProcessEngine) computes it there."""
-    remote = getattr(engine, "replay_chain", None)
-    if remote is not None:
-        return remote(step, context_ids, params)
+    """`replay_chain` for any engine's Step: an Explainer replays it itself (a ProcessEngine in the
+    model's process); for others the chain runs here, on the stored logits, with their vocabulary size."""
+    explaining = explainer(engine)
+    if explaining is not None:
+        return explaining.replay_chain(step, context_ids, params)
     return replay_chain(step, context_ids, params, vocab_size=vocab_size_of(engine) if engine is not None else None)
 
 

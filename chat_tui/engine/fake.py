@@ -1,11 +1,12 @@
 """A deterministic engine for tests and benchmarks: scripted replies, no model, no torch.
 
-It behaves like the real decode loop where the UI can tell: the first Step carries PromptInfo,
-every token asks `resolve_params(params)` again (so a mid-reply edit applies at the next token and
-is recorded in `Step.params` and `FakeEngine.params_seen`), `cancel` is honoured within one token
-(the last Step then has finish_reason "cancelled"), stop strings never leak, max_new_tokens ends a
-reply with "length", old turns are dropped to fit the context, and a conversation that ends with an
-assistant message is continued rather than answered.
+It drives the shared decode loop (`generation.run_stream`) with a runner whose logits make each
+piece of the scripted reply certain, so it behaves like a real backend where the UI can tell: the
+first Step carries PromptInfo, every token asks `resolve_params(params)` again (so a mid-reply edit
+applies at the next token and is recorded in `Step.params` and `FakeEngine.params_seen`), `cancel`
+is honoured within one token, stop strings never leak, max_new_tokens ends a reply with "length",
+old turns are dropped to fit the context, and a conversation that ends with an assistant message is
+continued rather than answered. The candidates and attention are made up, the same for the same seed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from chat_tui.engine.generation import run_stream
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import (
     Candidate,
@@ -27,7 +29,6 @@ from chat_tui.engine.types import (
     Message,
     MessageSpan,
     ParamsSource,
-    PromptInfo,
     Step,
     resolve_params,
 )
@@ -39,6 +40,10 @@ SPECIALS = ("<|pad|>", "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|
 ROLE_TOKEN = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 _FILLER = (" the", " a", " and", " of", " to", " is", " in", " it", " you", " that", ".", ",", "\n",
            " I", " for", " on", " with", " as", " this", " be")
+# the log-sum-exp the made-up candidates' logits are given against
+FAKE_LOGSUMEXP = 3.0
+# the logit of every token but the scripted one: no temperature or penalty lets it be drawn
+UNCHOSEN_LOGIT = -1e9
 
 Script = str | Callable[[Conversation, SamplingParams], str]
 
@@ -71,6 +76,8 @@ class FakeEngine:
     attention_unavailable: str | None = None
     attention_note: str | None = None
     decode_note: str | None = None
+    # not told: the vocabulary grows with every new word the fake reads
+    vocab_size: int | None = None
 
     def __init__(
         self,
@@ -109,6 +116,8 @@ class FakeEngine:
         self._lock = threading.Lock()
         self.calls = 0
         self.records: list[StreamRecord] = []
+        # always, in this process; a test sets it False to play a model process that died
+        self.alive = True
 
     # ------------------------------------------------------------------ tokenizer
 
@@ -157,31 +166,6 @@ class FakeEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def _fit(self, conversation: list[Message], budget: int) -> tuple[list[int], list[MessageSpan], int, int]:
-        if not conversation:
-            raise EngineError("the conversation is empty: nothing to reply to")
-        ids, spans = self.render(conversation)
-        full = len(ids)
-        kept = list(range(len(conversation)))
-        dropped = 0
-        while len(ids) > budget:
-            droppable = [k for k in kept[:-1] if conversation[k].role != "system"]
-            if not droppable:
-                break
-            kept.remove(droppable[0])
-            dropped += 1
-            ids, spans = self.render([conversation[k] for k in kept])
-        if len(ids) > budget:  # only the newest message is left and it is too long: cut its start
-            cut = len(ids) - budget
-            ids = ids[:1] + ids[cut + 1 :]
-            spans = [MessageSpan(-1 if s.message_index < 0 else kept[s.message_index], s.role,
-                                 max(1, s.start - cut), s.end - cut)
-                     for s in spans if s.end - cut > 1]
-        else:
-            spans = [MessageSpan(-1 if s.message_index < 0 else kept[s.message_index], s.role, s.start, s.end)
-                     for s in spans]
-        return ids, spans, dropped, full - len(ids)
-
     def _script(self, conversation: list[Message], params: SamplingParams) -> tuple[str, str]:
         index = self.calls % len(self.replies)
         self.calls += 1
@@ -220,14 +204,36 @@ class FakeEngine:
             chain = [r / total for r in raw]
         top = [Candidate(i, self.token_text(i), p, c) for i, p, c in zip(ids, probs, chain, strict=True)]
         chosen_at = ids.index(chosen)
-        logsumexp = 3.0
-        logits = np.array([np.log(max(p, 1e-12)) + logsumexp for p in probs], dtype=np.float32)
+        logits = np.array([np.log(max(p, 1e-12)) + FAKE_LOGSUMEXP for p in probs], dtype=np.float32)
         return probs[chosen_at], chain[chosen_at], top, np.array(ids, dtype=np.int32), logits
 
     def _attention_row(self, rng: np.random.Generator, length: int) -> np.ndarray:
         row = rng.random((self.n_layer, self.n_head, length), dtype=np.float32) ** 3
         row /= row.sum(axis=-1, keepdims=True)
         return row.astype(np.float16)
+
+    def _prompt_attention(self, seed: int, length: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, seed, 0])
+        full = rng.random((self.n_layer, self.n_head, length, length), dtype=np.float32) ** 3
+        full *= np.tril(np.ones((length, length), dtype=np.float32))
+        full /= full.sum(axis=-1, keepdims=True)
+        return full.astype(np.float16)
+
+    def _dress(self, step: Step, seed: int, inspect: bool, candidates: bool) -> None:
+        """Give a Step of the scripted stream the made-up numbers a model would have given it: its
+        candidates (when asked for) and attention (when inspecting), the same for the same seed."""
+        if step.prompt is not None and inspect:
+            step.prompt.attention = self._prompt_attention(seed, len(step.prompt.ids))
+        if not (candidates or inspect):
+            return
+        rng = np.random.default_rng([self.seed, seed, step.index + 1])
+        # drawn even when not kept, so that the attention rows do not depend on `candidates`
+        drawn = self._candidates(rng, step.token_id, step.params or self._defaults)
+        if candidates:
+            step.prob, step.chain_prob, step.top, step.top_ids, step.top_logits = drawn
+            step.logsumexp = FAKE_LOGSUMEXP
+        if inspect:
+            step.attention = self._attention_row(rng, step.position + 1)
 
     def stream(
         self,
@@ -238,131 +244,92 @@ class FakeEngine:
         cancel: threading.Event | None = None,
         candidates: bool = True,
     ) -> Iterator[Step]:
-        started = time.perf_counter()
+        """The shared decode loop (`run_stream`) over the scripted reply, dressed with made-up numbers."""
         messages = list(conversation)
         first = resolve_params(params)
         record = StreamRecord(messages, [], inspect)
         self.records.append(record)
-        reserve = max(1, min(first.max_new_tokens, self.context_length // 2))
-        ids, spans, dropped_messages, dropped_tokens = self._fit(messages, self.context_length - reserve)
         seed = first.seed if first.seed is not None else random.Random(self.seed + self.calls).randrange(2**31)
-        text, scripted_reason = self._script(messages, first)
-        pieces = tokenize(text)
-        if self.prefill_delay and cancel is not None:
-            cancel.wait(self.prefill_delay)
-        elif self.prefill_delay:
-            time.sleep(self.prefill_delay)
-        prompt_attention = None
-        if inspect:
-            rng = np.random.default_rng([self.seed, seed, 0])
-            p = len(ids)
-            full = rng.random((self.n_layer, self.n_head, p, p), dtype=np.float32) ** 3
-            full *= np.tril(np.ones((p, p), dtype=np.float32))
-            full /= full.sum(axis=-1, keepdims=True)
-            prompt_attention = full.astype(np.float16)
-        prompt = PromptInfo(
-            ids=list(ids),
-            tokens=[self.token_text(i) for i in ids],
-            spans=spans,
-            dropped_messages=dropped_messages,
-            dropped_tokens=dropped_tokens,
-            seed=seed,
-            prefill_s=time.perf_counter() - started,
-            attention=prompt_attention,
+        runner = _ScriptRunner(self, lambda: self._script(messages, first), cancel)
+        steps = run_stream(
+            runner,
+            conversation=messages,
+            render=self.render,
+            decode=self.decode,
+            token_text=self.token_text,
+            eos_ids={self._ids["<|end|>"]},
+            context_length=self.context_length,
+            params=params,
+            inspect=inspect,
+            cancel=cancel,
+            model_name=self.model_name,
+            candidates=False,  # the loop's would be those of the certain logits: `_dress` makes some up
+            default_seed=seed,
         )
-        stops = first.stop
-        released_total = ""
-        held = ""
-        position = len(ids)
-        last = time.perf_counter()
-        index = 0
-        eos_id = self._ids["<|end|>"]
         while True:
-            if self.token_delay:
-                if cancel is not None:
-                    cancel.wait(self.token_delay)
-                else:
-                    time.sleep(self.token_delay)
-            current = resolve_params(params)
-            record.params.append(current)
-            if self.fail_at is not None and index >= self.fail_at:
-                raise EngineError(f"the fake engine failed on purpose at token {index}")
-            if current.stop != stops:
-                stops = current.stop
-            at_end = index >= len(pieces)
-            piece = "" if at_end else pieces[index]
-            token_id = eos_id if at_end else self._id(piece)
-            finish: str | None = None
-            released = ""
-            if at_end:
-                finish = scripted_reason
-                released, held = held, ""
-            else:
-                held += piece
-                hit = _first_stop(released_total + held, stops, len(released_total))
-                if hit is not None:
-                    released = (released_total + held)[len(released_total):hit]
-                    held = ""
-                    finish = "stop"
-                else:
-                    keep = _stop_prefix_len(held, stops)
-                    released, held = held[: len(held) - keep], held[len(held) - keep :]
-            if finish is None and index + 1 >= current.max_new_tokens:
-                finish = "length"
-            if finish is None and position + 1 >= self.context_length:
-                finish = "context"
-            if finish is None and cancel is not None and cancel.is_set():
-                finish = "cancelled"
-            if finish is not None and finish != "stop":
-                released += held
-                held = ""
-            released_total += released
-            rng = np.random.default_rng([self.seed, seed, index + 1])
-            prob, chain_prob, top, top_ids, top_logits = self._candidates(rng, token_id, current)
-            now = time.perf_counter()
-            yield Step(
-                index=index,
-                position=position,
-                token_id=token_id,
-                token=self.token_text(token_id),
-                text=released,
-                prob=prob,
-                chain_prob=chain_prob,
-                top=top,
-                attention=self._attention_row(rng, position + 1) if inspect else None,
-                top_ids=top_ids,
-                top_logits=top_logits,
-                logsumexp=3.0,
-                step_s=now - last,
-                elapsed_s=now - started,
-                finish_reason=finish,  # type: ignore[arg-type]
-                prompt=prompt if index == 0 else None,
-                params=current,
-            )
-            last = time.perf_counter()
-            if finish is not None:
-                record.finish_reason = finish
+            # the fake model's time for a token, spent before the loop picks it: Esc meanwhile cancels it
+            _wait(self.token_delay, cancel)
+            step = next(steps, None)
+            if step is None:
                 return
-            index += 1
-            position += 1
+            record.params.append(step.params or first)
+            if self.fail_at is not None and step.index >= self.fail_at:
+                raise EngineError(f"the fake engine failed on purpose at token {step.index}")
+            if step.finish_reason == "eos":
+                step.finish_reason = runner.scripted_reason  # type: ignore[assignment]
+            self._dress(step, seed, inspect, candidates)
+            if step.finish_reason is not None:
+                record.finish_reason = step.finish_reason
+            yield step
+            if step.finish_reason is not None:
+                return
+
+    # ------------------------------------------------------------------ the rest of the Engine protocol
+
+    def close(self, *, wait: bool = True) -> None:
+        """Nothing to free: the fake holds no model."""
 
 
-def _first_stop(text: str, stops: Sequence[str], search_from: int) -> int | None:
-    """Where the earliest stop string begins in `text` (only matches that end after `search_from`)."""
-    best: int | None = None
-    for s in stops:
-        at = text.find(s, max(0, search_from - len(s) + 1))
-        if at != -1 and (best is None or at < best):
-            best = at
-    return best
+class _ScriptRunner:
+    """The fake's model, as `run_stream` drives it: logits that make the scripted reply's next piece
+    certain whatever the sampling settings (every other token is far below it), then <|end|>."""
+
+    uses_torch = False
+
+    def __init__(self, engine: FakeEngine, script: Callable[[], tuple[str, str]],
+                 cancel: threading.Event | None) -> None:
+        self.engine = engine
+        self.script = script
+        self.cancel = cancel
+        self.ids: list[int] | None = None  # the scripted reply's token ids, then <|end|>
+        self.next = 0  # the index in `ids` of the token the next logits choose
+        self.scripted_reason = "eos"
+
+    def _logits(self) -> np.ndarray:
+        assert self.ids is not None
+        logits = np.full(len(self.engine._vocab), UNCHOSEN_LOGIT, dtype=np.float32)
+        logits[self.ids[min(self.next, len(self.ids) - 1)]] = 0.0
+        return logits
+
+    def prefill(self, ids: Sequence[int], inspect: bool) -> tuple[np.ndarray, None]:
+        if self.ids is None:  # the first prefill (a later one slides the window: the script goes on)
+            text, self.scripted_reason = self.script()
+            self.ids = [*self.engine.encode(text), self.engine._ids["<|end|>"]]
+            _wait(self.engine.prefill_delay, self.cancel)
+        else:
+            self.next += 1
+        return self._logits(), None
+
+    def feed(self, token_id: int, inspect: bool) -> tuple[np.ndarray, None]:
+        self.next += 1
+        return self._logits(), None
 
 
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """The length of the longest end of `text` that could begin a stop string."""
-    longest = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                longest = max(longest, n)
-                break
-    return longest
+def _wait(seconds: float, cancel: threading.Event | None) -> None:
+    """Sleep, or less when `cancel` is set meanwhile."""
+    if not seconds:
+        return
+    if cancel is not None:
+        cancel.wait(seconds)
+    else:
+        time.sleep(seconds)

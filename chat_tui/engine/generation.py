@@ -258,6 +258,7 @@ def run_stream(
     cancel: threading.Event | None,
     model_name: str | None = None,
     candidates: bool = True,
+    default_seed: int | None = None,
 ) -> Iterator[Step]:
     """Generate a reply, one Step per token. See `chat_tui.engine.types.Step`.
 
@@ -268,12 +269,17 @@ def run_stream(
     When the context is full the window slides (unless `params.slide_context` is off): the last
     SLIDE_KEEP of the sequence is prefilled again and the reply goes on, each Step's
     `window_start` telling the first position the model still sees.
+
+    `default_seed`: the seed when `params.seed` is None (else a random one; a test fake passes its own).
     """
     started = time.perf_counter()
     first = resolve_params(params)
     reserve = max(1, min(first.max_new_tokens, context_length // 2))
     fitted = fit_to_context(conversation, render, context_length - reserve)
-    seed = first.seed if first.seed is not None else secrets.randbits(63)
+    if first.seed is not None:
+        seed = first.seed
+    else:
+        seed = default_seed if default_seed is not None else secrets.randbits(63)
     generator = new_generator(seed)
     torch_context = _torch_context(runner)
 

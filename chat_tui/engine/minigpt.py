@@ -29,6 +29,7 @@ from chat_tui.engine.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, ChatTok
 from chat_tui.engine.types import Conversation, EngineError, Message, MessageSpan, ParamsSource, Step
 
 if TYPE_CHECKING:
+    from chat_tui.engine.explain import ChainReplay, Explanation
     from chat_tui.engine.model import GPT
 
 
@@ -576,3 +577,23 @@ class MiniGPTEngine:
                     model_name=self.model_name,
                     candidates=candidates,
                 )
+
+    # ------------------------------------------------------------------ the Engine protocol's rest, and Explainer
+
+    @property
+    def alive(self) -> bool:
+        return True  # in this process: there while the app is
+
+    def close(self, *, wait: bool = True) -> None:
+        """Nothing to stop: the weights go with the engine (`wait` is for an engine in its own process)."""
+
+    def explain_attention(self, ids: Sequence[int], query_position: int, layer: int, head: int) -> Explanation:
+        from chat_tui.engine.explain import explain_attention
+
+        return explain_attention(self.model, ids, query_position, layer, head)
+
+    def replay_chain(self, step: Step, context_ids: Sequence[int] | None,
+                     params: SamplingParams | None) -> ChainReplay:
+        from chat_tui.engine.explain import replay_chain
+
+        return replay_chain(step, context_ids, params, vocab_size=self.vocab_size)

@@ -41,7 +41,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from chat_tui.engine.collector import tune_collection
 from chat_tui.engine.params import SamplingParams
@@ -52,9 +52,13 @@ from chat_tui.engine.types import (
     MessageSpan,
     ParamsSource,
     Step,
+    explainer,
     resolve_params,
 )
 from chat_tui.errors import first_line
+
+if TYPE_CHECKING:
+    from chat_tui.engine.explain import ChainReplay, Explanation
 
 try:
     import fcntl
@@ -67,9 +71,9 @@ STDERR_TAIL = 4000  # characters of the child's stderr kept in the error that re
 BATCH_S = 0.004  # a step waits at most this long (or one token, if that is longer) to go with the next
 PIPE_BYTES = 1 << 20  # the steps pipe's buffer (Linux; the default 64 KB holds some six Steps)
 
-# what the app reads from an engine (the Engine protocol's attributes, and the vocabulary size for
-# the candidates view), copied once from the child's engine when it is ready
-ATTRIBUTES = (*Engine.__annotations__, "vocab_size")
+# what the app reads from an engine (the Engine protocol's attributes), copied once from the child's
+# engine when it is ready
+ATTRIBUTES = tuple(Engine.__annotations__)
 # what a reply may change (the inspector finds a model's attention unavailable while it runs): sent
 # again with each stream's end
 REFRESHED = ("attention_unavailable", "attention_note", "decode_note")
@@ -95,7 +99,8 @@ class ProcessEngine:
     attention_note: str | None
     decode_note: str | None
     vocab_size: int | None
-    explains: bool  # whether explain_attention works (the mini-GPT's queries and keys are there)
+    # an Explainer when the child's engine is one (the mini-GPT): see `types.explainer`
+    explains: bool
 
     def __init__(self, process: subprocess.Popen, control: Connection, steps: Connection, stderr: IO[bytes],
                  info: dict[str, Any]) -> None:
@@ -245,11 +250,12 @@ class ProcessEngine:
 
     # The inspector's numbers, computed where the model and torch are (the app's process has neither)
 
-    def explain_attention(self, ids: Sequence[int], query_position: int, layer: int, head: int) -> Any:
+    def explain_attention(self, ids: Sequence[int], query_position: int, layer: int, head: int) -> Explanation:
         """`chat_tui.engine.explain.explain_attention` on the child's model (an Explanation)."""
         return self._call("explain_attention", list(ids), query_position, layer, head)
 
-    def replay_chain(self, step: Step, context_ids: Sequence[int] | None, params: SamplingParams | None) -> Any:
+    def replay_chain(self, step: Step, context_ids: Sequence[int] | None,
+                     params: SamplingParams | None) -> ChainReplay:
         """`chat_tui.engine.explain.replay_chain` for this model's vocabulary (a ChainReplay)."""
         return self._call("replay_chain", step, None if context_ids is None else list(context_ids), params)
 
@@ -587,19 +593,12 @@ def _generate(engine: Any, steps: Connection, conversation: Conversation, latest
 
 
 def _describe(engine: Any) -> dict[str, Any]:
-    from chat_tui.engine.explain import ExplainUnavailable, _model_of, vocab_size_of
+    from chat_tui.engine.explain import vocab_size_of
 
     info = {name: getattr(engine, name, None) for name in ATTRIBUTES}
-    info["vocab_size"] = vocab_size_of(engine)
-    explains = getattr(engine, "explains", None)  # the mini-GPT says so without building its torch model
-    if explains is not None:
-        info["explains"] = bool(explains)
-    else:
-        try:
-            _model_of(engine)
-            info["explains"] = True
-        except ExplainUnavailable:
-            info["explains"] = False
+    info["vocab_size"] = vocab_size_of(engine)  # the Hugging Face engine's is its model's config's
+    # the mini-GPT says so without building its torch model
+    info["explains"] = explainer(engine) is not None
     try:
         info["default_params"] = engine.default_params()
     except Exception as exc:  # raised again when the app asks
