@@ -2,7 +2,7 @@
 
 `GPT.forward` is the reference for the network's maths: training, evaluation and the explain view
 (`capture=True`) run it. The two decoders in `chat_tui.engine.minigpt` (numpy on the CPU, torch on a
-GPU) are the only other copies, each written for one token at a time and tested equal to it.
+GPU) are the only other copies, each written for decoding and tested equal to it.
 
 Parameter names and shapes follow `transformers.GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`,
 ...). Our projections are `nn.Linear` (out, in); GPT-2's are `Conv1D` (in, out), so exporting is a
@@ -58,7 +58,7 @@ class AttentionCapture(NamedTuple):
     """One layer's attention, kept by `GPT.forward(capture=True)`; each (B, heads, positions, ...)."""
 
     q: torch.Tensor  # (B, heads, T, head_dim): the queries of the positions fed
-    k: torch.Tensor  # (B, heads, S, head_dim): every key they see (with a cache: the past ones too)
+    k: torch.Tensor  # (B, heads, S, head_dim): every key they see (with a cache: the past ones too, views of it)
     v: torch.Tensor  # (B, heads, S, head_dim)
     scores: torch.Tensor  # (B, heads, T, S): (q · k) / √head_dim, -inf where causality masks
     weights: torch.Tensor  # (B, heads, T, S): softmax(scores)
