@@ -79,7 +79,7 @@ def matmul_peak(seconds: float = 2.0) -> float:
 @torch.no_grad()
 def full_val_loss(model, val: np.ndarray, block_size: int) -> float:
     """Mean loss over every non-overlapping window of the validation split (no sampling noise)."""
-    from chat_tui.train.fastpath import token_losses
+    from chat_tui.engine.model import token_losses
 
     model.eval()
     n = (len(val) - 1) // block_size
@@ -88,7 +88,7 @@ def full_val_loss(model, val: np.ndarray, block_size: int) -> float:
     y = ids[1:].view(n, block_size)
     total = 0.0
     for i in range(0, n, 256):
-        total += float(token_losses(model, x[i : i + 256], y[i : i + 256]).double().sum())
+        total += float(token_losses(model(x[i : i + 256])[0], y[i : i + 256]).double().sum())
     return total / (n * block_size)
 
 

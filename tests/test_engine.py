@@ -77,11 +77,11 @@ def test_attention_rows_when_inspecting(tiny_engine):
     # the streamed rows equal a direct forward pass over the whole sequence
     with torch.no_grad():
         _, _, full = tiny_engine.model(torch.tensor([ids]), capture=True)
-    for layer, (_, weights) in enumerate(full):
+    for layer, captured in enumerate(full):
         for step in reply.steps:
             np.testing.assert_allclose(
                 step.attention[layer].astype(np.float32),
-                weights[0, :, step.position, : step.position + 1].numpy(),
+                captured.weights[0, :, step.position, : step.position + 1].numpy(),
                 atol=1e-3,
             )
 
@@ -222,13 +222,13 @@ def test_runner_decode_path_equals_the_model_forward(tiny_engine, inspect, numpy
         reference, _, _ = tiny_engine.model(torch.tensor([ids]))
         np.testing.assert_allclose(logits, reference[0, 9].numpy(), atol=1e-5, rtol=0)
         if inspect:
-            expected = torch.stack([w[0, :, :10, :10] for _, w in full]).numpy()
+            expected = torch.stack([layer.weights[0, :, :10, :10] for layer in full]).numpy()
             np.testing.assert_allclose(np.asarray(matrix), expected, atol=1e-6, rtol=0)
         for position in range(10, 40):
             logits, row = runner.feed(ids[position], inspect)
             np.testing.assert_allclose(logits, reference[0, position].numpy(), atol=1e-5, rtol=0)
             if inspect:
-                expected = torch.stack([w[0, :, position, : position + 1] for _, w in full])
+                expected = torch.stack([layer.weights[0, :, position, : position + 1] for layer in full])
                 torch.testing.assert_close(torch.as_tensor(np.asarray(row)), expected, atol=1e-6, rtol=0)
             else:
                 assert row is None

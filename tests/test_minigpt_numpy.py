@@ -95,6 +95,19 @@ def test_the_bundled_model_answers_without_importing_torch():
         engine.close()
 
 
+def test_the_device_is_chosen_by_engine_devices(tmp_path, tiny_tokenizer):
+    from chat_tui.engine.devices import best_device
+    from chat_tui.errors import DeviceError
+
+    folder = save_tiny(tmp_path / "tiny", tiny_tokenizer)
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        load_engine(folder, device="tpu")
+    engine = load_engine(folder, device="auto")
+    assert engine.device.split(":")[0] == best_device()
+    if best_device() == "cpu":  # "auto" without a GPU decodes in numpy, as "cpu" does
+        assert engine.runner().numpy_path
+
+
 # --- the window slides when the context fills -------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from chat_tui.engine.model import GPT, GPTConfig, KVCache
+from chat_tui.engine.model import GPT, GPTConfig, KVCache, token_losses
 
 CFG = GPTConfig(vocab_size=97, block_size=96, n_layer=3, n_head=4, n_embd=32)
 
@@ -21,7 +21,8 @@ def test_attention_rows_sum_to_one_and_never_look_ahead(model):
     with torch.no_grad():
         _, _, attention = model(idx, capture=True)
     assert len(attention) == CFG.n_layer
-    for scores, weights in attention:
+    for layer in attention:
+        scores, weights = layer.scores, layer.weights
         assert weights.shape == (2, CFG.n_head, 20, 20)
         torch.testing.assert_close(weights.sum(-1), torch.ones(2, CFG.n_head, 20))
         future = torch.triu(torch.ones(20, 20, dtype=torch.bool), diagonal=1)
@@ -85,8 +86,41 @@ def test_decode_attention_row_matches_full_matrix(model):
         model(idx[:, :24], cache=cache)
         _, _, rows = model(idx[:, 24:], cache=cache, capture=True)
         _, _, full = model(idx, capture=True)
-    for (_, row), (_, matrix) in zip(rows, full, strict=True):
-        torch.testing.assert_close(row[0, :, 0], matrix[0, :, 24])
+    for row, matrix in zip(rows, full, strict=True):
+        torch.testing.assert_close(row.weights[0, :, 0], matrix.weights[0, :, 24])
+
+
+def test_capture_keeps_each_layers_queries_keys_and_values_behind_its_scores(model):
+    idx = torch.randint(0, CFG.vocab_size, (1, 14))
+    head_dim = CFG.n_embd // CFG.n_head
+    with torch.no_grad():
+        _, _, full = model(idx, capture=True)
+        cache = KVCache(CFG)
+        model(idx[:, :10], cache=cache)
+        _, _, cached = model(idx[:, 10:], cache=cache, capture=True)
+    future = torch.triu(torch.ones(14, 14, dtype=torch.bool), diagonal=1)
+    for layer, later in zip(full, cached, strict=True):
+        assert layer.q.shape == layer.k.shape == layer.v.shape == (1, CFG.n_head, 14, head_dim)
+        scores = (layer.q @ layer.k.transpose(-2, -1)) / math.sqrt(head_dim)
+        torch.testing.assert_close(layer.scores[..., ~future], scores[..., ~future])
+        # with a cache the 4 new queries see all 14 keys and values: the cached ones too
+        assert later.q.shape == (1, CFG.n_head, 4, head_dim) and later.k.shape == (1, CFG.n_head, 14, head_dim)
+        torch.testing.assert_close(later.q, layer.q[:, :, 10:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(later.k, layer.k, atol=1e-5, rtol=0)
+        torch.testing.assert_close(later.v, layer.v, atol=1e-5, rtol=0)
+
+
+def test_the_loss_is_the_mean_of_token_losses_over_the_targets_not_minus_one(model):
+    idx = torch.randint(0, CFG.vocab_size, (2, 12))
+    targets = torch.randint(0, CFG.vocab_size, (2, 12))
+    targets[0, :4] = -1
+    with torch.no_grad():
+        logits, loss, _ = model(idx, targets)
+    losses = token_losses(logits, targets)
+    assert losses.shape == (2, 12) and torch.all(losses[0, :4] == 0)
+    reference = torch.nn.functional.cross_entropy(logits.view(-1, CFG.vocab_size), targets.view(-1), ignore_index=-1)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(loss, losses.sum() / 20)
 
 
 def test_longer_than_context_is_refused(model):

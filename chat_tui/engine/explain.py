@@ -97,39 +97,11 @@ class Explanation:
     key_norms: np.ndarray
 
 
-def _head_parts(model, ids: Sequence[int], layer: int):
-    """q, k, v (B=1, heads, T, head_dim) of `layer` for `ids`, by the model's own modules."""
-    import torch
-
-    config = model.config
-    if not 0 <= layer < config.n_layer:
-        raise ValueError(f"layer {layer} outside 0..{config.n_layer - 1}")
-    device = next(model.parameters()).device
-    idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    T = idx.size(1)
-    if T > config.block_size:
-        raise ValueError(f"{T} tokens are more than the context ({config.block_size})")
-    tr = model.transformer
-    x = tr.drop(tr.wte(idx) + tr.wpe(torch.arange(T, device=device)))
-    for i in range(layer):
-        x = tr.h[i](x, i)
-    block = tr.h[layer]
-    attn = block.attn
-    q, k, v = attn.c_attn(block.ln_1(x)).split(attn.n_embd, dim=2)
-    shape = (1, T, attn.n_head, attn.head_dim)
-    return (
-        q.view(shape).transpose(1, 2),
-        k.view(shape).transpose(1, 2),
-        v.view(shape).transpose(1, 2),
-        attn.head_dim,
-    )
-
-
 def explain_attention(engine_or_model: Any, ids: Sequence[int], query_position: int, layer: int, head: int) -> Explanation:
     """The attention of token `query_position` of `ids` in `layer`, `head`, computed step by step.
 
-    Exact for the mini-GPT: the same modules and the same arithmetic as the model's inspecting path
-    (only the tokens up to the query are fed, which causal attention makes equivalent).
+    Exact for the mini-GPT: the queries, keys and values are those of the model's own forward pass
+    (`capture=True`; only the tokens up to the query are fed, which causal attention makes equivalent).
     Raises ExplainUnavailable for a backend without the model's modules. An Explainer engine
     answers itself (a ProcessEngine computes it in the model's process).
     """
@@ -141,13 +113,22 @@ def explain_attention(engine_or_model: Any, ids: Sequence[int], query_position: 
     model = _model_of(engine_or_model)
     if not 0 <= query_position < len(ids):
         raise ValueError(f"query position {query_position} outside 0..{len(ids) - 1}")
-    if not 0 <= head < model.config.n_head:
-        raise ValueError(f"head {head} outside 0..{model.config.n_head - 1}")
+    config = model.config
+    if not 0 <= layer < config.n_layer:
+        raise ValueError(f"layer {layer} outside 0..{config.n_layer - 1}")
+    if not 0 <= head < config.n_head:
+        raise ValueError(f"head {head} outside 0..{config.n_head - 1}")
+    if query_position + 1 > config.block_size:
+        raise ValueError(f"{query_position + 1} tokens are more than the context ({config.block_size})")
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            q, k, v, head_dim = _head_parts(model, ids[: query_position + 1], layer)
+            x = torch.tensor([list(ids[: query_position + 1])], dtype=torch.long, device=device)
+            _, _, attention = model(x, capture=True, last_only=True)
+            q, k, v = attention[layer].q, attention[layer].k, attention[layer].v  # (1, heads, T, head_dim)
+            head_dim = q.size(-1)
             scale = 1.0 / math.sqrt(head_dim)
             qh = q[0, head, -1].float()  # (hd,)
             kh = k[0, head].float()  # (T, hd)
@@ -188,7 +169,7 @@ def attention_matrix(engine_or_model: Any, ids: Sequence[int]) -> np.ndarray:
         with torch.inference_mode():
             x = torch.tensor([list(ids)], dtype=torch.long, device=device)
             _, _, attention = model(x, capture=True)
-            return torch.stack([w[0] for _, w in attention]).float().cpu().numpy()
+            return torch.stack([layer.weights[0] for layer in attention]).float().cpu().numpy()
     finally:
         model.train(was_training)
 

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from chat_tui.engine.chat_formats import PLAIN_STOP, TEXT_FORMATS, render_text, with_stops
 from chat_tui.engine.checkpoint import TIED, checkpoint_hash, model_from_arrays, read_checkpoint
+from chat_tui.engine.devices import best_device  # noqa: F401  (engine/hf.py imports it from here until it moves)
 from chat_tui.engine.generation import run_stream
 from chat_tui.engine.gptconfig import ACTIVATIONS, GPTConfig
 from chat_tui.engine.params import SamplingParams
@@ -31,17 +32,6 @@ from chat_tui.engine.types import Conversation, EngineError, Message, MessageSpa
 if TYPE_CHECKING:
     from chat_tui.engine.explain import ChainReplay, Explanation
     from chat_tui.engine.model import GPT
-
-
-def best_device() -> str:
-    """The fastest torch device here (imports torch: for a Hugging Face model or an explicit GPU)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 @dataclass
@@ -174,7 +164,7 @@ class MiniGPTRunner:
             logits = out[0, -1]
             matrix = None
             if attention is not None:
-                matrix = torch.stack([weights[0] for _, weights in attention])  # (layers, heads, P, P)
+                matrix = torch.stack([layer.weights[0] for layer in attention])  # (layers, heads, P, P)
         return self._out(logits), matrix
 
     def feed(self, token_id: int, inspect: bool):
@@ -198,7 +188,9 @@ class MiniGPTRunner:
         return logits
 
     def _feed_torch(self, token_id: int, inspect: bool):
-        """One token through the cache: the model's own math, written for a single query.
+        """A copy of `GPT.forward` with the cache, kept because per-call overhead rules a GPU's decoding and it has far less.
+
+        One token through the cache: the model's own math, written for a single query.
 
         At this size decoding is bound by per-operation overhead and matrix-vector speed, not
         arithmetic, so this path calls the functional ops directly on `DecodeWeights` (no module
@@ -238,7 +230,9 @@ class MiniGPTRunner:
         return logits, (torch.stack(rows) if inspect else None)  # row: (layers, heads, position + 1)
 
     def _prefill_numpy(self, ids: Sequence[int], inspect: bool):
-        """`GPT.forward` over the prompt in numpy, filling the cache (tested equal to it)."""
+        """A numpy copy of `GPT.forward`: on the CPU numpy decodes faster than torch and starts without importing it.
+
+        The whole prompt at once, filling the cache (tested equal to `GPT.forward`, tests/test_engine.py)."""
         w, cfg = self.weights, self.config
         C, nh, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon
         hd = C // nh
@@ -266,7 +260,7 @@ class MiniGPTRunner:
         return last @ w.lm_head, (np.stack(maps) if inspect else None)
 
     def _feed_numpy(self, token_id: int, inspect: bool):
-        """`_feed_torch` in numpy, on the numpy weights and cache, written for speed: a token of the
+        """The numpy decoder's one-token step (see `_prefill_numpy` for why numpy), written for speed: a token of the
         bundled model is about 30 small products, so the Python and numpy overhead around them is
         most of its time. Every product writes into the runner's preallocated buffers (`out=`), the
         heads' attention is one batched product each way, and nothing is allocated per token.
@@ -499,12 +493,10 @@ class MiniGPTEngine:
             progress(f"loading {path.name}")
         on_cpu = device is None or device.split(":")[0] == "cpu"
         if not on_cpu:
-            import torch
+            from chat_tui.engine.devices import resolve_device
 
-            try:
-                torch_device = torch.device(device)
-            except RuntimeError:
-                raise EngineError(f"unknown device {device!r} (use cpu, cuda or mps)") from None
+            torch_device = resolve_device(device)  # raises DeviceError, one line
+            on_cpu = torch_device.type == "cpu"  # "auto" without a GPU: numpy, as for "cpu"
         checkpoint = read_checkpoint(path)
         common = dict(name=path.name, path=path, untrained_token_ids=checkpoint.untrained_token_ids,
                       chat_format=chat_format)

@@ -1,17 +1,23 @@
 """The mini-GPT: GPT-2's architecture in one file, top to bottom, in the manner of nanoGPT.
 
+`GPT.forward` is the reference for the network's maths: training, evaluation and the explain view
+(`capture=True`) run it. The two decoders in `chat_tui.engine.minigpt` (numpy on the CPU, torch on a
+GPU) are the only other copies, each written for decoding and tested equal to it.
+
 Parameter names and shapes follow `transformers.GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`,
 ...). Our projections are `nn.Linear` (out, in); GPT-2's are `Conv1D` (in, out), so exporting is a
 transpose of the four projection matrices per block and nothing else.
 
 Attention has two paths. The fast one calls `F.scaled_dot_product_attention`. The inspecting one
-computes the scores explicitly and returns, per layer and head, the pre-softmax (scaled) scores and
-the softmaxed weights, so the UI can show the real numbers. Both give the same output.
+computes the scores explicitly and keeps, per layer, the queries, keys and values with the
+pre-softmax (scaled) scores and the softmaxed weights, so the UI can show the real numbers. Both
+give the same output.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,7 +25,7 @@ from torch.nn import functional as F
 
 from chat_tui.engine.gptconfig import ACTIVATIONS, GPTConfig
 
-__all__ = ["ACTIVATIONS", "GPT", "GPTConfig", "KVCache"]
+__all__ = ["ACTIVATIONS", "GPT", "AttentionCapture", "GPTConfig", "KVCache", "token_losses"]
 
 
 class KVCache:
@@ -46,6 +52,16 @@ class KVCache:
         self.kv[layer, 0, :, :, start:end] = k
         self.kv[layer, 1, :, :, start:end] = v
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+
+class AttentionCapture(NamedTuple):
+    """One layer's attention, kept by `GPT.forward(capture=True)`; each (B, heads, positions, ...)."""
+
+    q: torch.Tensor  # (B, heads, T, head_dim): the queries of the positions fed
+    k: torch.Tensor  # (B, heads, S, head_dim): every key they see (with a cache: the past ones too, views of it)
+    v: torch.Tensor  # (B, heads, S, head_dim)
+    scores: torch.Tensor  # (B, heads, T, S): (q · k) / √head_dim, -inf where causality masks
+    weights: torch.Tensor  # (B, heads, T, S): softmax(scores)
 
 
 class CausalSelfAttention(nn.Module):
@@ -88,7 +104,7 @@ class CausalSelfAttention(nn.Module):
             if T > 1:
                 scores = scores.masked_fill(~_causal_mask(T, S, past, x.device), float("-inf"))
             weights = F.softmax(scores, dim=-1)
-            capture.append((scores, weights))
+            capture.append(AttentionCapture(q, k, v, scores, weights))
             y = self.attn_dropout(weights) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -171,8 +187,8 @@ class GPT(nn.Module):
         """Logits for `idx` (B, T). With a cache, `idx` continues the cached positions.
 
         Returns (logits, loss, attention): `loss` when `targets` are given (averaged over the
-        positions where `loss_mask` is 1, if given); `attention` is a list per layer of
-        (scores, weights), each (B, heads, T, keys), when `capture` is on, else None.
+        positions where `loss_mask` is 1, if given, else over the targets that are not -1);
+        `attention` is a list per layer of `AttentionCapture` when `capture` is on, else None.
         """
         B, T = idx.size()
         past = cache.length if cache is not None else 0
@@ -180,7 +196,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.config.block_size})")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        attention: list | None = [] if capture else None
+        attention: list[AttentionCapture] | None = [] if capture else None
         for i, block in enumerate(self.transformer.h):
             x = block(x, i, cache, attention)
         if cache is not None:
@@ -191,15 +207,10 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, -1:, :] if last_only else x)
             return logits, None, attention
         logits = self.lm_head(x)
-        losses = F.cross_entropy(
-            logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1, reduction="none"
-        )
-        if loss_mask is not None:
-            mask = loss_mask.reshape(-1).to(losses.dtype)
-            loss = (losses * mask).sum() / mask.sum().clamp(min=1.0)
-        else:
-            valid = (targets.reshape(-1) != -1).to(losses.dtype)
-            loss = (losses * valid).sum() / valid.sum().clamp(min=1.0)
+        losses = token_losses(logits, targets)
+        weight = (targets != -1) if loss_mask is None else loss_mask
+        weight = weight.to(losses.dtype)
+        loss = (losses * weight).sum() / weight.sum().clamp(min=1.0)
         return logits, loss, attention
 
     def configure_optimizer(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)):
@@ -209,3 +220,10 @@ class GPT(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=False)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss: cross-entropy in nats at each position (B, T), in float32, 0 where the target is -1."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
+                             reduction="none")
+    return losses.view(targets.shape)

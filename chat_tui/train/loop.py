@@ -48,14 +48,13 @@ import torch
 from chat_tui.engine.checkpoint import load_model, save_checkpoint
 from chat_tui.engine.devices import resolve_device
 from chat_tui.engine.files import atomic_write_bytes
-from chat_tui.engine.model import GPT, GPTConfig
+from chat_tui.engine.model import GPT, GPTConfig, token_losses
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ChatTokenizer
 from chat_tui.errors import DeviceError, TrainingError, first_line
 from chat_tui.train.config import TrainConfig, lr_at
 from chat_tui.train.data import DataError
 from chat_tui.train.duration import parse_duration  # noqa: F401 - part of this module's interface
-from chat_tui.train.fastpath import LossModel, token_losses
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -426,7 +425,7 @@ class Trainer:
             self._restore_rng()
         else:
             torch.manual_seed(cfg.seed + self.d.rank)  # dropout masks differ per process
-        loss_model: torch.nn.Module = LossModel(self.model)
+        loss_model: torch.nn.Module = self.model  # GPT.forward: the loss with the logits
         if cfg.compile:
             loss_model = torch.compile(loss_model)
         if self.d.enabled:
@@ -490,7 +489,7 @@ class Trainer:
             if self.d.enabled and micro < accum - 1:
                 sync = self.loss_model.no_sync()
             with sync, self.autocast:
-                loss = self.loss_model(x, y, m)
+                _, loss, _ = self.loss_model(x, y, loss_mask=m)
             (loss / accum if accum > 1 else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         if cfg.grad_clip > 0:
@@ -531,7 +530,7 @@ class Trainer:
             pick = rows[start : start + B]
             x, y, m = to_tensors(ids[pick], None if mask is None else mask[pick], self.device)
             with self.autocast:
-                losses = token_losses(self.model, x, y).double()
+                losses = token_losses(self.model(x)[0], y).double()
             weight = (y >= 0).double() if m is None else m.double()
             nats += float((losses * weight).sum())
             tokens += float(weight.sum())

@@ -89,7 +89,6 @@ def test_the_hf_engine_explains_nothing(llama):
         explain_attention(llama, [1, 2, 3], 2, 0, 0)
 
 
-@pytest.mark.xfail(reason="HFEngine's close(), alive and vocab_size come from the engine/hf change", strict=False)
 def test_the_hf_engine_is_an_engine(llama):
     assert isinstance(llama, Engine)
     assert llama.vocab_size == llama.model.config.vocab_size

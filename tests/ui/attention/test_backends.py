@@ -54,7 +54,8 @@ async def test_every_view_on_the_hf_backend(llama):
                 await app.workers.wait_for_complete()
             texts[view] = canvas_text(app)
         assert "▲" in texts["heatmap"]
-        assert "only the weights" in texts["explain"] and "the hf backend does not expose" in texts["explain"]
+        # the same line as through the model process (the app's default): the backend is no Explainer
+        assert "only the weights" in texts["explain"] and "the hf backend gives attention weights only" in texts["explain"]
         assert "this reply" in texts["turns"] and "user 1" in texts["turns"]
         assert "sampled" in texts["candidates"] and "top-k" in texts["candidates"]
 

@@ -91,7 +91,7 @@ def check_explain(engine, store: AttentionStore, layers=None) -> None:
         for layer in layers if layers is not None else range(engine.n_layer):
             for head in range(engine.n_head):
                 e = explain_attention(engine, ids, pos, layer, head)
-                scores, weights = captured[layer]
+                scores, weights = captured[layer].scores, captured[layer].weights
                 # the model's own pre-softmax scores, and softmax(scaled) = weights
                 np.testing.assert_allclose(e.scaled, scores[0, head, pos, : pos + 1].double().numpy(), atol=1e-5)
                 np.testing.assert_allclose(e.qk * e.scale, e.scaled, atol=1e-5)
