@@ -22,7 +22,6 @@ from tokenizers import Tokenizer
 
 from chat_tui.engine.chat_formats import PLAIN_STOP, TEXT_FORMATS, render_text, with_stops
 from chat_tui.engine.checkpoint import TIED, checkpoint_hash, model_from_arrays, read_checkpoint
-from chat_tui.engine.devices import best_device  # noqa: F401  (engine/hf.py imports it from here until it moves)
 from chat_tui.engine.generation import run_stream
 from chat_tui.engine.gptconfig import ACTIVATIONS, GPTConfig
 from chat_tui.engine.params import SamplingParams
