@@ -89,12 +89,15 @@ def test_the_hf_engine_explains_nothing(llama):
         explain_attention(llama, [1, 2, 3], 2, 0, 0)
 
 
-def test_the_hf_engine_is_an_engine(llama):
-    assert isinstance(llama, Engine)
-    assert llama.vocab_size == llama.model.config.vocab_size
-    assert llama.alive
-    llama.close()
-    llama.close()
+def test_the_hf_engine_is_an_engine(llama_path):
+    from chat_tui.engine import load_engine
+
+    engine = load_engine(llama_path, device="cpu")  # its own: it is closed here
+    assert isinstance(engine, Engine)
+    assert engine.vocab_size == engine.model.config.vocab_size
+    assert engine.alive
+    engine.close()
+    engine.close()  # twice is harmless
 
 
 def test_a_hf_model_in_its_own_process_is_an_engine_that_explains_nothing(llama_path, llama):
