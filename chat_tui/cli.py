@@ -16,12 +16,11 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 from chat_tui import __version__
+from chat_tui.errors import CLIError
 
 SUBCOMMANDS = ("ask", "train", "export", "import")
 
 
-class CLIError(Exception):
-    """An error to print as one line and exit with status 2."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -139,6 +138,21 @@ def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="a mini-GPT checkpoint folder")
     export.add_argument("--format", choices=("hf",), default="hf", help="hf: Hugging Face transformers (the default)")
     export.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
+
+    serve = sub.add_parser("serve", help="serve the model over the OpenAI chat-completions protocol",
+                           description="Serve MODEL (default: the bundled mini-GPT) at http://HOST:PORT/v1 with "
+                           "GET /v1/models, POST /v1/chat/completions and POST /v1/completions, streamed or not, "
+                           "for any OpenAI client. Needs the serve extra: pip install \"chat-tui[serve]\".")
+    _add_model_options(serve, sub=True)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this "
+                       "machine only; any other address warns unless --api-key-env is set)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
+    serve.add_argument("--api-key-env", metavar="VAR", help="clients must send the key held in the environment "
+                       "variable VAR (Authorization: Bearer KEY); default: no key")
+    serve.add_argument("--max-queue", type=int, default=16, metavar="N", help="requests that may wait for the "
+                       "model; more are answered 429 (default: 16)")
+    serve.add_argument("--model-id", metavar="NAME", help="the model's name in /v1/models and requests "
+                       "(default: the model's own name)")
     return parser
 
 
@@ -283,6 +297,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn  # noqa: F401
+
+        from chat_tui.serve import api_key_from_env, serve
+    except ImportError:
+        raise CLIError('chat-tui serve needs FastAPI and uvicorn: pip install "chat-tui[serve]"') from None
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port {args.port}: must be from 0 to 65535")
+    if args.max_queue < 0:
+        raise CLIError(f"--max-queue {args.max_queue}: must be 0 or more")
+    api_key = api_key_from_env(args.api_key_env)
+    from chat_tui.engine.process import ProcessEngine
+
+    options = model_options(args)
+    if args.dtype:
+        options["dtype"] = args.dtype
+    with _progress_bars_on_a_terminal_only():
+        # the same child process as the app's: a crash of the model cannot take the server down with it
+        engine = ProcessEngine.start(args.model, device=args.device, **options)
+    try:
+        serve(engine, host=args.host, port=args.port, model_id=args.model_id, api_key=api_key,
+              max_queue=args.max_queue)
+    finally:
+        engine.close()
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     if not (sys.stdin and sys.stdin.isatty() and sys.stdout and sys.stdout.isatty()):
         raise CLIError("chat-tui needs a terminal; for scripts use chat-tui ask")  # not escape codes into a file
@@ -317,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return cmd_import(args)
 
-    handlers = {"ask": cmd_ask, "train": cmd_train, "export": cmd_export, "import": cmd_import, None: cmd_app}
+    handlers = {"ask": cmd_ask, "train": cmd_train, "export": cmd_export, "import": cmd_import, "serve": cmd_serve,
+                None: cmd_app}
     try:
         return handlers[args.command](args) or 0
     except KeyboardInterrupt:
