@@ -337,6 +337,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from chat_tui.engine.process import ProcessEngine
 
     options = model_options(args)
+    options.pop("api_key_env", None)  # serve's own --api-key-env is the key its clients must send
     if args.dtype:
         options["dtype"] = args.dtype
     with _progress_bars_on_a_terminal_only():

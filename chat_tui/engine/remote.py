@@ -242,8 +242,12 @@ class RemoteEngine:
         finally:
             finished.set()
             _quietly_close(stream)
+        if reason is None and not cancel.is_set():  # the stream ended with no finish reason: cut off
+            if pending is not None:
+                yield pending  # the partial reply is kept
+            raise ServerError(f"{self.server}: the server closed the stream mid-reply; the partial reply is kept")
         if pending is not None:
-            pending.finish_reason = "cancelled" if cancel.is_set() or reason is None else reason
+            pending.finish_reason = "cancelled" if cancel.is_set() else reason
             yield pending
 
     # ------------------------------------------------------------------ requests and errors
