@@ -318,6 +318,15 @@ def test_429_is_waited_out_when_the_server_asks_for_little_and_reported_when_for
     assert text == "" and "busy (429)" in str(error) and "600" in str(error)
 
 
+def test_a_random_seed_is_chosen_here_sent_and_shown(scripted):
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "ok"
+    steps = list(RemoteEngine(url, timeout=5).stream(HELLO, SamplingParams(seed=None)))
+    assert Scripted.calls[-1]["seed"] == steps[0].prompt.seed >= 0
+
+
 def test_every_setting_is_sent_under_the_servers_names(scripted):
     from chat_tui.engine import SamplingParams
 

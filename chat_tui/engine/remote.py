@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import stat
 import threading
 import time
@@ -198,6 +199,8 @@ class RemoteEngine:
         cancel = cancel or threading.Event()
         started = time.perf_counter()
         first = resolve_params(params)  # one request, one set of settings: later changes apply next time
+        if first.seed is None:  # as a local model does: a seed chosen here, sent, and shown with the reply
+            first = first.with_(seed=secrets.randbits(31))
         messages = [{"role": m.role, "content": m.content} for m in conversation]
         fields = {k: v for k, v in request_fields(first, logprobs=candidates).items() if k not in self.unsupported}
         notes: list[str] = []
@@ -326,7 +329,7 @@ class RemoteEngine:
 
     def _prompt_info(self, params: SamplingParams, started: float) -> PromptInfo:
         return PromptInfo(ids=[], tokens=[], spans=[], dropped_messages=0, dropped_tokens=0,
-                          seed=params.seed if params.seed is not None else -1,
+                          seed=params.seed if params.seed is not None else -1,  # -1: the server chose
                           prefill_s=time.perf_counter() - started)
 
 
