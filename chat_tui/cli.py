@@ -31,10 +31,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"chat-tui: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_model_options(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, *, sub: bool = False, server: bool = True) -> None:
     # In a subcommand, an option left out must not undo the same option given before the subcommand.
     unset = {"default": argparse.SUPPRESS} if sub else {}
-    parser.add_argument("--model", metavar="PATH", help="a checkpoint folder or Hugging Face hub id (default: the bundled mini-GPT)", **unset)
+    parser.add_argument("--model", metavar="PATH", help="a checkpoint folder or Hugging Face hub id (default: the "
+                        "bundled mini-GPT); with --base-url, the server's model", **unset)
     parser.add_argument("--device", help="cpu, cuda or mps (default: the best available)", **unset)
     hf = parser.add_argument_group("Hugging Face models")
     hf.add_argument("--dtype", metavar="DTYPE", help="float32, bfloat16, float16 or auto (default: float32 on CPU, "
@@ -50,12 +51,24 @@ def _add_model_options(parser: argparse.ArgumentParser, *, sub: bool = False) ->
                     help="never use the network: a hub id must be in the local cache (like HF_HUB_OFFLINE=1)")
     hf.add_argument("--trust-remote-code", action="store_true", default=argparse.SUPPRESS if sub else False,
                     help="let a model run the Python code of its repository (read that code first)")
+    if not server:
+        return
+    remote = parser.add_argument_group("a model on an OpenAI-compatible server (vLLM, llama.cpp, Ollama, "
+                                       "transformers serve, chat-tui serve, the OpenAI API)")
+    remote.add_argument("--base-url", metavar="URL", help="the server, e.g. http://127.0.0.1:8000/v1; --model then "
+                        "names one of its models (default: its only one)", **unset)
+    remote.add_argument("--api-key-env", metavar="VAR", help="the environment variable holding the key "
+                        "(default: OPENAI_API_KEY)", **unset)
+    remote.add_argument("--api-key-file", metavar="PATH", help="a file holding the key (others must not be able "
+                        "to read it: chmod 600)", **unset)
+    remote.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for the first token and "
+                        "between tokens (default: 60)", **unset)
 
 
 def model_options(args: argparse.Namespace) -> dict:
     """The Hugging Face loading options that were given, for load_engine(**options)."""
     options: dict = {}
-    for name in ("device_map", "chat_format", "quantize"):
+    for name in ("device_map", "chat_format", "quantize", "base_url", "api_key_env", "api_key_file", "timeout"):
         if getattr(args, name, None):
             options[name] = getattr(args, name)
     for name in ("offline", "trust_remote_code"):
@@ -130,6 +143,21 @@ def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="a mini-GPT checkpoint folder")
     export.add_argument("--format", choices=("hf",), default="hf", help="hf: Hugging Face transformers (the default)")
     export.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
+
+    serve = sub.add_parser("serve", help="serve the model over the OpenAI chat-completions protocol",
+                           description="Serve MODEL (default: the bundled mini-GPT) at http://HOST:PORT/v1 with "
+                           "GET /v1/models, POST /v1/chat/completions and POST /v1/completions, streamed or not, "
+                           "for any OpenAI client. Needs the serve extra: pip install \"chat-tui[serve]\".")
+    _add_model_options(serve, sub=True, server=False)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this "
+                       "machine only; any other address warns unless --api-key-env is set)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
+    serve.add_argument("--api-key-env", metavar="VAR", help="clients must send the key held in the environment "
+                       "variable VAR (Authorization: Bearer KEY); default: no key")
+    serve.add_argument("--max-queue", type=int, default=16, metavar="N", help="requests that may wait for the "
+                       "model; more are answered 429 (default: 16)")
+    serve.add_argument("--model-id", metavar="NAME", help="the model's name in /v1/models and requests "
+                       "(default: the model's own name)")
     return parser
 
 
@@ -216,8 +244,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 record = {
                     "token": step.text,
                     "id": step.token_id,
-                    "prob": round(step.prob, 6),
-                    "top": [{"token": c.text, "id": c.id, "prob": round(c.prob, 6)} for c in step.top],
+                    "prob": _prob(step.prob),
+                    "top": [{"token": c.text, "id": c.id, "prob": _prob(c.prob)} for c in step.top],
                 }
                 out.write(safe_json(json.dumps(record, ensure_ascii=False)) + "\n")
             else:
@@ -236,6 +264,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
         }
         if engine.decode_note:  # why the speed is what it is (stderr stays quiet: nothing is wrong)
             summary["decode_note"] = engine.decode_note
+        from chat_tui.engine.remote import RemoteEngine
+
+        if isinstance(engine, RemoteEngine):  # the receipt: exactly what was sent, and what had to change
+            summary["server"] = engine.server
+            summary["sent"] = engine.last_request
+            if engine.last_note:
+                summary["server_note"] = engine.last_note
         out.write(json.dumps(summary) + "\n")
     else:
         out.write("\n")
@@ -245,6 +280,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
               f"{last.position + 1 - last.window_start} tokens from token {last.window_start} on",
               file=sys.stderr, flush=True)
     return 0
+
+
+def _prob(p: float) -> float | None:
+    """A probability for JSON: None where the backend gives none (a server without logprobs)."""
+    return None if p != p else round(p, 6)  # NaN is not JSON
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -261,6 +301,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_hf(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} to {out} (GPT2LMHeadModel, Hugging Face format); "
           f"chat with it: chat-tui --model {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn  # noqa: F401
+
+        from chat_tui.serve import api_key_from_env, serve
+    except ImportError:
+        raise CLIError('chat-tui serve needs FastAPI and uvicorn: pip install "chat-tui[serve]"') from None
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port {args.port}: must be from 0 to 65535")
+    if args.max_queue < 0:
+        raise CLIError(f"--max-queue {args.max_queue}: must be 0 or more")
+    api_key = api_key_from_env(args.api_key_env)
+    from chat_tui.engine.process import ProcessEngine
+
+    options = model_options(args)
+    options.pop("api_key_env", None)  # serve's own --api-key-env is the key its clients must send
+    if args.dtype:
+        options["dtype"] = args.dtype
+    with _progress_bars_on_a_terminal_only():
+        # the same child process as the app's: a crash of the model cannot take the server down with it
+        engine = ProcessEngine.start(args.model, device=args.device, **options)
+    try:
+        serve(engine, host=args.host, port=args.port, model_id=args.model_id, api_key=api_key,
+              max_queue=args.max_queue)
+    finally:
+        engine.close()
     return 0
 
 
@@ -298,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return cmd_import(args)
 
-    handlers = {"ask": cmd_ask, "train": cmd_train, "export": cmd_export, "import": cmd_import, None: cmd_app}
+    handlers = {"ask": cmd_ask, "train": cmd_train, "export": cmd_export, "import": cmd_import, "serve": cmd_serve,
+                None: cmd_app}
     try:
         return handlers[args.command](args) or 0
     except KeyboardInterrupt:

@@ -74,8 +74,20 @@ def load_engine(
 ) -> Engine:
     """Load a model by path (a mini-GPT checkpoint folder or a Hugging Face folder) or hub id.
 
-    `None` loads the bundled mini-GPT. Raises EngineError with a one-line message on bad input.
+    `None` loads the bundled mini-GPT. With `base_url=URL` (and `api_key_env`, `api_key_file`,
+    `timeout`), `model` is a model on that OpenAI-compatible server. Raises EngineError with a
+    one-line message on bad input.
     """
+    if options.get("base_url"):
+        from chat_tui.engine.remote import DEFAULT_TIMEOUT_S, RemoteEngine, read_key
+
+        key = read_key(options.get("api_key_env"), options.get("api_key_file"))  # type: ignore[arg-type]
+        timeout = float(options.get("timeout") or DEFAULT_TIMEOUT_S)  # type: ignore[arg-type]
+        return RemoteEngine(str(options["base_url"]), None if model is None else str(model), api_key=key,
+                            timeout=timeout)
+    for name in ("api_key_env", "api_key_file", "timeout"):
+        if options.get(name):
+            raise EngineError(f"--{name.replace('_', '-')} is for a server: give --base-url URL too")
     path = bundled_model_path() if model is None else Path(str(model)).expanduser()
     if _is_minigpt_checkpoint(path):
         from chat_tui.engine.minigpt import MiniGPTEngine

@@ -1,0 +1,358 @@
+"""The OpenAI-compatible client (`--base-url`) against real servers on loopback ports.
+
+- `transformers serve`, a server this project did not write, serving the bundled model exported
+  to the Hugging Face format, offline;
+- `chat-tui serve` (the same model), for what transformers serve does not give (logprobs);
+- small local HTTP servers for the faults a real server does not produce on demand: a refused
+  connection, a server that sleeps past the timeout, one that closes mid-stream, one that answers
+  429 with Retry-After, one that sends a malformed event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("openai", reason="the openai extra is not installed (pip install 'chat-tui[openai]')")
+
+from chat_tui.engine import Message, load_engine  # noqa: E402
+from chat_tui.engine.remote import RemoteEngine, ServerError, public_url, read_key  # noqa: E402
+from chat_tui.engine.types import collect  # noqa: E402
+
+HELLO = [Message("user", "What is AI?")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited: {process.stderr.read() if process.stderr else ''}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("the server did not start listening")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, seconds: float = 120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for_port(port, process, seconds)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    from chat_tui.engine import bundled_model_path
+    from chat_tui.engine.export import export_hf
+
+    out = tmp_path_factory.mktemp("export") / "minigpt-hf"
+    export_hf(bundled_model_path(), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(exported):
+    """`transformers serve FOLDER --port P`, offline; the model id in requests is the folder path."""
+    cli = shutil.which("transformers")
+    if cli is None:
+        pytest.skip("the transformers CLI is not installed")
+    pytest.importorskip("fastapi", reason="transformers serve needs fastapi and uvicorn (the serve extra)")
+    port = free_port()
+    with running([cli, "serve", str(exported), "--port", str(port), "--host", "127.0.0.1"], port):
+        url = f"http://127.0.0.1:{port}/v1"
+        RemoteEngine(url, str(exported), timeout=300).close()  # the first request loads the model
+        yield url
+
+
+@pytest.fixture(scope="module")
+def chat_tui_serve():
+    pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'chat-tui[serve]')")
+    port = free_port()
+    command = [sys.executable, "-m", "chat_tui", "serve", "--port", str(port), "--api-key-env", "CT_TEST_KEY"]
+    os.environ["CT_TEST_KEY"] = "sk-test-4242"
+    try:
+        with running(command, port, seconds=60):
+            yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        del os.environ["CT_TEST_KEY"]
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_engine(None)
+
+
+# ------------------------------------------------------------------------ transformers serve
+
+def test_a_greedy_reply_from_transformers_serve_is_the_bundled_models_own(transformers_serve, exported, bundled):
+    engine = RemoteEngine(transformers_serve, timeout=300)  # no --model: the server's only one
+    assert engine.model_name == str(exported)
+    params = bundled.default_params().with_(temperature=0, max_new_tokens=24, top_k=0, top_p=1.0)
+    remote = collect(engine.stream(HELLO, params, candidates=False))
+    local = collect(bundled.stream(HELLO, params))
+    assert remote.text == local.text and remote.tokens == local.tokens
+    assert engine.last_request["temperature"] == 0 and engine.last_request["max_tokens"] == 24
+
+
+def test_stop_mid_reply_closes_the_stream_and_keeps_the_partial_reply(transformers_serve, bundled):
+    engine = RemoteEngine(transformers_serve, timeout=300)
+    cancel = threading.Event()
+    steps = []
+    started = time.monotonic()
+    for step in engine.stream(HELLO, bundled.default_params().with_(temperature=0, max_new_tokens=200),
+                              cancel=cancel, candidates=False):
+        steps.append(step)
+        if len(steps) == 3:
+            cancel.set()
+    assert 3 <= len(steps) <= 4 and steps[-1].finish_reason == "cancelled"
+    assert time.monotonic() - started < 120
+    again = collect(engine.stream(HELLO, bundled.default_params().with_(temperature=0, max_new_tokens=5)))
+    assert again.text  # the next prompt works
+
+
+def test_a_setting_the_server_rejects_is_dropped_once_and_remembered(transformers_serve, bundled):
+    engine = RemoteEngine(transformers_serve, timeout=300)
+    params = bundled.default_params().with_(temperature=0, max_new_tokens=8, top_k=5)
+    reply = collect(engine.stream(HELLO, params, candidates=False))
+    assert reply.text
+    assert "top_k" in engine.unsupported and "top_k" not in engine.last_request
+    assert "top_k" in (engine.last_note or "")
+    collect(engine.stream(HELLO, params, candidates=False))
+    assert "top_k" not in engine.last_request and engine.last_note is None  # not sent, not retried
+
+
+def test_a_wrong_model_name_lists_the_servers_models(transformers_serve, exported):
+    with pytest.raises(ServerError) as caught:
+        RemoteEngine(transformers_serve, "gpt-7", timeout=300)
+    message = str(caught.value)
+    assert "gpt-7" in message and str(exported) in message and "\n" not in message
+
+
+# ------------------------------------------------------------------------ chat-tui serve
+
+def test_probabilities_come_from_the_servers_logprobs(chat_tui_serve, bundled):
+    engine = RemoteEngine(chat_tui_serve, api_key="sk-test-4242")
+    params = bundled.default_params().with_(temperature=0, max_new_tokens=10, top_candidates=5)
+    remote = list(engine.stream(HELLO, params, candidates=True))
+    local = list(bundled.stream(HELLO, params, candidates=True))
+    assert [s.token for s in remote] == [s.token for s in local]
+    for r, s in zip(remote, local, strict=True):
+        assert r.prob == pytest.approx(s.prob, abs=1e-5)
+        assert [c.text for c in r.top] == [c.text for c in s.top[:5]]
+        assert math.isnan(r.chain_prob)  # the server's own sampler chose: no chain to replay
+    assert engine.attention_unavailable and "OpenAI protocol" in engine.attention_unavailable
+
+
+def test_ask_with_base_url_prints_the_reply_and_a_receipt(chat_tui_serve):
+    env = {**os.environ, "CT_KEY": "sk-test-4242"}
+    done = subprocess.run([sys.executable, "-m", "chat_tui", "ask", "Hello!", "--base-url", chat_tui_serve,
+                           "--api-key-env", "CT_KEY", "--temperature", "0", "--max-new-tokens", "12", "--json"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    tokens, summary = lines[:-1], lines[-1]
+    assert tokens and all(0 < t["prob"] <= 1 for t in tokens)
+    assert summary["server"] == chat_tui_serve and summary["sent"]["temperature"] == 0
+    assert "sk-test-4242" not in done.stdout + done.stderr
+
+
+def test_a_wrong_key_is_one_line_that_never_shows_the_key(chat_tui_serve):
+    env = {**os.environ, "CT_KEY": "sk-wrong-key-777"}
+    done = subprocess.run([sys.executable, "-m", "chat_tui", "ask", "Hello!", "--base-url", chat_tui_serve,
+                           "--api-key-env", "CT_KEY"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "refused the key (401)" in done.stderr
+    assert "sk-wrong-key-777" not in done.stderr + done.stdout
+
+
+# ------------------------------------------------------------------------ faults, on real sockets
+
+class Scripted(BaseHTTPRequestHandler):
+    """An OpenAI-ish server whose chat answer is `behaviour` (set per test)."""
+
+    behaviour = "ok"
+    calls: list[dict] = []
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _json(self, status: int, body: dict, headers: dict | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._json(200, {"object": "list", "data": [{"id": "m1", "object": "model", "owned_by": "test"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).calls.append(body)
+        behaviour = type(self).behaviour
+        if behaviour == "sleep":
+            time.sleep(3)
+            return
+        if behaviour.startswith("429"):
+            if behaviour == "429-then-ok" and len(type(self).calls) > 1:
+                behaviour = "ok"
+            else:
+                wait = "0.2" if behaviour == "429-then-ok" else "600"
+                self._json(429, {"error": {"message": "slow down", "type": "rate_limit"}}, {"retry-after": wait})
+                return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+
+        def event(content: str) -> bytes:
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m1",
+                     "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+            return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+        self.wfile.write(event("Hello") + event(" there"))
+        self.wfile.flush()
+        if behaviour == "close":
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if behaviour == "malformed":
+            self.wfile.write(b"data: {this is not json\n\n")
+            self.wfile.flush()
+            return
+        done = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m1",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        self.wfile.write(b"data: " + json.dumps(done).encode() + b"\n\ndata: [DONE]\n\n")
+
+
+@pytest.fixture
+def scripted():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    Scripted.calls = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def reply_and_error(engine, params=None):
+    from chat_tui.engine import SamplingParams
+
+    steps, error = [], None
+    try:
+        for step in engine.stream(HELLO, params or SamplingParams(max_new_tokens=20)):
+            steps.append(step)
+    except ServerError as exc:
+        error = exc
+    return "".join(s.text for s in steps), error
+
+
+def test_nothing_listening_is_one_line_naming_the_server():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(ServerError, match=r"cannot connect .*is the server running") as caught:
+        RemoteEngine(url, "m1", timeout=5)
+    assert public_url(url) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_server_that_sleeps_past_the_timeout_says_so(scripted):
+    _, url = scripted
+    Scripted.behaviour = "sleep"
+    engine = RemoteEngine(url, timeout=0.5)
+    text, error = reply_and_error(engine)
+    assert text == "" and error is not None and "no answer within 0.5 s" in str(error)
+
+
+def test_a_server_that_closes_mid_stream_keeps_the_partial_reply(scripted):
+    _, url = scripted
+    Scripted.behaviour = "close"
+    text, error = reply_and_error(RemoteEngine(url, timeout=5))
+    assert text == "Hello there" and error is not None and url in str(error)
+    Scripted.behaviour = "ok"
+    assert reply_and_error(RemoteEngine(url, timeout=5)) == ("Hello there", None)  # the next prompt works
+
+
+def test_a_malformed_event_is_named(scripted):
+    _, url = scripted
+    Scripted.behaviour = "malformed"
+    text, error = reply_and_error(RemoteEngine(url, timeout=5))
+    assert text == "Hello there" and error is not None and "\n" not in str(error)
+
+
+def test_429_is_waited_out_when_the_server_asks_for_little_and_reported_when_for_long(scripted):
+    _, url = scripted
+    Scripted.behaviour = "429-then-ok"
+    started = time.monotonic()
+    assert reply_and_error(RemoteEngine(url, timeout=5)) == ("Hello there", None)
+    assert time.monotonic() - started >= 0.2 and len(Scripted.calls) == 2
+    Scripted.behaviour = "429-long"
+    text, error = reply_and_error(RemoteEngine(url, timeout=5))
+    assert text == "" and "busy (429)" in str(error) and "600" in str(error)
+
+
+def test_a_random_seed_is_chosen_here_sent_and_shown(scripted):
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "ok"
+    steps = list(RemoteEngine(url, timeout=5).stream(HELLO, SamplingParams(seed=None)))
+    assert Scripted.calls[-1]["seed"] == steps[0].prompt.seed >= 0
+
+
+def test_every_setting_is_sent_under_the_servers_names(scripted):
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "ok"
+    params = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, typical_p=0.95,
+                            repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.25, seed=3,
+                            stop=("\n\n",), max_new_tokens=50, top_candidates=8)
+    reply_and_error(RemoteEngine(url, timeout=5), params)
+    sent = Scripted.calls[-1]
+    assert {k: sent[k] for k in sent if k not in ("model", "messages", "stream")} == {
+        "temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "typical_p": 0.95,
+        "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.25, "seed": 3,
+        "stop": ["\n\n"], "max_tokens": 50, "logprobs": True, "top_logprobs": 8}
+    assert sent["messages"] == [{"role": "user", "content": "What is AI?"}]
+
+
+def test_a_key_file_others_can_read_is_refused(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("sk-file-key\n")
+    key.chmod(0o644)
+    with pytest.raises(ServerError, match="readable by others; chmod 600"):
+        read_key(key_file=key)
+    key.chmod(0o600)
+    assert read_key(key_file=key) == "sk-file-key"
+
+
+def test_the_url_is_shown_without_credentials():
+    assert public_url("https://user:pa55@example.com:8443/v1/") == "https://example.com:8443/v1"
