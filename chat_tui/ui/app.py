@@ -49,7 +49,7 @@ from chat_tui.config import (
 )
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.source import source_problem
-from chat_tui.engine.types import Engine, Message, Step
+from chat_tui.engine.types import Engine, Step
 from chat_tui.store import Store, StoreError
 from chat_tui.ui.bindings import with_ids
 from chat_tui.ui.budget import UIBudget
@@ -57,7 +57,7 @@ from chat_tui.ui.conversation import ConversationView, MessageView
 from chat_tui.ui.errors import describe, log_error
 from chat_tui.ui.messages import GenerationDone, ModelLoaded, ModelProgress, StepsReady
 from chat_tui.ui.prompt import PromptInput
-from chat_tui.ui.reply import ReplyController, details_line
+from chat_tui.ui.reply import ReplyController, details_line, prompt_messages
 from chat_tui.ui.sampling import SamplingPane, SamplingTable
 from chat_tui.ui.screens import (
     ConfirmScreen,
@@ -258,14 +258,6 @@ class ChatApp(App[int], inherit_bindings=False):
             return self.query_one(ConversationView).view_for(item)
         except NoMatches:
             return None
-
-    def _show_candidates(self, step) -> None:  # noqa: ANN001
-        try:
-            pane = self.query_one("#inspector")
-        except NoMatches:
-            return
-        if hasattr(pane, "show_step"):  # not the placeholder
-            pane.show_step(step)
 
     @property
     def conversation(self) -> ConversationView:
@@ -571,11 +563,11 @@ class ChatApp(App[int], inherit_bindings=False):
         try:
             return fn(*args, **kwargs)
         except (sqlite3.Error, StoreError, OSError) as exc:
-            self._store_failed(exc)
+            self.store_failed(exc)
             return None
 
-    def _store_failed(self, error: Exception) -> None:
-        """Saving failed: logged each time, said once."""
+    def store_failed(self, error: Exception) -> None:
+        """Saving to the store failed (the controller also tells this): logged each time, said once."""
         path = log_error(self.paths, error, "saving the conversation")
         if not self._store_warned:
             self._store_warned = True
@@ -881,20 +873,6 @@ class ChatApp(App[int], inherit_bindings=False):
 
     # ------------------------------------------------------------------ sending and generating
 
-    def _messages_before(self, item: ChatItem | None, *, include: bool = False) -> list[Message]:
-        out: list[Message] = []
-        if self.system_prompt.strip():
-            out.append(Message("system", self.system_prompt))
-        for it in self.conversation.items:
-            if it is item and not include:
-                break
-            message = it.as_message()
-            if message is not None and it.status != "waiting":
-                out.append(message)
-            if it is item:
-                break
-        return out
-
     async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         text = event.text
         if not text.strip():
@@ -947,12 +925,12 @@ class ChatApp(App[int], inherit_bindings=False):
         saved = {"conversation_id": self.conversation_id, "system_prompt": self.system_prompt}
         if mode == "continue" and target is not None:
             item = target
-            conversation = self._messages_before(item, include=True)
+            conversation = prompt_messages(self.conversation.items, self.system_prompt, item)
             job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content, **saved)
             self.replies.begin(job)
         else:
             item = ChatItem("assistant", "", status="waiting")
-            conversation = self._messages_before(None)
+            conversation = prompt_messages(self.conversation.items, self.system_prompt)
             job = GenJob(conversation=conversation, item=item, **saved)
             self.replies.begin(job)  # before the await: the app is not settled while the reply's view mounts
             await self.conversation.add(item)
@@ -1032,15 +1010,17 @@ class ChatApp(App[int], inherit_bindings=False):
         view = self._view_for(job.item)
         if view is not None:
             view.set_meta(details_text(job.item, live=None if final else job))
-        self._show_candidates(job.last_step)
+        try:
+            pane = self.query_one("#inspector")
+        except NoMatches:
+            pane = None
+        if hasattr(pane, "show_step"):  # not the placeholder
+            pane.show_step(job.last_step)
         self._refresh_status()
 
     def reply_notice(self, job: GenJob, notice: str) -> None:
         self.notice = notice
         self.notify(notice, severity="warning", timeout=8, markup=False)
-
-    def reply_not_saved(self, job: GenJob, error: Exception) -> None:
-        self._store_failed(error)
 
     def reply_finished(self, job: GenJob, error: BaseException | None) -> None:
         item = job.item
@@ -1048,7 +1028,6 @@ class ChatApp(App[int], inherit_bindings=False):
         if view is not None:
             view.finish(item.content)
             view.refresh_header()
-            view.set_meta(details_text(item))
         if not self.replies.streaming:
             self._flush_timer.pause()
         self.last_job = job
@@ -1058,8 +1037,7 @@ class ChatApp(App[int], inherit_bindings=False):
             self.state = "error" if self.engine is not None else "no model"
         else:
             self.state = "stopped" if item.status == "stopped" else "idle"
-        self._show_candidates(job.last_step)
-        self._refresh_status()
+        self.reply_progress(job, final=True)  # the final details, candidates and status
 
     async def action_quit(self) -> None:
         self.replies.stop_all()  # what arrived is kept, marked stopped

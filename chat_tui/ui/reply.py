@@ -58,6 +58,21 @@ def settings_summary(params: dict[str, Any] | None) -> str:
     return " ".join(parts)
 
 
+def prompt_messages(items: list[ChatItem], system_prompt: str, upto: ChatItem | None = None) -> list[Message]:
+    """What the model is asked to answer: the system prompt and `items` up to and with `upto` (a reply
+    being continued), else all of them; replies that produced nothing and ones still waiting are left out."""
+    out: list[Message] = []
+    if system_prompt.strip():
+        out.append(Message("system", system_prompt))
+    for item in items:
+        message = item.as_message()
+        if message is not None and item.status != "waiting":
+            out.append(message)
+        if item is upto:
+            break
+    return out
+
+
 def fit_notice(conversation: list[Message], prompt: PromptInfo) -> str:
     """What the engine left out of `conversation` to fit the context, in words ("" if nothing)."""
     if not prompt.dropped_tokens:
@@ -177,10 +192,10 @@ class ReplySink(Protocol):
         """The prompt was cut to fit the context (`notice` says how)."""
 
     def reply_finished(self, job: GenJob, error: BaseException | None) -> None:
-        """The reply ended; `job.item` holds its final message, saved unless `reply_not_saved` was told."""
+        """The reply ended; `job.item` holds its final message, saved unless `store_failed` was told."""
 
-    def reply_not_saved(self, job: GenJob, error: Exception) -> None:
-        """Saving the reply failed (the chat goes on)."""
+    def store_failed(self, error: Exception) -> None:
+        """Saving a reply failed (the chat goes on)."""
 
 
 class ReplyController:
@@ -363,4 +378,4 @@ class ReplyController:
                 tokens=item.tokens, tokens_per_s=item.tokens_per_s, meta=item.meta,
             )
         except (sqlite3.Error, StoreError, OSError) as exc:
-            self.sink.reply_not_saved(job, exc)
+            self.sink.store_failed(exc)

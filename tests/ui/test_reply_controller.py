@@ -14,7 +14,7 @@ from chat_tui.engine.fake import FakeEngine, tokenize
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Message, PromptInfo, Step
 from chat_tui.store import Store
-from chat_tui.ui.reply import ReplyController, details_line, finished_reply
+from chat_tui.ui.reply import ReplyController, details_line, finished_reply, prompt_messages
 from chat_tui.ui.state import ChatItem, GenJob
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,7 +148,7 @@ class Sink:
     def reply_finished(self, job, error):
         self.finished.append((job, error))
 
-    def reply_not_saved(self, job, error):
+    def store_failed(self, error):
         self.not_saved.append(error)
 
 
@@ -268,3 +268,13 @@ def test_a_reply_that_cannot_be_saved_is_reported_and_kept_on_screen(tmp_path):
     run_replies(controller, FakeEngine(["Hi there."]), [job])
     assert len(sink.not_saved) == 1 and job.item.content == "Hi there." and job.item.status == "complete"
     assert job.item.db_id is None
+
+
+def test_the_prompt_is_the_system_prompt_and_the_conversation_up_to_the_reply():
+    hi, reply, empty = ChatItem("user", "hi"), ChatItem("assistant", "hello"), ChatItem("assistant", "", status="error")
+    later, waiting = ChatItem("user", "more"), ChatItem("assistant", "", status="waiting")
+    items = [hi, reply, empty, later, waiting]
+    assert prompt_messages(items, "be brief") == [
+        Message("system", "be brief"), Message("user", "hi"), Message("assistant", "hello"), Message("user", "more"),
+    ]
+    assert prompt_messages(items, "  ", upto=reply) == [Message("user", "hi"), Message("assistant", "hello")]
