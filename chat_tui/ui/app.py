@@ -17,6 +17,7 @@ import gc
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -128,16 +129,9 @@ def tune_runtime() -> None:
     gc.enable()  # run_app starts with it off
 
 
-def _alive(engine: Engine) -> bool:
-    """False once a model's own process has gone (killed, crashed); an in-process model is always there."""
-    return getattr(engine, "alive", True)
-
-
-def _close_quietly(engine: Engine | None) -> None:
-    """Tell a model in its own process to go, without waiting (other engines have nothing to close)."""
-    close = getattr(engine, "close", None)
-    if close is not None:
-        close(wait=False)
+def _close_quietly(engine: Engine) -> None:
+    """Let a model go without waiting for it (a model in its own process takes a moment to stop)."""
+    threading.Thread(target=engine.close, name="close-model", daemon=True).start()
 
 
 class MainScreen(Screen, inherit_bindings=False):
@@ -482,7 +476,7 @@ class ChatApp(App[int], inherit_bindings=False):
         """The model's own process has gone (killed, out of memory): start it again, same model and
         device. True when a restart began (the caller's prompt then waits for it)."""
         engine = self.engine
-        if engine is None or self.loading or _alive(engine):
+        if engine is None or self.loading or engine.alive:
             return False
         pane = self._inspector_pane()
         if pane is not None:
@@ -511,10 +505,9 @@ class ChatApp(App[int], inherit_bindings=False):
     def _close_engine(self) -> None:
         """Let go of the current model; one in a child process is stopped (a reply there is cancelled)."""
         engine, self.engine = self.engine, None
-        close = getattr(engine, "close", None)
-        if close is not None:
+        if engine is not None:
             self.replies.cancel_on(engine)  # not those waiting for the next model
-            self.run_worker(close, thread=True, group="close-model", exit_on_error=False)
+            self.run_worker(engine.close, thread=True, group="close-model", exit_on_error=False)
 
     def on_model_progress(self, message: ModelProgress) -> None:
         self.load_note = clean_line(message.text)[:60]
@@ -592,7 +585,7 @@ class ChatApp(App[int], inherit_bindings=False):
             return
         job, engine = self._reply_workers.pop(worker, None), self.engine
         # a model whose process died mid-reply is started again at once (the partial reply is kept)
-        restart = job is not None and engine is not None and job.engine is engine and not _alive(engine)
+        restart = job is not None and engine is not None and job.engine is engine and not engine.alive
         self._notify_error(what, error, path, outcome="; restarting it" if restart else "")
         if job is not None:
             self.replies.fail(job, error)
@@ -604,7 +597,7 @@ class ChatApp(App[int], inherit_bindings=False):
         self.loading = False
         engine = self.engine
         waiting = self.replies.waiting()
-        if engine is not None and _alive(engine):
+        if engine is not None and engine.alive:
             self.model_source = self.engine_source
             # the settings typed for this model stay its own (a later restart of its process keeps them)
             self.params_touched = self.params_touched or self._touched_before_load
@@ -1010,11 +1003,8 @@ class ChatApp(App[int], inherit_bindings=False):
         view = self._view_for(job.item)
         if view is not None:
             view.set_meta(details_text(job.item, live=None if final else job))
-        try:
-            pane = self.query_one("#inspector")
-        except NoMatches:
-            pane = None
-        if hasattr(pane, "show_step"):  # not the placeholder
+        pane = self._inspector_pane()
+        if pane is not None:
             pane.show_step(job.last_step)
         self._refresh_status()
 
@@ -1045,7 +1035,8 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def on_unmount(self) -> None:
         self.replies.stop_all()
-        _close_quietly(self.engine)  # a model in its own process: tell it to go, without waiting
+        if self.engine is not None:
+            _close_quietly(self.engine)
         training = self.training
         if training is not None and not training.finished and training.run.running:
             training.run.stop(wait=False)  # like Ctrl-C: the run finishes its step and saves; we do not wait
