@@ -60,14 +60,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _test_engine_speaks_the_protocol() -> None:
-    """FakeEngine gets the Engine protocol's `alive` and `close()` (which the app now calls) until the
-    engines implement them on the protocol branch of #11; a no-op once they do. Remove after that merge."""
-    from chat_tui.engine.fake import FakeEngine
+def speak_the_protocol(*engine_classes: type) -> None:
+    """Give engines the Engine protocol's `alive` and `close()` (which the app now calls) until they
+    implement them on the protocol branch of #11; a no-op once they do. Remove after that merge."""
+    for engine_class in engine_classes:
+        if not hasattr(engine_class, "close"):
+            engine_class.alive = True
+            engine_class.close = lambda self: None
 
-    if not hasattr(FakeEngine, "close"):
-        FakeEngine.alive = True
-        FakeEngine.close = lambda self: None
+
+def _fake_engine_speaks_the_protocol() -> None:
+    from chat_tui.engine.fake import FakeEngine  # no torch (tests/ui/conftest.py does the torch engines)
+
+    speak_the_protocol(FakeEngine)
 
 
-_test_engine_speaks_the_protocol()
+_fake_engine_speaks_the_protocol()

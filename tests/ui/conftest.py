@@ -12,6 +12,17 @@ from chat_tui.config import get_paths
 from chat_tui.engine.fake import FakeEngine
 from chat_tui.engine.params import SamplingParams
 from chat_tui.ui.app import ChatApp
+from tests.conftest import speak_the_protocol
+
+
+def _torch_engines_speak_the_protocol() -> None:
+    from chat_tui.engine.hf import HFEngine
+    from chat_tui.engine.minigpt import MiniGPTEngine
+
+    speak_the_protocol(MiniGPTEngine, HFEngine)
+
+
+_torch_engines_speak_the_protocol()  # until the protocol branch merges (see speak_the_protocol)
 
 CODE_REPLY = (
     "Here is a function:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nIt adds **two** numbers."
