@@ -251,14 +251,13 @@ async def one_run(engine, open_pane: bool, new_tokens: int, home: Path) -> tuple
         assert bool(pane.display) == open_pane
         app.prompt_input.focus()
         app.prompt_input.load_text("Hello! What is AI? Tell me more about it.")
-        before = app.tokens_on_screen
         start = time.perf_counter()
         await pilot.press("enter")
         await pilot.pause(0.05)
         while app.job is not None or not app.settled:
             await pilot.pause(0.01)
         took = time.perf_counter() - start
-        tokens = app.tokens_on_screen - before
+        tokens = app.last_job.shown_count  # the tokens this reply handed to the screen
         inspected = bool(getattr(app, "inspect_attention", False))
         return took, tokens, inspected
 

@@ -181,12 +181,30 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def app_rate(factory, params, home: str) -> dict:
-    from chat_tui.config import get_paths
+def measured_app(**kwargs):
+    """The chat app, counting what reaches the screen: the tokens handed to the conversation view and,
+    per reply, when it last got some (counters for the benchmark, not fields of the app)."""
     from chat_tui.ui.app import ChatApp
 
+    class MeasuredApp(ChatApp):
+        def __init__(self) -> None:
+            super().__init__(**kwargs)
+            self.tokens_on_screen = 0
+            self.shown_at: dict[int, float] = {}  # job id -> when its view last got new tokens
+
+        def reply_text(self, job, text, probs) -> None:
+            super().reply_text(job, text, probs)
+            self.tokens_on_screen += len(probs)
+            self.shown_at[job.id] = time.perf_counter()
+
+    return MeasuredApp()
+
+
+async def app_rate(factory, params, home: str) -> dict:
+    from chat_tui.config import get_paths
+
     os.environ["CHAT_TUI_HOME"] = home
-    app = ChatApp(engine_factory=factory, paths=get_paths(), new=True)
+    app = measured_app(engine_factory=factory, paths=get_paths(), new=True)
     app.tune_runtime = True  # as run_app does
     async with app.run_test(size=(120, 40)) as pilot:
         while app.engine is None:
@@ -213,7 +231,7 @@ async def app_rate(factory, params, home: str) -> dict:
         engine = app.engine
     if pid:  # the app told its model's process to go: wait until it has, before the headless run
         engine.close()
-    return {"count": job.count, "rate": job.count / (job.rendered_at - job.created), "shown": job.shown_count,
+    return {"count": job.count, "rate": job.count / (app.shown_at[job.id] - job.created), "shown": job.shown_count,
                 "conversation": list(job.conversation), "inspect": app.inspect_attention,
                 "ui_share": ui_cpu / wall, "model_ms": 1000 * model_cpu / job.count if model_cpu else None,
                 "model_share": model_cpu / wall if model_cpu else None}
@@ -293,7 +311,6 @@ async def responsiveness(kind: str, delay: float, samples: int, home: str) -> di
 
     from chat_tui.config import get_paths
     from chat_tui.store import Store
-    from chat_tui.ui.app import ChatApp
 
     os.environ["CHAT_TUI_HOME"] = home
     paths = get_paths()
@@ -303,7 +320,7 @@ async def responsiveness(kind: str, delay: float, samples: int, home: str) -> di
     store.add_messages(cid, [("user", f"question {i}") if i % 2 == 0 else ("assistant", paragraph)
                              for i in range(1000)])
     store.close()
-    app = ChatApp(engine_factory=app_engine_factory(kind, 4000, delay), paths=paths, conversation_id=cid)
+    app = measured_app(engine_factory=app_engine_factory(kind, 4000, delay), paths=paths, conversation_id=cid)
     app.tune_runtime = True  # as run_app does
     latencies: list[float] = []
     async with app.run_test(size=(120, 40)) as pilot:

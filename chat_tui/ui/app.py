@@ -1,9 +1,10 @@
 """The chat-tui application: conversation, prompt, sampling pane, inspector slot, status bar.
 
 Threads: the model loads in one thread worker (after the first frame is painted, so torch is
-imported only then) and each reply is generated in one thread worker that passes a cancel event
-and a params callable to `Engine.stream`, so a setting changed in the pane applies at the next
-token. `chat-tui` (run_app) loads the model in a child process (`ProcessEngine`): the worker then
+imported only then) and each reply is generated in one thread worker that runs
+`ReplyController.stream` (chat_tui.ui.reply, which runs replies from the prompt to the saved message;
+the app shows them): it passes a cancel event and a params callable to `Engine.stream`, so a setting
+changed in the pane applies at the next token. `chat-tui` (run_app) loads the model in a child process (`ProcessEngine`): the worker then
 reads finished tokens from a pipe, and painting never takes the interpreter lock from the model.
 Workers post typed messages; one `Worker.StateChanged` handler turns any failure into a
 notification that says where the log with the traceback is.
@@ -11,11 +12,11 @@ notification that says where the log with the traceback is.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -48,15 +49,17 @@ from chat_tui.config import (
     save_setting,
 )
 from chat_tui.engine.collector import freeze_long_lived, tune_collection
-from chat_tui.engine.params import InvalidParameter, SamplingParams, settings_summary
+from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.source import source_problem
-from chat_tui.engine.types import Engine, Message, PromptInfo
+from chat_tui.engine.types import Engine, Step
 from chat_tui.store import Store, StoreError
 from chat_tui.ui.bindings import with_ids
 from chat_tui.ui.budget import UIBudget
 from chat_tui.ui.conversation import ConversationView, MessageView
 from chat_tui.ui.errors import describe, log_error
+from chat_tui.ui.messages import GenerationDone, ModelLoaded, ModelProgress, StepsReady
 from chat_tui.ui.prompt import PromptInput
+from chat_tui.ui.reply import ReplyController, details_line, prompt_messages
 from chat_tui.ui.sampling import SamplingPane, SamplingTable
 from chat_tui.ui.screens import (
     ConfirmScreen,
@@ -72,15 +75,7 @@ from chat_tui.ui.screens import (
     encode_stops,
 )
 from chat_tui.ui.settings import Settings
-from chat_tui.ui.state import (
-    ChatItem,
-    GenerationDone,
-    GenJob,
-    ModelLoaded,
-    ModelProgress,
-    StepsReady,
-    stored_token_probs,
-)
+from chat_tui.ui.state import ChatItem, GenJob, stored_token_probs
 from chat_tui.ui.text import clean, clean_line
 
 if TYPE_CHECKING:
@@ -103,14 +98,7 @@ MAX_FLUSH_GAP = 0.25  # ... but never less often than this
 # enough to delay a key press past 100 ms in a long conversation (benchmarks/bench_tui.py).
 # Batches still come at least every MAX_FLUSH_GAP.
 UI_CPU_SHARE = 0.3
-CHROME_INTERVAL = 0.2  # seconds between updates of the details, candidates and status while streaming
 
-FINISH_LABEL = {
-    "stop": "hit a stop string",
-    "length": "reached max tokens",
-    "context": "context full",
-    "cancelled": "stopped",
-}
 STATE_STYLE = {
     "loading": "bold yellow",
     "idle": "bold green",
@@ -123,25 +111,9 @@ STATE_STYLE = {
 }
 
 
-def fit_notice(conversation: list[Message], prompt: PromptInfo) -> str:
-    """What the engine left out of `conversation` to fit the context, in words ("" if nothing)."""
-    if not prompt.dropped_tokens:
-        return ""
-    parts = []
-    dropped = prompt.dropped_messages
-    if dropped:
-        parts.append(f"{dropped} old turn{'s' if dropped != 1 else ''} left out to fit the context")
-    # the newest message loses its start when it alone is too long: its kept tokens tell how much
-    newest = len(conversation) - 1
-    span = next((s for s in prompt.spans if s.message_index == newest), None)
-    if span is not None:
-        message = conversation[newest]
-        cut = len(message.content) - sum(len(token) for token in prompt.tokens[span.start : span.end])
-        if cut > 0:
-            whose = "your message" if message.role == "user" else "the reply being continued"
-            parts.append(f"the start of {whose} was cut to fit the context: about {cut:,} of its "
-                         f"{len(message.content):,} characters")
-    return "; ".join(parts) or f"prompt cut by {prompt.dropped_tokens:,} tokens to fit the context"
+def details_text(item: ChatItem, live: GenJob | None = None) -> Text:
+    """The details under a reply, as the conversation shows them (see `details_line`)."""
+    return Text(details_line(item, live), style="dim", no_wrap=False, end="")
 
 
 def tune_runtime() -> None:
@@ -156,16 +128,9 @@ def tune_runtime() -> None:
     tune_collection()
 
 
-def _alive(engine: Engine) -> bool:
-    """False once a model's own process has gone (killed, crashed); an in-process model is always there."""
-    return getattr(engine, "alive", True)
-
-
-def _close_quietly(engine: Engine | None) -> None:
-    """Tell a model in its own process to go, without waiting (other engines have nothing to close)."""
-    close = getattr(engine, "close", None)
-    if close is not None:
-        close(wait=False)
+def _close_quietly(engine: Engine) -> None:
+    """Let a model go without waiting for it (a model in its own process takes a moment to stop)."""
+    threading.Thread(target=engine.close, name="close-model", daemon=True).start()
 
 
 class UnexpectedError(Exception):
@@ -260,8 +225,8 @@ class ChatApp(App[int], inherit_bindings=False):
         self.load_note = "starting"
         self.keymap: dict[str, str] = {}  # binding id -> keys, as given to set_keymap
         self.conversation_id: int | None = None
-        self.job: GenJob | None = None
-        self.last_job: GenJob | None = None
+        self.replies = ReplyController(self, self._params_now)  # it saves to the store once that is open
+        self.last_job: GenJob | None = None  # the reply the status bar reports on (None: nothing to say)
         self.inspect_attention = False  # the attention inspector sets this
         self.show_probs = False
         self.notice = ""
@@ -270,8 +235,8 @@ class ChatApp(App[int], inherit_bindings=False):
         self.pane_priority = ["sampling", "inspector"]
         self.editing: ChatItem | None = None
         self.first_frame_at: float | None = None
-        self.tokens_on_screen = 0
         self._store_warned = False
+        self._reply_workers: dict[Worker, GenJob] = {}  # the worker streaming each reply (its failure ends it)
         self._flush_budget = UIBudget(UI_CPU_SHARE, MAX_FLUSH_GAP)
         self.tune_runtime = False  # run_app turns this on (see tune_runtime)
         self.training: TrainingSession | None = None  # the run started from the training screen
@@ -356,14 +321,6 @@ class ChatApp(App[int], inherit_bindings=False):
             return self.query_one(ConversationView).view_for(item)
         except NoMatches:
             return None
-
-    def _show_candidates(self, step) -> None:  # noqa: ANN001
-        try:
-            pane = self.query_one("#inspector")
-        except NoMatches:
-            return
-        if hasattr(pane, "show_step"):  # not the placeholder
-            pane.show_step(step)
 
     @property
     def conversation(self) -> ConversationView:
@@ -466,9 +423,10 @@ class ChatApp(App[int], inherit_bindings=False):
     # ------------------------------------------------------------------ start-up
 
     def on_mount(self) -> None:
-        self.conversation.meta_for = self.meta_text
+        self.conversation.meta_for = details_text
         self._apply_config()
         self._open_store()
+        self.replies.store = self.store
         self._show_settings(self.settings)
         self.update_layout()
         self.prompt_input.focus()
@@ -581,7 +539,7 @@ class ChatApp(App[int], inherit_bindings=False):
         """The model's own process has gone (killed, out of memory): start it again, same model and
         device. True when a restart began (the caller's prompt then waits for it)."""
         engine = self.engine
-        if engine is None or self.loading or _alive(engine):
+        if engine is None or self.loading or engine.alive:
             return False
         pane = self._inspector_pane()
         if pane is not None:
@@ -610,12 +568,9 @@ class ChatApp(App[int], inherit_bindings=False):
     def _close_engine(self) -> None:
         """Let go of the current model; one in a child process is stopped (a reply there is cancelled)."""
         engine, self.engine = self.engine, None
-        close = getattr(engine, "close", None)
-        if close is not None:
-            job = self.job
-            if job is not None and not job.done and job.engine is engine:  # not one waiting for the next model
-                job.cancel.set()
-            self.run_worker(close, thread=True, group="close-model", exit_on_error=False)
+        if engine is not None:
+            self.replies.cancel_on(engine)  # not those waiting for the next model
+            self.run_worker(engine.close, thread=True, group="close-model", exit_on_error=False)
 
     def on_model_progress(self, message: ModelProgress) -> None:
         self.load_note = clean_line(message.text)[:60]
@@ -649,8 +604,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 log_error(self.paths, exc, "reading the model's default settings")
             self.settings = self.settings.model_defaults(defaults)
         self.state = "idle"
-        job = self.job
-        if job is not None and not job.done and job.engine is None:
+        for job in self.replies.waiting():
             self._launch(job)
         self._refresh_status()
 
@@ -666,15 +620,21 @@ class ChatApp(App[int], inherit_bindings=False):
         try:
             return fn(*args, **kwargs)
         except (sqlite3.Error, StoreError, OSError) as exc:
-            path = log_error(self.paths, exc, "saving the conversation")
-            if not self._store_warned:
-                self._store_warned = True
-                self._notify_error("Could not save the conversation", exc, path)
+            self.store_failed(exc)
             return None
+
+    def store_failed(self, error: Exception) -> None:
+        """Saving to the store failed (the controller also tells this): logged each time, said once."""
+        path = log_error(self.paths, error, "saving the conversation")
+        if not self._store_warned:
+            self._store_warned = True
+            self._notify_error("Could not save the conversation", error, path)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The one place background failures land: log, notify, and keep the app running."""
         if event.state != WorkerState.ERROR:
+            if event.state in (WorkerState.SUCCESS, WorkerState.CANCELLED):
+                self._reply_workers.pop(event.worker, None)
             return
         worker = event.worker
         error = worker.error or RuntimeError("unknown error")
@@ -687,26 +647,21 @@ class ChatApp(App[int], inherit_bindings=False):
         if worker.group == "engine":
             self._load_failed(error, path)
             return
-        job, engine = self.job, self.engine
+        job, engine = self._reply_workers.pop(worker, None), self.engine
         # a model whose process died mid-reply is started again at once (the partial reply is kept)
-        restart = (worker.group == "generate" and job is not None and engine is not None
-                   and job.engine is engine and not _alive(engine))
+        restart = job is not None and engine is not None and job.engine is engine and not engine.alive
         self._notify_error(what, error, path, outcome="; restarting it" if restart else "")
-        if worker.group == "generate":
-            if job is not None and not job.done:
-                self._absorb(job)
-                job.failed = True
-                self._finish(job, error)
-            if restart:
-                self._restart_if_stopped()
+        if job is not None:
+            self.replies.fail(job, error)
+        if restart:
+            self._restart_if_stopped()
 
     def _load_failed(self, error: BaseException, log_path: Path | None) -> None:
         """A load_model call failed: the model in use, if it still runs, stays (and answers a waiting prompt)."""
         self.loading = False
         engine = self.engine
-        job = self.job
-        waiting = job if job is not None and not job.done and job.engine is None else None
-        if engine is not None and _alive(engine):
+        waiting = self.replies.waiting()
+        if engine is not None and engine.alive:
             self.model_source = self.engine_source
             # the settings typed for this model stay its own (a later restart of its process keeps them)
             if self._touched_before_load:
@@ -719,17 +674,16 @@ class ChatApp(App[int], inherit_bindings=False):
             self._notify_error(f"{clean_line(what)} failed", error, log_path,
                                outcome=f"; still using {clean_line(engine.model_name)}")
             self.state = "idle"
-            if waiting is not None:
-                self._launch(waiting)
+            for job in waiting:
+                self._launch(job)
         else:
             if engine is not None:  # its process has gone, and starting it again failed
                 self._close_engine()
             self._notify_error("Loading the model failed", error, log_path)
             self.state = "no model"
             self.load_note = "load failed"
-            if waiting is not None:
-                waiting.failed = True
-                self._finish(waiting, error)
+            for job in waiting:
+                self.replies.fail(job, error)
         self._refresh_status()
 
     def _handle_exception(self, error: Exception) -> None:
@@ -790,32 +744,13 @@ class ChatApp(App[int], inherit_bindings=False):
 
     # ------------------------------------------------------------------ conversations
 
-    def meta_text(self, item: ChatItem, live: GenJob | None = None) -> Text:
-        parts: list[str] = []
-        tokens = item.tokens if live is None else (item.tokens or 0 if live.mode == "continue" else 0) + live.count
-        if tokens is not None:
-            parts.append(f"{tokens} tokens")
-        rate = item.tokens_per_s if live is None else live.tokens_per_s
-        if rate:
-            parts.append(f"{rate:.1f} tok/s")
-        if item.model:
-            parts.append(clean_line(item.model))
-        summary = settings_summary(item.params)
-        if summary:
-            parts.append(summary)
-        if item.seed is not None:
-            parts.append(f"seed {item.seed}")
-        changes = item.meta.get("param_changes") if item.meta else None
-        if changes:
-            parts.append(f"settings changed {len(changes)}× mid-reply")
-        if item.finish_reason in FINISH_LABEL and item.status != "stopped":
-            parts.append(FINISH_LABEL[item.finish_reason])
-        if item.status == "error" and item.meta.get("error"):
-            parts.append(f"failed: {clean_line(str(item.meta['error']))[:80]}")
-        return Text(" · ".join(parts), style="dim", no_wrap=False, end="")
+    @property
+    def job(self) -> GenJob | None:
+        """The newest reply still running (streaming, or waiting for a model), or None."""
+        return self.replies.current
 
     def _busy(self, what: str = "") -> bool:
-        if self.job is not None and not self.job.done:
+        if self.job is not None:
             self.notify(f"A reply is still streaming: press Esc to stop it{what}.", severity="warning",
                         timeout=4, markup=False)
             return True
@@ -844,7 +779,6 @@ class ChatApp(App[int], inherit_bindings=False):
         self.editing = None
         self.last_job = None
         self.notice = ""
-        self.conversation.meta_for = self.meta_text
         self._clear_inspector()
         await self.conversation.show(items)
         if self.tune_runtime:
@@ -884,7 +818,7 @@ class ChatApp(App[int], inherit_bindings=False):
         self.push_screen(ConversationListScreen(self.store, self.conversation_id), done)
 
     async def on_conversation_deleted(self, message: ConversationDeleted) -> None:
-        if message.conversation_id == self.conversation_id and not (self.job and not self.job.done):
+        if message.conversation_id == self.conversation_id and self.job is None:
             await self.action_new_conversation()
 
     def on_conversation_renamed(self, message: ConversationRenamed) -> None:
@@ -993,20 +927,6 @@ class ChatApp(App[int], inherit_bindings=False):
 
     # ------------------------------------------------------------------ sending and generating
 
-    def _messages_before(self, item: ChatItem | None, *, include: bool = False) -> list[Message]:
-        out: list[Message] = []
-        if self.system_prompt.strip():
-            out.append(Message("system", self.system_prompt))
-        for it in self.conversation.items:
-            if it is item and not include:
-                break
-            message = it.as_message()
-            if message is not None and it.status != "waiting":
-                out.append(message)
-            if it is item:
-                break
-        return out
-
     async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         text = event.text
         if not text.strip():
@@ -1056,19 +976,20 @@ class ChatApp(App[int], inherit_bindings=False):
                 severity="warning", timeout=8, markup=False,
             )
             return
+        saved = {"conversation_id": self.conversation_id, "system_prompt": self.system_prompt}
         if mode == "continue" and target is not None:
             item = target
-            conversation = self._messages_before(item, include=True)
-            job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content)
+            conversation = prompt_messages(self.conversation.items, self.system_prompt, item)
+            job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content, **saved)
+            self.replies.begin(job)
         else:
             item = ChatItem("assistant", "", status="waiting")
-            conversation = self._messages_before(None)
-            job = GenJob(conversation=conversation, item=item)
-            self.job = job  # before the await: the app is not settled while the reply's view mounts
+            conversation = prompt_messages(self.conversation.items, self.system_prompt)
+            job = GenJob(conversation=conversation, item=item, **saved)
+            self.replies.begin(job)  # before the await: the app is not settled while the reply's view mounts
             await self.conversation.add(item)
             if job.done:  # Esc while it mounted
                 return
-        self.job = job
         self.notice = ""
         if self.engine is None or self.loading:  # a model on its way (a restart, another model) answers
             item.status = "waiting"
@@ -1081,70 +1002,33 @@ class ChatApp(App[int], inherit_bindings=False):
         self._launch(job)
 
     def _launch(self, job: GenJob) -> None:
-        job.engine = self.engine
-        job.item.status = "generating"
-        job.item.model = self.engine.model_name if self.engine else None
+        engine = self.engine
+        assert engine is not None
+        # attention is captured only while the inspector is on screen (zero cost when hidden)
+        pane = self._inspector_pane()
+        self.inspect_attention = pane is not None and pane.wants_attention
+        self.replies.launch(job, engine, inspect=self.inspect_attention)
         view = self.conversation.view_for(job.item)
         if view is not None:
             view.refresh_header()
         self.state = "generating"
         self._refresh_status()
         self._flush_timer.resume()
-        # attention is captured only while the inspector is on screen (zero cost when hidden)
-        pane = self._inspector_pane()
-        self.inspect_attention = pane is not None and pane.wants_attention
-        self._generate(job)
+        self._reply_workers[self._generate(job)] = job
 
     def _params_now(self) -> SamplingParams:
         return self.params
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="generate", name="generate")
+    @work(thread=True, exit_on_error=False, group="generate", name="generate")
     def _generate(self, job: GenJob) -> None:
-        engine = job.engine
-        assert engine is not None
-        stream = engine.stream(job.conversation, self._params_now, inspect=self.inspect_attention, cancel=job.cancel)
-        # closed on every way out, even an error: a model in its own process serves one stream at a time
-        with contextlib.closing(stream):
-            for step in stream:
-                if job.push(step):
-                    self.post_message(StepsReady(job))
-                if step.finish_reason is not None:
-                    break
+        """One reply's stream (several may run at once, each in its own worker)."""
+        self.replies.stream(job, lambda job: self.post_message(StepsReady(job)))
         self.post_message(GenerationDone(job))
 
     def on_steps_ready(self, message: StepsReady) -> None:
         """Steps are waiting. The flush timer drains them every FLUSH_INTERVAL (so this message
         comes at most once per interval); only the first token is shown at once."""
-        job = message.job
-        if job is self.job and job.shown_count == 0:
-            self._absorb(job)
-            self._render_job(job)
-
-    def _absorb(self, job: GenJob) -> None:
-        steps = job.drain()
-        pane = self._inspector_pane()
-        for step in steps:
-            if pane is not None:
-                pane.add_step(step)  # every step: its attention row (cheap; drawn on the pane's tick)
-            if step.prompt is not None:
-                job.prompt = step.prompt
-                notice = fit_notice(job.conversation, step.prompt)
-                if notice:
-                    self.notice = notice
-                    self.notify(notice, severity="warning", timeout=8, markup=False)
-            params = step.params
-            if params is not None:
-                if job.first_params is None:
-                    job.first_params = params
-                elif params != job.last_params:
-                    job.param_changes.append((step.index, params.to_dict()))
-                job.last_params = params
-            job.text += step.text
-            job.count += 1
-            job.item.token_probs.append((step.text, step.prob))
-            job.last_step = step
-            if step.finish_reason is not None:
-                job.finish_reason = step.finish_reason
+        self.replies.steps_ready(message.job)
 
     def _flush_stream(self) -> None:
         """Every FLUSH_INTERVAL while streaming: hand the new text to the view in one batch.
@@ -1153,154 +1037,80 @@ class ChatApp(App[int], inherit_bindings=False):
         UI_CPU_SHARE of the time since the last batch (a slow terminal, a busy machine), the batch
         waits for a later tick (up to MAX_FLUSH_GAP), so the model keeps its speed.
         """
-        job = self.job
-        if job is None or job.done:
+        if not self.replies.streaming:
             self._flush_timer.pause()
             return
         if not self._flush_budget.allow():
             return
-        self._absorb(job)
-        self._render_job(job)
-
-    def _render_job(self, job: GenJob, *, final: bool = False) -> None:
-        """Give the view the text that arrived since the last call, in one batch."""
-        if job.rendered == len(job.text) and job.shown_count == job.count and not final:
-            return
-        fragment = job.text[job.rendered :]
-        new_pairs = job.item.token_probs[len(job.item.token_probs) - (job.count - job.shown_count):]
-        job.rendered = len(job.text)
-        job.shown_count = job.count
-        job.item.content = job.base_text + job.text
-        self.tokens_on_screen += len(new_pairs)
-        now = time.perf_counter()
-        job.rendered_at = now
-        view = self._view_for(job.item)
-        if view is not None:
-            view.stream_append(clean(fragment))
-            view.add_token_probs(new_pairs)
-        # the details, the candidates and the status bar change often but matter less: 5 times a second
-        if final or now - job.chrome_at >= CHROME_INTERVAL:
-            job.chrome_at = now
-            if view is not None:
-                view.set_meta(self.meta_text(job.item, live=None if final else job))
-            self._show_candidates(job.last_step)
-            self._refresh_status()
+        self.replies.flush()
 
     def on_generation_done(self, message: GenerationDone) -> None:
-        job = message.job
-        self._absorb(job)
-        self._finish(job, None)
+        self.replies.done(message.job)
 
-    def _finish(self, job: GenJob, error: BaseException | None) -> None:
-        if job.done:
-            return
-        self._render_job(job, final=True)
-        job.done = True
-        self._flush_timer.pause()
+    # the ReplySink the controller tells what to show (chat_tui.ui.reply)
+
+    def reply_text(self, job: GenJob, text: str, probs: list[tuple[str, float]]) -> None:
+        view = self._view_for(job.item)
+        if view is not None:
+            view.stream_append(clean(text))
+            view.add_token_probs(probs)
+
+    def reply_step(self, job: GenJob, step: Step) -> None:
+        pane = self._inspector_pane()
+        if pane is not None:
+            pane.add_step(step)  # every step: its attention row (cheap; drawn on the pane's tick)
+
+    def reply_progress(self, job: GenJob, final: bool) -> None:
+        view = self._view_for(job.item)
+        if view is not None:
+            view.set_meta(details_text(job.item, live=None if final else job))
+        pane = self._inspector_pane()
+        if pane is not None:
+            pane.show_step(job.last_step)
+        self._refresh_status()
+
+    def reply_notice(self, job: GenJob, notice: str) -> None:
+        self.notice = notice
+        self.notify(notice, severity="warning", timeout=8, markup=False)
+
+    def reply_finished(self, job: GenJob, error: BaseException | None) -> None:
         item = job.item
-        stopped = error is None and (job.finish_reason == "cancelled" or job.cancel.is_set())
-        item.status = "error" if error is not None else ("stopped" if stopped else "complete")
-        item.content = job.base_text + job.text
-        item.finish_reason = job.finish_reason if error is None else "error"
-        first = job.first_params or self.params
-        if job.mode == "continue":
-            item.tokens = (item.tokens or 0) + job.count
-            continuations = list(item.meta.get("continuations", []))
-            continuations.append({
-                "params": first.to_dict(),
-                "seed": job.prompt.seed if job.prompt else None,
-                "tokens": job.count,
-                "param_changes": job.param_changes,
-            })
-            item.meta["continuations"] = continuations
-        else:
-            item.tokens = job.count
-            item.params = first.to_dict()
-            item.seed = job.prompt.seed if job.prompt else None
-            if job.param_changes:
-                item.meta["param_changes"] = job.param_changes
-        item.tokens_per_s = job.tokens_per_s
-        if self.engine is not None:
-            item.meta["checkpoint_hash"] = self.engine.checkpoint_hash
-            item.meta["backend"] = self.engine.backend
-        item.meta["system_prompt"] = self.system_prompt
-        # the probability colouring works on a reopened conversation too
-        item.meta["token_probs"] = [[text, round(prob, 5)] for text, prob in item.token_probs]
-        if job.prompt is not None:
-            item.meta["prompt_tokens"] = len(job.prompt.ids)
-            item.meta["dropped_messages"] = job.prompt.dropped_messages
-        if error is not None:
-            item.meta["error"] = describe(error)
         view = self._view_for(item)
         if view is not None:
             view.finish(item.content)
             view.refresh_header()
-            view.set_meta(self.meta_text(item))
-        self._save_reply(job)
-        item.meta.pop("token_probs", None)  # saved; in memory the colours keep item.token_probs only
+        if not self.replies.streaming:
+            self._flush_timer.pause()
         self.last_job = job
-        self.job = None
         if self.loading:
             self.state = "loading"  # another model was asked for while this reply ran
         elif error is not None:
             self.state = "error" if self.engine is not None else "no model"
         else:
-            self.state = "stopped" if stopped else "idle"
-        self._show_candidates(job.last_step)
-        self._refresh_status()
-
-    def _save_reply(self, job: GenJob) -> None:
-        store = self.store
-        item = job.item
-        if store is None or self.conversation_id is None:
-            return
-        status = item.status if item.status in ("complete", "stopped", "error") else "error"
-        if job.mode == "continue" and item.db_id is not None:
-            self._db(
-                store.update_message, item.db_id, content=item.content, status=status,
-                finish_reason=item.finish_reason, tokens=item.tokens, tokens_per_s=item.tokens_per_s, meta=item.meta,
-            )
-            return
-        if not item.content and status == "error":
-            return  # nothing to keep; the notification said what happened
-        engine = job.engine
-        item.db_id = self._db(
-            store.add_message, self.conversation_id, "assistant", item.content, status=status,
-            model=engine.model_name if engine else None,
-            backend=engine.backend if engine else None,
-            checkpoint_hash=engine.checkpoint_hash if engine else None,
-            params=item.params, seed=item.seed, finish_reason=item.finish_reason,
-            tokens=item.tokens, tokens_per_s=item.tokens_per_s, meta=item.meta,
-        )
-
-    def _save_running_reply(self) -> None:
-        """Quitting while a reply streams: stop it and keep what arrived, marked stopped."""
-        job = self.job
-        if job is not None and not job.done:
-            job.cancel.set()
-            if job.engine is None:
-                job.done = True
-                return
-            self._absorb(job)
-            self._finish(job, None)
+            self.state = "stopped" if item.status == "stopped" else "idle"
+        self.reply_progress(job, final=True)  # the final details, candidates and status
 
     async def action_quit(self) -> None:
-        self._save_running_reply()
+        self.replies.stop_all()  # what arrived is kept, marked stopped
         self.exit()
 
     def on_unmount(self) -> None:
-        self._save_running_reply()
-        _close_quietly(self.engine)  # a model in its own process: tell it to go, without waiting
+        self.replies.stop_all()
+        if self.engine is not None:
+            _close_quietly(self.engine)
         training = self.training
         if training is not None and not training.finished and training.run.running:
             training.run.stop(wait=False)  # like Ctrl-C: the run finishes its step and saves; we do not wait
 
     async def action_stop(self) -> None:
         job = self.job
-        if job is not None and not job.done:
+        if job is not None:
             if job.engine is None:  # still waiting for the model: nothing to stop but the wait
-                job.cancel.set()
-                await self._cancel_waiting(job)
+                self.replies.drop_waiting(job)
+                if job.mode == "new":
+                    await self.conversation.remove_from(job.item)
+                self.state = "loading" if self.engine is None or self.loading else "idle"
+                self._refresh_status()
                 return
             job.cancel.set()
             self.state = "stopping"
@@ -1310,14 +1120,6 @@ class ChatApp(App[int], inherit_bindings=False):
             self._cancel_edit()
             return
         raise SkipAction()
-
-    async def _cancel_waiting(self, job: GenJob) -> None:
-        job.done = True
-        self.job = None
-        if job.mode == "new":
-            await self.conversation.remove_from(job.item)
-        self.state = "loading" if self.engine is None or self.loading else "idle"
-        self._refresh_status()
 
     async def action_regenerate(self) -> None:
         if self._busy(" first"):
@@ -1616,7 +1418,7 @@ class ChatApp(App[int], inherit_bindings=False):
     @property
     def settled(self) -> bool:
         """No reply streaming and no Markdown render pending."""
-        if self.job is not None and not self.job.done:
+        if self.job is not None:
             return False
         return all(view.settled for view in self.conversation.query(MessageView))
 

@@ -1,5 +1,5 @@
-"""The UI's plain data: the open conversation's messages, a generation job, and the typed
-messages the worker threads post to the app."""
+"""The UI's plain data: the open conversation's messages and a reply being generated (no Textual:
+`chat_tui.ui.reply` runs replies with it; the messages the worker threads post are in `chat_tui.ui.messages`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-from textual.message import Message as TextualMessage
 
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Engine, Message, PromptInfo, Step
@@ -46,7 +44,7 @@ _job_ids = itertools.count(1)
 
 
 def stored_token_probs(meta: dict[str, Any] | None) -> list[tuple[str, float]]:
-    """The (text, probability) of each generated token, as `_finish` keeps them in a message's meta.
+    """The (text, probability) of each generated token, as a finished reply keeps them in its meta.
 
     Anything malformed (an older database, a hand-edited export) gives no colours, never an error.
     """
@@ -69,9 +67,12 @@ class GenJob:
     conversation: list[Message]
     item: ChatItem
     mode: Literal["new", "continue"] = "new"
+    conversation_id: int | None = None  # the saved conversation the reply goes into (None: not saved)
+    system_prompt: str = ""  # the one in `conversation`, recorded with the reply
     id: int = field(default_factory=lambda: next(_job_ids))
     cancel: threading.Event = field(default_factory=threading.Event)
-    engine: Engine | None = None
+    engine: Engine | None = None  # None while the reply waits for a model
+    inspect: bool = False  # attention is captured for the inspector
     # thread hand-off
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pending: list[Step] = field(default_factory=list)
@@ -88,10 +89,8 @@ class GenJob:
     param_changes: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     last_step: Step | None = None
     finish_reason: str | None = None
-    failed: bool = False
     done: bool = False
     created: float = field(default_factory=time.perf_counter)
-    rendered_at: float = 0.0  # when the view last got new tokens (benchmarks)
     chrome_at: float = 0.0  # when the details, candidates and status were last updated
 
     def push(self, step: Step) -> bool:
@@ -131,35 +130,3 @@ class GenJob:
         prefill = self.prompt.prefill_s if self.prompt is not None else 0.0
         span = step.elapsed_s - prefill
         return self.count / span if span > 0 else None
-
-
-class ModelProgress(TextualMessage):
-    """The loader reports progress (any thread)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-
-class ModelLoaded(TextualMessage):
-    def __init__(self, engine: Engine, source: str | None, load: int = 0) -> None:
-        super().__init__()
-        self.engine = engine
-        self.source = source
-        self.load = load  # which load_model call this answers (an older one has been superseded)
-
-
-class StepsReady(TextualMessage):
-    """New steps wait in `job` (posted at most once until the UI drains them)."""
-
-    def __init__(self, job: GenJob) -> None:
-        super().__init__()
-        self.job = job
-
-
-class GenerationDone(TextualMessage):
-    """The stream ended normally (finished, stopped or cut at a limit)."""
-
-    def __init__(self, job: GenJob) -> None:
-        super().__init__()
-        self.job = job

@@ -1,0 +1,357 @@
+"""Replies, from the prompt to the saved message, with no Textual: the app shows them, this runs them.
+
+The app starts a reply (`ReplyController.begin`), gives it a model (`launch`), runs `stream` in a worker
+thread and passes on what that thread reports (`steps_ready`, `done`, `fail`) and the ticks of its
+flush timer (`flush`). The controller turns steps into text, saves the finished message and tells a
+`ReplySink` (the app) what to show. Several replies can run at once, each in its own `GenJob`; all but
+`stream` runs on one thread, the app's event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chat_tui.engine.params import SamplingParams, settings_summary
+from chat_tui.engine.types import Engine, Message, PromptInfo, Step
+from chat_tui.store import Store, StoreError
+from chat_tui.textsafe import clean_line
+from chat_tui.ui.errors import describe
+from chat_tui.ui.state import ChatItem, GenJob, ItemStatus
+
+CHROME_INTERVAL = 0.2  # seconds between updates of the details, candidates and status while streaming
+
+FINISH_LABEL = {
+    "stop": "hit a stop string",
+    "length": "reached max tokens",
+    "context": "context full",
+    "cancelled": "stopped",
+}
+_SAVED_STATUSES = ("complete", "stopped", "error")
+
+
+def prompt_messages(items: list[ChatItem], system_prompt: str, upto: ChatItem | None = None) -> list[Message]:
+    """What the model is asked to answer: the system prompt and `items` up to and with `upto` (a reply
+    being continued), else all of them; replies that produced nothing and ones still waiting are left out."""
+    out: list[Message] = []
+    if system_prompt.strip():
+        out.append(Message("system", system_prompt))
+    for item in items:
+        message = item.as_message()
+        if message is not None and item.status != "waiting":
+            out.append(message)
+        if item is upto:
+            break
+    return out
+
+
+def fit_notice(conversation: list[Message], prompt: PromptInfo) -> str:
+    """What the engine left out of `conversation` to fit the context, in words ("" if nothing)."""
+    if not prompt.dropped_tokens:
+        return ""
+    parts = []
+    dropped = prompt.dropped_messages
+    if dropped:
+        parts.append(f"{dropped} old turn{'s' if dropped != 1 else ''} left out to fit the context")
+    # the newest message loses its start when it alone is too long: its kept tokens tell how much
+    newest = len(conversation) - 1
+    span = next((s for s in prompt.spans if s.message_index == newest), None)
+    if span is not None:
+        message = conversation[newest]
+        cut = len(message.content) - sum(len(token) for token in prompt.tokens[span.start : span.end])
+        if cut > 0:
+            whose = "your message" if message.role == "user" else "the reply being continued"
+            parts.append(f"the start of {whose} was cut to fit the context: about {cut:,} of its "
+                         f"{len(message.content):,} characters")
+    return "; ".join(parts) or f"prompt cut by {prompt.dropped_tokens:,} tokens to fit the context"
+
+
+def details_line(item: ChatItem, live: GenJob | None = None) -> str:
+    """The line of details under a reply: tokens, speed, model, settings, how it ended.
+
+    `live`: the job still streaming into `item` (its counts are the ones to show), else None.
+    """
+    parts: list[str] = []
+    tokens = item.tokens if live is None else (item.tokens or 0 if live.mode == "continue" else 0) + live.count
+    if tokens is not None:
+        parts.append(f"{tokens} tokens")
+    rate = item.tokens_per_s if live is None else live.tokens_per_s
+    if rate:
+        parts.append(f"{rate:.1f} tok/s")
+    if item.model:
+        parts.append(clean_line(item.model))
+    summary = settings_summary(item.params)
+    if summary:
+        parts.append(summary)
+    if item.seed is not None:
+        parts.append(f"seed {item.seed}")
+    changes = item.meta.get("param_changes") if item.meta else None
+    if changes:
+        parts.append(f"settings changed {len(changes)}× mid-reply")
+    if item.finish_reason in FINISH_LABEL and item.status != "stopped":
+        parts.append(FINISH_LABEL[item.finish_reason])
+    if item.status == "error" and item.meta.get("error"):
+        parts.append(f"failed: {clean_line(str(item.meta['error']))[:80]}")
+    return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class FinishedReply:
+    """What a finished reply's message holds, as the store saves it."""
+
+    status: ItemStatus
+    content: str
+    finish_reason: str | None
+    tokens: int
+    params: dict[str, Any] | None
+    seed: int | None
+    tokens_per_s: float | None
+    meta: dict[str, Any]
+
+
+def finished_reply(job: GenJob, *, error: str | None, params: SamplingParams) -> FinishedReply:
+    """The message `job` leaves (its item is not changed). `error`: why it failed, else None;
+    `params`: the settings to record when no token said which it was sampled with."""
+    item = job.item
+    stopped = error is None and (job.finish_reason == "cancelled" or job.cancel.is_set())
+    first = job.first_params or params
+    seed = job.prompt.seed if job.prompt else None
+    meta = dict(item.meta)
+    if job.mode == "continue":  # the message keeps its first settings; each continuation adds its own
+        tokens = (item.tokens or 0) + job.count
+        saved_params, saved_seed = item.params, item.seed
+        meta["continuations"] = [*meta.get("continuations", []), {
+            "params": first.to_dict(), "seed": seed, "tokens": job.count, "param_changes": job.param_changes,
+        }]
+    else:
+        tokens = job.count
+        saved_params, saved_seed = first.to_dict(), seed
+        if job.param_changes:
+            meta["param_changes"] = job.param_changes
+    engine = job.engine
+    if engine is not None:
+        meta["checkpoint_hash"] = engine.checkpoint_hash
+        meta["backend"] = engine.backend
+    meta["system_prompt"] = job.system_prompt
+    # the probability colouring works on a reopened conversation too
+    meta["token_probs"] = [[text, round(prob, 5)] for text, prob in item.token_probs]
+    if job.prompt is not None:
+        meta["prompt_tokens"] = len(job.prompt.ids)
+        meta["dropped_messages"] = job.prompt.dropped_messages
+    if error is not None:
+        meta["error"] = error
+    return FinishedReply(
+        status="error" if error is not None else ("stopped" if stopped else "complete"),
+        content=job.base_text + job.text,
+        finish_reason=job.finish_reason if error is None else "error",
+        tokens=tokens, params=saved_params, seed=saved_seed, tokens_per_s=job.tokens_per_s, meta=meta,
+    )
+
+
+class ReplySink(Protocol):
+    """What a view of replies is told (on the controller's thread)."""
+
+    def reply_text(self, job: GenJob, text: str, probs: list[tuple[str, float]]) -> None:
+        """`text` (untrusted, not yet cleaned) was added to `job.item.content`; `probs` are its tokens'."""
+
+    def reply_step(self, job: GenJob, step: Step) -> None:
+        """Each step as it is taken in (the inspector keeps every token's attention row)."""
+
+    def reply_progress(self, job: GenJob, final: bool) -> None:
+        """The details, the candidates, the status: a few times a second while streaming, once at the end."""
+
+    def reply_notice(self, job: GenJob, notice: str) -> None:
+        """The prompt was cut to fit the context (`notice` says how)."""
+
+    def reply_finished(self, job: GenJob, error: BaseException | None) -> None:
+        """The reply ended; `job.item` holds its final message, saved unless `store_failed` was told."""
+
+    def store_failed(self, error: Exception) -> None:
+        """Saving a reply failed (the chat goes on)."""
+
+
+class ReplyController:
+    """Runs replies for a view: streams, absorbs steps, finishes and saves each one.
+
+    `store`: where finished replies go (None: nowhere); `params`: the sampling settings now (asked at
+    every token, so an edit applies mid-reply).
+    """
+
+    def __init__(self, sink: ReplySink, params: Callable[[], SamplingParams], store: Store | None = None) -> None:
+        self.sink = sink
+        self.params = params
+        self.store = store
+        self.jobs: list[GenJob] = []  # begun and not finished, oldest first
+
+    @property
+    def current(self) -> GenJob | None:
+        """The newest reply not finished yet, or None."""
+        return self.jobs[-1] if self.jobs else None
+
+    @property
+    def streaming(self) -> bool:
+        """Some reply has a model and is not finished."""
+        return any(job.engine is not None for job in self.jobs)
+
+    def waiting(self) -> list[GenJob]:
+        """The replies begun while no model was ready."""
+        return [job for job in self.jobs if job.engine is None]
+
+    def begin(self, job: GenJob) -> None:
+        """`job` counts as running from now on (its model may come later: `launch`)."""
+        self.jobs.append(job)
+
+    def launch(self, job: GenJob, engine: Engine, *, inspect: bool = False) -> None:
+        """Give `job` its model; then run `stream(job, ...)` in a worker thread."""
+        job.engine = engine
+        job.inspect = inspect
+        job.item.status = "generating"
+        job.item.model = engine.model_name
+
+    def stream(self, job: GenJob, ready: Callable[[GenJob], None]) -> None:
+        """Generate `job` (a worker thread: it blocks until the stream ends). `ready(job)` is called
+        when steps wait and the controller's thread was not yet told (then call `steps_ready`)."""
+        engine = job.engine
+        assert engine is not None, "launch the job first"
+        stream = engine.stream(job.conversation, self.params, inspect=job.inspect, cancel=job.cancel)
+        # closed on every way out, even an error: a model in its own process serves one stream at a time
+        with contextlib.closing(stream):
+            for step in stream:
+                if job.push(step):
+                    ready(job)
+                if step.finish_reason is not None:
+                    break
+
+    def steps_ready(self, job: GenJob) -> None:
+        """Steps wait in `job`: the first token shows at once, later ones at the next `flush`."""
+        if not job.done and job.shown_count == 0:
+            self.absorb(job)
+            self.render(job)
+
+    def flush(self) -> None:
+        """Hand each streaming reply's new text to the sink in one batch (the app's timer calls it)."""
+        for job in self.jobs:
+            if job.engine is not None:
+                self.absorb(job)
+                self.render(job)
+
+    def done(self, job: GenJob) -> None:
+        """`stream` returned: the reply ended (finished, stopped or cut at a limit)."""
+        self.absorb(job)
+        self.finish(job, None)
+
+    def fail(self, job: GenJob, error: BaseException) -> None:
+        """The reply cannot go on (its stream raised, or no model came): keep what arrived, marked failed."""
+        if not job.done:
+            self.absorb(job)
+            self.finish(job, error)
+
+    def cancel_on(self, engine: Engine) -> None:
+        """Stop the replies `engine` is generating (it is being closed)."""
+        for job in self.jobs:
+            if job.engine is engine:
+                job.cancel.set()
+
+    def drop_waiting(self, job: GenJob) -> None:
+        """Forget a reply that never got a model (nothing to save)."""
+        job.cancel.set()
+        job.done = True
+        if job in self.jobs:
+            self.jobs.remove(job)
+
+    def stop_all(self) -> None:
+        """Closing: stop every reply and keep what arrived, marked stopped."""
+        for job in list(self.jobs):
+            job.cancel.set()
+            if job.engine is None:
+                self.drop_waiting(job)
+            else:
+                self.absorb(job)
+                self.finish(job, None)
+
+    def absorb(self, job: GenJob) -> None:
+        """Take in the steps the worker queued."""
+        for step in job.drain():
+            self.sink.reply_step(job, step)
+            if step.prompt is not None:
+                job.prompt = step.prompt
+                notice = fit_notice(job.conversation, step.prompt)
+                if notice:
+                    self.sink.reply_notice(job, notice)
+            params = step.params
+            if params is not None:
+                if job.first_params is None:
+                    job.first_params = params
+                elif params != job.last_params:
+                    job.param_changes.append((step.index, params.to_dict()))
+                job.last_params = params
+            job.text += step.text
+            job.count += 1
+            job.item.token_probs.append((step.text, step.prob))
+            job.last_step = step
+            if step.finish_reason is not None:
+                job.finish_reason = step.finish_reason
+
+    def render(self, job: GenJob, *, final: bool = False) -> None:
+        """Give the sink the text that arrived since the last call, in one batch."""
+        if job.rendered == len(job.text) and job.shown_count == job.count and not final:
+            return
+        fragment = job.text[job.rendered :]
+        new_probs = job.item.token_probs[len(job.item.token_probs) - (job.count - job.shown_count):]
+        job.rendered = len(job.text)
+        job.shown_count = job.count
+        job.item.content = job.base_text + job.text
+        self.sink.reply_text(job, fragment, new_probs)
+        # the details, the candidates and the status bar change often but matter less: 5 times a second
+        now = time.perf_counter()
+        if final or now - job.chrome_at >= CHROME_INTERVAL:
+            job.chrome_at = now
+            self.sink.reply_progress(job, final)
+
+    def finish(self, job: GenJob, error: BaseException | None) -> None:
+        """The reply ended: its last text to the sink, its message final and saved."""
+        if job.done:
+            return
+        self.render(job, final=True)
+        job.done = True
+        if job in self.jobs:
+            self.jobs.remove(job)
+        reply = finished_reply(job, error=describe(error) if error is not None else None, params=self.params())
+        item = job.item
+        item.status, item.content, item.finish_reason = reply.status, reply.content, reply.finish_reason
+        item.tokens, item.params, item.seed = reply.tokens, reply.params, reply.seed
+        item.tokens_per_s, item.meta = reply.tokens_per_s, reply.meta
+        self.save(job)
+        item.meta.pop("token_probs", None)  # saved; in memory the colours keep item.token_probs only
+        self.sink.reply_finished(job, error)
+
+    def save(self, job: GenJob) -> None:
+        """Write the finished reply: a new message, or the continued one updated."""
+        store, item = self.store, job.item
+        if store is None or job.conversation_id is None:
+            return
+        status = item.status if item.status in _SAVED_STATUSES else "error"
+        try:
+            if job.mode == "continue" and item.db_id is not None:
+                store.update_message(
+                    item.db_id, content=item.content, status=status, finish_reason=item.finish_reason,
+                    tokens=item.tokens, tokens_per_s=item.tokens_per_s, meta=item.meta,
+                )
+                return
+            if not item.content and status == "error":
+                return  # nothing to keep; the notification said what happened
+            engine = job.engine
+            item.db_id = store.add_message(
+                job.conversation_id, "assistant", item.content, status=status,
+                model=engine.model_name if engine else None,
+                backend=engine.backend if engine else None,
+                checkpoint_hash=engine.checkpoint_hash if engine else None,
+                params=item.params, seed=item.seed, finish_reason=item.finish_reason,
+                tokens=item.tokens, tokens_per_s=item.tokens_per_s, meta=item.meta,
+            )
+        except (sqlite3.Error, StoreError, OSError) as exc:
+            self.sink.store_failed(exc)
