@@ -171,7 +171,7 @@ class RemoteEngine:
     def alive(self) -> bool:
         return True
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
         self._client.close()
 
     def default_params(self) -> SamplingParams:

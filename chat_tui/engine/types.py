@@ -163,8 +163,9 @@ class Engine(Protocol):
         """False once the model's process has died (in-process engines: always True)."""
         ...
 
-    def close(self) -> None:
-        """Free the model (a no-op for an engine that holds nothing outside Python's memory)."""
+    def close(self, *, wait: bool = True) -> None:
+        """Free the model (a no-op for an engine that holds nothing outside Python's memory); `wait`:
+        until it is freed (a model process has exited), else in the background."""
         ...
 
 
