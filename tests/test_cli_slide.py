@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_cli import run
+
+from tests.test_cli import run
 
 PROMPT = "Hello there! How are you today?"
 
@@ -15,7 +16,7 @@ PROMPT = "Hello there! How are you today?"
 def save_endless64(folder: Path, tokenizer) -> Path:
     """A 64-token mini-GPT whose special tokens are marked never learned (as an imported nanoGPT model's
     are): nothing ends its replies before max_new_tokens, so a long one fills the context."""
-    from test_minigpt_numpy import save_tiny
+    from tests.engine.test_minigpt_numpy import save_tiny
 
     specials = sorted(tokenizer.special_ids.values())
     return save_tiny(folder, tokenizer, block_size=64, std=0.3, extra_config={"untrained_token_ids": specials})
@@ -52,8 +53,8 @@ def test_no_slide_context_ends_the_reply_at_the_context(endless64):
 
 def test_ask_json_names_a_decode_without_kv_cache(tmp_path):
     pytest.importorskip("transformers")
-    from test_hf import train_bpe
-    from test_hf_architectures import build
+    from tests.engine.test_hf import train_bpe
+    from tests.engine.test_hf_architectures import build
 
     folder = build("openai-gpt", tmp_path / "gpt1", train_bpe())
     result = run("ask", "Hello", "--model", str(folder), "--chat-format", "plain", "--temperature", "0",
@@ -67,9 +68,10 @@ def test_ask_json_names_a_decode_without_kv_cache(tmp_path):
 def test_ask_on_a_hugging_face_model_with_nan_weights_names_it(tmp_path):
     pytest.importorskip("transformers")
     import torch
-    from test_hf import train_bpe
-    from test_hf_architectures import build
     from transformers import AutoModelForCausalLM
+
+    from tests.engine.test_hf import train_bpe
+    from tests.engine.test_hf_architectures import build
 
     folder = build("gpt2", tmp_path / "broken-gpt2", train_bpe())
     model = AutoModelForCausalLM.from_pretrained(folder)

@@ -1,6 +1,6 @@
 """Every engine is an `Engine`; `explainer()` says which can explain; `close()` is always safe.
 
-The model in its own process (ProcessEngine) is checked in tests/test_process_engine.py, the Hugging
+The model in its own process (ProcessEngine) is checked in tests/engine/test_process_engine.py, the Hugging
 Face engine here on a tiny random Llama.
 """
 
@@ -70,7 +70,7 @@ def test_the_minigpt_is_an_engine_and_its_own_explainer(tiny_engine):
 @pytest.fixture(scope="module")
 def llama_path(tmp_path_factory):
     pytest.importorskip("transformers")
-    from tests.test_hf import build_model, train_bpe
+    from tests.engine.test_hf import build_model, train_bpe
 
     return build_model("llama", tmp_path_factory.mktemp("hf") / "tiny-llama", train_bpe())
 

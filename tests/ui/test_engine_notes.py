@@ -49,7 +49,7 @@ async def test_the_slide_setting_is_turned_off_and_on_in_the_sampling_pane(make_
 
 @pytest.fixture(scope="module")
 def block64(tmp_path_factory, tiny_tokenizer) -> Path:
-    from test_cli_slide import save_endless64
+    from tests.test_cli_slide import save_endless64
 
     return save_endless64(tmp_path_factory.mktemp("slide") / "block64", tiny_tokenizer)
 
@@ -77,10 +77,10 @@ async def test_the_status_bar_says_the_window_slid_and_ctx_stays_within_the_cont
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random GPT-1 (no KV cache), Reformer (no cache, no attention weights) and Bamba (attention in
-    one layer of two), as tests/test_hf_architectures.py builds them."""
+    one layer of two), as tests/engine/test_hf_architectures.py builds them."""
     pytest.importorskip("transformers")
-    from test_hf import train_bpe
-    from test_hf_architectures import build
+    from tests.engine.test_hf import train_bpe
+    from tests.engine.test_hf_architectures import build
 
     tokenizer_json = train_bpe()
     folder = tmp_path_factory.mktemp("hf")

@@ -14,7 +14,9 @@ from chat_tui.engine.fake import FakeEngine
 from chat_tui.engine.types import EngineError
 from chat_tui.ui.app import ChatApp
 from chat_tui.ui.sampling import SamplingTable
-from tests.test_process_engine import slow  # replies that run on, 20 ms a token: a kill lands mid-reply
+
+# replies that run on, 20 ms a token: a kill lands mid-reply
+from tests.engine.test_process_engine import slow
 
 from .conftest import ready, send, wait_for
 from .test_app import row_index

@@ -20,7 +20,7 @@ from chat_tui.engine.sampling import apply_chain  # noqa: E402
 from chat_tui.engine.types import Message  # noqa: E402
 from chat_tui.ui.attention import REDRAW_HZ, VIEWS  # noqa: E402
 from chat_tui.ui.attention.canvas import AttentionCanvas  # noqa: E402
-from tests.test_hf import bpe_json, build_model  # noqa: E402, F401  (bpe_json is a fixture)
+from tests.engine.test_hf import bpe_json, build_model  # noqa: E402, F401  (bpe_json is a fixture)
 from tests.ui.attention.harness import InspectorHarness  # noqa: E402
 
 

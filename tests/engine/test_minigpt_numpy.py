@@ -18,7 +18,7 @@ from chat_tui.engine import EngineError, Message, SamplingParams, collect, load_
 from chat_tui.engine.process import ProcessEngine
 
 HELLO = [Message("user", "Hello there! How are you today?")]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def save_tiny(folder: Path, tokenizer, *, block_size: int = 128, activation: str = "gelu_tanh", std: float = 0.02,

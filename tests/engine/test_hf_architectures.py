@@ -16,9 +16,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_hf import make_tokenizer, train_bpe  # noqa: E402
-
 from chat_tui.engine import Message, SamplingParams, collect, load_engine  # noqa: E402
+from tests.engine.test_hf import make_tokenizer, train_bpe  # noqa: E402
 
 VOCAB = 400
 LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

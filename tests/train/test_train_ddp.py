@@ -13,7 +13,7 @@ import torch
 from chat_tui.engine.checkpoint import load_model
 from chat_tui.train.loop import TrainConfig, read_metrics, read_train_state, train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 30
 STEPS = 6
 

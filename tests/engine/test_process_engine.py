@@ -302,7 +302,7 @@ engine.close()
 assert "torch" not in sys.modules, "torch was imported in the app's process"
 print("ok", reply.tokens, len(explanation.weights))
 """
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
