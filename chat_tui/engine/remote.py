@@ -114,6 +114,24 @@ def rejected_fields(message: str, sent: Sequence[str]) -> set[str]:
     return {name for name in sent if name not in ALWAYS and re.search(rf"\b{re.escape(name)}\b", message)}
 
 
+def server_models(base_url: str, key_env: str | None = None, key_file: str | None = None,
+                  timeout: float = DEFAULT_TIMEOUT_S) -> list[str]:
+    """The names of the models `base_url` serves (GET /v1/models); ServerError in one line."""
+    try:
+        import openai
+    except ImportError:
+        raise ServerError('a server needs the openai SDK: pip install "chat-tui[openai]"') from None
+    key = read_key(key_env, key_file)
+    client = openai.OpenAI(base_url=base_url.rstrip("/"), api_key=key or "unused", max_retries=0, timeout=timeout)
+    try:
+        return [m.id for m in client.models.list().data]
+    except Exception as exc:  # noqa: BLE001 - one line naming the server, never the key
+        text = f"{public_url(base_url)}: cannot list its models ({first_line(exc)})"
+        raise ServerError(text.replace(key, "***") if key else text) from None
+    finally:
+        client.close()
+
+
 class RemoteEngine:
     """A model on an OpenAI-compatible server. `model=None` takes the server's only model."""
 
@@ -330,7 +348,8 @@ class RemoteEngine:
     def _prompt_info(self, params: SamplingParams, started: float) -> PromptInfo:
         return PromptInfo(ids=[], tokens=[], spans=[], dropped_messages=0, dropped_tokens=0,
                           seed=params.seed if params.seed is not None else -1,  # -1: the server chose
-                          prefill_s=time.perf_counter() - started)
+                          prefill_s=time.perf_counter() - started, sent=dict(self.last_request),
+                          note=self.last_note)
 
 
 def _finish(reason: str | None) -> str | None:

@@ -22,3 +22,8 @@ def source_problem(text: str) -> str | None:
     if path.exists():
         return None if path.is_dir() else f"{text}: not a folder (a model is a folder with config.json and weights)"
     return None if looks_like_hub_id(text) else f"{text}: no such folder"
+
+
+def is_server_url(text: str) -> bool:
+    """Whether `text` names an OpenAI-compatible server (http:// or https://) rather than a model here."""
+    return text.lower().startswith(("http://", "https://"))

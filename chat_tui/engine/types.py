@@ -73,6 +73,10 @@ class PromptInfo:
     prefill_s: float
     # float16 (layers, heads, P, P) when inspecting and the backend can provide it
     attention: np.ndarray | None = None
+    # a model on a server: the request's fields exactly as sent (no messages, no key), and what had to
+    # change to send it (a setting the server rejected and that was left out); None for a local model
+    sent: dict | None = None
+    note: str | None = None
 
 
 @dataclass

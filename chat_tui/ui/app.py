@@ -50,7 +50,7 @@ from chat_tui.config import (
 )
 from chat_tui.engine.collector import freeze_long_lived, tune_collection
 from chat_tui.engine.params import InvalidParameter, SamplingParams
-from chat_tui.engine.source import source_problem
+from chat_tui.engine.source import is_server_url, source_problem
 from chat_tui.engine.types import Engine, Step
 from chat_tui.store import Store, StoreError
 from chat_tui.ui.bindings import with_ids
@@ -69,6 +69,7 @@ from chat_tui.ui.screens import (
     HelpScreen,
     InputScreen,
     OrderScreen,
+    PickScreen,
     PresetScreen,
     TextEditScreen,
     decode_stops,
@@ -642,6 +643,7 @@ class ChatApp(App[int], inherit_bindings=False):
             "generate": "Generation failed",
             "engine": "Loading the model failed",
             "markdown": "Rendering a reply failed",
+            "connect": "Connecting to the server failed",
         }.get(worker.group, "A background task failed")
         path = log_error(self.paths, error, what)
         if worker.group == "engine":
@@ -718,7 +720,9 @@ class ChatApp(App[int], inherit_bindings=False):
         job = self.job if self.job is not None else self.last_job
         if engine is not None:
             used = job.context_used if job is not None else None
-            text.append(f" │ ctx {'–' if used is None else used}/{engine.context_length}")
+            # a server may not say its context length (0): then only what is used
+            size = f"/{engine.context_length}" if engine.context_length else ""
+            text.append(f" │ ctx {'–' if used is None else used}{size}")
             if job is not None and job.window_slid:  # what ctx counts is then the window the model sees
                 text.append(" │ ")
                 text.append(f"context full: the model now sees only the last {used} tokens", style="yellow")
@@ -892,6 +896,9 @@ class ChatApp(App[int], inherit_bindings=False):
         def done(source: str | None) -> None:
             if source is None:  # Esc
                 return
+            if is_server_url(source.strip().split(" ", 1)[0]):
+                self.connect_to_server(source)
+                return
             # a mistyped path is refused at once; anything else the load itself judges, as for --model
             problem = source_problem(source.strip()) if source.strip() else None
             if problem is not None:
@@ -901,16 +908,74 @@ class ChatApp(App[int], inherit_bindings=False):
 
         self.push_screen(
             InputScreen("Load a model", "", placeholder="empty: the bundled mini-GPT",
-                        hint="a model folder (mini-GPT or Hugging Face) or a hub id such as owner/name · "
-                             "Enter loads · Esc cancels"),
+                        hint="a model folder (mini-GPT or Hugging Face), a hub id such as owner/name, or a "
+                             "server's URL · Enter loads · Esc cancels"),
             done,
         )
 
-    def open_checkpoint(self, path: str | Path | None) -> bool:
+    def action_connect_dialog(self) -> None:
+        """Connect to an OpenAI-compatible server: its URL, and a model name when it serves several."""
+        if self._busy(" first"):
+            return
+
+        def done(text: str | None) -> None:
+            if text is not None and text.strip():
+                self.connect_to_server(text)
+
+        self.push_screen(
+            InputScreen("Connect to a server", self.load_options.get("base_url", "") or "",
+                        placeholder="http://127.0.0.1:8000/v1",
+                        hint="an OpenAI-compatible server (vLLM, llama.cpp, Ollama, transformers serve, chat-tui "
+                             "serve), then a space and a model name if you know it · the key comes from "
+                             "OPENAI_API_KEY · Enter connects · Esc cancels"),
+            done,
+        )
+
+    def connect_to_server(self, text: str) -> None:
+        """`URL [model]`: without a model, the server's models are listed and, if it has several, one is picked."""
+        url, _, model = text.strip().partition(" ")
+        if not is_server_url(url):
+            self.notify(f"{clean_line(url)}: a server's URL starts with http:// or https://", title="Connect",
+                        severity="warning", markup=False)
+            return
+        if model.strip():
+            self._load_from_server(url, model.strip())
+        else:
+            self._list_server_models(url)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="connect", name="list-models")
+    def _list_server_models(self, url: str) -> None:
+        from chat_tui.engine.remote import server_models
+
+        names = server_models(url, self.load_options.get("api_key_env"), self.load_options.get("api_key_file"))
+        self.call_from_thread(self._pick_server_model, url, names)
+
+    def _pick_server_model(self, url: str, names: list[str]) -> None:
+        if len(names) == 1:
+            self._load_from_server(url, names[0])
+            return
+        if not names:
+            self.notify(f"{clean_line(url)} serves no models", title="Connect", severity="warning", markup=False)
+            return
+
+        def done(name: str | None) -> None:
+            if name:
+                self._load_from_server(url, name)
+
+        self.push_screen(PickScreen(f"Models on {url}", names, hint="Enter connects · Esc cancels"), done)
+
+    def _load_from_server(self, url: str, model: str) -> None:
+        self.open_checkpoint(model, server=url)
+
+    def open_checkpoint(self, path: str | Path | None, *, server: str | None = None) -> bool:
         """Load a model for the chat: a folder or a hub id, None for the bundled one (the Load model dialog,
         the training screen)."""
         if self._busy(" first"):
             return False
+        # a model here, or (`server`) a model on that server: the options of the other kind go
+        self.load_options = {k: v for k, v in self.load_options.items() if k != "base_url"}
+        if server is not None:
+            self.load_options["base_url"] = server
         self.model_source = None if path is None else str(path)
         self._touched_before_load = self.settings.touched
         self.settings = self.settings.for_next_model()
@@ -1390,6 +1455,8 @@ class ChatApp(App[int], inherit_bindings=False):
             ("Export conversation as JSON", "Write the conversation with every setting to a .json file",
              lambda: self.action_export("json")),
             ("Load model", "A model folder, a Hugging Face hub id, or the bundled model", self.action_load_model_dialog),
+            ("Connect to a server", "A model on an OpenAI-compatible server (vLLM, llama.cpp, Ollama, …)",
+             self.action_connect_dialog),
             ("Train a model", "Train on your text or dialogues and watch it learn (Ctrl+T)", self.action_train),
             ("Save preset", "Save the sampling settings as a named preset", self.action_save_preset),
             ("Presets", "Load, save or delete sampling presets", self.action_presets),

@@ -136,12 +136,18 @@ def finished_reply(job: GenJob, *, error: str | None, params: SamplingParams) ->
     if engine is not None:
         meta["checkpoint_hash"] = engine.checkpoint_hash
         meta["backend"] = engine.backend
+        if engine.backend == "openai":  # a model on a server: which one (the URL holds no credentials)
+            meta["server"] = engine.device
     meta["system_prompt"] = job.system_prompt
-    # the probability colouring works on a reopened conversation too
+    # the probability colouring works on a reopened conversation too (kept only when every token has one)
     meta["token_probs"] = [[text, round(prob, 5)] for text, prob in item.token_probs]
     if job.prompt is not None:
         meta["prompt_tokens"] = len(job.prompt.ids)
         meta["dropped_messages"] = job.prompt.dropped_messages
+        if job.prompt.sent is not None:  # the receipt of a request to a server: exactly what was sent
+            meta["sent"] = job.prompt.sent
+        if job.prompt.note:
+            meta["server_note"] = job.prompt.note
     if error is not None:
         meta["error"] = error
     return FinishedReply(
@@ -279,7 +285,8 @@ class ReplyController:
             self.sink.reply_step(job, step)
             if step.prompt is not None:
                 job.prompt = step.prompt
-                notice = fit_notice(job.conversation, step.prompt)
+                # what the engine had to leave out: old turns for the context, settings a server rejects
+                notice = "; ".join(filter(None, (fit_notice(job.conversation, step.prompt), step.prompt.note)))
                 if notice:
                     self.sink.reply_notice(job, notice)
             params = step.params
@@ -291,7 +298,8 @@ class ReplyController:
                 job.last_params = params
             job.text += step.text
             job.count += 1
-            job.item.token_probs.append((step.text, step.prob))
+            if step.prob == step.prob:  # NaN: no probability (a server without logprobs, a NaN logit)
+                job.item.token_probs.append((step.text, step.prob))
             job.last_step = step
             if step.finish_reason is not None:
                 job.finish_reason = step.finish_reason

@@ -285,6 +285,35 @@ class PresetScreen(ModalScreen[tuple[str, str] | None]):
         self.dismiss(None)
 
 
+class PickScreen(ModalScreen[str | None]):
+    """Pick one of `names` (a server's models): Enter picks, Esc cancels."""
+
+    BINDINGS = [Binding("escape", "cancel", "Close", id="pick_close")]
+
+    def __init__(self, title: str, names: list[str], hint: str = "Enter picks · Esc cancels") -> None:
+        super().__init__()
+        self.title_text = title
+        self.names = names
+        self.hint = hint
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog small"):
+            yield Static(Text(clean_line(self.title_text), style="bold"), classes="dialog-title")
+            yield OptionList(*[Option(Text(clean_line(n)), id=str(i)) for i, n in enumerate(self.names)],
+                             id="pick-list")
+            yield Static(Text(self.hint, style="dim"), classes="dialog-detail")
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+
+    @on(OptionList.OptionSelected)
+    def selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(self.names[int(str(event.option.id))])
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
 def conversation_label(info: ConversationInfo) -> Text:
     title = clean_line(info.title) or "(untitled)"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated_at))

@@ -69,6 +69,8 @@ class InspectorState:
         return self.store.n_heads or self.model_heads
 
     def selection_label(self) -> str:
+        if self.n_layers <= 0:  # a model with no attention to show (one on a server)
+            return "no layers"
         head = {"single": f"H{self.head}", "mean": "mean H", "max": "max H"}[self.head_mode]
         return f"L{self.attn_layer}/{self.n_layers - 1} {head}" + (f"/{self.n_heads - 1}" if self.head_mode == "single" else "")
 
