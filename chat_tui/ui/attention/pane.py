@@ -440,7 +440,10 @@ class InspectorPane(Vertical, can_focus=True):
         unavailable = None
         as_sampled = replay_now = None
         texts = None
-        if step.top_ids is None:
+        if step.top_ids is None and step.chain_prob != step.chain_prob:
+            unavailable = ("the server's own sampler chose: its probabilities are shown, and the chain cannot "
+                           "be replayed here.")
+        elif step.top_ids is None:
             unavailable = "this backend stores no logits: the chain cannot be replayed."
         elif isinstance(result, Exception):
             unavailable = f"replay failed: {first_line(result)}"

@@ -368,9 +368,10 @@ def candidates_view(
     (None when they are the same). `rows`: how many candidates to list (the `candidates` setting;
     all that are stored when None), and the sampled token wherever it ranks.
     """
+    # a server's sampler chose (no chain probability): the raw probability is all there is
+    after = "" if step.chain_prob != step.chain_prob else f" → {step.chain_prob:.1%}"
     head = [
-        Text(fit(f"sampled {step.prob:.1%} → {step.chain_prob:.1%} with {short_settings(step.params)}", width),
-             style=DIM),
+        Text(fit(f"sampled {step.prob:.1%}{after} with {short_settings(step.params)}", width), style=DIM),
     ]
     if unavailable:
         for part in _wrap(unavailable, width):
@@ -378,21 +379,24 @@ def candidates_view(
     if as_sampled is None:
         # no replay (yet): the candidates the step carries
         top = step.top
-        listed = _listed([c.id for c in top], step.token_id, rows)
+        # a server gives texts, not ids (-1): the candidates are then told apart by their text
+        keys: list[int | str] = [c.id if c.id >= 0 else c.text for c in top]
+        sampled: int | str = step.token_id if step.token_id >= 0 else step.token
+        listed = _listed(keys, sampled, rows)
         header = Text(end="", style=BOLD)
         label_w = max(6, width - 2 - 14)
         header.append("  " + fit("token", label_w) + "   raw  chain")
         head.append(header)
         lines = []
-        for cid, text, prob, chain in ((top[i].id, top[i].text, top[i].prob, top[i].chain_prob) for i in listed):
-            chosen = cid == step.token_id
+        for key, text, prob, chain in ((keys[i], top[i].text, top[i].prob, top[i].chain_prob) for i in listed):
+            chosen = key == sampled
             line = Text(end="")
             line.append("▶ " if chosen else "  ", style=CURSOR)
             line.append(label(text, label_w), style=CURSOR if chosen else Style())
             line.append(pct(prob, 7))
             line.append(pct(chain, 7), style=DIM if chain == 0 else Style())
             lines.append(line)
-        return window(lines + _rank_note([c.id for c in top], step.token_id, rows, width), height, offset, head)
+        return window(lines + _rank_note(keys, sampled, rows, width), height, offset, head)
 
     show_now = now is not None
     label_w = max(6, width - 2 - 7 - 9 - (9 if show_now else 0))
@@ -429,7 +433,7 @@ def candidates_view(
     return window(lines, height, offset, head)
 
 
-def _listed(ids: list[int], chosen: int, rows: int | None) -> list[int]:
+def _listed(ids: list[int] | list[int | str], chosen: int | str, rows: int | None) -> list[int]:
     """The indexes of the candidates to list: the first `rows`, and the sampled token's wherever it ranks."""
     if rows is None or rows >= len(ids):
         return list(range(len(ids)))
@@ -439,7 +443,7 @@ def _listed(ids: list[int], chosen: int, rows: int | None) -> list[int]:
     return listed
 
 
-def _rank_note(ids: list[int], chosen: int, rows: int | None, width: int) -> list[Text]:
+def _rank_note(ids: list[int] | list[int | str], chosen: int | str, rows: int | None, width: int) -> list[Text]:
     """A line saying where the sampled token ranks when it is listed below the `rows` most likely."""
     if rows is None or chosen not in ids[rows:]:
         return []

@@ -1,0 +1,86 @@
+"""The app connected to an OpenAI-compatible server: a real `chat-tui serve` on a loopback port,
+the official SDK as the client (engine.remote), driven with Pilot."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+pytest.importorskip("openai", reason="the openai extra is not installed (pip install 'chat-tui[openai]')")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'chat-tui[serve]')")
+
+from chat_tui.config import get_paths  # noqa: E402
+from chat_tui.engine import Message, load_engine  # noqa: E402
+from chat_tui.engine.remote import RemoteEngine  # noqa: E402
+from chat_tui.engine.types import collect  # noqa: E402
+from chat_tui.ui.app import ChatApp  # noqa: E402
+from chat_tui.ui.attention import InspectorPane  # noqa: E402
+from chat_tui.ui.attention.canvas import AttentionCanvas  # noqa: E402
+from chat_tui.ui.screens import InputScreen  # noqa: E402
+from tests.engine.test_remote import free_port, running  # noqa: E402
+
+from .conftest import ready, send, wait_for  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    port = free_port()
+    with running([sys.executable, "-m", "chat_tui", "serve", "--port", str(port)], port, seconds=60):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+def canvas_text(app) -> str:
+    canvas = app.query_one(AttentionCanvas)
+    return "\n".join(strip.text for strip in canvas.render_lines(canvas.content_region.reset_offset))
+
+
+async def test_a_reply_from_the_server_with_its_candidates_and_no_attention(home, server_url):
+    greedy = load_engine(None).default_params().with_(temperature=0, top_candidates=5, max_new_tokens=30)
+    own = collect(load_engine(None).stream([Message("user", "What is AI?")], greedy))
+    app = ChatApp(engine_factory=lambda: RemoteEngine(server_url), paths=get_paths())
+    async with app.run_test(size=(140, 44)) as pilot:
+        await ready(pilot, app)
+        app.params = greedy
+        await send(pilot, app, "What is AI?")
+        await wait_for(pilot, lambda: app.job is None and app.last_job is not None, timeout=60, what="the reply")
+        assert app.last_job.text == own.text  # the server ran the same model, greedy
+        status = str(app.query_one("#status").render())
+        assert server_url in status and "(openai)" in status and "/0" not in status
+        app.action_toggle_pane("inspector")
+        await pilot.pause(0.3)
+        pane = app.query_one(InspectorPane)
+        await pilot.press("f3")  # focus moves with the keys; the view keys act on the pane
+        pane.focus()
+        await pilot.press("6")  # the candidates view
+        await pilot.pause(0.5)
+        await app.workers.wait_for_complete()
+        text = canvas_text(app)
+        last = own.steps[-1]  # the pane shows the reply's last token: its candidates are the server's logprobs
+        assert f"sampled {last.prob:.1%} with" in text and "server's own sampler chose" in text
+        rows = [line for line in text.splitlines() if line.startswith(("▶", "  ")) and "%" in line]
+        assert [row.split()[1 if row.startswith("▶") else 0] for row in rows][:3] == \
+            [c.text.strip() for c in last.top[:3]]
+        assert sum(row.startswith("▶") for row in rows) == 1  # the sampled token, once
+        # the saved reply records the server and exactly what was sent
+        saved = app.store.messages(app.conversation_id)[-1]
+        assert saved.meta["server"] == server_url and saved.meta["sent"]["temperature"] == 0
+        assert saved.meta["backend"] == "openai"
+
+
+async def test_connect_to_a_server_from_the_palette(home, server_url):
+    app = ChatApp(paths=get_paths(), model_process=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        assert app.engine.backend == "minigpt"
+        app.action_connect_dialog()
+        await wait_for(pilot, lambda: isinstance(app.screen, InputScreen) and app.screen.query("#input"),
+                       what="the dialog")
+        app.screen.query_one("#input").value = server_url  # as typed
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.engine is not None and app.engine.backend == "openai", timeout=60,
+                       what="the server's model")
+        assert app.engine.model_name == "minigpt" and app.engine.device == server_url
+        await send(pilot, app, "Hello!")
+        await wait_for(pilot, lambda: app.job is None and app.last_job is not None and app.last_job.text,
+                       timeout=60, what="the reply")
