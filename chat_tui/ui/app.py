@@ -32,6 +32,7 @@ from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.reactive import var
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
@@ -394,11 +395,12 @@ class ChatApp(App[int], inherit_bindings=False):
             pane = self.query_one(f"#{name}")
             if pane.display != visible:
                 pane.display = visible
-                if visible and name == "inspector" and hasattr(pane, "show_step"):
-                    pane.show_step(pane.last_step)
+                inspector = self._inspector_pane() if visible and name == "inspector" else None
+                if inspector is not None:  # not the placeholder shown until the first frame
+                    inspector.show_step(inspector.last_step)
         focused = self.focused
         if focused is not None and not focused.display or (
-            focused is not None and any(not a.display for a in focused.ancestors if hasattr(a, "display"))
+            focused is not None and any(not a.display for a in focused.ancestors if isinstance(a, Widget))
         ):
             self.prompt_input.focus()
 

@@ -29,10 +29,11 @@ class AttentionStore:
 
     def __init__(self, cap_bytes: int = DEFAULT_CAP_BYTES) -> None:
         self.cap_bytes = int(cap_bytes)
+        self.epoch = 0
         self.reset()
 
     def reset(self) -> None:
-        self.epoch = getattr(self, "epoch", 0) + 1  # a new reply (for caches keyed by position)
+        self.epoch += 1  # a new reply (for caches keyed by position)
         self.tokens: list[str] = []
         self.ids: list[int] = []
         self.spans: list[MessageSpan] = []
