@@ -29,6 +29,7 @@ import gc
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -114,8 +115,11 @@ async def measure(replies: int, at: set[int], tokens: int, inspector: bool, engi
             engine.records.clear()  # the fake engine's own test log, not the app's
             if n in at:
                 await pilot.pause(0.05)
+                started = time.perf_counter()
                 gc.collect()
+                collect_ms = (time.perf_counter() - started) * 1000
                 rows.append({
+                    "collect_ms": collect_ms,
                     "replies": n,
                     "rss_mb": rss_mb(),
                     "trimmed_mb": trimmed_rss_mb(),
@@ -148,7 +152,8 @@ def main() -> None:
           f"{'messages mounted':>17} {'widgets':>8} {'render caches':>14}")
     for row in rows:
         print(f"{row['replies']:>8} {row['rss_mb']:>8.1f} {row['trimmed_mb']:>11.1f} {row['blocks']:>14,} "
-              f"{row['free_mb']:>17.1f} {row['mounted']:>17} {row['widgets']:>8} {row['caches']:>14}")
+              f"{row['free_mb']:>17.1f} {row['mounted']:>17} {row['widgets']:>8} {row['caches']:>14} "
+              f"{row['collect_ms']:>11.0f}")
     if len(rows) >= 2:
         first, before, last = rows[0], rows[-2], rows[-1]
         per = (last["rss_mb"] - first["rss_mb"]) / max(last["replies"] - first["replies"], 1) * 1024

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -261,6 +262,8 @@ class MessageView(Vertical, can_focus=False):
                 final, self._final = self._final, None
                 await markdown.update(final)  # replaces the streamed blocks
                 release_removed_widgets()
+                if isinstance(self.parent, ConversationView):
+                    self.parent.collect_removed()
         finally:
             self._busy = False
 
@@ -341,6 +344,7 @@ class ConversationView(VerticalScroll, can_focus=False):
         self.show_probs = False
         self._first_shown = 0  # the mounted window is items[_first_shown:_end_shown]
         self._end_shown = 0
+        self._removed_since_collect = False
         self.meta_for: Callable[[ChatItem], Text] | None = None
 
     def compose(self) -> ComposeResult:
@@ -437,6 +441,19 @@ class ConversationView(VerticalScroll, can_focus=False):
     async def _remove(self, views: list[MessageView]) -> None:
         await self.remove_children(views)
         release_removed_widgets()
+        self._removed_since_collect = True
+
+    def collect_removed(self) -> None:
+        """A reply has just been rendered in full (a quiet moment): free the messages removed since.
+
+        Removed widgets are reference cycles, so only the collector's full pass frees them, and
+        the app's tuned collector (`tune_runtime`) runs that rarely: tens of MB of dead messages
+        piled up between passes, and once freed they left pymalloc's arenas full of holes that are
+        never handed back (RSS 171 MB after 100 replies, 53 MB of it free space; 101 MB when
+        collected here)."""
+        if self._removed_since_collect:
+            self._removed_since_collect = False
+            gc.collect()
 
     async def _unmount(self, *, oldest: bool) -> None:
         """Unmount the messages beyond `max_mounted`, at the top (oldest) or at the bottom."""

@@ -58,3 +58,23 @@ async def test_removed_messages_leave_nothing_behind(make_app):
         assert widgets_30 <= widgets_6 + 5, (widgets_6, widgets_30)
         assert views_30 <= views_6
         assert threads_30 <= threads_6 and workers_30 <= workers_6 == 0
+
+
+async def test_removed_messages_are_freed_when_the_reply_ends(make_app):
+    """The app's tuned collector runs its full pass rarely (tune_runtime); removed messages are
+    reference cycles, so they must be freed at the reply's end, not pile up until that pass."""
+    app, engine = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        app.conversation.page, app.conversation.max_mounted = 2, 4
+        gc.collect()
+        gc.disable()  # the rarest collector: only what the app collects itself is freed
+        try:
+            for n in range(1, 13):
+                await _reply(pilot, app, n)
+            await pilot.pause(0.05)
+            views = sum(1 for o in gc.get_objects() if isinstance(o, MessageView))
+        finally:
+            gc.enable()
+        assert len(app.conversation.items) == 24
+        assert views <= len(list(app.conversation.query(MessageView))) + 2, views
