@@ -9,7 +9,12 @@ this process) would swamp the figure. Target: the growth levels off: what a repl
 (mounted messages and their rendered lines, per-token records) is bounded.
 
 "after trim" is the RSS once glibc has handed back the heap pages it keeps free; "Python blocks"
-counts the interpreter's small objects; "messages mounted" and "widgets" what the screen holds.
+counts the interpreter's small objects and "pymalloc free" the free space inside its arenas (memory
+the interpreter holds but does not use: fragmentation); "messages mounted" and "widgets" what the
+screen holds, "render caches" the live Textual StylesCache objects (more than widgets means removed
+widgets are kept alive). The verdict compares the growth a reply between the last two points
+against LEVEL_KB: a conversation keeps its own messages (text and per-token records, about 15 KB a
+reply), so a bounded app still grows by that much.
 
     PYTHONPATH=. python benchmarks/bench_memory.py [--replies 240] [--at 20 100 240] [--tokens 80]
                                                    [--inspector] [--engine-turns N]
@@ -24,9 +29,12 @@ import gc
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+LEVEL_KB = 64  # growth a reply (between the last two points) under which the RSS has levelled off
 
 
 def rss_mb() -> float:
@@ -46,6 +54,25 @@ def trimmed_rss_mb() -> float:
     return rss_mb()
 
 
+def pymalloc_free_mb() -> float:
+    """Free bytes inside pymalloc's arenas (sys._debugmallocstats writes them to the C stderr)."""
+    read, write = os.pipe()
+    saved = os.dup(2)
+    try:
+        os.dup2(write, 2)
+        os.close(write)
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    with os.fdopen(read, "rb") as pipe:
+        report = pipe.read().decode(errors="replace")
+    for line in report.splitlines():
+        if line.startswith("# bytes in available blocks"):
+            return int(line.split("=")[1].replace(",", "")) / 1024 / 1024
+    return float("nan")
+
+
 def reply_text(tokens: int) -> str:
     from chat_tui.engine.fake import tokenize
 
@@ -57,6 +84,8 @@ def reply_text(tokens: int) -> str:
 
 
 async def measure(replies: int, at: set[int], tokens: int, inspector: bool, engine_turns: int) -> list[dict]:
+    from textual._styles_cache import StylesCache
+
     from chat_tui.config import get_paths
     from chat_tui.engine.fake import FakeEngine
     from chat_tui.engine.params import SamplingParams
@@ -86,12 +115,17 @@ async def measure(replies: int, at: set[int], tokens: int, inspector: bool, engi
             engine.records.clear()  # the fake engine's own test log, not the app's
             if n in at:
                 await pilot.pause(0.05)
+                started = time.perf_counter()
                 gc.collect()
+                collect_ms = (time.perf_counter() - started) * 1000
                 rows.append({
+                    "collect_ms": collect_ms,
                     "replies": n,
                     "rss_mb": rss_mb(),
                     "trimmed_mb": trimmed_rss_mb(),
                     "blocks": sys.getallocatedblocks(),
+                    "free_mb": pymalloc_free_mb(),
+                    "caches": sum(1 for o in gc.get_objects() if isinstance(o, StylesCache)),
                     "mounted": len(list(app.conversation.query(MessageView))),
                     "widgets": sum(1 for _ in app.screen.walk_children()),
                 })
@@ -114,15 +148,20 @@ def main() -> None:
     seen = f"the newest {args.engine_turns} messages" if args.engine_turns else "the whole conversation"
     print(f"memory of the app over one conversation ({args.tokens}-token replies, FakeEngine given {seen}, "
           f"120x40, inspector {pane})")
-    print(f"{'replies':>8} {'RSS MB':>8} {'after trim':>11} {'Python blocks':>14} {'messages mounted':>17} "
-          f"{'widgets':>8}")
+    print(f"{'replies':>8} {'RSS MB':>8} {'after trim':>11} {'Python blocks':>14} {'pymalloc free MB':>17} "
+          f"{'messages mounted':>17} {'widgets':>8} {'render caches':>14}")
     for row in rows:
         print(f"{row['replies']:>8} {row['rss_mb']:>8.1f} {row['trimmed_mb']:>11.1f} {row['blocks']:>14,} "
-              f"{row['mounted']:>17} {row['widgets']:>8}")
+              f"{row['free_mb']:>17.1f} {row['mounted']:>17} {row['widgets']:>8} {row['caches']:>14} "
+              f"{row['collect_ms']:>11.0f}")
     if len(rows) >= 2:
-        first, last = rows[0], rows[-1]
+        first, before, last = rows[0], rows[-2], rows[-1]
         per = (last["rss_mb"] - first["rss_mb"]) / max(last["replies"] - first["replies"], 1) * 1024
-        print(f"growth from reply {first['replies']} to {last['replies']}: {per:.0f} KB a reply")
+        slope = (last["rss_mb"] - before["rss_mb"]) / max(last["replies"] - before["replies"], 1) * 1024
+        print(f"growth from reply {first['replies']} to {last['replies']}: {per:.0f} KB a reply; "
+              f"from {before['replies']} to {last['replies']}: {slope:.0f} KB a reply")
+        verdict = "levels off" if slope < LEVEL_KB else "still growing"
+        print(f"verdict: {verdict} (under {LEVEL_KB} KB a reply between the last two points is level)")
 
 
 if __name__ == "__main__":

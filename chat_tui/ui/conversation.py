@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -116,6 +117,19 @@ def code_blocks(markdown: str) -> list[tuple[str, str]]:
         for token in parser.parse(markdown)
         if token.type == "fence" or token.type == "code_block"
     ]
+
+
+def release_removed_widgets() -> None:
+    """Let removed widgets go. Textual 8's `StylesCache.get_inner_outer` is an `lru_cache` on a
+    method: its 1,024 entries keep removed widgets' render caches (every line they last drew) alive,
+    236 dead widgets after 30 replies. Emptying it after a removal (a few Style pairs to rebuild)
+    frees them. A private module: a Textual without it needs nothing."""
+    try:
+        from textual._styles_cache import StylesCache
+
+        StylesCache.get_inner_outer.cache_clear()
+    except (ImportError, AttributeError):
+        pass
 
 
 class MessageView(Vertical, can_focus=False):
@@ -246,7 +260,10 @@ class MessageView(Vertical, can_focus=False):
                         await markdown.append(fragment)
                         continue
                 final, self._final = self._final, None
-                await markdown.update(final)
+                await markdown.update(final)  # replaces the streamed blocks
+                release_removed_widgets()
+                if isinstance(self.parent, ConversationView):
+                    self.parent.collect_removed()
         finally:
             self._busy = False
 
@@ -327,6 +344,7 @@ class ConversationView(VerticalScroll, can_focus=False):
         self.show_probs = False
         self._first_shown = 0  # the mounted window is items[_first_shown:_end_shown]
         self._end_shown = 0
+        self._removed_since_collect = False
         self.meta_for: Callable[[ChatItem], Text] | None = None
 
     def compose(self) -> ComposeResult:
@@ -373,7 +391,7 @@ class ConversationView(VerticalScroll, can_focus=False):
 
     async def _mount_window(self, start: int) -> list[MessageView]:
         """Unmount every message and mount items[start : start + page]."""
-        await self.remove_children(self._views())
+        await self._remove(self._views())
         self._first_shown = max(0, min(start, len(self.items)))
         self._end_shown = min(len(self.items), self._first_shown + self.page)
         views = [self._make(item) for item in self.items[self._first_shown : self._end_shown]]
@@ -420,6 +438,23 @@ class ConversationView(VerticalScroll, can_focus=False):
         self.scroll_end(animate=False)
         return view
 
+    async def _remove(self, views: list[MessageView]) -> None:
+        await self.remove_children(views)
+        release_removed_widgets()
+        self._removed_since_collect = True
+
+    def collect_removed(self) -> None:
+        """A reply has just been rendered in full (a quiet moment): free the messages removed since.
+
+        Removed widgets are reference cycles, so only the collector's full pass frees them, and
+        the app's tuned collector (`tune_runtime`) runs that rarely: tens of MB of dead messages
+        piled up between passes, and once freed they left pymalloc's arenas full of holes that are
+        never handed back (RSS 171 MB after 100 replies, 53 MB of it free space; 101 MB when
+        collected here)."""
+        if self._removed_since_collect:
+            self._removed_since_collect = False
+            gc.collect()
+
     async def _unmount(self, *, oldest: bool) -> None:
         """Unmount the messages beyond `max_mounted`, at the top (oldest) or at the bottom."""
         views = self._views()
@@ -427,10 +462,10 @@ class ConversationView(VerticalScroll, can_focus=False):
         if excess <= 0:
             return
         if oldest:
-            await self.remove_children(views[:excess])
+            await self._remove(views[:excess])
             self._first_shown = self._index(views[excess].item)
         else:
-            await self.remove_children(views[-excess:])
+            await self._remove(views[-excess:])
             self._end_shown = self._index(views[-excess].item)
 
     async def remove_from(self, item: ChatItem) -> None:
@@ -440,7 +475,7 @@ class ConversationView(VerticalScroll, can_focus=False):
         del self.items[index:]
         views = [v for v in self._views() if any(v.item is d for d in doomed)]
         if views:
-            await self.remove_children(views)
+            await self._remove(views)
         self._first_shown = min(self._first_shown, len(self.items))
         self._end_shown = min(self._end_shown, len(self.items))
         self._sync_chrome()
