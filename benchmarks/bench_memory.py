@@ -149,7 +149,7 @@ def main() -> None:
     print(f"memory of the app over one conversation ({args.tokens}-token replies, FakeEngine given {seen}, "
           f"120x40, inspector {pane})")
     print(f"{'replies':>8} {'RSS MB':>8} {'after trim':>11} {'Python blocks':>14} {'pymalloc free MB':>17} "
-          f"{'messages mounted':>17} {'widgets':>8} {'render caches':>14}")
+          f"{'messages mounted':>17} {'widgets':>8} {'render caches':>14} {'full gc ms':>11}")
     for row in rows:
         print(f"{row['replies']:>8} {row['rss_mb']:>8.1f} {row['trimmed_mb']:>11.1f} {row['blocks']:>14,} "
               f"{row['free_mb']:>17.1f} {row['mounted']:>17} {row['widgets']:>8} {row['caches']:>14} "
