@@ -10,6 +10,7 @@ flush timer (`flush`). The controller turns steps into text, saves the finished 
 from __future__ import annotations
 
 import contextlib
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -139,8 +140,10 @@ def finished_reply(job: GenJob, *, error: str | None, params: SamplingParams) ->
         if engine.backend == "openai":  # a model on a server: which one (the URL holds no credentials)
             meta["server"] = engine.device
     meta["system_prompt"] = job.system_prompt
-    # the probability colouring works on a reopened conversation too (kept only when every token has one)
-    meta["token_probs"] = [[text, round(prob, 5)] for text, prob in item.token_probs]
+    # the probability colouring works on a reopened conversation too; a token without one (a server
+    # without logprobs, a NaN logit) is kept as null: NaN is not JSON, and an export must stay valid
+    meta["token_probs"] = [[text, round(prob, 5) if math.isfinite(prob) else None]
+                           for text, prob in item.token_probs]
     if job.prompt is not None:
         meta["prompt_tokens"] = len(job.prompt.ids)
         meta["dropped_messages"] = job.prompt.dropped_messages
@@ -298,8 +301,7 @@ class ReplyController:
                 job.last_params = params
             job.text += step.text
             job.count += 1
-            if step.prob == step.prob:  # NaN: no probability (a server without logprobs, a NaN logit)
-                job.item.token_probs.append((step.text, step.prob))
+            job.item.token_probs.append((step.text, step.prob))
             job.last_step = step
             if step.finish_reason is not None:
                 job.finish_reason = step.finish_reason

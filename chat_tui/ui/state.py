@@ -53,6 +53,9 @@ def stored_token_probs(meta: dict[str, Any] | None) -> list[tuple[str, float]]:
         return []
     out: list[tuple[str, float]] = []
     for pair in pairs:
+        if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and pair[1] is None:
+            out.append((pair[0], float("nan")))  # a token the backend gave no probability for
+            continue
         if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
                 and isinstance(pair[1], (int, float)) and 0.0 <= pair[1] <= 1.0):
             return []

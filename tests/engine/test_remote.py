@@ -84,6 +84,7 @@ def transformers_serve(exported):
     if cli is None:
         pytest.skip("the transformers CLI is not installed")
     pytest.importorskip("fastapi", reason="transformers serve needs fastapi and uvicorn (the serve extra)")
+    pytest.importorskip("accelerate", reason="transformers serve needs accelerate (the hf extra)")
     port = free_port()
     with running([cli, "serve", str(exported), "--port", str(port), "--host", "127.0.0.1"], port):
         url = f"http://127.0.0.1:{port}/v1"

@@ -74,6 +74,21 @@ def test_a_finished_reply_records_what_made_it():
     assert job.item.meta == {}, "the item is left as it was"
 
 
+def test_a_token_without_a_probability_is_saved_as_null_and_read_back():
+    import json
+    import math
+
+    from chat_tui.ui.state import stored_token_probs
+
+    job = GenJob([Message("user", "hi")], ChatItem("assistant", ""), conversation_id=1, engine=Engine())
+    absorbed(job, [step(0, "Hel", prompt=prompt_info(), prob=float("nan")), step(1, "lo", finish="eos")])
+    meta = finished_reply(job, error=None, params=SamplingParams()).meta
+    assert meta["token_probs"] == [["Hel", None], ["lo", 0.5]]
+    json.dumps(meta, allow_nan=False)  # an export is valid JSON (NaN is not)
+    back = stored_token_probs(json.loads(json.dumps(meta)))
+    assert back[0][0] == "Hel" and math.isnan(back[0][1]) and back[1] == ("lo", 0.5)
+
+
 def test_a_stopped_a_failed_and_an_empty_reply():
     job = absorbed(GenJob([], ChatItem("assistant", "")), [step(0, "Hi", prompt=prompt_info())])
     job.cancel.set()
