@@ -140,7 +140,8 @@ async def test_a_killed_model_process_is_started_again(home, tiny_checkpoint):
         os.kill(second.pid, signal.SIGKILL)
         await wait_for(pilot, lambda: not second.alive, timeout=30, what="the process to go")
         await send(pilot, app, "And now?", wait=False)
-        assert any("had stopped; restarting it" in n for n in notifications(app))
+        await wait_for(pilot, lambda: any("had stopped; restarting it" in n for n in notifications(app)),
+                       timeout=10, what="the restart notice")
         if app.job is not None and app.job.engine is None:  # still waiting (the mini-GPT restarts in well under 1 s)
             assert "restarting the model's process" in status(app)
         await wait_for(pilot, lambda: app.job is None and app.settled, timeout=120, what="the reply")

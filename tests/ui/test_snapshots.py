@@ -48,8 +48,18 @@ def make(replies) -> ChatApp:
 async def one_exchange(pilot) -> None:
     app = pilot.app
     await wait_for(pilot, lambda: app.engine is not None)
+    # the inspector is mounted just after the first frame: a reply sent before that reached it
+    # only in part (the picture then depended on how fast the machine was)
+    await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
     app.prompt_input.cursor_blink = False
     await send(pilot, app, "Write an add function in Python")
+    # the inspector redraws on a 10 Hz timer: wait until it has drawn the whole reply, so the
+    # picture is the one a user sees, not whichever frame the timer had reached (a loaded CI
+    # machine caught it one frame later than this snapshot did)
+    pane = app._inspector_pane()
+    if pane is not None and pane.display:
+        await wait_for(pilot, lambda: pane.last_step is not None and pane.last_step.finish_reason is not None
+                       and not pane._dirty, what="the inspector's last frame")
     await pilot.pause(0.1)
 
 
