@@ -107,7 +107,9 @@ async def test_a_pasted_newline_does_not_send(make_app):
 
 @pytest.mark.parametrize("size", [(1, 10), (2, 40), (10, 3), (19, 30)])
 async def test_any_terminal_size_is_survived_and_too_small_says_so(make_app, size):
-    app, _ = make_app([LONG])
+    # 5 ms a token: the reply streams long enough to be seen starting and to be resized under
+    # (an instant one could end between two polls of `app.job`, which made this test flaky)
+    app, _ = make_app([LONG], token_delay=0.005)
     async with app.run_test(size=size) as pilot:
         await ready(pilot, app)
         await pilot.pause(0.1)
@@ -126,7 +128,7 @@ async def test_any_terminal_size_is_survived_and_too_small_says_so(make_app, siz
         await pilot.press("f1")  # a dialog opened at this size
         await pilot.pause(0.05)
         await pilot.press("escape")
-        await wait_for(pilot, lambda: app.job is None and app.settled, what="the reply")
+        await wait_for(pilot, lambda: app.job is None and app.settled, timeout=60, what="the reply")
         await pilot.resize_terminal(100, 30)
         await pilot.pause()
         assert app.is_running and app.conversation.items[-1].content == LONG
