@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from chat_tui.engine.chat_formats import PLAIN_STOP, TEXT_FORMATS, render_text, with_stops
+from chat_tui.engine.chat_formats import PLAIN_STOP, TEXT_FORMATS, render_text
 from chat_tui.engine.checkpoint import TIED, checkpoint_hash, model_from_arrays, read_checkpoint
-from chat_tui.engine.generation import run_stream
+from chat_tui.engine.generation import stream_engine
 from chat_tui.engine.gptconfig import ACTIVATIONS, GPTConfig
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, ChatTokenizer
@@ -554,20 +554,8 @@ class MiniGPTEngine:
         with self._lock:
             runner = self.runner()
             with single_threaded_blas() if runner.numpy_path else contextlib.nullcontext():
-                yield from run_stream(
-                    runner,
-                    conversation=conversation,
-                    render=self.render,
-                    decode=self.decode,
-                    token_text=self.token_text,
-                    eos_ids=self.eos_ids,
-                    context_length=self.context_length,
-                    params=with_stops(params, self._format_stops),
-                    inspect=inspect,
-                    cancel=cancel,
-                    model_name=self.model_name,
-                    candidates=candidates,
-                )
+                yield from stream_engine(self, runner, conversation, params, stops=self._format_stops,
+                                         inspect=inspect, cancel=cancel, candidates=candidates)
 
     # ------------------------------------------------------------------ the Engine protocol's rest, and Explainer
 
