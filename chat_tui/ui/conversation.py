@@ -414,6 +414,9 @@ class ConversationView(VerticalScroll, can_focus=False):
         self.scroll_home(animate=False, immediate=True)
         if views:
             views[0].take_focus()
+        # again once the new window is laid out: until then the focus scrolls to where the first message
+        # sat with the "Show earlier" button still above it, which leaves the top lines hidden
+        self.call_after_refresh(self.scroll_home, animate=False, immediate=True)
 
     async def show_last(self) -> None:
         """The newest page, scrolled to the end, its last message focused (End)."""
