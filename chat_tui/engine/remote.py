@@ -21,7 +21,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -107,6 +107,15 @@ def request_fields(params: SamplingParams, *, logprobs: bool) -> dict[str, Any]:
         fields["logprobs"] = True
         fields["top_logprobs"] = min(MAX_TOP_LOGPROBS, params.top_candidates)
     return fields
+
+
+# the chat-tui setting behind each request field whose name differs from the setting's
+SETTING_OF_FIELD = {"max_tokens": "max_new_tokens", "logprobs": "top_candidates", "top_logprobs": "top_candidates"}
+
+
+def unsupported_settings(fields: Iterable[str]) -> frozenset[str]:
+    """The chat-tui settings (SamplingParams names) behind request fields a server rejected."""
+    return frozenset(SETTING_OF_FIELD.get(name, name) for name in fields)
 
 
 def rejected_fields(message: str, sent: Sequence[str]) -> set[str]:
@@ -349,7 +358,7 @@ class RemoteEngine:
         return PromptInfo(ids=[], tokens=[], spans=[], dropped_messages=0, dropped_tokens=0,
                           seed=params.seed if params.seed is not None else -1,  # -1: the server chose
                           prefill_s=time.perf_counter() - started, sent=dict(self.last_request),
-                          note=self.last_note)
+                          note=self.last_note, unsupported=tuple(sorted(self.unsupported)))
 
 
 def _finish(reason: str | None) -> str | None:

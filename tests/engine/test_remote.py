@@ -77,14 +77,20 @@ def exported(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def transformers_serve(exported):
-    """`transformers serve FOLDER --port P`, offline; the model id in requests is the folder path."""
-    cli = shutil.which("transformers")
+def transformers_cli() -> str:
+    """The `transformers` CLI beside this interpreter (its venv need not be on PATH), else on PATH."""
+    cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
     if cli is None:
         pytest.skip("the transformers CLI is not installed")
     pytest.importorskip("fastapi", reason="transformers serve needs fastapi and uvicorn (the serve extra)")
     pytest.importorskip("accelerate", reason="transformers serve needs accelerate (the hf extra)")
+    return cli
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(exported):
+    """`transformers serve FOLDER --port P`, offline; the model id in requests is the folder path."""
+    cli = transformers_cli()
     port = free_port()
     with running([cli, "serve", str(exported), "--port", str(port), "--host", "127.0.0.1"], port):
         url = f"http://127.0.0.1:{port}/v1"
@@ -357,3 +363,12 @@ def test_a_key_file_others_can_read_is_refused(tmp_path):
 
 def test_the_url_is_shown_without_credentials():
     assert public_url("https://user:pa55@example.com:8443/v1/") == "https://example.com:8443/v1"
+
+
+def test_rejected_fields_name_the_settings_behind_them():
+    from chat_tui.engine.params import SamplingParams
+    from chat_tui.engine.remote import unsupported_settings
+
+    names = unsupported_settings(["logprobs", "top_logprobs", "max_tokens", "top_k", "presence_penalty"])
+    assert names == {"top_candidates", "max_new_tokens", "top_k", "presence_penalty"}
+    assert names <= set(SamplingParams().to_dict())  # each is a row of the sampling pane

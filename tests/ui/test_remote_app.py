@@ -1,8 +1,11 @@
-"""The app connected to an OpenAI-compatible server: a real `chat-tui serve` on a loopback port,
-the official SDK as the client (engine.remote), driven with Pilot."""
+"""The app connected to an OpenAI-compatible server, driven with Pilot, the official SDK as the
+client (engine.remote): a real `chat-tui serve` on a loopback port, and a real `transformers serve`
+that lists two models (its Hugging Face cache holds two copies of the exported bundled model) and
+rejects the settings it does not take (top_k)."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -17,8 +20,9 @@ from chat_tui.engine.types import collect  # noqa: E402
 from chat_tui.ui.app import ChatApp  # noqa: E402
 from chat_tui.ui.attention import InspectorPane  # noqa: E402
 from chat_tui.ui.attention.canvas import AttentionCanvas  # noqa: E402
-from chat_tui.ui.screens import InputScreen  # noqa: E402
-from tests.engine.test_remote import free_port, running  # noqa: E402
+from chat_tui.ui.sampling import ROWS, UNSUPPORTED, SamplingTable  # noqa: E402
+from chat_tui.ui.screens import InputScreen, PickScreen  # noqa: E402
+from tests.engine.test_remote import free_port, running, transformers_cli  # noqa: E402
 
 from .conftest import ready, send, wait_for  # noqa: E402
 
@@ -28,6 +32,34 @@ def server_url():
     port = free_port()
     with running([sys.executable, "-m", "chat_tui", "serve", "--port", str(port)], port, seconds=60):
         yield f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def two_models_url(tmp_path_factory):
+    """`transformers serve` with no model: it lists the generative models of its Hugging Face cache,
+    here two copies of the exported bundled model (chat-tui/minigpt-a and -b), loaded offline."""
+    from chat_tui.engine import bundled_model_path
+    from chat_tui.engine.export import export_hf
+
+    cli = transformers_cli()
+    root = tmp_path_factory.mktemp("two-models")
+    exported = export_hf(bundled_model_path(), root / "exported")
+    cache = root / "hub"
+    commit = "0" * 40
+    for name in ("minigpt-a", "minigpt-b"):  # the hub cache's layout: refs/main names a snapshot
+        repo = cache / f"models--chat-tui--{name}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        shutil.copytree(exported, repo / "snapshots" / commit)
+    port = free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_CACHE", str(cache))  # the server's cache; it takes a copy of the environment
+        server = running([cli, "serve", "--port", str(port), "--host", "127.0.0.1"], port)
+        server.__enter__()
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.__exit__(None, None, None)
 
 
 def canvas_text(app) -> str:
@@ -84,3 +116,43 @@ async def test_connect_to_a_server_from_the_palette(home, server_url):
         await send(pilot, app, "Hello!")
         await wait_for(pilot, lambda: app.job is None and app.last_job is not None and app.last_job.text,
                        timeout=60, what="the reply")
+
+
+async def test_a_server_with_two_models_asks_which_and_marks_the_setting_it_rejects(home, two_models_url):
+    app = ChatApp(paths=get_paths(), model_process=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        app.action_connect_dialog()
+        await wait_for(pilot, lambda: isinstance(app.screen, InputScreen) and app.screen.query("#input"),
+                       what="the dialog")
+        app.screen.query_one("#input").value = two_models_url  # no model name: the server has two
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, PickScreen), timeout=60, what="the model picker")
+        assert sorted(app.screen.names) == ["chat-tui/minigpt-a", "chat-tui/minigpt-b"]
+        wanted = app.screen.names[1]
+        await pilot.press("down", "enter")
+        await wait_for(pilot, lambda: app.engine is not None and app.engine.backend == "openai", timeout=60,
+                       what="the server's model")
+        assert app.engine.model_name == wanted
+        status = str(app.query_one("#status").render())
+        assert wanted in status
+        table = app.query_one(SamplingTable)
+        assert "not supported" not in str(table.render())
+        # top-k on: transformers serve rejects it; the reply comes without it and the row says so
+        app.params = app.params.with_(temperature=0, top_k=5, max_new_tokens=8)
+        await send(pilot, app, "What is AI?", wait=False)  # its first request loads the model: it takes a while
+        await wait_for(pilot, lambda: app.job is None and app.last_job is not None, timeout=300, what="the reply")
+        assert app.last_job.text
+        lines = str(table.render()).splitlines()  # the row's note, as long as the pane's width allows
+        assert [line.split()[0] for line in lines if "not supported" in line] == ["top-k"]
+        table.focus()
+        table.cursor = [row.name for row in ROWS].index("top_k")
+        await wait_for(pilot, lambda: UNSUPPORTED in str(app.query_one("#param-help").render()),
+                       what="the help line on top-k")
+        assert "top_k" not in app.store.messages(app.conversation_id)[-1].meta["sent"]
+        # connecting again starts clean: what one server rejects says nothing of the next
+        first = app.engine
+        app.connect_to_server(f"{two_models_url} {wanted}")
+        await wait_for(pilot, lambda: app.engine is not first and app.engine is not None, timeout=60,
+                       what="the new connection")
+        assert "not supported" not in str(table.render())
