@@ -5,7 +5,6 @@ rejects the settings it does not take (top_k)."""
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 import pytest
@@ -22,7 +21,7 @@ from chat_tui.ui.attention import InspectorPane  # noqa: E402
 from chat_tui.ui.attention.canvas import AttentionCanvas  # noqa: E402
 from chat_tui.ui.sampling import ROWS, UNSUPPORTED, SamplingTable  # noqa: E402
 from chat_tui.ui.screens import InputScreen, PickScreen  # noqa: E402
-from tests.engine.test_remote import free_port, running, transformers_cli  # noqa: E402
+from tests.engine.test_remote import chat_tui_serve, free_port, running, two_models_url  # noqa: E402, F401 - fixtures
 
 from .conftest import ready, send, wait_for  # noqa: E402
 
@@ -32,34 +31,6 @@ def server_url():
     port = free_port()
     with running([sys.executable, "-m", "chat_tui", "serve", "--port", str(port)], port, seconds=60):
         yield f"http://127.0.0.1:{port}/v1"
-
-
-@pytest.fixture(scope="module")
-def two_models_url(tmp_path_factory):
-    """`transformers serve` with no model: it lists the generative models of its Hugging Face cache,
-    here two copies of the exported bundled model (chat-tui/minigpt-a and -b), loaded offline."""
-    from chat_tui.engine import bundled_model_path
-    from chat_tui.engine.export import export_hf
-
-    cli = transformers_cli()
-    root = tmp_path_factory.mktemp("two-models")
-    exported = export_hf(bundled_model_path(), root / "exported")
-    cache = root / "hub"
-    commit = "0" * 40
-    for name in ("minigpt-a", "minigpt-b"):  # the hub cache's layout: refs/main names a snapshot
-        repo = cache / f"models--chat-tui--{name}"
-        (repo / "refs").mkdir(parents=True)
-        (repo / "refs" / "main").write_text(commit)
-        shutil.copytree(exported, repo / "snapshots" / commit)
-    port = free_port()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_CACHE", str(cache))  # the server's cache; it takes a copy of the environment
-        server = running([cli, "serve", "--port", str(port), "--host", "127.0.0.1"], port)
-        server.__enter__()
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.__exit__(None, None, None)
 
 
 def canvas_text(app) -> str:
@@ -79,11 +50,15 @@ async def test_a_reply_from_the_server_with_its_candidates_and_no_attention(home
         assert app.last_job.text == own.text  # the server ran the same model, greedy
         status = str(app.query_one("#status").render())
         assert server_url in status and "(openai)" in status and "/0" not in status
+        assert "setting changes apply from the next request" in status  # a server cannot change them mid-reply
         app.action_toggle_pane("inspector")
         await pilot.pause(0.3)
         pane = app.query_one(InspectorPane)
         await pilot.press("f3")  # focus moves with the keys; the view keys act on the pane
         pane.focus()
+        # the attention view: one line that says why, no blank panes, no error
+        await wait_for(pilot, lambda: "attention is not available over the OpenAI protocol"
+                       in " ".join(canvas_text(app).split()), what="the inspector's line")
         await pilot.press("6")  # the candidates view
         await pilot.pause(0.5)
         await app.workers.wait_for_complete()
@@ -118,7 +93,7 @@ async def test_connect_to_a_server_from_the_palette(home, server_url):
                        timeout=60, what="the reply")
 
 
-async def test_a_server_with_two_models_asks_which_and_marks_the_setting_it_rejects(home, two_models_url):
+async def test_a_server_with_two_models_asks_which_and_marks_the_setting_it_rejects(home, two_models_url):  # noqa: F811
     app = ChatApp(paths=get_paths(), model_process=False)
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot, app)
@@ -156,3 +131,19 @@ async def test_a_server_with_two_models_asks_which_and_marks_the_setting_it_reje
         await wait_for(pilot, lambda: app.engine is not first and app.engine is not None, timeout=60,
                        what="the new connection")
         assert "not supported" not in str(table.render())
+
+
+async def test_the_key_is_never_saved_logged_or_exported(home, chat_tui_serve):  # noqa: F811
+    """As `chat-tui --base-url URL --api-key-env CT_TEST_KEY` starts it, against a server that asks for a key."""
+    app = ChatApp(paths=get_paths(), model="minigpt", model_process=False,
+                  load_options={"base_url": chat_tui_serve, "api_key_env": "CT_TEST_KEY"})
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        assert app.engine.backend == "openai"
+        await send(pilot, app, "Hello!", wait=False)
+        await wait_for(pilot, lambda: app.job is None and app.last_job is not None and app.last_job.text,
+                       timeout=60, what="the reply")
+        exported = app.store.export_json(app.conversation_id) + app.store.export_markdown(app.conversation_id)
+        assert chat_tui_serve in exported and "sk-test-4242" not in exported
+    files = [path for path in home.rglob("*") if path.is_file()]
+    assert files and not [path for path in files if b"sk-test-4242" in path.read_bytes()]
