@@ -261,7 +261,8 @@ def test_a_client_that_disconnects_stops_the_generation(random_model):
             time.sleep(0.01)
         record = random_model.streams[-1]
         assert record["ended"] and record["cancel"].is_set()
-        assert record["tokens"] < 120
+        # the client read one token and left: the model stops within a token (4 leaves room for a loaded machine)
+        assert record["tokens"] <= 4
         # the model is free again: the next request is answered
         answer = server.client().chat.completions.create(
             model=random_model.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=3,

@@ -72,7 +72,7 @@ async def test_a_reply_from_the_server_with_its_candidates_and_no_attention(home
         # the saved reply records the server and exactly what was sent
         saved = app.store.messages(app.conversation_id)[-1]
         assert saved.meta["server"] == server_url and saved.meta["sent"]["temperature"] == 0
-        assert saved.meta["backend"] == "openai"
+        assert saved.meta["backend"] == "openai" and saved.model == "minigpt"  # the server's name for the model
 
 
 async def test_connect_to_a_server_from_the_palette(home, server_url):
