@@ -260,6 +260,10 @@ class Scripted(BaseHTTPRequestHandler):
         if behaviour == "sleep":
             time.sleep(3)
             return
+        if behaviour == "401-echo":  # as the OpenAI API does: the message quotes the key it refused
+            key = self.headers.get("authorization", "").removeprefix("Bearer ")
+            self._json(401, {"error": {"message": f"Incorrect API key provided: {key}.", "type": "invalid_request_error"}})
+            return
         if behaviour in ("400", "503"):
             message = "the prompt is too long for this model" if behaviour == "400" else "the model is loading"
             self._json(int(behaviour), {"error": {"message": message, "type": "error"}})
@@ -463,3 +467,10 @@ def test_ask_without_a_model_on_a_server_with_several_names_them_in_one_line(two
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "chat-tui/minigpt-a" in done.stderr and "chat-tui/minigpt-b" in done.stderr
     assert "--model" in done.stderr
+
+
+def test_a_server_that_quotes_the_key_in_its_error_never_gets_it_shown(scripted):
+    _, url = scripted
+    Scripted.behaviour = "401-echo"
+    text, error = reply_and_error(RemoteEngine(url, api_key="sk-secret-31337", timeout=5))
+    assert text == "" and "refused the key (401)" in str(error) and "sk-secret-31337" not in str(error)
