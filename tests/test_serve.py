@@ -345,3 +345,22 @@ def test_a_missing_key_variable_is_a_one_line_error():
     assert done.returncode == 2
     assert done.stderr.strip() == ("chat-tui: error: --api-key-env CHAT_TUI_NO_SUCH_VAR: the variable is not set "
                                    "or empty")
+
+
+def test_a_hugging_face_checkpoint_is_served_too(tmp_path):
+    pytest.importorskip("transformers", reason="the hf extra is not installed (pip install 'chat-tui[hf]')")
+    from chat_tui.engine import bundled_model_path
+    from chat_tui.engine.export import export_hf
+
+    engine = load_engine(export_hf(bundled_model_path(), tmp_path / "hf"), device="cpu")  # torch, transformers
+    assert engine.backend == "hf"
+    hello = [{"role": "user", "content": "What is AI?"}]
+    with Server(engine) as server:
+        answer = server.client().chat.completions.create(model=engine.model_name, messages=hello, temperature=0,
+                                                         max_tokens=20, logprobs=True, top_logprobs=3)
+    own = collect(engine.stream([Message("user", "What is AI?")],
+                                engine.default_params().with_(temperature=0, max_new_tokens=20, top_candidates=3)))
+    assert answer.choices[0].message.content == own.text and own.text
+    entries = answer.choices[0].logprobs.content
+    assert [e.token for e in entries] == [s.token for s in own.steps]
+    assert [math.exp(e.logprob) for e in entries] == pytest.approx([s.prob for s in own.steps], abs=1e-5)

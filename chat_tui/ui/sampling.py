@@ -255,9 +255,8 @@ class SamplingTable(Widget, can_focus=True):
 
     def mark_unsupported(self, names: frozenset[str]) -> None:
         """Show these settings as not supported by the server (they are left out of its requests)."""
-        if names != self.unsupported:
-            self.unsupported = names
-            self.refresh()
+        self.unsupported = names
+        self.refresh()
 
     @staticmethod
     def _buffer_ok(row: Row, buffer: str) -> bool:
@@ -449,8 +448,9 @@ class SamplingPane(Vertical):
 
     def mark_unsupported(self, names: frozenset[str]) -> None:
         """Mark the settings the server rejected, on their rows and in the help line."""
-        self.table.mark_unsupported(names)
-        self._help(self.table.row)
+        if names != self.table.unsupported:
+            self.table.mark_unsupported(names)
+            self._help(self.table.row)
 
     def _help(self, row: Row, error: str | None = None) -> None:
         help_ = self.query_one("#param-help", Static)
