@@ -9,7 +9,8 @@ imported when the engine is made, never at start.
 
 Servers differ in what they accept: a setting a server rejects (an error naming the field) is
 dropped and the request sent again once; the engine remembers it (`unsupported`) so that every
-later request leaves it out, and the UI can say "not supported by this server".
+later request leaves it out, and the UI can say "not supported by this server". A field the error
+asks for under another name (`max_completion_tokens` for `max_tokens`) is renamed the same way.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ RETRY_AFTER_LIMIT_S = 30.0  # a 429 asking to wait longer than this is reported 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit, which the other servers follow
 ATTENTION_UNAVAILABLE = "attention is not available over the OpenAI protocol (the server keeps it)"
 # the settings that are always sent; any other is sent only when it is on (not its neutral value)
-ALWAYS = ("temperature", "max_tokens")
+ALWAYS = ("temperature", "max_tokens", "max_completion_tokens")
 # vLLM, llama.cpp and chat-tui serve take these under these names; the OpenAI API rejects them
 EXTRA_NAMES = {"top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p",
                "repetition_penalty": "repetition_penalty"}
@@ -109,8 +110,12 @@ def request_fields(params: SamplingParams, *, logprobs: bool) -> dict[str, Any]:
     return fields
 
 
+# a field some servers want under another name, which their error names (the OpenAI API's reasoning
+# models: "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens' instead.")
+RENAMES = {"max_tokens": "max_completion_tokens"}
 # the chat-tui setting behind each request field whose name differs from the setting's
-SETTING_OF_FIELD = {"max_tokens": "max_new_tokens", "logprobs": "top_candidates", "top_logprobs": "top_candidates"}
+SETTING_OF_FIELD = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                    "logprobs": "top_candidates", "top_logprobs": "top_candidates"}
 
 
 def unsupported_settings(fields: Iterable[str]) -> frozenset[str]:
@@ -121,6 +126,12 @@ def unsupported_settings(fields: Iterable[str]) -> frozenset[str]:
 def rejected_fields(message: str, sent: Sequence[str]) -> set[str]:
     """The sent fields an error message names (the server's way of saying it does not take them)."""
     return {name for name in sent if name not in ALWAYS and re.search(rf"\b{re.escape(name)}\b", message)}
+
+
+def renamed_fields(message: str, sent: Sequence[str]) -> dict[str, str]:
+    """The sent fields an error message asks to send under another name (both names in it)."""
+    return {old: new for old, new in RENAMES.items()
+            if old in sent and all(re.search(rf"\b{name}\b", message) for name in (old, new))}
 
 
 def server_models(base_url: str, key_env: str | None = None, key_file: str | None = None,
@@ -171,6 +182,7 @@ class RemoteEngine:
         self.timeout = timeout
         self.retry_after_limit = retry_after_limit
         self.unsupported: set[str] = set()  # settings this server rejected (left out from now on)
+        self.renamed: dict[str, str] = {}  # fields this server takes under another name (sent so from now on)
         self.last_request: dict[str, Any] = {}  # the fields of the last request, as sent (no key)
         self.last_note: str | None = None  # what the last request had to change (a dropped field, a continue)
         # the SDK's own retries are off: a 429 is waited for here, where a cancel can stop the wait
@@ -229,7 +241,8 @@ class RemoteEngine:
         if first.seed is None:  # as a local model does: a seed chosen here, sent, and shown with the reply
             first = first.with_(seed=secrets.randbits(31))
         messages = [{"role": m.role, "content": m.content} for m in conversation]
-        fields = {k: v for k, v in request_fields(first, logprobs=candidates).items() if k not in self.unsupported}
+        fields = {self.renamed.get(k, k): v for k, v in request_fields(first, logprobs=candidates).items()
+                  if k not in self.unsupported}
         notes: list[str] = []
         if messages and messages[-1]["role"] == "assistant":  # continue a stopped reply
             if self.family == "vllm":
@@ -302,17 +315,23 @@ class RemoteEngine:
                     return None
                 waited += wait
             except (self._openai.BadRequestError, self._openai.UnprocessableEntityError) as exc:
-                rejected = rejected_fields(_message(exc), list(fields))
-                if dropped_once or not rejected:
+                renamed = renamed_fields(_message(exc), list(fields))
+                rejected = rejected_fields(_message(exc), list(fields)) - set(renamed) - set(renamed.values())
+                if dropped_once or not (rejected or renamed):
                     raise self._error(exc) from None
                 dropped_once = True
+                for old, new in renamed.items():
+                    fields[new] = fields.pop(old)
+                    self.renamed[old] = new
+                    notes.append(f"{self.server} takes {old} as {new}: sent so")
                 self.unsupported |= rejected
                 for name in rejected:
                     fields.pop(name, None)
                     if name == "logprobs":
                         fields.pop("top_logprobs", None)
                         self.unsupported.add("top_logprobs")
-                notes.append(f"{self.server} does not take {', '.join(sorted(rejected))}: left out")
+                if rejected:
+                    notes.append(f"{self.server} does not take {', '.join(sorted(rejected))}: left out")
             except Exception as exc:  # noqa: BLE001
                 raise self._error(exc) from None
 

@@ -264,6 +264,11 @@ class Scripted(BaseHTTPRequestHandler):
             key = self.headers.get("authorization", "").removeprefix("Bearer ")
             self._json(401, {"error": {"message": f"Incorrect API key provided: {key}.", "type": "invalid_request_error"}})
             return
+        if behaviour == "reasoning" and "max_tokens" in body:  # the OpenAI API's reasoning models
+            self._json(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                                       "model. Use 'max_completion_tokens' instead.", "type": "invalid_request_error",
+                                       "param": "max_tokens", "code": "unsupported_parameter"}})
+            return
         if behaviour in ("400", "503"):
             message = "the prompt is too long for this model" if behaviour == "400" else "the model is loading"
             self._json(int(behaviour), {"error": {"message": message, "type": "error"}})
@@ -474,3 +479,19 @@ def test_a_server_that_quotes_the_key_in_its_error_never_gets_it_shown(scripted)
     Scripted.behaviour = "401-echo"
     text, error = reply_and_error(RemoteEngine(url, api_key="sk-secret-31337", timeout=5))
     assert text == "" and "refused the key (401)" in str(error) and "sk-secret-31337" not in str(error)
+
+
+def test_max_tokens_is_sent_as_max_completion_tokens_where_the_server_asks(scripted):
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "reasoning"
+    engine = RemoteEngine(url, timeout=5)
+    steps = list(engine.stream(HELLO, SamplingParams(max_new_tokens=20, seed=1)))
+    assert "".join(s.text for s in steps) == "Hello there"
+    assert Scripted.calls[-1]["max_completion_tokens"] == 20 and "max_tokens" not in Scripted.calls[-1]
+    assert "max_completion_tokens" in steps[0].prompt.note and steps[0].prompt.unsupported == ()
+    assert engine.last_request["max_completion_tokens"] == 20  # the receipt: as sent
+    calls = len(Scripted.calls)
+    reply_and_error(engine)
+    assert len(Scripted.calls) == calls + 1 and "max_completion_tokens" in Scripted.calls[-1]  # no retry again
