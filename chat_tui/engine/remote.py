@@ -146,10 +146,33 @@ def server_models(base_url: str, key_env: str | None = None, key_file: str | Non
     try:
         return [m.id for m in client.models.list().data]
     except Exception as exc:  # noqa: BLE001 - one line naming the server, never the key
-        text = f"{public_url(base_url)}: cannot list its models ({first_line(exc)})"
+        text = describe_failure(openai, exc, public_url(base_url), timeout)
         raise ServerError(text.replace(key, "***") if key else text) from None
     finally:
         client.close()
+
+
+def describe_failure(openai: Any, exc: BaseException, where: str, timeout: float) -> str:
+    """A failed request to the server `where`, in one line that says what to do (`openai`: the SDK)."""
+    o = openai
+    if isinstance(exc, o.APITimeoutError):
+        return f"{where}: no answer within {timeout:g} s (is the server overloaded? raise --timeout)"
+    if isinstance(exc, o.APIConnectionError):
+        cause = first_line(exc.__cause__) if exc.__cause__ is not None else first_line(exc)
+        return f"{where}: cannot connect ({cause}); is the server running, and the URL right?"
+    if isinstance(exc, (o.AuthenticationError, o.PermissionDeniedError)):
+        return (f"{where}: the server refused the key ({exc.status_code}): set the right one in "
+                f"--api-key-env (default {DEFAULT_KEY_ENV}) or --api-key-file")
+    if isinstance(exc, o.NotFoundError):
+        return f"{where}: {_message(exc) or 'not found'} (404)"
+    if isinstance(exc, o.RateLimitError):
+        wait = _retry_after(exc)
+        return f"{where}: busy (429)" + (f"; it asks to wait {wait:g} s" if wait else "") + ", try again later"
+    if isinstance(exc, o.APIStatusError):
+        return f"{where}: {_message(exc) or 'error'} ({exc.status_code})"
+    if isinstance(exc, ValueError):  # malformed JSON in an event
+        return f"{where}: sent a malformed event ({first_line(exc)})"
+    return f"{where}: {type(exc).__name__}: {first_line(exc)}"
 
 
 class RemoteEngine:
@@ -343,35 +366,13 @@ class RemoteEngine:
 
     def _error(self, exc: BaseException, during: str = "") -> ServerError:
         """One line naming the server and what to do; never the key."""
-        o = self._openai
-        where = f"{self.server}{' ' + during if during else ''}"
-        if isinstance(exc, o.APITimeoutError):
-            text = f"{where}: no answer within {self.timeout:g} s (is the server overloaded? raise --timeout)"
-        elif isinstance(exc, o.APIConnectionError):
-            cause = first_line(exc.__cause__) if exc.__cause__ is not None else first_line(exc)
-            text = f"{where}: cannot connect ({cause}); is the server running, and the URL right?"
-        elif isinstance(exc, (o.AuthenticationError, o.PermissionDeniedError)):
-            text = (f"{where}: the server refused the key ({exc.status_code}): set the right one in "
-                    f"--api-key-env (default {DEFAULT_KEY_ENV}) or --api-key-file")
-        elif isinstance(exc, o.NotFoundError):
-            text = f"{where}: {_message(exc) or 'not found'} (404)"
+        text = describe_failure(self._openai, exc, f"{self.server}{' ' + during if during else ''}", self.timeout)
+        if isinstance(exc, self._openai.NotFoundError):
             try:
-                names = ", ".join(m["id"] for m in self.list_models())
-                text += f"; it serves: {names}"
+                text += f"; it serves: {', '.join(m['id'] for m in self.list_models())}"
             except ServerError:
                 pass
-        elif isinstance(exc, o.RateLimitError):
-            wait = _retry_after(exc)
-            text = f"{where}: busy (429)" + (f"; it asks to wait {wait:g} s" if wait else "") + ", try again later"
-        elif isinstance(exc, o.APIStatusError):
-            text = f"{where}: {_message(exc) or 'error'} ({exc.status_code})"
-        elif isinstance(exc, ValueError):  # malformed JSON in an event
-            text = f"{where}: sent a malformed event ({first_line(exc)})"
-        else:
-            text = f"{where}: {type(exc).__name__}: {first_line(exc)}"
-        if self._key:
-            text = text.replace(self._key, "***")
-        return ServerError(text)
+        return ServerError(text.replace(self._key, "***") if self._key else text)
 
     def _prompt_info(self, params: SamplingParams, started: float) -> PromptInfo:
         return PromptInfo(ids=[], tokens=[], spans=[], dropped_messages=0, dropped_tokens=0,

@@ -148,3 +148,18 @@ async def test_the_key_is_never_saved_logged_or_exported(home, chat_tui_serve): 
         assert chat_tui_serve in exported and "sk-test-4242" not in exported
     files = [path for path in home.rglob("*") if path.is_file()]
     assert files and not [path for path in files if b"sk-test-4242" in path.read_bytes()]
+
+
+async def test_a_server_that_cannot_be_reached_is_one_notice_and_the_model_stays(home):
+    app = ChatApp(paths=get_paths(), model_process=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        before = app.engine
+        url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+        app.connect_to_server(url)
+        notices = lambda: [str(n.message) for n in app._notifications if url in str(n.message)]  # noqa: E731
+        await wait_for(pilot, notices, timeout=30, what="the notice")
+        assert "cannot connect" in notices()[0] and "Traceback" not in notices()[0]
+        assert app.engine is before  # still the model it had
+        await send(pilot, app, "Hello!", wait=False)
+        await wait_for(pilot, lambda: app.job is None and app.last_job is not None, timeout=60, what="the reply")
