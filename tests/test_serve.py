@@ -364,3 +364,16 @@ def test_a_hugging_face_checkpoint_is_served_too(tmp_path):
     entries = answer.choices[0].logprobs.content
     assert [e.token for e in entries] == [s.token for s in own.steps]
     assert [math.exp(e.logprob) for e in entries] == pytest.approx([s.prob for s in own.steps], abs=1e-5)
+
+
+@pytest.mark.parametrize(("field", "value", "setting"), [("temperature", -1, "temperature"), ("top_p", 2, "top_p"),
+                                                          ("max_tokens", 0, "max_new_tokens")])
+def test_an_out_of_range_setting_gets_the_apps_own_message(bundled_server, bundled, field, value, setting):
+    from chat_tui.engine.params import InvalidParameter, SamplingParams
+
+    with pytest.raises(InvalidParameter) as app_says:
+        SamplingParams().with_(**{setting: value})
+    body = {"model": bundled.model_name, "messages": [{"role": "user", "content": "hi"}], field: value}
+    response = httpx.post(f"{bundled_server.url}/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == str(app_says.value).replace(setting, field, 1)
