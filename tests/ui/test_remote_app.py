@@ -94,7 +94,7 @@ async def test_connect_to_a_server_from_the_palette(home, server_url):
 
 
 async def test_a_server_with_two_models_asks_which_and_marks_the_setting_it_rejects(home, two_models_url):  # noqa: F811
-    app = ChatApp(paths=get_paths(), model_process=False)
+    app = ChatApp(paths=get_paths(), model_process=True)  # as chat-tui runs: the client in the model's process
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot, app)
         app.action_connect_dialog()
