@@ -113,7 +113,8 @@ def main() -> None:
     from chat_tui.engine.params import SamplingParams
     from chat_tui.engine.remote import RemoteEngine
 
-    transformers_cli = shutil.which("transformers")
+    transformers_cli = (shutil.which("transformers", path=str(Path(sys.executable).parent))
+                        or shutil.which("transformers"))
     if transformers_cli is None:
         raise SystemExit("needs the transformers CLI (pip install transformers fastapi uvicorn)")
     print(f"load average at start: {os.getloadavg()[0]:.2f}")

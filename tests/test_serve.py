@@ -261,7 +261,8 @@ def test_a_client_that_disconnects_stops_the_generation(random_model):
             time.sleep(0.01)
         record = random_model.streams[-1]
         assert record["ended"] and record["cancel"].is_set()
-        assert record["tokens"] < 120
+        # the client read one token and left: the model stops within a token (4 leaves room for a loaded machine)
+        assert record["tokens"] <= 4
         # the model is free again: the next request is answered
         answer = server.client().chat.completions.create(
             model=random_model.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
@@ -344,3 +345,35 @@ def test_a_missing_key_variable_is_a_one_line_error():
     assert done.returncode == 2
     assert done.stderr.strip() == ("chat-tui: error: --api-key-env CHAT_TUI_NO_SUCH_VAR: the variable is not set "
                                    "or empty")
+
+
+def test_a_hugging_face_checkpoint_is_served_too(tmp_path):
+    pytest.importorskip("transformers", reason="the hf extra is not installed (pip install 'chat-tui[hf]')")
+    from chat_tui.engine import bundled_model_path
+    from chat_tui.engine.export import export_hf
+
+    engine = load_engine(export_hf(bundled_model_path(), tmp_path / "hf"), device="cpu")  # torch, transformers
+    assert engine.backend == "hf"
+    hello = [{"role": "user", "content": "What is AI?"}]
+    with Server(engine) as server:
+        answer = server.client().chat.completions.create(model=engine.model_name, messages=hello, temperature=0,
+                                                         max_tokens=20, logprobs=True, top_logprobs=3)
+    own = collect(engine.stream([Message("user", "What is AI?")],
+                                engine.default_params().with_(temperature=0, max_new_tokens=20, top_candidates=3)))
+    assert answer.choices[0].message.content == own.text and own.text
+    entries = answer.choices[0].logprobs.content
+    assert [e.token for e in entries] == [s.token for s in own.steps]
+    assert [math.exp(e.logprob) for e in entries] == pytest.approx([s.prob for s in own.steps], abs=1e-5)
+
+
+@pytest.mark.parametrize(("field", "value", "setting"), [("temperature", -1, "temperature"), ("top_p", 2, "top_p"),
+                                                          ("max_tokens", 0, "max_new_tokens")])
+def test_an_out_of_range_setting_gets_the_apps_own_message(bundled_server, bundled, field, value, setting):
+    from chat_tui.engine.params import InvalidParameter, SamplingParams
+
+    with pytest.raises(InvalidParameter) as app_says:
+        SamplingParams().with_(**{setting: value})
+    body = {"model": bundled.model_name, "messages": [{"role": "user", "content": "hi"}], field: value}
+    response = httpx.post(f"{bundled_server.url}/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == str(app_says.value).replace(setting, field, 1)

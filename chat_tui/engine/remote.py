@@ -9,7 +9,8 @@ imported when the engine is made, never at start.
 
 Servers differ in what they accept: a setting a server rejects (an error naming the field) is
 dropped and the request sent again once; the engine remembers it (`unsupported`) so that every
-later request leaves it out, and the UI can say "not supported by this server".
+later request leaves it out, and the UI can say "not supported by this server". A field the error
+asks for under another name (`max_completion_tokens` for `max_tokens`) is renamed the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -44,7 +45,7 @@ RETRY_AFTER_LIMIT_S = 30.0  # a 429 asking to wait longer than this is reported 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit, which the other servers follow
 ATTENTION_UNAVAILABLE = "attention is not available over the OpenAI protocol (the server keeps it)"
 # the settings that are always sent; any other is sent only when it is on (not its neutral value)
-ALWAYS = ("temperature", "max_tokens")
+ALWAYS = ("temperature", "max_tokens", "max_completion_tokens")
 # vLLM, llama.cpp and chat-tui serve take these under these names; the OpenAI API rejects them
 EXTRA_NAMES = {"top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p",
                "repetition_penalty": "repetition_penalty"}
@@ -109,9 +110,28 @@ def request_fields(params: SamplingParams, *, logprobs: bool) -> dict[str, Any]:
     return fields
 
 
+# a field some servers want under another name, which their error names (the OpenAI API's reasoning
+# models: "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens' instead.")
+RENAMES = {"max_tokens": "max_completion_tokens"}
+# the chat-tui setting behind each request field whose name differs from the setting's
+SETTING_OF_FIELD = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                    "logprobs": "top_candidates", "top_logprobs": "top_candidates"}
+
+
+def unsupported_settings(fields: Iterable[str]) -> frozenset[str]:
+    """The chat-tui settings (SamplingParams names) behind request fields a server rejected."""
+    return frozenset(SETTING_OF_FIELD.get(name, name) for name in fields)
+
+
 def rejected_fields(message: str, sent: Sequence[str]) -> set[str]:
     """The sent fields an error message names (the server's way of saying it does not take them)."""
     return {name for name in sent if name not in ALWAYS and re.search(rf"\b{re.escape(name)}\b", message)}
+
+
+def renamed_fields(message: str, sent: Sequence[str]) -> dict[str, str]:
+    """The sent fields an error message asks to send under another name (both names in it)."""
+    return {old: new for old, new in RENAMES.items()
+            if old in sent and all(re.search(rf"\b{name}\b", message) for name in (old, new))}
 
 
 def server_models(base_url: str, key_env: str | None = None, key_file: str | None = None,
@@ -126,10 +146,33 @@ def server_models(base_url: str, key_env: str | None = None, key_file: str | Non
     try:
         return [m.id for m in client.models.list().data]
     except Exception as exc:  # noqa: BLE001 - one line naming the server, never the key
-        text = f"{public_url(base_url)}: cannot list its models ({first_line(exc)})"
+        text = describe_failure(openai, exc, public_url(base_url), timeout)
         raise ServerError(text.replace(key, "***") if key else text) from None
     finally:
         client.close()
+
+
+def describe_failure(openai: Any, exc: BaseException, where: str, timeout: float) -> str:
+    """A failed request to the server `where`, in one line that says what to do (`openai`: the SDK)."""
+    o = openai
+    if isinstance(exc, o.APITimeoutError):
+        return f"{where}: no answer within {timeout:g} s (is the server overloaded? raise --timeout)"
+    if isinstance(exc, o.APIConnectionError):
+        cause = first_line(exc.__cause__) if exc.__cause__ is not None else first_line(exc)
+        return f"{where}: cannot connect ({cause}); is the server running, and the URL right?"
+    if isinstance(exc, (o.AuthenticationError, o.PermissionDeniedError)):
+        return (f"{where}: the server refused the key ({exc.status_code}): set the right one in "
+                f"--api-key-env (default {DEFAULT_KEY_ENV}) or --api-key-file")
+    if isinstance(exc, o.NotFoundError):
+        return f"{where}: {_message(exc) or 'not found'} (404)"
+    if isinstance(exc, o.RateLimitError):
+        wait = _retry_after(exc)
+        return f"{where}: busy (429)" + (f"; it asks to wait {wait:g} s" if wait else "") + ", try again later"
+    if isinstance(exc, o.APIStatusError):
+        return f"{where}: {_message(exc) or 'error'} ({exc.status_code})"
+    if isinstance(exc, ValueError):  # malformed JSON in an event
+        return f"{where}: sent a malformed event ({first_line(exc)})"
+    return f"{where}: {type(exc).__name__}: {first_line(exc)}"
 
 
 class RemoteEngine:
@@ -162,6 +205,7 @@ class RemoteEngine:
         self.timeout = timeout
         self.retry_after_limit = retry_after_limit
         self.unsupported: set[str] = set()  # settings this server rejected (left out from now on)
+        self.renamed: dict[str, str] = {}  # fields this server takes under another name (sent so from now on)
         self.last_request: dict[str, Any] = {}  # the fields of the last request, as sent (no key)
         self.last_note: str | None = None  # what the last request had to change (a dropped field, a continue)
         # the SDK's own retries are off: a 429 is waited for here, where a cancel can stop the wait
@@ -220,7 +264,8 @@ class RemoteEngine:
         if first.seed is None:  # as a local model does: a seed chosen here, sent, and shown with the reply
             first = first.with_(seed=secrets.randbits(31))
         messages = [{"role": m.role, "content": m.content} for m in conversation]
-        fields = {k: v for k, v in request_fields(first, logprobs=candidates).items() if k not in self.unsupported}
+        fields = {self.renamed.get(k, k): v for k, v in request_fields(first, logprobs=candidates).items()
+                  if k not in self.unsupported}
         notes: list[str] = []
         if messages and messages[-1]["role"] == "assistant":  # continue a stopped reply
             if self.family == "vllm":
@@ -293,17 +338,23 @@ class RemoteEngine:
                     return None
                 waited += wait
             except (self._openai.BadRequestError, self._openai.UnprocessableEntityError) as exc:
-                rejected = rejected_fields(_message(exc), list(fields))
-                if dropped_once or not rejected:
+                renamed = renamed_fields(_message(exc), list(fields))
+                rejected = rejected_fields(_message(exc), list(fields)) - set(renamed) - set(renamed.values())
+                if dropped_once or not (rejected or renamed):
                     raise self._error(exc) from None
                 dropped_once = True
+                for old, new in renamed.items():
+                    fields[new] = fields.pop(old)
+                    self.renamed[old] = new
+                    notes.append(f"{self.server} takes {old} as {new}: sent so")
                 self.unsupported |= rejected
                 for name in rejected:
                     fields.pop(name, None)
                     if name == "logprobs":
                         fields.pop("top_logprobs", None)
                         self.unsupported.add("top_logprobs")
-                notes.append(f"{self.server} does not take {', '.join(sorted(rejected))}: left out")
+                if rejected:
+                    notes.append(f"{self.server} does not take {', '.join(sorted(rejected))}: left out")
             except Exception as exc:  # noqa: BLE001
                 raise self._error(exc) from None
 
@@ -315,41 +366,19 @@ class RemoteEngine:
 
     def _error(self, exc: BaseException, during: str = "") -> ServerError:
         """One line naming the server and what to do; never the key."""
-        o = self._openai
-        where = f"{self.server}{' ' + during if during else ''}"
-        if isinstance(exc, o.APITimeoutError):
-            text = f"{where}: no answer within {self.timeout:g} s (is the server overloaded? raise --timeout)"
-        elif isinstance(exc, o.APIConnectionError):
-            cause = first_line(exc.__cause__) if exc.__cause__ is not None else first_line(exc)
-            text = f"{where}: cannot connect ({cause}); is the server running, and the URL right?"
-        elif isinstance(exc, (o.AuthenticationError, o.PermissionDeniedError)):
-            text = (f"{where}: the server refused the key ({exc.status_code}): set the right one in "
-                    f"--api-key-env (default {DEFAULT_KEY_ENV}) or --api-key-file")
-        elif isinstance(exc, o.NotFoundError):
-            text = f"{where}: {_message(exc) or 'not found'} (404)"
+        text = describe_failure(self._openai, exc, f"{self.server}{' ' + during if during else ''}", self.timeout)
+        if isinstance(exc, self._openai.NotFoundError):
             try:
-                names = ", ".join(m["id"] for m in self.list_models())
-                text += f"; it serves: {names}"
+                text += f"; it serves: {', '.join(m['id'] for m in self.list_models())}"
             except ServerError:
                 pass
-        elif isinstance(exc, o.RateLimitError):
-            wait = _retry_after(exc)
-            text = f"{where}: busy (429)" + (f"; it asks to wait {wait:g} s" if wait else "") + ", try again later"
-        elif isinstance(exc, o.APIStatusError):
-            text = f"{where}: {_message(exc) or 'error'} ({exc.status_code})"
-        elif isinstance(exc, ValueError):  # malformed JSON in an event
-            text = f"{where}: sent a malformed event ({first_line(exc)})"
-        else:
-            text = f"{where}: {type(exc).__name__}: {first_line(exc)}"
-        if self._key:
-            text = text.replace(self._key, "***")
-        return ServerError(text)
+        return ServerError(text.replace(self._key, "***") if self._key else text)
 
     def _prompt_info(self, params: SamplingParams, started: float) -> PromptInfo:
         return PromptInfo(ids=[], tokens=[], spans=[], dropped_messages=0, dropped_tokens=0,
                           seed=params.seed if params.seed is not None else -1,  # -1: the server chose
                           prefill_s=time.perf_counter() - started, sent=dict(self.last_request),
-                          note=self.last_note)
+                          note=self.last_note, unsupported=tuple(sorted(self.unsupported)))
 
 
 def _finish(reason: str | None) -> str | None:

@@ -77,6 +77,8 @@ class PromptInfo:
     # change to send it (a setting the server rejected and that was left out); None for a local model
     sent: dict | None = None
     note: str | None = None
+    # a model on a server: the request fields it has rejected so far, left out of every request
+    unsupported: tuple[str, ...] = ()
 
 
 @dataclass

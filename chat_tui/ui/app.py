@@ -597,6 +597,7 @@ class ChatApp(App[int], inherit_bindings=False):
             freeze_long_lived()  # torch and the model are a million long-lived objects
         try:
             self.inspector.set_engine(message.engine)
+            self.sampling.mark_unsupported(frozenset())  # what a server rejected was about that server
         except NoMatches:  # the app is closing: the model arrived too late to matter
             return
         if not self.settings.touched:
@@ -1139,6 +1140,10 @@ class ChatApp(App[int], inherit_bindings=False):
     def reply_notice(self, job: GenJob, notice: str) -> None:
         self.notice = notice
         self.notify(notice, severity="warning", timeout=8, markup=False)
+        if job.prompt is not None and job.prompt.unsupported:  # a server rejected a setting: mark its row
+            from chat_tui.engine.remote import unsupported_settings
+
+            self.sampling.mark_unsupported(unsupported_settings(job.prompt.unsupported))
 
     def reply_finished(self, job: GenJob, error: BaseException | None) -> None:
         item = job.item

@@ -58,6 +58,7 @@ TEXT_ROWS: tuple[tuple[str, str], ...] = (
     ("system_prompt", "system"),
     ("order", "order"),
 )
+UNSUPPORTED = "not supported by this server"
 TEXT_HELP = {
     "stop": "stop strings: the reply ends before any of them (Enter edits, one per line)",
     "system_prompt": "system prompt: sent before the conversation (Enter edits)",
@@ -108,6 +109,14 @@ def format_value(spec: ParamSpec | None, value: object) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def unsupported_line(label: str, room: int) -> Text:
+    """A row whose setting the server rejected: the note takes the place of the value and the range."""
+    note = UNSUPPORTED if len(UNSUPPORTED) <= room else "not supported"
+    line = Text(f"{label} ", end="")
+    line.append(note[:room].rjust(room), style="dim italic")
+    return line
 
 
 @dataclass
@@ -182,6 +191,7 @@ class SamplingTable(Widget, can_focus=True):
         self.system_prompt = ""
         self.editing: str | None = None
         self.error: str | None = None  # the last refusal, shown until the next change
+        self.unsupported: frozenset[str] = frozenset()  # the settings a server rejected (mark_unsupported)
 
     # ------------------------------------------------------------------ rendering
 
@@ -234,12 +244,19 @@ class SamplingTable(Widget, can_focus=True):
             if range_width:
                 line.append(" ")
                 line.append(rng.rjust(range_width), style="dim")
+            if row.name in self.unsupported and not (selected and self.editing is not None):
+                line = unsupported_line(label, width - label_width - 1)
             if line_style:
                 line.stylize_before(line_style)
             out.append_text(line)
             if i < len(ROWS) - 1:
                 out.append("\n")
         return out
+
+    def mark_unsupported(self, names: frozenset[str]) -> None:
+        """Show these settings as not supported by the server (they are left out of its requests)."""
+        self.unsupported = names
+        self.refresh()
 
     @staticmethod
     def _buffer_ok(row: Row, buffer: str) -> bool:
@@ -429,6 +446,12 @@ class SamplingPane(Vertical):
         self.query_one("#sampling-title", Static).update(title)
         self._help(self.table.row)
 
+    def mark_unsupported(self, names: frozenset[str]) -> None:
+        """Mark the settings the server rejected, on their rows and in the help line."""
+        if names != self.table.unsupported:
+            self.table.mark_unsupported(names)
+            self._help(self.table.row)
+
     def _help(self, row: Row, error: str | None = None) -> None:
         help_ = self.query_one("#param-help", Static)
         if error:
@@ -436,7 +459,10 @@ class SamplingPane(Vertical):
             help_.add_class("-error")
             return
         help_.remove_class("-error")
-        if row.spec is not None:
+        if row.name in self.table.unsupported:
+            text = Text(f"{row.label}: {UNSUPPORTED}", style="bold")
+            text.append(" (it rejected this setting: left out of every request)", style="dim")
+        elif row.spec is not None:
             text = Text(f"{row.label} {range_label(row.spec)}: ", style="bold")
             text.append(row.spec.help)
             text.append("  ←/→ step · type + Enter · n neutral · d defaults", style="dim")

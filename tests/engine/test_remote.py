@@ -77,19 +77,53 @@ def exported(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def transformers_serve(exported):
-    """`transformers serve FOLDER --port P`, offline; the model id in requests is the folder path."""
-    cli = shutil.which("transformers")
+def transformers_cli() -> str:
+    """The `transformers` CLI beside this interpreter (its venv need not be on PATH), else on PATH."""
+    cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
     if cli is None:
         pytest.skip("the transformers CLI is not installed")
     pytest.importorskip("fastapi", reason="transformers serve needs fastapi and uvicorn (the serve extra)")
     pytest.importorskip("accelerate", reason="transformers serve needs accelerate (the hf extra)")
+    return cli
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(exported):
+    """`transformers serve FOLDER --port P`, offline; the model id in requests is the folder path."""
+    cli = transformers_cli()
     port = free_port()
     with running([cli, "serve", str(exported), "--port", str(port), "--host", "127.0.0.1"], port):
         url = f"http://127.0.0.1:{port}/v1"
         RemoteEngine(url, str(exported), timeout=300).close()  # the first request loads the model
         yield url
+
+
+@pytest.fixture(scope="module")
+def two_models_url(tmp_path_factory):
+    """`transformers serve` with no model: it lists the generative models of its Hugging Face cache,
+    here two copies of the exported bundled model (chat-tui/minigpt-a and -b), loaded offline."""
+    from chat_tui.engine import bundled_model_path
+    from chat_tui.engine.export import export_hf
+
+    cli = transformers_cli()
+    root = tmp_path_factory.mktemp("two-models")
+    exported = export_hf(bundled_model_path(), root / "exported")
+    cache = root / "hub"
+    commit = "0" * 40
+    for name in ("minigpt-a", "minigpt-b"):  # the hub cache's layout: refs/main names a snapshot
+        repo = cache / f"models--chat-tui--{name}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        shutil.copytree(exported, repo / "snapshots" / commit)
+    port = free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_CACHE", str(cache))  # the server's cache; it takes a copy of the environment
+        server = running([cli, "serve", "--port", str(port), "--host", "127.0.0.1"], port)
+        server.__enter__()
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +214,7 @@ def test_ask_with_base_url_prints_the_reply_and_a_receipt(chat_tui_serve):
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     tokens, summary = lines[:-1], lines[-1]
     assert tokens and all(0 < t["prob"] <= 1 for t in tokens)
+    assert all(t["top"] and all(0 < c["prob"] <= 1 for c in t["top"]) for t in tokens)  # the server's top_logprobs
     assert summary["server"] == chat_tui_serve and summary["sent"]["temperature"] == 0
     assert "sk-test-4242" not in done.stdout + done.stderr
 
@@ -199,6 +234,7 @@ class Scripted(BaseHTTPRequestHandler):
     """An OpenAI-ish server whose chat answer is `behaviour` (set per test)."""
 
     behaviour = "ok"
+    owned_by = "test"  # "vllm": the server family that continues a message in place
     calls: list[dict] = []
 
     def log_message(self, *args) -> None:  # quiet
@@ -215,7 +251,7 @@ class Scripted(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        self._json(200, {"object": "list", "data": [{"id": "m1", "object": "model", "owned_by": "test"}]})
+        self._json(200, {"object": "list", "data": [{"id": "m1", "object": "model", "owned_by": self.owned_by}]})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -223,6 +259,19 @@ class Scripted(BaseHTTPRequestHandler):
         behaviour = type(self).behaviour
         if behaviour == "sleep":
             time.sleep(3)
+            return
+        if behaviour == "401-echo":  # as the OpenAI API does: the message quotes the key it refused
+            key = self.headers.get("authorization", "").removeprefix("Bearer ")
+            self._json(401, {"error": {"message": f"Incorrect API key provided: {key}.", "type": "invalid_request_error"}})
+            return
+        if behaviour == "reasoning" and "max_tokens" in body:  # the OpenAI API's reasoning models
+            self._json(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                                       "model. Use 'max_completion_tokens' instead.", "type": "invalid_request_error",
+                                       "param": "max_tokens", "code": "unsupported_parameter"}})
+            return
+        if behaviour in ("400", "503"):
+            message = "the prompt is too long for this model" if behaviour == "400" else "the model is loading"
+            self._json(int(behaviour), {"error": {"message": message, "type": "error"}})
             return
         if behaviour.startswith("429"):
             if behaviour == "429-then-ok" and len(type(self).calls) > 1:
@@ -242,6 +291,9 @@ class Scripted(BaseHTTPRequestHandler):
 
         self.wfile.write(event("Hello") + event(" there"))
         self.wfile.flush()
+        if behaviour == "stall":  # silent between two tokens, past the client's timeout
+            time.sleep(3)
+            return
         if behaviour == "close":
             self.connection.shutdown(socket.SHUT_RDWR)
             return
@@ -258,6 +310,7 @@ class Scripted(BaseHTTPRequestHandler):
 def scripted():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     Scripted.calls = []
+    Scripted.owned_by = "test"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -357,3 +410,88 @@ def test_a_key_file_others_can_read_is_refused(tmp_path):
 
 def test_the_url_is_shown_without_credentials():
     assert public_url("https://user:pa55@example.com:8443/v1/") == "https://example.com:8443/v1"
+
+
+def test_rejected_fields_name_the_settings_behind_them():
+    from chat_tui.engine.params import SamplingParams
+    from chat_tui.engine.remote import unsupported_settings
+
+    names = unsupported_settings(["logprobs", "top_logprobs", "max_tokens", "top_k", "presence_penalty"])
+    assert names == {"top_candidates", "max_new_tokens", "top_k", "presence_penalty"}
+    assert names <= set(SamplingParams().to_dict())  # each is a row of the sampling pane
+
+
+@pytest.mark.parametrize(("behaviour", "said", "partial"), [
+    ("400", "the prompt is too long for this model (400)", ""),
+    ("503", "the model is loading (503)", ""),
+    ("stall", "no answer within 0.5 s", "Hello there"),
+])
+def test_a_server_error_is_one_line_and_the_next_prompt_works(scripted, behaviour, said, partial):
+    _, url = scripted
+    Scripted.behaviour = behaviour
+    engine = RemoteEngine(url, timeout=0.5)
+    text, error = reply_and_error(engine)
+    assert text == partial and error is not None
+    assert str(error).startswith(url) and said in str(error) and "\n" not in str(error)
+    Scripted.behaviour = "ok"
+    assert reply_and_error(engine) == ("Hello there", None)
+
+
+def test_a_tls_error_and_an_unknown_host_are_one_line(scripted):
+    _, url = scripted
+    tls = url.replace("http://", "https://")  # TLS to a server that speaks plain HTTP
+    with pytest.raises(ServerError, match=r"cannot connect \(.*SSL") as caught:
+        RemoteEngine(tls, "m1", timeout=5)
+    assert str(caught.value).startswith(tls) and "\n" not in str(caught.value)
+    with pytest.raises(ServerError, match=r"no-such-host\.invalid/v1: cannot connect"):
+        RemoteEngine("http://no-such-host.invalid/v1", "m1", timeout=5)
+
+
+@pytest.mark.parametrize("family", ["vllm", "test"])
+def test_continue_sends_the_partial_reply_the_way_the_server_family_expects(scripted, family):
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "ok"
+    Scripted.owned_by = family
+    partial = [*HELLO, Message("assistant", "Artificial")]
+    steps = list(RemoteEngine(url, timeout=5).stream(partial, SamplingParams(max_new_tokens=20)))
+    sent = Scripted.calls[-1]
+    assert sent["messages"][-1] == {"role": "assistant", "content": "Artificial"}
+    if family == "vllm":
+        assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+        assert steps[0].prompt.note is None
+    else:
+        assert "continue_final_message" not in sent
+        assert "continued as a new request" in steps[0].prompt.note  # the receipt says so
+
+
+def test_ask_without_a_model_on_a_server_with_several_names_them_in_one_line(two_models_url):
+    done = subprocess.run([sys.executable, "-m", "chat_tui", "ask", "Hello!", "--base-url", two_models_url],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "chat-tui/minigpt-a" in done.stderr and "chat-tui/minigpt-b" in done.stderr
+    assert "--model" in done.stderr
+
+
+def test_a_server_that_quotes_the_key_in_its_error_never_gets_it_shown(scripted):
+    _, url = scripted
+    Scripted.behaviour = "401-echo"
+    text, error = reply_and_error(RemoteEngine(url, api_key="sk-secret-31337", timeout=5))
+    assert text == "" and "refused the key (401)" in str(error) and "sk-secret-31337" not in str(error)
+
+
+def test_max_tokens_is_sent_as_max_completion_tokens_where_the_server_asks(scripted):
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "reasoning"
+    engine = RemoteEngine(url, timeout=5)
+    steps = list(engine.stream(HELLO, SamplingParams(max_new_tokens=20, seed=1)))
+    assert "".join(s.text for s in steps) == "Hello there"
+    assert Scripted.calls[-1]["max_completion_tokens"] == 20 and "max_tokens" not in Scripted.calls[-1]
+    assert "max_completion_tokens" in steps[0].prompt.note and steps[0].prompt.unsupported == ()
+    assert engine.last_request["max_completion_tokens"] == 20  # the receipt: as sent
+    calls = len(Scripted.calls)
+    reply_and_error(engine)
+    assert len(Scripted.calls) == calls + 1 and "max_completion_tokens" in Scripted.calls[-1]  # no retry again
