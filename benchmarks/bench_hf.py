@@ -19,7 +19,9 @@ Targets: our loop / generate >= 1.0x; attention capture costs <= 10% on the 124M
 `limits` (in --models by default) measures this machine's memory bandwidth in the same run (a
 large numpy copy, one thread like the decode: bytes copied / seconds; each is read once and
 written once, so the bytes moved are twice that) and sets GPT-2 124M's tokens/s against the bound
-`bandwidth / weight bytes` (a token reads every weight once), for both counts, in float32, in int8
+`bandwidth / weight bytes` (a token reads every weight once), for both counts, and against the
+rate a float32 matrix-vector product reads a 512 MiB matrix (the decode's own kernel; a product
+only reads), in float32, in int8
 (`--quantize int8`) and in bfloat16 (`--dtype bfloat16`; whether this CPU has native bf16
 arithmetic, AVX-512 BF16 or AMX, is detected and printed), each with its greedy agreement with
 float32 over the new tokens. Every ratio is the median of the rounds' ratios (a round runs each
@@ -110,6 +112,23 @@ def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     return source.nbytes / statistics.median(seconds)
 
 
+def product_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a float32 matrix-vector product reads from memory: one vector times a
+    `mib` MiB matrix (far larger than any cache), in torch on its current threads, as a decode
+    step reads its weights. The median of `repeats`. A copy writes as much as it reads; a product
+    only reads, so this is the tighter bound of the two on a decode step."""
+    matrix = torch.ones(mib * 2**20 // (4 * 4096), 4096)
+    vector = torch.ones(matrix.shape[0])
+    with torch.inference_mode():
+        torch.matmul(vector, matrix)  # touch every page first
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(vector, matrix)
+            seconds.append(time.perf_counter() - start)
+    return matrix.numel() * 4 / statistics.median(seconds)
+
+
 def fast_bf16() -> str:
     """Whether this CPU does bfloat16 arithmetic natively (AVX-512 BF16 or AMX), in words."""
     flags: set[str] = set()
@@ -156,15 +175,18 @@ def limits(runs: int, new_tokens: int) -> None:
         fn()  # warm up
     times: dict[str, list[float]] = {path: [] for path in paths}
     bandwidths: list[float] = []
+    product_reads: list[float] = []
     outputs: dict[str, list[int]] = {}
     for _ in range(runs):
         bandwidths.append(memory_bandwidth())
+        product_reads.append(product_bandwidth())
         for path, fn in paths.items():
             seconds, ids = fn()
             times[path].append(seconds)
             outputs[path] = ids
     # each round's tokens/s against the bound measured in the same round
     bound = [b / bytes_fp32 for b in bandwidths]
+    read_bound = [b / bytes_fp32 for b in product_reads]
     reference = outputs["float32, our loop"]
     print()
     print(f"GPT-2 124M (random weights), {new_tokens} new tokens, greedy, {runs} alternating rounds; "
@@ -173,21 +195,27 @@ def limits(runs: int, new_tokens: int) -> None:
           f"{2 * statistics.median(bandwidths) / 1e9:.1f} GB/s read + written "
           f"(rounds, copied: {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)}); float32 bound "
           f"{statistics.median(bound):.1f} tokens/s (copied), {2 * statistics.median(bound):.1f} (read + written)")
+    print(f"read by a float32 matrix-vector product (torch, {torch.get_num_threads()} threads): median "
+          f"{statistics.median(product_reads) / 1e9:.1f} GB/s (rounds: "
+          f"{', '.join(f'{b / 1e9:.1f}' for b in product_reads)}); float32 bound "
+          f"{statistics.median(read_bound):.1f} tokens/s (product read)")
     print(f"native bfloat16 on this CPU: {fast_bf16()}")
     print()
     print(f"| {'path':<18} | {'tokens/s':>8} | {'x bound (copied)':>16} | {'x bound (read+written)':>22} | "
-          f"{'x float32':>9} | {'greedy agreement with float32':>31} |")
-    print(f"|{'-' * 20}|{'-' * 10}|{'-' * 18}|{'-' * 24}|{'-' * 11}|{'-' * 33}|")
+          f"{'x bound (product read)':>22} | {'x float32':>9} | {'greedy agreement with float32':>31} |")
+    print(f"|{'-' * 20}|{'-' * 10}|{'-' * 18}|{'-' * 24}|{'-' * 24}|{'-' * 11}|{'-' * 33}|")
     fp32 = times["float32, our loop"]
     for path, ts in times.items():
         rate = statistics.median(new_tokens / t for t in ts)
         of_bound = statistics.median(new_tokens / t / b for t, b in zip(ts, bound, strict=True))
+        of_read = statistics.median(new_tokens / t / b for t, b in zip(ts, read_bound, strict=True))
         speedup = statistics.median(f / t for f, t in zip(fp32, ts, strict=True))
         ids = outputs[path]
         equal = sum(a == b for a, b in zip(ids, reference, strict=True))
         first = next((i for i, (a, b) in enumerate(zip(ids, reference, strict=True)) if a != b), None)
         agreement = f"{equal}/{new_tokens}" + (f", first differs at {first}" if first is not None else "")
-        print(f"| {path:<18} | {rate:>8.1f} | {of_bound:>15.2f}x | {of_bound / 2:>21.2f}x | {speedup:>8.2f}x | "
+        print(f"| {path:<18} | {rate:>8.1f} | {of_bound:>15.2f}x | {of_bound / 2:>21.2f}x | {of_read:>21.2f}x | "
+              f"{speedup:>8.2f}x | "
               f"{agreement:>31} |")
     print()
     print("(random weights give nearly flat logits, so rounding flips a greedy pick early; see the trained model below)")
