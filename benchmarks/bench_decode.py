@@ -5,6 +5,11 @@ Greedy, 256 new tokens (end-of-turn ignored so every run makes all 256). The run
 background load hits all three alike, and every ratio is the median of the per-round ratios;
 the load average is printed at the start and the end. "engine" is a plain reply (`ask`: no
 candidates), "engine + capture" is the app's with the inspector shown (attention and candidates).
+A fourth run, "products alone", makes only the model's matrix products for as many tokens: the
+floor under any decoder that reads these float32 weights once a token, measured in the same
+rounds, so it says how far any ratio to `generate` can go on this machine now. Each run's CPU
+time is printed beside its wall time: on a shared machine the wall clock also counts the waits
+for a core.
 
     python benchmarks/bench_decode.py [--runs 5] [--new-tokens 256] [--threads N]
     python benchmarks/bench_decode.py --profile   # where a token's time goes, per part of the loop
@@ -72,7 +77,8 @@ def hf_generate(hf, prompt_ids: list[int], new_tokens: int) -> tuple[float, list
 class _Clock:
     """Seconds spent inside wrapped calls, per part of the loop (calls inside calls count once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock) -> None:
+        self.clock = clock
         self.seconds: dict[str, float] = {}
         self.depth = 0
 
@@ -81,40 +87,52 @@ class _Clock:
             if self.depth:
                 return fn(*args, **kwargs)
             self.depth += 1
-            start = time.perf_counter()
+            start = self.clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+                self.seconds[part] = self.seconds.get(part, 0.0) + self.clock() - start
                 self.depth -= 1
 
         return timed
 
 
-def _blas_seconds(runner, first: int, last: int) -> float:
+def _blas_seconds(runner, first: int, last: int, clock=time.perf_counter) -> float:
     """The model's matrix products alone, at positions first..last-1, on the runner's own weights
     and filled cache: the products one `feed` makes, without anything around them."""
     w, cfg = runner.weights, runner.config
     nh, hd = cfg.n_head, cfg.n_embd // cfg.n_head
-    x = np.ones(cfg.n_embd, dtype=np.float32)
-    wide = np.ones(w.layers[0].fc[0].shape[1], dtype=np.float32)
-    start = time.perf_counter()
+    attn, attn_proj, fc, fc_proj = w.biased[0]
+    h, wide = np.ones(attn.shape[0], dtype=np.float32), np.ones(fc_proj.shape[0], dtype=np.float32)
+    qkv, proj, hidden = np.empty(attn.shape[1], np.float32), np.empty(cfg.n_embd, np.float32), wide[:-1]
+    q, scores = qkv[: cfg.n_embd].reshape(nh, hd, 1), np.empty((nh, cfg.block_size), np.float32)
+    y_heads, logits = proj.reshape(nh, 1, hd), np.empty(cfg.vocab_size, np.float32)
+    start = clock()
     for pos in range(first, last):
         S = pos + 1
-        for i, layer in enumerate(w.layers):
-            qkv = x @ layer.attn[0]
-            q = qkv[: cfg.n_embd].reshape(nh, hd)
-            scores = np.matmul(runner.kv[i, 0, :, :S], q[:, :, None])[:, :, 0]
-            np.matmul(scores[:, None, :], runner.kv[i, 1, :, :S])
-            x @ layer.attn_proj[0]
-            x @ layer.fc[0]
-            wide @ layer.fc_proj[0]
-        x @ w.lm_head
-    return time.perf_counter() - start
+        for i, (attn, attn_proj, fc, fc_proj) in enumerate(w.biased):
+            np.matmul(h, attn, out=qkv)
+            np.matmul(runner.kv[i, 0, :, :S], q, out=scores[:, :S, None])
+            np.matmul(scores[:, None, :S], runner.kv[i, 1, :, :S], out=y_heads)
+            np.matmul(h, attn_proj, out=proj)
+            np.matmul(h, fc, out=hidden)
+            np.matmul(wide, fc_proj, out=proj)
+        np.matmul(h[:-1], w.lm_head, out=logits)
+    return clock() - start
+
+
+def products_alone(engine: MiniGPTEngine, prompt_ids: list[int], new_tokens: int) -> float:
+    """Seconds for the matrix products of `new_tokens` tokens after the prompt, and nothing else:
+    the floor under any decoder that reads these float32 weights once a token."""
+    runner = engine.runner()
+    with single_threaded_blas():
+        runner.prefill(prompt_ids, inspect=False)
+        return _blas_seconds(runner, len(prompt_ids), len(prompt_ids) + new_tokens)
 
 
 def profile(engine: MiniGPTEngine, new_tokens: int, runs: int) -> None:
-    """Where one token's time goes (greedy, capture on), median over `runs` runs."""
+    """Where one token's time goes (greedy, capture on), median over `runs` runs: CPU time of this
+    thread, in which all of it runs, so that a shared machine's waits for a core stay out."""
     parts = ["model: BLAS products", "model: numpy glue", "sampling (pick the token)",
              "inspector: log-sum-exp + top-256", "capture: attention to fp16", "detokenize + stop strings",
              "token text (Step.token, candidates)", "generator's own Python"]
@@ -124,7 +142,7 @@ def profile(engine: MiniGPTEngine, new_tokens: int, runs: int) -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     try:
         for _ in range(runs):
-            clock = _Clock()
+            clock = _Clock(time.thread_time)
             generation._pick = clock.wrap(parts[2], originals["_pick"])
             generation._logsumexp = clock.wrap(parts[3], originals["_logsumexp"])
             generation._candidates = clock.wrap(parts[3], originals["_candidates"])
@@ -139,20 +157,20 @@ def profile(engine: MiniGPTEngine, new_tokens: int, runs: int) -> None:
             runner.feed = clock.wrap("feed", runner.feed)
             steps = 0
             with single_threaded_blas():
-                start = time.perf_counter()
+                start = time.thread_time()
                 for _step in generation.run_stream(
                     runner, conversation=PROMPT, render=engine.render,
                     decode=clock.wrap(parts[5], engine.decode), token_text=clock.wrap(parts[6], engine.token_text),
                     eos_ids=set(), context_length=engine.context_length, params=params, inspect=True, cancel=None,
                 ):
                     if steps == 0:  # from the first step on: the prefill is not decoding
-                        start = time.perf_counter()
+                        start = time.thread_time()
                         clock.seconds.clear()
                     steps += 1
-                total = time.perf_counter() - start
+                total = time.thread_time() - start
                 n = steps - 1
                 prompt_length = runner.length - n
-                blas = _blas_seconds(runner, prompt_length, prompt_length + n)
+                blas = _blas_seconds(runner, prompt_length, prompt_length + n, time.thread_time)
             s = clock.seconds
             feed = s.pop("feed", 0.0)
             s[parts[0]] = blas
@@ -166,7 +184,7 @@ def profile(engine: MiniGPTEngine, new_tokens: int, runs: int) -> None:
             setattr(generation, name, value)
     total = statistics.median(table["total"])
     print(f"per-token profile, greedy, capture on, {new_tokens} tokens, median of {runs} runs "
-          "(each timed call adds about 0.2 us of timing)")
+          "in CPU time (each timed call adds about 3 us of timing)")
     print()
     print(f"| {'part':<37} | {'us/token':>8} | {'share':>6} |")
     print(f"|{'-' * 39}|{'-' * 10}|{'-' * 8}|")
@@ -216,27 +234,36 @@ def main() -> None:
         "engine": lambda: ours(engine, args.new_tokens, False, False),
         "engine + capture": lambda: ours(engine, args.new_tokens, True, True),
         "HF generate": lambda: hf_generate(hf, prompt_ids, args.new_tokens),
+        "products alone": lambda: (products_alone(engine, prompt_ids, args.new_tokens), None),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
+    # the CPU time of this thread too (every path computes in it): on a shared machine the wall
+    # clock also counts the time spent waiting for a core
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     outputs: dict[str, list[int]] = {}
     for _ in range(args.runs):
         for name, fn in runs.items():
+            cpu_start = time.thread_time()
             seconds, ids = fn()
+            cpu[name].append(time.thread_time() - cpu_start)
             times[name].append(seconds)
-            outputs[name] = ids
+            if ids is not None:
+                outputs[name] = ids
 
-    def ratio(a: str, b: str) -> float:
+    def ratio(a: str, b: str, clock: dict[str, list[float]] = times) -> float:
         """How many times faster a is than b: the median over rounds (a round runs each once)."""
-        return statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))
+        return statistics.median(tb / ta for ta, tb in zip(clock[a], clock[b], strict=True))
 
     same = outputs["engine"] == outputs["engine + capture"] == outputs["HF generate"]
     print()
-    print(f"| {'run':<18} | {'tokens/s (median)':>17} | {'ms/token (median)':>17} | {'ms/token (best)':>15} |")
-    print(f"|{'-' * 20}|{'-' * 19}|{'-' * 19}|{'-' * 17}|")
+    print(f"| {'run':<18} | {'tokens/s (median)':>17} | {'ms/token (median)':>17} | {'ms/token (best)':>15} | "
+          f"{'CPU ms/token (median)':>21} |")
+    print(f"|{'-' * 20}|{'-' * 19}|{'-' * 19}|{'-' * 17}|{'-' * 23}|")
     for name, ts in times.items():
         median = statistics.median(ts)
         print(f"| {name:<18} | {args.new_tokens / median:>17.1f} | {1000 * median / args.new_tokens:>17.3f} | "
-              f"{1000 * min(ts) / args.new_tokens:>15.3f} |")
+              f"{1000 * min(ts) / args.new_tokens:>15.3f} | "
+              f"{1000 * statistics.median(cpu[name]) / args.new_tokens:>21.3f} |")
     print()
     print(f"greedy tokens identical across the three: {same}")
     print(f"medians of {args.runs} alternating rounds:")
@@ -244,7 +271,12 @@ def main() -> None:
     print(f"engine + capture / HF generate:   {ratio('engine + capture', 'HF generate'):.2f}x  (target >= 3x)")
     capture_ms = 1000 * statistics.median(times["engine + capture"]) / args.new_tokens
     print(f"engine + capture, ms a token:     {capture_ms:.3f}  (target <= 0.6)")
+    print(f"the same two ratios in CPU time:  {ratio('engine', 'HF generate', cpu):.2f}x, "
+          f"{ratio('engine + capture', 'HF generate', cpu):.2f}x")
     print(f"cost of capture and candidates:   {100 * (1 - 1 / ratio('engine', 'engine + capture')):.1f}%")
+    print(f"the model's products alone, ms a token: {1000 * statistics.median(times['products alone']) / args.new_tokens:.3f}"
+          f"; so no decoder of these float32 weights beats HF generate here by more than "
+          f"{ratio('products alone', 'HF generate'):.2f}x")
     weights = engine.runner().weights
     read = weights.lm_head.nbytes + sum(a.nbytes for layer in weights.layers for pair in
                                         (layer.ln_1, layer.attn, layer.attn_proj, layer.ln_2, layer.fc, layer.fc_proj)

@@ -16,10 +16,12 @@ loop itself costs or saves, apart from the layout.
 
 Targets: our loop / generate >= 1.0x; attention capture costs <= 10% on the 124M model.
 
-`limits` (in --models by default) measures this machine's memory bandwidth in the same run (a
-large numpy copy, one thread like the decode: bytes copied / seconds; each is read once and
-written once, so the bytes moved are twice that) and sets GPT-2 124M's tokens/s against the bound
-`bandwidth / weight bytes` (a token reads every weight once), for both counts, in float32, in int8
+`limits` (in --models by default) measures this machine's memory bandwidth in the same rounds,
+two ways, one thread like the decode: a large numpy copy (bytes copied / seconds; each is read
+once and written once, so the bytes moved are twice that) and a float32 matrix-vector product
+over a 512 MiB matrix (the decode's own kernel, which only reads). It sets GPT-2 124M's tokens/s
+against the bound `bandwidth / weight bytes` (a token reads every weight once) for each, in
+wall time and in CPU time (a shared machine's waits for a core left out), in float32, in int8
 (`--quantize int8`) and in bfloat16 (`--dtype bfloat16`; whether this CPU has native bf16
 arithmetic, AVX-512 BF16 or AMX, is detected and printed), each with its greedy agreement with
 float32 over the new tokens. Every ratio is the median of the rounds' ratios (a round runs each
@@ -93,10 +95,11 @@ def load_average() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+def memory_bandwidth(mib: int = 512, repeats: int = 5, clock: Callable[[], float] = time.perf_counter) -> float:
     """This machine's memory bandwidth now: bytes copied per second by a large numpy copy (the
     median of `repeats` copies of `mib` MiB, far larger than any cache). Each byte is read once
-    and written once: the bytes moved are twice this."""
+    and written once: the bytes moved are twice this. `clock`: time.thread_time counts only the
+    time this thread ran (a memory stall counts; a wait for a core does not)."""
     import numpy as np
 
     source = np.ones(mib * 2**20 // 4, dtype=np.float32)
@@ -104,10 +107,28 @@ def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     np.copyto(target, source)  # touch every page first
     seconds = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         np.copyto(target, source)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(clock() - start)
     return source.nbytes / statistics.median(seconds)
+
+
+def product_bandwidth(mib: int = 512, repeats: int = 5, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Bytes per second a float32 matrix-vector product reads from memory: one vector times a
+    `mib` MiB matrix (far larger than any cache), in torch on its current threads, as a decode
+    step reads its weights. The median of `repeats`. A copy writes as much as it reads; a product
+    only reads, so this is the tighter bound of the two on a decode step. `clock` as for
+    `memory_bandwidth` (with one torch thread the product runs in this thread)."""
+    matrix = torch.ones(mib * 2**20 // (4 * 4096), 4096)
+    vector = torch.ones(matrix.shape[0])
+    with torch.inference_mode():
+        torch.matmul(vector, matrix)  # touch every page first
+        seconds = []
+        for _ in range(repeats):
+            start = clock()
+            torch.matmul(vector, matrix)
+            seconds.append(clock() - start)
+    return matrix.numel() * 4 / statistics.median(seconds)
 
 
 def fast_bf16() -> str:
@@ -155,39 +176,55 @@ def limits(runs: int, new_tokens: int) -> None:
     for fn in paths.values():
         fn()  # warm up
     times: dict[str, list[float]] = {path: [] for path in paths}
-    bandwidths: list[float] = []
+    cpu: dict[str, list[float]] = {path: [] for path in paths}  # this thread's CPU time (one torch thread)
+    copies: dict[str, list[float]] = {"wall": [], "cpu": []}  # bytes/s, per round
+    reads: dict[str, list[float]] = {"wall": [], "cpu": []}
     outputs: dict[str, list[int]] = {}
     for _ in range(runs):
-        bandwidths.append(memory_bandwidth())
+        for clock, key in ((time.perf_counter, "wall"), (time.thread_time, "cpu")):
+            copies[key].append(memory_bandwidth(clock=clock))
+            reads[key].append(product_bandwidth(clock=clock))
         for path, fn in paths.items():
+            cpu_start = time.thread_time()
             seconds, ids = fn()
+            cpu[path].append(time.thread_time() - cpu_start)
             times[path].append(seconds)
             outputs[path] = ids
-    # each round's tokens/s against the bound measured in the same round
-    bound = [b / bytes_fp32 for b in bandwidths]
     reference = outputs["float32, our loop"]
+
+    def gb(rates: list[float]) -> str:
+        return f"{statistics.median(rates) / 1e9:.1f} GB/s (rounds: {', '.join(f'{r / 1e9:.1f}' for r in rates)})"
+
     print()
     print(f"GPT-2 124M (random weights), {new_tokens} new tokens, greedy, {runs} alternating rounds; "
           f"float32 weights read per token: {bytes_fp32 / 1e6:.0f} MB")
-    print(f"memory bandwidth (numpy copy): median {statistics.median(bandwidths) / 1e9:.1f} GB/s copied, "
-          f"{2 * statistics.median(bandwidths) / 1e9:.1f} GB/s read + written "
-          f"(rounds, copied: {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)}); float32 bound "
-          f"{statistics.median(bound):.1f} tokens/s (copied), {2 * statistics.median(bound):.1f} (read + written)")
+    print(f"memory bandwidth, a numpy copy (bytes copied; read + written is twice): {gb(copies['wall'])}; "
+          f"in CPU time {gb(copies['cpu'])}")
+    print(f"read by a float32 matrix-vector product (torch, {torch.get_num_threads()} threads): {gb(reads['wall'])}; "
+          f"in CPU time {gb(reads['cpu'])}")
+    print(f"float32 bound (bandwidth / weight bytes): {statistics.median(copies['wall']) / bytes_fp32:.1f} tokens/s "
+          f"(copy), {statistics.median(reads['wall']) / bytes_fp32:.1f} (product read)")
     print(f"native bfloat16 on this CPU: {fast_bf16()}")
     print()
-    print(f"| {'path':<18} | {'tokens/s':>8} | {'x bound (copied)':>16} | {'x bound (read+written)':>22} | "
-          f"{'x float32':>9} | {'greedy agreement with float32':>31} |")
-    print(f"|{'-' * 20}|{'-' * 10}|{'-' * 18}|{'-' * 24}|{'-' * 11}|{'-' * 33}|")
+    print("each round's tokens/s against the bound measured in the same round; 'CPU' counts only the time this "
+          "thread ran, for both")
+    print(f"| {'path':<18} | {'tokens/s':>8} | {'x copy bound':>12} | {'x product bound':>15} | "
+          f"{'x copy (CPU)':>12} | {'x product (CPU)':>15} | {'x float32':>9} | {'greedy agreement with float32':>31} |")
+    print(f"|{'-' * 20}|{'-' * 10}|{'-' * 14}|{'-' * 17}|{'-' * 14}|{'-' * 17}|{'-' * 11}|{'-' * 33}|")
     fp32 = times["float32, our loop"]
+
+    def of(ts: list[float], rates: list[float]) -> float:
+        return statistics.median(new_tokens / t / (r / bytes_fp32) for t, r in zip(ts, rates, strict=True))
+
     for path, ts in times.items():
         rate = statistics.median(new_tokens / t for t in ts)
-        of_bound = statistics.median(new_tokens / t / b for t, b in zip(ts, bound, strict=True))
         speedup = statistics.median(f / t for f, t in zip(fp32, ts, strict=True))
         ids = outputs[path]
         equal = sum(a == b for a, b in zip(ids, reference, strict=True))
         first = next((i for i, (a, b) in enumerate(zip(ids, reference, strict=True)) if a != b), None)
         agreement = f"{equal}/{new_tokens}" + (f", first differs at {first}" if first is not None else "")
-        print(f"| {path:<18} | {rate:>8.1f} | {of_bound:>15.2f}x | {of_bound / 2:>21.2f}x | {speedup:>8.2f}x | "
+        print(f"| {path:<18} | {rate:>8.1f} | {of(ts, copies['wall']):>11.2f}x | {of(ts, reads['wall']):>14.2f}x | "
+              f"{of(cpu[path], copies['cpu']):>11.2f}x | {of(cpu[path], reads['cpu']):>14.2f}x | {speedup:>8.2f}x | "
               f"{agreement:>31} |")
     print()
     print("(random weights give nearly flat logits, so rounding flips a greedy pick early; see the trained model below)")

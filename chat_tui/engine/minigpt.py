@@ -59,25 +59,36 @@ class DecodeWeights:
     wpe: Any
     scale: float  # 1 / sqrt(head_dim)
     approximate: str  # the GELU's: "tanh" or "none" (exact)
+    # numpy layout only: per layer, its four products' (in + 1, out) matrices with the bias as the
+    # last row, so one product of the input with a 1 appended adds the bias (the layers' (weight,
+    # bias) pairs are views of them)
+    biased: list[tuple[np.ndarray, ...]] | None = None
 
     @classmethod
     def from_arrays(cls, config: GPTConfig, arrays: dict[str, np.ndarray]) -> DecodeWeights:
         """The numpy layout, from a state dict of float32 arrays (GPT's names)."""
 
         def t(name: str) -> tuple[np.ndarray, np.ndarray]:
-            return np.ascontiguousarray(arrays[name + ".weight"].T), arrays[name + ".bias"]
+            weight, bias = arrays[name + ".weight"], arrays[name + ".bias"]
+            biased = np.empty((weight.shape[1] + 1, weight.shape[0]), dtype=np.float32)
+            biased[:-1] = weight.T
+            biased[-1] = bias
+            products.append(biased)
+            return biased[:-1], biased[-1]
 
         def ln(name: str) -> tuple[np.ndarray, np.ndarray]:
             return arrays[name + ".weight"], arrays[name + ".bias"]
 
         layers = []
+        products: list[np.ndarray] = []  # t's (in + 1, out) matrices, four a layer
         for i in range(config.n_layer):
             b = f"transformer.h.{i}."
             layers.append(DecodeLayer(ln(b + "ln_1"), t(b + "attn.c_attn"), t(b + "attn.c_proj"), ln(b + "ln_2"),
                                       t(b + "mlp.c_fc"), t(b + "mlp.c_proj")))
         wte = arrays["transformer.wte.weight"]
         return cls(layers, ln("transformer.ln_f"), np.ascontiguousarray(wte.T), wte, arrays["transformer.wpe.weight"],
-                   1.0 / math.sqrt(config.n_embd // config.n_head), ACTIVATIONS[config.activation])
+                   1.0 / math.sqrt(config.n_embd // config.n_head), ACTIVATIONS[config.activation],
+                   [tuple(products[i : i + 4]) for i in range(0, len(products), 4)])
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The numpy layout back as a state dict (GPT's names and shapes; views, no copies)."""
@@ -140,7 +151,7 @@ class MiniGPTRunner:
             # one preallocated cache per layer (kv[i]: keys and values, each (heads, context, head_dim))
             self.kv = np.zeros((config.n_layer, 2, config.n_head, config.block_size, head_dim), dtype=np.float32)
             self.length = 0
-            self._buffers = _FeedBuffers(config, weights)
+            self._buffers = _FeedBuffers(config, weights, self.kv)
         else:
             from chat_tui.engine.model import KVCache
 
@@ -259,69 +270,75 @@ class MiniGPTRunner:
         return last @ w.lm_head, (np.stack(maps) if inspect else None)
 
     def _feed_numpy(self, token_id: int, inspect: bool):
-        """The numpy decoder's one-token step (see `_prefill_numpy` for why numpy), written for speed: a token of the
-        bundled model is about 30 small products, so the Python and numpy overhead around them is
-        most of its time. Every product writes into the runner's preallocated buffers (`out=`), the
-        heads' attention is one batched product each way, and nothing is allocated per token.
+        """The numpy decoder's one-token step (see `_prefill_numpy` for why numpy), written for speed.
+
+        A token of the bundled model reads its 17 MB of weights once, about twenty products that
+        stream them from memory; the rest is some hundred small numpy calls, each about a
+        microsecond. So every product writes into the runner's preallocated buffers (`out=`) and
+        adds its bias itself (the input carries a trailing 1, the matrix the bias as its last row),
+        the heads' attention is one batched product each way, and nothing is allocated per token.
 
         The logits and the attention row returned are views of those buffers: valid until the next
         `feed` or `prefill`.
         """
-        w, cfg, b = self.weights, self.config, self._buffers
-        eps = cfg.layer_norm_epsilon
+        w, b = self.weights, self._buffers
         pos = self.length
         S = pos + 1
-        x, h, qkv, y, proj, wide, tmp = b.x, b.h, b.qkv, b.y, b.proj, b.wide, b.tmp
+        x, normed, h, qkv, y, proj, wide, gelu_in, tmp = b.x, b.normed, b.h, b.qkv, b.y, b.proj, b.wide, b.gelu_in, b.tmp
+        eps, scale, tanh_gelu = b.eps, b.scale, w.approximate == "tanh"
         np.add(w.wte[token_id], w.wpe[pos], out=x)
-        for i, layer in enumerate(w.layers):
-            _layer_norm_into(x, *layer.ln_1, eps, h)
-            np.matmul(h, layer.attn[0], out=qkv)
-            qkv += layer.attn[1]
-            keys, values = self.kv[i, 0], self.kv[i, 1]  # (heads, context, head_dim)
+        for layer, (attn, attn_proj, fc, fc_proj), keys, values, weights in zip(
+                w.layers, w.biased, b.keys, b.values, b.attention, strict=True):
+            _layer_norm_into(x, *layer.ln_1, eps, normed)
+            np.matmul(h, attn, out=qkv)
             keys[:, pos] = b.k
             values[:, pos] = b.v
-            weights = b.attention[i, :, :S]  # (heads, S): the scores, then the softmax in place
-            np.matmul(keys[:, :S], b.q, out=weights[:, :, None])
-            weights *= w.scale
-            _softmax_rows_into(weights, b.head_column)
-            np.matmul(weights[:, None, :], values[:, :S], out=b.y_heads)
-            np.matmul(y, layer.attn_proj[0], out=proj)
-            proj += layer.attn_proj[1]
+            scores = weights[:, :S]  # (heads, S): the scores, then the softmax in place
+            np.matmul(keys[:, :S], b.q, out=scores[:, :, None])
+            scores *= scale
+            _softmax_rows_into(scores, b.head_column)
+            np.matmul(scores[:, None, :], values[:, :S], out=b.y_heads)
+            np.matmul(y, attn_proj, out=proj)
             x += proj
-            _layer_norm_into(x, *layer.ln_2, eps, h)
-            np.matmul(h, layer.fc[0], out=wide)
-            wide += layer.fc[1]
-            _gelu_into(wide, w.approximate, tmp)
-            np.matmul(wide, layer.fc_proj[0], out=proj)
-            proj += layer.fc_proj[1]
+            _layer_norm_into(x, *layer.ln_2, eps, normed)
+            np.matmul(h, fc, out=gelu_in)
+            if tanh_gelu:
+                _gelu_tanh_into(gelu_in, tmp)
+            else:
+                gelu_in[:] = _gelu(gelu_in, w.approximate)  # the exact form: only imported checkpoints use it
+            np.matmul(wide, fc_proj, out=proj)
             x += proj
         self.length = S
-        _layer_norm_into(x, *w.ln_f, eps, h)
-        np.matmul(h, w.lm_head, out=b.logits)
+        _layer_norm_into(x, *w.ln_f, eps, normed)
+        np.matmul(normed, w.lm_head, out=b.logits)
         return b.logits, (b.attention[:, :, :S] if inspect else None)  # row: (layers, heads, position + 1)
 
 
 class _FeedBuffers:
-    """Everything one numpy `feed` writes, allocated once per runner."""
+    """Everything one numpy `feed` writes, allocated once per runner, and the views it reads through."""
 
-    def __init__(self, config: GPTConfig, weights: DecodeWeights) -> None:
+    def __init__(self, config: GPTConfig, weights: DecodeWeights, kv: np.ndarray) -> None:
         C, nh = config.n_embd, config.n_head
         hd = C // nh
         f32 = np.float32
+        self.eps, self.scale = config.layer_norm_epsilon, f32(weights.scale)
         self.x = np.empty(C, f32)  # the residual stream
-        self.h = np.empty(C, f32)  # a layer norm's output
+        self.h = np.ones(C + 1, f32)  # a layer norm's output, then a 1 (the products add their bias)
+        self.normed = self.h[:C]
         self.qkv = np.empty(3 * C, f32)
         self.q = self.qkv[:C].reshape(nh, hd, 1)  # views into qkv, per head
         self.k = self.qkv[C : 2 * C].reshape(nh, hd)
         self.v = self.qkv[2 * C :].reshape(nh, hd)
-        self.y = np.empty(C, f32)  # the heads' outputs side by side
-        self.y_heads = self.y.reshape(nh, 1, hd)
+        self.y = np.ones(C + 1, f32)  # the heads' outputs side by side, then a 1
+        self.y_heads = self.y[:C].reshape(nh, 1, hd)
         self.proj = np.empty(C, f32)
         hidden = weights.layers[0].fc[0].shape[1] if weights.layers else 4 * C
-        self.wide = np.empty(hidden, f32)
+        self.wide = np.ones(hidden + 1, f32)  # the MLP's hidden layer, then a 1
+        self.gelu_in = self.wide[:hidden]
         self.tmp = np.empty(hidden, f32)
         self.head_column = np.empty((nh, 1), f32)  # a per-head max, then sum
         self.attention = np.zeros((config.n_layer, nh, config.block_size), f32)  # softmax weights, per layer
+        self.keys, self.values = list(kv[:, 0]), list(kv[:, 1])  # per layer: (heads, context, head_dim)
         self.logits = np.empty(config.vocab_size, f32)
 
 
@@ -341,9 +358,9 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
 def _layer_norm_into(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray) -> None:
     """`_layer_norm` of one vector, into `out` (no allocation but scalars)."""
     n = x.shape[0]
-    np.subtract(x, np.add.reduce(x) / np.float32(n), out=out)
-    variance = np.dot(out, out) / np.float32(n)
-    out /= np.sqrt(variance + np.float32(eps))
+    # the scalars in Python floats: numpy's own scalars cost a microsecond an operation
+    np.subtract(x, float(np.add.reduce(x)) / n, out=out)
+    out *= 1.0 / math.sqrt(float(np.dot(out, out)) / n + eps)
     out *= weight
     out += bias
 
@@ -374,20 +391,17 @@ def _gelu(x: np.ndarray, approximate: str) -> np.ndarray:
     return (0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))).astype(np.float32)
 
 
-def _gelu_into(x: np.ndarray, approximate: str, tmp: np.ndarray) -> None:
-    """`_gelu` in place, in the same order of operations; `tmp` is scratch of x's shape."""
-    if approximate != "tanh":
-        x[:] = _gelu(x, approximate)  # the exact form: only imported checkpoints use it
-        return
-    np.multiply(x, np.float32(0.044715), out=tmp)
+def _gelu_tanh_into(x: np.ndarray, tmp: np.ndarray) -> None:
+    """`_gelu` (the tanh form) in place; `tmp` is scratch of x's shape. Its tanh's argument as
+    x (s + 0.044715 s x^2): a product fewer than s (x + 0.044715 x^3), equal up to rounding."""
+    np.multiply(x, x, out=tmp)
+    tmp *= _TANH_SCALE * np.float32(0.044715)
+    tmp += _TANH_SCALE
     tmp *= x
-    tmp *= x
-    tmp += x
-    tmp *= _TANH_SCALE
     np.tanh(tmp, out=tmp)
     tmp += np.float32(1.0)
-    x *= np.float32(0.5)
     x *= tmp
+    x *= np.float32(0.5)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:

@@ -277,3 +277,16 @@ def test_the_numpy_feed_reuses_its_buffers():
     assert second is first and not np.array_equal(first_copy, second)
     assert row.shape == (engine.n_layer, engine.n_head, len(ids) + 2)
     np.testing.assert_allclose(row.sum(-1), 1.0, atol=1e-5)
+
+
+def test_the_numpy_weights_are_held_once_with_each_bias_beside_its_matrix():
+    """Each product's bias is the last row of its matrix (one product adds it), and the (weight, bias)
+    pairs that the prefill and the torch model read are views of those matrices, not copies."""
+    engine = load_engine(None, device="cpu")
+    weights = engine.runner().weights
+    assert len(weights.biased) == engine.n_layer
+    for layer, biased in zip(weights.layers, weights.biased, strict=True):
+        for (weight, bias), matrix in zip((layer.attn, layer.attn_proj, layer.fc, layer.fc_proj), biased, strict=True):
+            assert matrix.shape == (weight.shape[0] + 1, weight.shape[1])
+            assert np.shares_memory(weight, matrix) and np.shares_memory(bias, matrix)
+            np.testing.assert_array_equal(matrix[-1], bias)
