@@ -1,0 +1,56 @@
+"""The compare logic the CLI and the app share: settings lines, figures, the divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from chat_tui.engine import Message, SamplingParams, collect
+from chat_tui.engine.compare import (
+    SettingsLineError,
+    column_stats,
+    find_divergence,
+    parse_settings,
+    settings_line,
+)
+from chat_tui.engine.fake import FakeEngine
+
+
+def test_a_settings_line_reads_both_separators_and_both_spellings():
+    base = SamplingParams(temperature=0.8, top_p=0.95, seed=4)
+    params = parse_settings("temperature=0.7 top-p=0.9,min_p=0.05  slide_context=off", base)
+    assert params == base.with_(temperature=0.7, top_p=0.9, min_p=0.05, slide_context=False)
+    assert parse_settings("  ", base) == base
+    assert parse_settings(settings_line(params, base), base) == params
+    assert settings_line(base, base) == ""
+
+
+@pytest.mark.parametrize("line", ["temperature", "temp=1", "seed=1", "=3"])
+def test_a_bad_settings_line_says_which_part(line):
+    with pytest.raises(SettingsLineError):
+        parse_settings(line, SamplingParams())
+
+
+def steps_of(text: str, params: SamplingParams | None = None):
+    engine = FakeEngine([text])
+    return collect(engine.stream([Message("user", "hi")], params or SamplingParams(seed=1))).steps
+
+
+def test_the_divergence_waits_for_a_column_that_still_streams():
+    same, longer = steps_of("a b c"), steps_of("a b c d")
+    assert find_divergence([same, steps_of("a b c")]) is None
+    # "a b c" ended (its <|end|> token) where "a b c d" goes on with " d"
+    divergence = find_divergence([same, longer])
+    assert divergence is not None and divergence.index == 3
+    assert divergence.columns[0].token_id == same[3].token_id and divergence.columns[1].token == " d"
+    assert find_divergence([same[:2], longer]) is None  # the first column has not reached token 2 yet
+
+
+def test_column_stats_are_the_mean_raw_log_probability_and_its_perplexity():
+    steps = steps_of("one two three four")
+    stats = column_stats(steps)
+    mean = sum(math.log(s.prob) for s in steps) / len(steps)
+    assert stats.tokens == len(steps) == 5 and stats.stop_reason == "eos"
+    assert stats.mean_logprob == pytest.approx(mean) and stats.perplexity == pytest.approx(math.exp(-mean))
+    assert column_stats([]).tokens == 0
