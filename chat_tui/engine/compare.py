@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from chat_tui.engine.params import FLAGS, SPECS, InvalidParameter, SamplingParams
-from chat_tui.engine.types import EngineError, Step
+from chat_tui.engine.types import Conversation, EngineError, ParamsSource, Step
 
 SAME_DRAWS_LINE = "Same seed, same random draws: any difference between the columns comes from the settings alone."
 MIN_COLUMNS, MAX_COLUMNS = 2, 4
@@ -61,6 +63,41 @@ def settings_line(params: SamplingParams, base: SamplingParams) -> str:
 def shared_seed(seed: int | None) -> int:
     """The seed every column uses: the one given, else a random one (shown, so a run can be repeated)."""
     return seed if seed is not None else secrets.randbits(63)
+
+
+def stream_columns(engine: Any, conversation: Conversation, params: Sequence[ParamsSource], *,
+                   cancel: threading.Event | None = None, candidates: bool = True) -> Iterator[tuple[int, Step]]:
+    """Each of `params` answering `conversation` on one engine, a token of each column in turn: (column, step).
+
+    One model in memory streams every column at once: an engine that holds its model for one stream at a
+    time (the mini-GPT, Hugging Face, a model process) says `stream_columns` itself and decodes each column
+    with a KV cache of its own; for any other, their streams are simply taken in turn."""
+    own = getattr(engine, "stream_columns", None)
+    if own is not None:
+        return own(conversation, params, cancel=cancel, candidates=candidates)
+    return interleave([engine.stream(conversation, p, cancel=cancel, candidates=candidates) for p in params])
+
+
+def interleave(streams: Sequence[Iterator[Step]]) -> Iterator[tuple[int, Step]]:
+    """A step of each stream in turn, as (its index, the step), until every one has ended."""
+    live = list(enumerate(streams))
+    try:
+        while live:
+            for entry in list(live):
+                column, stream = entry
+                step = next(stream, None)
+                if step is not None:
+                    yield column, step
+                if step is None or step.finish_reason is not None:
+                    live.remove(entry)
+                    close = getattr(stream, "close", None)
+                    if close is not None:
+                        close()
+    finally:
+        for _, stream in live:  # the caller stopped early: end the others too
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
 
 
 @dataclass(frozen=True)

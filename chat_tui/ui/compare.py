@@ -6,16 +6,18 @@ random numbers, `chat_tui.engine.compare`): columns with the same settings give 
 token, and where the settings differ the first token where the replies diverge is marked in each column,
 with the probability each column gave the token another one chose there.
 
-Each column's reply runs through its own `ReplyController` (store-less: nothing is saved until Keep), in a
-worker thread of its own. Columns on the app's model share its engine (one model in memory; the engine
-serves their streams in turn); a column given another model gets a second engine, opened the way the app
-opens models, so a Hugging Face model checks its memory estimate against what is free before it loads.
+Each column's reply goes through its own `ReplyController` (store-less: nothing is saved until Keep). The
+columns on one model share its engine (one model in memory) and stream at the same time, in one stream of
+it that decodes a token of each column in turn, each with its own KV cache (`stream_columns`, in a worker
+thread per engine). A column given another model gets a second engine, opened the way the app opens models,
+so a Hugging Face model checks its memory estimate against what is free before it loads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +41,7 @@ from chat_tui.engine.compare import (
     parse_settings,
     settings_line,
     shared_seed,
+    stream_columns,
 )
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.types import Engine, Message, Step
@@ -163,6 +166,7 @@ class CompareScreen(ModalScreen[None]):
         self.runs: list[ColumnRun] = []
         self._opened: list[Engine] = []  # the columns' own models, closed with the screen
         self._flush_timer = None
+        self._cancel: threading.Event | None = None  # the run under way
 
     # ------------------------------------------------------------------ layout
 
@@ -194,13 +198,21 @@ class CompareScreen(ModalScreen[None]):
     # ------------------------------------------------------------------ running
 
     def action_run(self) -> None:
-        """Every column answers again (same seed, same draws)."""
+        """Every column answers (again): same seed, same draws. Any change to a column runs them all again, the
+        columns on one model in one stream of it, a token of each in turn (`stream_columns`)."""
+        if self._cancel is not None:
+            self._cancel.set()  # the last run's workers end within a token; their messages are ignored
+        cancel = self._cancel = threading.Event()
+        by_engine: dict[int, list[ColumnRun]] = {}
         for run in self.runs:
-            self._start(run)
+            self._begin(run)
+            by_engine.setdefault(id(run.engine), []).append(run)
+        for runs in by_engine.values():
+            self._generate(runs, cancel)
+        if self._flush_timer is not None:
+            self._flush_timer.resume()
 
-    def _start(self, run: ColumnRun) -> None:
-        if run.job is not None and not run.job.done:
-            run.job.cancel.set()  # its worker ends within a token; its messages are ignored from now on
+    def _begin(self, run: ColumnRun) -> None:
         run.steps = []
         run.error = None
         run.controller = ReplyController(_ColumnSink(self, run), lambda run=run: run.params)
@@ -208,19 +220,28 @@ class CompareScreen(ModalScreen[None]):
         run.controller.begin(run.job)
         run.controller.launch(run.job, run.engine)
         run.widget.restart(run.settings_text, params_summary(run.params), run.engine.model_name)
-        self._generate(run, run.job)
-        if self._flush_timer is not None:
-            self._flush_timer.resume()
 
     @work(thread=True, exit_on_error=False, group="compare")
-    def _generate(self, run: ColumnRun, job: GenJob) -> None:
+    def _generate(self, runs: list[ColumnRun], cancel: threading.Event) -> None:
+        """The columns on one engine, streamed together; each step goes to its column's job."""
+        jobs = [run.job for run in runs]
+        ended: set[int] = set()
         error: BaseException | None = None
         try:
-            assert run.controller is not None
-            run.controller.stream(job, lambda job: self.post_message(ColumnStepsReady(run, job)))
-        except Exception as exc:  # noqa: BLE001 - shown in the column, never a traceback
+            for column, step in stream_columns(runs[0].engine, self.conversation, [run.params for run in runs],
+                                               cancel=cancel):
+                job = jobs[column]
+                assert job is not None
+                if job.push(step):
+                    self.post_message(ColumnStepsReady(runs[column], job))
+                if step.finish_reason is not None:
+                    ended.add(column)
+                    self.post_message(ColumnDone(runs[column], job, None))
+        except Exception as exc:  # noqa: BLE001 - shown in the columns, never a traceback
             error = exc
-        self.post_message(ColumnDone(run, job, error))
+        for column, job in enumerate(jobs):
+            if column not in ended and job is not None:
+                self.post_message(ColumnDone(runs[column], job, error))
 
     def on_column_steps_ready(self, message: ColumnStepsReady) -> None:
         run = message.run
@@ -293,21 +314,19 @@ class CompareScreen(ModalScreen[None]):
         await self._add_run(model.params, model.engine, model.source)
         self.runs[-1].settings_text = model.settings_text
         self.runs[-1].widget.focus()
-        self._start(self.runs[-1])
+        self.action_run()
 
     async def action_remove_column(self) -> None:
         if len(self.runs) <= MIN_COLUMNS:
             self.notify(f"At least {MIN_COLUMNS} columns.", severity="warning", timeout=3, markup=False)
             return
         run = self._focused_run() or self.runs[-1]
-        if run.job is not None and not run.job.done:
-            run.job.cancel.set()
         self.runs.remove(run)
         await run.widget.remove()
         for index, other in enumerate(self.runs):  # the letters follow the order on screen
             other.widget.relabel(LABELS[index])
         self.runs[0].widget.focus()
-        self._redraw()
+        self.action_run()
 
     def action_edit_settings(self) -> None:
         run = self._focused_run() or self.runs[0]
@@ -327,7 +346,7 @@ class CompareScreen(ModalScreen[None]):
             run.widget.show_error(str(exc))
             return False
         run.params, run.settings_text = params, settings_line(params, self.base)
-        self._start(run)
+        self.action_run()
         return True
 
     def action_preset(self) -> None:
@@ -346,7 +365,7 @@ class CompareScreen(ModalScreen[None]):
                 run.widget.show_error(f"preset {name}: {describe(exc)}")
                 return
             run.params, run.settings_text = params, settings_line(params, self.base)
-            self._start(run)
+            self.action_run()
 
         self.app.push_screen(PickScreen(f"Preset for column {run.widget.label}", self.presets), chosen)
 
@@ -363,7 +382,7 @@ class CompareScreen(ModalScreen[None]):
             source = source.strip()
             if not source:  # back to the chat's model
                 run.engine, run.source = self.engine, None
-                self._start(run)
+                self.action_run()
                 return
             run.widget.show_error(f"loading {source}…")
             self._open_model(run, source)
@@ -388,7 +407,7 @@ class CompareScreen(ModalScreen[None]):
         if run not in self.runs:
             return
         run.engine, run.source = engine, source
-        self._start(run)
+        self.action_run()
 
     # ------------------------------------------------------------------ keep, close
 
@@ -417,9 +436,8 @@ class CompareScreen(ModalScreen[None]):
         self.dismiss()
 
     def on_unmount(self) -> None:
-        for run in self.runs:
-            if run.job is not None and not run.job.done:
-                run.job.cancel.set()
+        if self._cancel is not None:
+            self._cancel.set()
         for engine in self._opened:  # the columns' own models; the chat's stays
             with contextlib.suppress(Exception):
                 engine.close(wait=False)

@@ -13,6 +13,7 @@ from chat_tui.engine.compare import (
     find_divergence,
     parse_settings,
     settings_line,
+    stream_columns,
 )
 from chat_tui.engine.fake import FakeEngine
 
@@ -54,3 +55,34 @@ def test_column_stats_are_the_mean_raw_log_probability_and_its_perplexity():
     assert stats.tokens == len(steps) == 5 and stats.stop_reason == "eos"
     assert stats.mean_logprob == pytest.approx(mean) and stats.perplexity == pytest.approx(math.exp(-mean))
     assert column_stats([]).tokens == 0
+
+
+def test_columns_stream_a_token_of_each_in_turn_and_match_their_own_streams(tiny_engine):
+    conversation = [Message("user", "Hello there!")]
+    params = [SamplingParams(temperature=t, seed=4, max_new_tokens=12) for t in (0.0, 1.5, 1.5)]
+    pairs = list(stream_columns(tiny_engine, conversation, params))
+    # one token of each column in turn while all three stream
+    shortest = min(sum(1 for c, _ in pairs if c == k) for k in range(3))
+    assert [c for c, _ in pairs[: 3 * shortest]] == [0, 1, 2] * shortest
+    for column, column_params in enumerate(params):
+        alone = [s.token_id for s in tiny_engine.stream(conversation, column_params)]
+        assert [s.token_id for c, s in pairs if c == column] == alone
+    # the same settings, the same draws: the same reply
+    assert [s.token_id for c, s in pairs if c == 1] == [s.token_id for c, s in pairs if c == 2]
+
+
+def test_a_model_process_streams_the_columns_too(tiny_checkpoint, tiny_engine):
+    from chat_tui.engine.process import ProcessEngine
+
+    conversation = [Message("user", "Hello there!")]
+    params = [SamplingParams(temperature=t, seed=4, max_new_tokens=10) for t in (0.0, 1.5)]
+    engine = ProcessEngine.start(tiny_checkpoint, device="cpu")
+    try:
+        pairs = list(stream_columns(engine, conversation, params))
+        # and an ordinary stream still works after it
+        after = [s.token_id for s in engine.stream(conversation, params[1])]
+    finally:
+        engine.close()
+    expected = [[s.token_id for s in tiny_engine.stream(conversation, p)] for p in params]
+    assert [[s.token_id for c, s in pairs if c == k] for k in range(2)] == expected
+    assert after == expected[1]

@@ -179,3 +179,15 @@ async def test_compare_is_in_the_palette_and_its_keys_in_f1(make_app):
         ids = {row[3] for row in app.binding_rows()}
         assert {"compare", "compare_keep", "compare_add_column", "compare_remove_column", "compare_edit_settings",
                 "compare_preset", "compare_model", "compare_run", "compare_close"} <= ids
+
+
+async def test_the_columns_stream_at_the_same_time(make_app):
+    reply = " ".join(f"word{i}" for i in range(30))
+    app, _ = make_app(engine=FakeEngine([reply], token_delay=0.01, defaults=SamplingParams(seed=1)))
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_compare(pilot, app, SamplingParams(seed=1))
+        # one after the other, a column would end before the next began
+        await wait_for(pilot, lambda: all(len(run.steps) >= 3 and not run.job.done for run in screen.runs),
+                       what="both columns streaming")
+        await finished(pilot, screen)
+        assert [len(run.steps) for run in screen.runs] == [31, 31]
