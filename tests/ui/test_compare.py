@@ -9,7 +9,7 @@ from chat_tui.engine.fake import FakeEngine
 from chat_tui.engine.params import SamplingParams
 from chat_tui.ui.compare import CompareScreen
 
-from .conftest import ready, send, wait_for
+from .conftest import press_now, ready, send, wait_for
 
 PROMPT = "what is ai"
 
@@ -26,7 +26,7 @@ async def open_compare(pilot, app, params: SamplingParams, text: str = PROMPT) -
     await ready(pilot, app)
     app.params = params
     app.prompt_input.load_text(text)
-    await pilot.press("f8")
+    await press_now(pilot, "f8")  # Pilot's press would wait out the columns' streaming
     await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), what="the compare screen")
     screen = app.screen
     assert isinstance(screen, CompareScreen)
