@@ -35,6 +35,7 @@ from chat_tui.engine.compare import (
     MAX_COLUMNS,
     MIN_COLUMNS,
     SAME_DRAWS_LINE,
+    Divergence,
     SettingsLineError,
     column_stats,
     find_divergence,
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
     from chat_tui.ui.app import ChatApp
 
 LABELS = "ABCD"
-FLUSH_S = 0.05  # how often the columns' new tokens are drawn while they stream
+FLUSH_S = 0.1  # how often the columns' new tokens are drawn while they stream
 SECOND_PRESET = "creative"  # column B's settings when the screen opens (A has the chat's own)
 
 
@@ -167,6 +168,7 @@ class CompareScreen(ModalScreen[None]):
         self._opened: list[Engine] = []  # the columns' own models, closed with the screen
         self._flush_timer = None
         self._cancel: threading.Event | None = None  # the run under way
+        self._divergence: Divergence | None = None  # where the run's columns first differ, once known
 
     # ------------------------------------------------------------------ layout
 
@@ -203,6 +205,7 @@ class CompareScreen(ModalScreen[None]):
         if self._cancel is not None:
             self._cancel.set()  # the last run's workers end within a token; their messages are ignored
         cancel = self._cancel = threading.Event()
+        self._divergence: Divergence | None = None
         by_engine: dict[int, list[ColumnRun]] = {}
         for run in self.runs:
             self._begin(run)
@@ -246,8 +249,10 @@ class CompareScreen(ModalScreen[None]):
     def on_column_steps_ready(self, message: ColumnStepsReady) -> None:
         run = message.run
         if message.job is run.job and run.controller is not None:
+            first = message.job.shown_count == 0
             run.controller.steps_ready(message.job)
-            self._redraw()
+            if first:  # the first token shows at once, the others at the next flush
+                self._redraw()
 
     def on_column_done(self, message: ColumnDone) -> None:
         run = message.run
@@ -271,16 +276,17 @@ class CompareScreen(ModalScreen[None]):
         self._redraw()
 
     def _redraw(self) -> None:
-        """Each column's reply, figures and divergence mark, from the steps so far."""
-        divergence = find_divergence([run.steps for run in self.runs])
+        """Each column's new tokens, figures and divergence mark. The divergence, once found, is final: the
+        steps before it never change."""
         labels = list(LABELS[: len(self.runs)])
-        for column, run in enumerate(self.runs):
+        if self._divergence is None:
+            self._divergence = find_divergence([run.steps for run in self.runs])
+            for column, run in enumerate(self.runs):
+                if self._divergence is not None:
+                    run.widget.mark_divergence(self._divergence.index, self._divergence.columns[column], labels)
+        for run in self.runs:
             widget = run.widget
             widget.steps = run.steps
-            if divergence is None:
-                widget.mark_divergence(None, None, labels)
-            else:
-                widget.mark_divergence(divergence.index, divergence.columns[column], labels)
             widget.refresh_reply()
             widget.show_stats(column_stats(run.steps))
             if run.error:

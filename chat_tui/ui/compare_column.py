@@ -68,6 +68,8 @@ class CompareColumn(Vertical, can_focus=True):
         self.at_divergence: ColumnAtDivergence | None = None
         self.divergence_index: int | None = None
         self.reply = Text()  # the reply as drawn
+        self._drawn = 0  # how many of `steps` `reply` shows
+        self._marked: int | None = None  # the divergence index `reply` shows marked
 
     def compose(self) -> ComposeResult:
         yield Static(self._title(), classes="column-title")
@@ -98,6 +100,7 @@ class CompareColumn(Vertical, can_focus=True):
         self.steps = []
         self.at_divergence = None
         self.divergence_index = None
+        self.reply, self._drawn, self._marked = Text(), 0, None
         self.query_one(".column-settings", Input).value = settings_text
         self.query_one(".column-title", Static).update(self._title())
         self.show_error("")
@@ -127,16 +130,21 @@ class CompareColumn(Vertical, can_focus=True):
         self.query_one(".column-divergence", Static).update(note)
 
     def refresh_reply(self) -> None:
-        """The reply so far, the diverging token in reverse video (or a visible stand-in when it adds no text)."""
-        text = Text()
-        for step in self.steps:
+        """The reply so far, the diverging token in reverse video (or a visible stand-in when it adds no text).
+
+        Only the new steps are added, unless the divergence mark moved (then the reply is drawn again)."""
+        if self._marked != self.divergence_index:
+            self.reply, self._drawn, self._marked = Text(), 0, self.divergence_index
+        if self._drawn == len(self.steps) and self._drawn:
+            return
+        for step in self.steps[self._drawn:]:
             if step.index == self.divergence_index:
                 shown = clean(step.text) or f"⟨{clean_line(step.token)}⟩"
-                text.append(shown, style="reverse bold")
+                self.reply.append(shown, style="reverse bold")
             else:
-                text.append(clean(step.text))
-        self.reply = text
-        self.query_one(".column-reply", Static).update(text)
+                self.reply.append(clean(step.text))
+        self._drawn = len(self.steps)
+        self.query_one(".column-reply", Static).update(self.reply)
 
     def show_stats(self, stats: ColumnStats) -> None:
         parts = [f"{stats.tokens} tokens", f"{stats.tokens_per_s:.1f} tok/s"]
