@@ -138,8 +138,8 @@ def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="answer PROMPT with two to four settings (or models) side by side, on "
                              "the same random numbers", description="Each --set is a column: its settings over the "
-                             "model's defaults. Every column uses one seed and so the same random draw at every token: "
-                             "a difference between the columns comes from their settings alone.")
+                             "first model's defaults. Every column uses one seed and so the same random draw at every "
+                             "token: a difference between the columns comes from their settings alone.")
     compare.add_argument("prompt", metavar="PROMPT", nargs="?",
                          help="what to ask; '-', or none with input piped in, reads it from standard input")
     compare.add_argument("--set", dest="columns", action="append", default=[], metavar="SETTINGS",

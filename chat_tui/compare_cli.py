@@ -67,12 +67,11 @@ def run_compare(args: argparse.Namespace) -> int:
             if model not in engines:  # a Hugging Face model checks the free memory before it loads
                 engines[model] = load_engine(model, device=getattr(args, "device", None),
                                              dtype=getattr(args, "dtype", None), **options)
-    params = []
-    for line, model in zip(lines, column_models, strict=True):
-        base = engines[model].default_params().with_(seed=seed)
-        if max_tokens is not None:
-            base = base.with_(max_new_tokens=max_tokens)
-        params.append(parse_settings(line, base))
+    # one base for every column, the first model's defaults: two models compare on the same settings
+    base = engines[column_models[0]].default_params().with_(seed=seed)
+    if max_tokens is not None:
+        base = base.with_(max_new_tokens=max_tokens)
+    params = [parse_settings(line, base) for line in lines]
 
     out = sys.stdout
     safe, safe_json = ((lambda s: s), (lambda s: s)) if args.raw else (clean, clean_json)
