@@ -105,13 +105,14 @@ def run_compare(args: argparse.Namespace) -> int:
             else:
                 out.write(f"\n  ({stats_line(stats)})\n")
             out.flush()
+        several = len(engines) > 1  # different models: tokens compared by their text
+        divergence = find_divergence(columns, [engines[m].token_text for m in column_models] if several else None)
     except KeyboardInterrupt:
         cancel.set()
         raise
     finally:
         for engine in engines.values():
             engine.close()
-    divergence = find_divergence(columns)
     labels = LABELS[: len(columns)]
     if args.json:
         record = {"divergence": None if divergence is None else divergence.index,

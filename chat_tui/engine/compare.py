@@ -13,7 +13,7 @@ import math
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,8 @@ SAME_DRAWS_LINE = "Same seed, same random draws: any difference between the colu
 MIN_COLUMNS, MAX_COLUMNS = 2, 4
 # what a settings line may set: every sampling setting but the seed, which all columns share
 SETTING_NAMES = tuple(name for name in (*SPECS, *FLAGS) if name != "seed")
+# OtherChoice.dropped_by for a token another model chose that this one's vocabulary spells differently
+ANOTHER_VOCABULARY = "another vocabulary"
 
 
 class SettingsLineError(ValueError):
@@ -157,38 +159,53 @@ class Divergence:
     columns: tuple[ColumnAtDivergence, ...]
 
 
-def find_divergence(columns: Sequence[Sequence[Step]]) -> Divergence | None:
+def find_divergence(columns: Sequence[Sequence[Step]],
+                    token_text: Sequence[Callable[[int], str]] | None = None) -> Divergence | None:
     """The first token index where the columns' replies differ, or None while they agree (a column still
-    streaming is waited for; a column that has ended differs from one that goes on)."""
+    streaming is waited for; a column that has ended differs from one that goes on).
+
+    `token_text`: each column's model's `token_text`, when the columns run on different models: tokens are
+    then compared by their text, and another column's token is looked up in a column only where its id
+    means the same text in that column's vocabulary."""
     longest = max((len(steps) for steps in columns), default=0)
     for index in range(longest):
         chosen: list[int | None] = []
+        keys: list[object] = []
         for steps in columns:
             if index < len(steps):
                 chosen.append(steps[index].token_id)
+                keys.append(steps[index].token_id if token_text is None else steps[index].token)
             elif steps and steps[-1].finish_reason is not None:
                 chosen.append(None)
+                keys.append(None)
             else:
                 return None  # not known yet
-        if len(set(chosen)) > 1:
-            return Divergence(index, tuple(_at_divergence(columns, c, index, chosen) for c in range(len(columns))))
+        if len(set(keys)) > 1:
+            return Divergence(index, tuple(_at_divergence(columns, c, index, chosen, token_text)
+                                           for c in range(len(columns))))
     return None
 
 
-def _at_divergence(columns: Sequence[Sequence[Step]], column: int, index: int,
-                   chosen: list[int | None]) -> ColumnAtDivergence:
+def _at_divergence(columns: Sequence[Sequence[Step]], column: int, index: int, chosen: list[int | None],
+                   token_text: Sequence[Callable[[int], str]] | None) -> ColumnAtDivergence:
     steps = columns[column]
     if index >= len(steps):
         return ColumnAtDivergence(None, "", None, None, ())
     step = steps[index]
     others = []
-    seen = {step.token_id}
+    seen = {step.token}
     for other, token_id in enumerate(chosen):
-        if token_id is None or token_id in seen:
+        if token_id is None:
             continue
-        seen.add(token_id)
+        text = columns[other][index].token
+        if text in seen:
+            continue
+        seen.add(text)
+        if token_text is not None and token_text[column](token_id) != text:
+            others.append(OtherChoice(other, token_id, text, None, None, ANOTHER_VOCABULARY))
+            continue
         prob, chain_prob, stage = probability_of(steps, index, token_id)
-        others.append(OtherChoice(other, token_id, columns[other][index].token, prob, chain_prob, stage))
+        others.append(OtherChoice(other, token_id, text, prob, chain_prob, stage))
     return ColumnAtDivergence(step.token_id, step.token, _number(step.prob), _number(step.chain_prob), tuple(others))
 
 
@@ -245,7 +262,8 @@ def describe_divergence(divergence: Divergence | None, labels: Sequence[str], to
 def choice_probability(prob: float | None, chain_prob: float | None, dropped_by: str | None) -> str:
     """"p 0.120 → 0.000, dropped by top_p": the raw probability and the one after the chain."""
     if prob is None and chain_prob is None:
-        return "p < every stored candidate's"
+        return "not a token of this model's vocabulary" if dropped_by == ANOTHER_VOCABULARY else \
+            "p < every stored candidate's"
     raw = "?" if prob is None else f"{prob:.3f}"
     after = "?" if chain_prob is None else f"{chain_prob:.3f}"
     return f"p {raw} → {after}" + (f", dropped by {dropped_by}" if dropped_by else "")

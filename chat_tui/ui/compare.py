@@ -280,7 +280,9 @@ class CompareScreen(ModalScreen[None]):
         steps before it never change."""
         labels = list(LABELS[: len(self.runs)])
         if self._divergence is None:
-            self._divergence = find_divergence([run.steps for run in self.runs])
+            engines = {id(run.engine) for run in self.runs}
+            texts = [run.engine.token_text for run in self.runs] if len(engines) > 1 else None
+            self._divergence = find_divergence([run.steps for run in self.runs], texts)
             for column, run in enumerate(self.runs):
                 if self._divergence is not None:
                     run.widget.mark_divergence(self._divergence.index, self._divergence.columns[column], labels)

@@ -86,3 +86,15 @@ def test_a_model_process_streams_the_columns_too(tiny_checkpoint, tiny_engine):
     expected = [[s.token_id for s in tiny_engine.stream(conversation, p)] for p in params]
     assert [[s.token_id for c, s in pairs if c == k] for k in range(2)] == expected
     assert after == expected[1]
+
+
+def test_columns_on_different_vocabularies_compare_tokens_by_text():
+    first, second = FakeEngine(["a b c"]), FakeEngine(["a b d"])
+    second.encode("zzz unrelated words")  # the same texts get other ids in the second vocabulary
+    a = collect(first.stream([Message("user", "hi")], SamplingParams(seed=1))).steps
+    b = collect(second.stream([Message("user", "hi")], SamplingParams(seed=1))).steps
+    assert [s.token_id for s in a[:2]] != [s.token_id for s in b[:2]]
+    divergence = find_divergence([a, b], [first.token_text, second.token_text])
+    assert divergence is not None and divergence.index == 2
+    (other,) = divergence.columns[0].others
+    assert other.token == " d" and other.dropped_by == "another vocabulary"

@@ -191,3 +191,24 @@ async def test_the_columns_stream_at_the_same_time(make_app):
                        what="both columns streaming")
         await finished(pilot, screen)
         assert [len(run.steps) for run in screen.runs] == [31, 31]
+
+
+async def test_a_column_gets_its_own_model(make_app, bundled, tiny_checkpoint):
+    app, _ = make_app(engine=bundled)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_compare(pilot, app, bundled.default_params().with_(seed=4, max_new_tokens=12))
+        await finished(pilot, screen)
+        app.engine_factory, app.model_process = None, False  # open it as `chat-tui` with model_process = false
+        screen.runs[1].widget.focus()
+        await pilot.press("m")
+        await wait_for(pilot, lambda: app.screen is not screen, what="the model dialog")
+        app.screen.query_one("Input").value = str(tiny_checkpoint)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: screen.runs[1].engine.model_name == "tiny", timeout=30, what="the second model")
+        await finished(pilot, screen)
+        first, second = screen.runs
+        assert first.engine is bundled and second.engine is not bundled and second.source == str(tiny_checkpoint)
+        assert "tiny" in str(second.widget.query_one(".column-title").render())
+        # each column is its model's own reply on the shared settings and seed
+        alone = [s.token_id for s in second.engine.stream(screen.conversation, second.params)]
+        assert ids(second) == alone
