@@ -11,8 +11,13 @@
    does, in a process of its own (ProcessEngine); the headless runs load it in this process.
 3. Responsiveness: a 1,000-message conversation is open and a reply streams; keys are pressed and
    the time until each is handled is measured. Target: every key under 100 ms.
+4. Compare: two columns (the chat's settings and the "creative" preset) stream at once on one model; the
+   tokens per second on screen, both columns together, against the same two replies made one after the
+   other headless (twice one column). Target: ratio >= 0.9. Then keys are typed into a column's settings
+   line while both columns stream. Target: every key under 100 ms.
 
     python benchmarks/bench_tui.py [--runs 5] [--tokens 400] [--delay 0.002] [--engine fake|bundled]
+                                   [--skip frame tokens keys compare]
 
 `--engine fake` (default) uses the deterministic FakeEngine with a per-token delay that stands in
 for a model; `--engine bundled` streams from the bundled mini-GPT for parts 2 and 3.
@@ -368,6 +373,96 @@ async def responsiveness(kind: str, delay: float, samples: int, home: str) -> di
     }
 
 
+async def compare_screen(kind: str, tokens: int, delay: float, samples: int, runs: int, home: str) -> dict:
+    """Two columns on the compare screen: their tokens per second on screen, then key latency meanwhile."""
+    from textual import events
+
+    from chat_tui.config import get_paths
+    from chat_tui.ui.compare import CompareScreen
+
+    os.environ["CHAT_TUI_HOME"] = home
+    app = measured_app(engine_factory=app_engine_factory(kind, tokens, delay), paths=get_paths(), new=True)
+    app.tune_runtime = True  # as run_app does
+    rates, latencies = [], []
+    async with app.run_test(size=(120, 40)) as pilot:
+        while app.engine is None:
+            await pilot.pause(0.01)
+        app.params_touched = True
+
+        async def open_screen(max_tokens: int) -> CompareScreen:
+            app.params = bench_params(kind, max_tokens)
+            app.prompt_input.load_text(PROMPT)
+            app.action_compare()
+            while not isinstance(app.screen, CompareScreen) or len(app.screen.runs) < 2:
+                await asyncio.sleep(0.002)
+            return app.screen
+
+        async def close(screen: CompareScreen) -> None:
+            screen.dismiss()
+            while isinstance(app.screen, CompareScreen):
+                await asyncio.sleep(0.005)
+
+        for run in range(runs + 1):  # the first one warms up
+            start = time.perf_counter()
+            screen = await open_screen(tokens)
+            while screen.streaming or not all(r.steps for r in screen.runs):
+                await asyncio.sleep(0.002)
+            wall = time.perf_counter() - start
+            shown = sum(len(r.widget.steps) for r in screen.runs)
+            columns = [(list(screen.conversation), r.params, len(r.steps)) for r in screen.runs]
+            if run:
+                rates.append((shown, wall, columns))
+            await close(screen)
+
+        screen = await open_screen(4000)  # long replies: both columns stream while the keys are typed
+        await pilot.pause(0.2)
+        screen.runs[0].widget.query_one(".column-settings").focus()
+        field = screen.runs[0].widget.query_one(".column-settings")
+        for i in range(samples):
+            if not all(r.job is not None and not r.job.done and r.steps for r in screen.runs):
+                break  # keys count only while both columns stream
+            char = "abcdefghij"[i % 10]
+            before = field.value
+            event = events.Key(char, char)
+            event.set_sender(app)
+            start = time.perf_counter()
+            app._driver.send_message(event)
+            while field.value == before:
+                await asyncio.sleep(0.0005)
+            latencies.append(time.perf_counter() - start)
+            await asyncio.sleep(0.03)
+        streamed = [len(r.steps) for r in screen.runs]
+        await close(screen)
+        engine = app.engine
+    if getattr(engine, "pid", None):
+        engine.close()
+    return {"runs": rates, "latencies": latencies, "streamed_meanwhile": streamed}
+
+
+def bench_compare(kind: str, tokens: int, delay: float, samples: int, runs: int) -> dict:
+    with tempfile.TemporaryDirectory() as home:
+        r = asyncio.run(compare_screen(kind, tokens, delay, samples, runs, home))
+    engine = make_engine(kind, tokens, delay)
+    ratios, screen_rates, headless_rates = [], [], []
+    for shown, wall, columns in r["runs"]:
+        count, seconds = 0, 0.0
+        for conversation, params, made in columns:  # the same replies, one after the other, headless
+            start = time.perf_counter()
+            n = sum(1 for _ in engine.stream(conversation, params))
+            seconds += time.perf_counter() - start
+            assert n == made, f"headless made {n} tokens, the column {made}"
+            count += n
+        screen_rates.append(shown / wall)
+        headless_rates.append(count / seconds)
+        ratios.append(screen_rates[-1] / headless_rates[-1])
+    latencies = r["latencies"]
+    return {"tokens": shown, "screen_tok_s": statistics.median(screen_rates),
+            "headless_tok_s": statistics.median(headless_rates), "ratio": statistics.median(ratios),
+            "samples": len(latencies), "median_ms": statistics.median(latencies) * 1000,
+            "p95_ms": sorted(latencies)[int(0.95 * (len(latencies) - 1))] * 1000, "max_ms": max(latencies) * 1000,
+            "streamed_meanwhile": r["streamed_meanwhile"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
@@ -375,7 +470,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.002, help="FakeEngine seconds per token")
     parser.add_argument("--engine", choices=("fake", "bundled"), default="fake")
     parser.add_argument("--keys", type=int, default=40, help="key presses for the responsiveness test")
-    parser.add_argument("--skip", nargs="*", default=(), choices=("frame", "tokens", "keys"))
+    parser.add_argument("--skip", nargs="*", default=(), choices=("frame", "tokens", "keys", "compare"))
     args = parser.parse_args()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, load average {load} (figures need a quiet machine)")
@@ -406,6 +501,14 @@ def main() -> None:
         print(f"key latency while streaming with 1,000 messages open: median {r['median_ms']:.1f} ms, "
               f"p95 {r['p95_ms']:.1f} ms, max {r['max_ms']:.1f} ms over {r['samples']} keys "
               f"({r['tokens_streamed_meanwhile']} tokens streamed in {r['replies']} replies) (target < 100 ms)")
+    if "compare" not in args.skip:
+        r = bench_compare(args.engine, args.tokens, args.delay, args.keys, max(1, args.runs // 2))
+        print(f"compare, two columns on one model ({args.engine}, {r['tokens']} tokens in all): "
+              f"{r['screen_tok_s']:.0f} tokens/s on screen, the same two replies one after the other headless "
+              f"{r['headless_tok_s']:.0f} (medians), ratio {r['ratio']:.2f} (target >= 0.9)")
+        print(f"  key latency while both columns stream: median {r['median_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, "
+              f"max {r['max_ms']:.1f} ms over {r['samples']} keys ({r['streamed_meanwhile']} tokens per column "
+              f"meanwhile) (target < 100 ms)")
 
 
 if __name__ == "__main__":

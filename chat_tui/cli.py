@@ -18,7 +18,7 @@ from typing import NoReturn
 from chat_tui import __version__
 from chat_tui.errors import CLIError, EngineError, TrainingError, first_line
 
-SUBCOMMANDS = ("ask", "train", "export", "import")
+SUBCOMMANDS = ("ask", "compare", "train", "export", "import")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -31,11 +31,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"chat-tui: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_model_options(parser: argparse.ArgumentParser, *, sub: bool = False, server: bool = True) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, *, sub: bool = False, server: bool = True,
+                       per_column: bool = False) -> None:
     # In a subcommand, an option left out must not undo the same option given before the subcommand.
     unset = {"default": argparse.SUPPRESS} if sub else {}
-    parser.add_argument("--model", metavar="PATH", help="a checkpoint folder or Hugging Face hub id (default: the "
-                        "bundled mini-GPT); with --base-url, the server's model", **unset)
+    if per_column:
+        parser.add_argument("--model", metavar="PATH", action="append", help="a checkpoint folder or Hugging Face "
+                            "hub id: once for every column, or once per column (default: the bundled mini-GPT)",
+                            **unset)
+    else:
+        parser.add_argument("--model", metavar="PATH", help="a checkpoint folder or Hugging Face hub id (default: "
+                            "the bundled mini-GPT); with --base-url, the server's model", **unset)
     parser.add_argument("--device", help="cpu, cuda or mps (default: the best available)", **unset)
     hf = parser.add_argument_group("Hugging Face models")
     hf.add_argument("--dtype", metavar="DTYPE", help="float32, bfloat16, float16 or auto (default: float32 on CPU, "
@@ -129,6 +135,23 @@ def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
     ask.add_argument("--raw", action="store_true", help="write the reply byte for byte (by default control "
                      "characters such as escape codes are shown as visible stand-ins, as in the app)")
+
+    compare = sub.add_parser("compare", help="answer PROMPT with two to four settings (or models) side by side, on "
+                             "the same random numbers", description="Each --set is a column: its settings over the "
+                             "first model's defaults. Every column uses one seed and so the same random draw at every "
+                             "token: a difference between the columns comes from their settings alone.")
+    compare.add_argument("prompt", metavar="PROMPT", nargs="?",
+                         help="what to ask; '-', or none with input piped in, reads it from standard input")
+    compare.add_argument("--set", dest="columns", action="append", default=[], metavar="SETTINGS",
+                         help='one column\'s settings, e.g. "temperature=1.3,top_p=0.95" ("" = the model\'s '
+                         "defaults); give it two to four times")
+    _add_model_options(compare, sub=True, server=False, per_column=True)
+    compare.add_argument("--system", metavar="TEXT", help="system prompt")
+    compare.add_argument("--seed", metavar="S", help="the seed every column shares (default: a random one, shown)")
+    compare.add_argument("--max-tokens", metavar="N", help="the longest reply of every column, in tokens")
+    compare.add_argument("--json", action="store_true", help="one JSON object per token per column, a summary per "
+                         "column, then the divergence")
+    compare.add_argument("--raw", action="store_true", help="write the replies byte for byte")
 
     train = sub.add_parser("train", help="train a mini-GPT")
     train_sub = train.add_subparsers(dest="train_command", metavar="STAGE", required=True)
@@ -282,6 +305,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from chat_tui.compare_cli import run_compare
+
+    return run_compare(args)
+
+
 def _prob(p: float) -> float | None:
     """A probability for JSON: None where the backend gives none (a server without logprobs)."""
     return None if p != p else round(p, 6)  # NaN is not JSON
@@ -367,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return cmd_import(args)
 
-    handlers = {"ask": cmd_ask, "train": cmd_train, "export": cmd_export, "import": cmd_import, "serve": cmd_serve,
+    handlers = {"ask": cmd_ask, "compare": cmd_compare, "train": cmd_train, "export": cmd_export, "import": cmd_import, "serve": cmd_serve,
                 None: cmd_app}
     try:
         return handlers[args.command](args) or 0

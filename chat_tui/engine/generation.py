@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from chat_tui.engine.chat_formats import with_stops
-from chat_tui.engine.sampling import apply_chain, new_generator, picks_argmax, sample
+from chat_tui.engine.sampling import apply_chain, draw, new_generator, picks_argmax, sample
 from chat_tui.engine.stopping import StopStringFilter
 from chat_tui.engine.types import (
     Candidate,
@@ -218,12 +218,12 @@ class _History:
         return self.ids[: self.n]
 
 
-def _pick(raw: np.ndarray, history: _History, current, generator) -> tuple[int, np.ndarray | None]:
+def _pick(raw: np.ndarray, history: _History, current, uniform: float) -> tuple[int, np.ndarray | None]:
     """The next token, and the chain's probabilities (None when the chain was skipped)."""
     if picks_argmax(current):  # the chain would change nothing: skip its copy of the vocabulary
         return int(raw.argmax()), None
     chain = apply_chain(raw, history.view(), current)
-    return sample(chain, current, generator), chain.probs
+    return sample(chain, current, uniform), chain.probs
 
 
 def _candidates(raw: np.ndarray, log_z: float, token: int, chain_probs: np.ndarray | None, n_top: int):
@@ -312,14 +312,15 @@ def run_stream(
         else:
             released = ""
         raw = _row(logits)
+        uniform = draw(generator)  # one per step, greedy or not: the same seed gives the same draws
         if candidates:
             log_z = _logsumexp(raw, model_name)
-            token, chain_probs = _pick(raw, history, current, generator)
+            token, chain_probs = _pick(raw, history, current, uniform)
             top_ids, top_logits, top_ids_list, top_raw, top_chain, chain_prob = _candidates(
                 raw, log_z, token, chain_probs, current.top_candidates)
             prob = float(np.exp(float(raw[token]) - log_z))
         else:  # nobody reads them: no log-sum-exp, no top-256, no probabilities
-            token, chain_probs = _pick(raw, history, current, generator)
+            token, chain_probs = _pick(raw, history, current, uniform)
             _check_nan(raw, token if chain_probs is None else None, model_name)
             top_ids = top_logits = None
             top_ids_list, top_raw, top_chain = [], [], []

@@ -571,6 +571,21 @@ class MiniGPTEngine:
                 yield from stream_engine(self, runner, conversation, params, stops=self._format_stops,
                                          inspect=inspect, cancel=cancel, candidates=candidates)
 
+    def stream_columns(self, conversation: Conversation, params: Sequence[ParamsSource], *,
+                       cancel: threading.Event | None = None, candidates: bool = True) -> Iterator[tuple[int, Step]]:
+        """Several settings answering one conversation, a token of each in turn, each with a KV cache of its
+        own (the compare screen: `chat_tui.engine.compare.stream_columns`)."""
+        from chat_tui.engine.compare import interleave
+
+        with self._lock:
+            runners = [self.runner() for _ in params]
+            numpy_path = bool(runners) and runners[0].numpy_path
+            with single_threaded_blas() if numpy_path else contextlib.nullcontext():
+                yield from interleave([
+                    stream_engine(self, runner, conversation, column_params, stops=self._format_stops,
+                                  inspect=False, cancel=cancel, candidates=candidates)
+                    for runner, column_params in zip(runners, params, strict=True)])
+
     # ------------------------------------------------------------------ the Engine protocol's rest, and Explainer
 
     @property

@@ -8,8 +8,8 @@ thread of the app only receives finished `Step`s.
 
 The child loads the model with `load_engine` and answers on two channels:
 
-- control (both ways): the app's requests (`call`, `stream`, `params`, `cancel`, `close`); the child
-  answers `call` only, in order.
+- control (both ways): the app's requests (`call`, `stream`, `stream_columns`, `params`, `cancel`,
+  `close`); the child answers `call` only, in order.
 - steps (child to app): for each stream, its `Step`s (in batches of those made within BATCH_S),
   then ("end", the REFRESHED attributes as they now are) or ("error", ...).
 
@@ -277,11 +277,24 @@ class ProcessEngine:
         finally:
             self._stream_lock.release()
 
-    def _stream(self, conversation: Conversation, params: ParamsSource, inspect: bool,
-                cancel: threading.Event | None, candidates: bool) -> Iterator[Step]:
-        sent = resolve_params(params)
-        self._send(("stream", (list(conversation), sent, inspect, candidates)))
-        pending: deque[Step] = deque()  # received in one batch, not yet handed on
+    def stream_columns(self, conversation: Conversation, params: Sequence[ParamsSource], *,
+                       cancel: threading.Event | None = None, candidates: bool = True) -> Iterator[tuple[int, Step]]:
+        """Several settings answering one conversation in the model's process, a token of each in turn:
+        (column, step) (`chat_tui.engine.compare.stream_columns`). The settings are fixed for the run."""
+        while not self._stream_lock.acquire(timeout=POLL_S * 10):
+            if cancel is not None and cancel.is_set():
+                return
+        try:
+            fixed = [resolve_params(p) for p in params]
+            yield from self._stream(conversation, fixed, False, cancel, candidates, request="stream_columns")
+        finally:
+            self._stream_lock.release()
+
+    def _stream(self, conversation: Conversation, params: ParamsSource | list[SamplingParams], inspect: bool,
+                cancel: threading.Event | None, candidates: bool, request: str = "stream") -> Iterator[Any]:
+        sent = params if isinstance(params, list) else resolve_params(params)
+        self._send((request, (list(conversation), sent, inspect, candidates)))
+        pending: deque[Any] = deque()  # received in one batch, not yet handed on
         cancel_sent = False
         ended = False
         try:
@@ -533,15 +546,20 @@ def _serve(control: Connection, steps: Connection, model: str | None, device: st
             latest["params"] = payload
         elif kind == "cancel":
             cancel.set()
-        elif kind == "stream":
+        elif kind in ("stream", "stream_columns"):
             if worker is not None:
                 worker.join()  # the app reads each stream to its end before it starts another
             conversation, params, inspect, candidates = payload
-            latest["params"] = params
             cancel = threading.Event()
-            worker = threading.Thread(target=_generate,
-                                      args=(engine, steps, conversation, latest, inspect, candidates, cancel),
-                                      name="generate", daemon=True)
+            if kind == "stream":
+                latest["params"] = params
+                generate = _stream_of(engine, conversation, latest, inspect, candidates, cancel)
+            else:
+                from chat_tui.engine.compare import stream_columns
+
+                generate = stream_columns(engine, conversation, params, cancel=cancel, candidates=candidates)
+            worker = threading.Thread(target=_generate, args=(engine, steps, generate, cancel), name="generate",
+                                      daemon=True)
             worker.start()
         elif kind == "close":
             cancel.set()
@@ -568,14 +586,21 @@ def _answer(engine: Any, name: str, args: tuple[Any, ...]) -> Any:
     return getattr(engine, name)(*args)
 
 
-def _generate(engine: Any, steps: Connection, conversation: Conversation, latest: dict[str, SamplingParams],
-              inspect: bool, candidates: bool, cancel: threading.Event) -> None:
-    batch: list[Step] = []
+def _stream_of(engine: Any, conversation: Conversation, latest: dict[str, SamplingParams], inspect: bool,
+               candidates: bool, cancel: threading.Event) -> Iterator[Step]:
+    """A reply's steps; the settings are asked again at every token (the app sends edits as they happen)."""
+    return engine.stream(conversation, lambda: latest["params"], inspect=inspect, cancel=cancel,
+                         candidates=candidates)
+
+
+def _generate(engine: Any, steps: Connection, generate: Iterator[Any], cancel: threading.Event) -> None:
+    """Send what `generate` yields (Steps, or (column, Step) pairs) to the app in batches, then the end."""
+    batch: list[Any] = []
     sent_at = 0.0
     try:
-        for step in engine.stream(conversation, lambda: latest["params"], inspect=inspect, cancel=cancel,
-                                  candidates=candidates):
-            batch.append(step)
+        for item in generate:
+            batch.append(item)
+            step = item[1] if isinstance(item, tuple) else item
             now = time.perf_counter()
             # a fast model's steps go a few at a time: each message costs a write and a wake-up of
             # the app (about 40 us), 6% of a small model's token on a CPU

@@ -285,18 +285,31 @@ def new_generator(seed: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
-def sample(result: ChainResult, params: SamplingParams, generator: np.random.Generator | None = None) -> int:
-    """Draw the next token: the argmax when greedy, else one draw from `result.probs`.
+def draw(generator: np.random.Generator) -> float:
+    """The one uniform number in [0, 1) a decode step takes from its generator, whatever its settings.
 
-    The draw inverts the cumulative distribution with one uniform number from `generator`, so a
-    seeded generator gives the same tokens again. A token of probability 0 is never drawn.
+    Common random numbers: a greedy step draws too, so two streams with one seed read the same number at
+    every step, and a difference between their replies comes from their settings alone."""
+    return float(generator.random())
+
+
+def sample(result: ChainResult, params: SamplingParams, uniform: float | None = None) -> int:
+    """The next token: the argmax when greedy, else the kept token where `uniform` falls in the
+    cumulative distribution (inverse CDF).
+
+    The kept tokens are summed in a canonical order (by token id), so two chains that keep the same
+    tokens with the same probabilities pick the same token for the same `uniform`, whatever stages got
+    them there. `uniform` in [0, 1) comes from `draw` (None: a fresh unseeded one). A token of
+    probability 0 is never drawn.
     """
     if params.greedy:
         return int(np.argmax(result.logits))
     probs = result.probs
+    # in token-id order; a dropped token adds exactly 0.0, so the sums are those over the kept tokens alone
     cdf = np.cumsum(probs, dtype=np.float64)
-    rng = generator if generator is not None else np.random.default_rng()
-    u = rng.random() * cdf[-1]
+    if uniform is None:
+        uniform = draw(np.random.default_rng())
+    u = uniform * cdf[-1]
     index = int(np.searchsorted(cdf, u, side="right"))
     if index >= probs.size:  # u rounded up to the total: take the last token that can be drawn
         index = int(np.flatnonzero(probs > 0)[-1])

@@ -182,6 +182,7 @@ class ChatApp(App[int], inherit_bindings=False):
         Binding("f4", "toggle_probs", "Token colours", id="toggle_probs", show=False),
         Binding("f5", "focus_sampling", "Edit sampling", id="focus_sampling", show=False),
         Binding("ctrl+t", "train", "Train", id="train", show=False),
+        Binding("f8", "compare", "Compare", id="compare", show=False),
         Binding("ctrl+up", "focus_message(-1)", "Previous message", id="focus_previous_message", show=False),
         Binding("ctrl+down", "focus_message(1)", "Next message", id="focus_next_message", show=False),
     ]
@@ -993,6 +994,12 @@ class ChatApp(App[int], inherit_bindings=False):
             return
         self.push_screen(TrainingScreen())
 
+    def action_compare(self) -> None:
+        """The compare screen: the conversation answered by 2-4 settings side by side (chat_tui.ui.compare)."""
+        from chat_tui.ui.compare import open_compare
+
+        open_compare(self)
+
     # ------------------------------------------------------------------ sending and generating
 
     async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
@@ -1430,9 +1437,11 @@ class ChatApp(App[int], inherit_bindings=False):
     def binding_owners(cls) -> tuple[tuple[str, Any], ...]:
         """Every class whose bindings the help screen lists (the inspector's loads here)."""
         from chat_tui.ui.attention import InspectorPane
+        from chat_tui.ui.compare import CompareScreen
         from chat_tui.ui.training import TrainingScreen
 
-        return (*cls.BINDING_OWNERS, ("inspector", InspectorPane), ("training", TrainingScreen))
+        return (*cls.BINDING_OWNERS, ("inspector", InspectorPane), ("training", TrainingScreen),
+                ("compare", CompareScreen))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.binding_rows(), str(self.paths.config_file)))
@@ -1465,6 +1474,8 @@ class ChatApp(App[int], inherit_bindings=False):
             ("Connect to a server", "A model on an OpenAI-compatible server (vLLM, llama.cpp, Ollama, …)",
              self.action_connect_dialog),
             ("Train a model", "Train on your text or dialogues and watch it learn (Ctrl+T)", self.action_train),
+            ("Compare", "Answer with two to four settings (or models) side by side on the same random numbers (F8)",
+             self.action_compare),
             ("Save preset", "Save the sampling settings as a named preset", self.action_save_preset),
             ("Presets", "Load, save or delete sampling presets", self.action_presets),
             ("Toggle sampling pane", "Show or hide the sampling settings (F2)",

@@ -212,6 +212,19 @@ def test_streams_complete_steps_on_each_architecture(engines, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_compare_columns_each_keep_their_own_cache(engines, arch):
+    """The compare screen's columns on one model, a token of each in turn: each is its own stream's reply."""
+    from chat_tui.engine.compare import stream_columns
+
+    engine = engines[arch]
+    params = [SamplingParams(temperature=t, seed=3, max_new_tokens=8) for t in (0.0, 1.5)]
+    pairs = list(stream_columns(engine, CONVERSATION, params))
+    for column, column_params in enumerate(params):
+        alone = [s.token_id for s in engine.stream(CONVERSATION, column_params)]
+        assert [s.token_id for c, s in pairs if c == column] == alone
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_decode_equals_model_generate(engines, arch):
     engine = engines[arch]
     ids, _ = engine.render(CONVERSATION)

@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (
 
 from chat_tui.engine import sampling
 from chat_tui.engine.params import STAGES, SamplingParams
-from chat_tui.engine.sampling import STAGE_NAMES, ChainResult, new_generator, token_counts
+from chat_tui.engine.sampling import STAGE_NAMES, ChainResult, draw, new_generator, token_counts
 
 VOCAB = 1000
 SEEDS = (0, 1, 2)
@@ -32,8 +32,8 @@ def apply_chain(logits, context, params, **kwargs) -> ChainResult:
     return ChainResult(torch.from_numpy(result.logits), torch.from_numpy(result.probs), dropped)
 
 
-def sample(result: ChainResult, params, generator=None) -> int:
-    return sampling.sample(ChainResult(result.logits.numpy(), result.probs.numpy()), params, generator)
+def sample(result: ChainResult, params, uniform=None) -> int:
+    return sampling.sample(ChainResult(result.logits.numpy(), result.probs.numpy()), params, uniform)
 
 
 def random_logits(seed: int, vocab: int = VOCAB, scale: float = 3.0) -> torch.Tensor:
@@ -400,7 +400,7 @@ def test_greedy_ties_pick_the_lowest_id():
 
 def draws(result, params, seed, n=200):
     g = new_generator(seed)
-    return [sample(result, params, g) for _ in range(n)]
+    return [sample(result, params, draw(g)) for _ in range(n)]
 
 
 def test_seeded_draws_repeat_and_different_seeds_differ():
@@ -434,11 +434,7 @@ def test_extreme_uniform_draws_never_pick_a_dropped_token(u):
     result = apply_chain(x, None, params)
     assert result.probs[0] == 0 and result.probs[-1] == 0
 
-    class Fixed:
-        def random(self) -> float:
-            return u
-
-    assert sample(result, params, Fixed()) == (1 if u == 0.0 else 3)
+    assert sample(result, params, u) == (1 if u == 0.0 else 3)
 
 
 @pytest.mark.parametrize(
@@ -460,7 +456,7 @@ def test_the_decode_loop_skips_the_chain_only_when_it_would_pick_the_raw_argmax(
         logits = torch.randn(50, generator=generator) * 3
         context = torch.argsort(logits, descending=True)[:2]  # the penalties hit the two most likely tokens
         chain = apply_chain(logits, context, params)
-        pick = sample(chain, params, new_generator(1))
+        pick = sample(chain, params, draw(new_generator(1)))
         if sampling.picks_argmax(params):
             assert pick == int(torch.argmax(logits))
             assert chain.probs[pick] == 1.0

@@ -284,6 +284,18 @@ class HFEngine:
             yield from stream_engine(self, HFRunner(self), conversation, params, stops=self.format.stops,
                                      inspect=inspect, cancel=cancel, candidates=candidates)
 
+    def stream_columns(self, conversation: Conversation, params: Sequence[ParamsSource], *,
+                       cancel: threading.Event | None = None, candidates: bool = True) -> Iterator[tuple[int, Step]]:
+        """Several settings answering one conversation, a token of each in turn, each with a KV cache of its
+        own (the compare screen: `chat_tui.engine.compare.stream_columns`)."""
+        from chat_tui.engine.compare import interleave
+
+        with self._lock, quiet_logs():
+            yield from interleave([
+                stream_engine(self, HFRunner(self), conversation, column_params, stops=self.format.stops,
+                              inspect=False, cancel=cancel, candidates=candidates)
+                for column_params in params])
+
     # ------------------------------------------------------------------ attention
 
     def attention_mode(self, inspect: bool) -> bool:
