@@ -1029,7 +1029,7 @@ class ChatApp(App[int], inherit_bindings=False):
 
     async def _drop_from(self, item: ChatItem) -> None:
         if self.store is not None and self.conversation_id is not None and item.db_id is not None:
-            self._db(self.store.delete_messages_from, self.conversation_id, item.db_id)
+            self._db(self.store.delete_branch, item.db_id)
         await self.conversation.remove_from(item)
 
     async def _start_reply(self, mode: str, target: ChatItem | None = None) -> None:

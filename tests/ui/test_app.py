@@ -494,7 +494,7 @@ async def test_export_markdown_and_json(make_app, tmp_path):
         md = (tmp_path / "c.md").read_text()
         assert "export me" in md and "an answer" in md
         data = json.loads((tmp_path / "c.json").read_text())
-        assert data["messages"][1]["seed"] == 7 and data["messages"][1]["params"]["top_p"] == 0.95
+        assert data["messages"][1]["seed"] == 7 and data["messages"][1]["settings"]["top_p"] == 0.95
 
 
 async def test_copy_message_and_code_block(make_app):
