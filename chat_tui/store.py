@@ -460,6 +460,12 @@ class Store:
             (conversation_id, parent),
         )]
 
+    def tree(self, conversation_id: int) -> dict[int, int | None]:
+        """Every message's parent (id → parent id), without their text: the shape of the tree."""
+        return {int(r[0]): r[1] for r in self._conn.execute(
+            "SELECT id, parent_id FROM messages WHERE conversation_id = ?", (conversation_id,)
+        )}
+
     def newest_leaf(self, message_id: int) -> int:
         """The end of the branch last worked on below `message_id`: its newest descendant (a child
         is always newer than its parent, so the newest descendant has no child)."""

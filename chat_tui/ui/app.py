@@ -54,6 +54,7 @@ from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.source import is_server_url, source_problem
 from chat_tui.engine.types import Engine, Step
 from chat_tui.store import Store, StoreError
+from chat_tui.ui import branches
 from chat_tui.ui.bindings import with_ids
 from chat_tui.ui.budget import UIBudget
 from chat_tui.ui.conversation import ConversationView, MessageView
@@ -77,7 +78,7 @@ from chat_tui.ui.screens import (
     encode_stops,
 )
 from chat_tui.ui.settings import Settings
-from chat_tui.ui.state import ChatItem, GenJob, stored_token_probs
+from chat_tui.ui.state import ChatItem, GenJob
 from chat_tui.ui.text import clean, clean_line
 
 if TYPE_CHECKING:
@@ -769,17 +770,7 @@ class ChatApp(App[int], inherit_bindings=False):
         info = self._db(store.get_conversation, conversation_id)
         if info is None:
             return False
-        stored = self._db(store.messages, conversation_id) or []
-        items = [
-            ChatItem(
-                role=m.role, content=m.content, status=m.status, db_id=m.id, model=m.model, seed=m.seed,
-                params=m.params, tokens=m.tokens, tokens_per_s=m.tokens_per_s, finish_reason=m.finish_reason,
-                meta=m.meta, token_probs=stored_token_probs(m.meta),
-            )
-            for m in stored
-        ]
-        for item in items:  # one copy of the colours in memory: the pairs (the store keeps its own)
-            item.meta.pop("token_probs", None)
+        items = self._db(branches.load_branch, store, conversation_id) or []
         self.conversation_id = conversation_id
         self.settings = self.settings.for_conversation(info.system_prompt)
         self.editing = None
@@ -1006,8 +997,8 @@ class ChatApp(App[int], inherit_bindings=False):
         prompt.clear_sent(text)
         text = clean(text).strip("\n")
         prompt.remember(text)
-        if self.editing is not None:
-            await self._drop_from(self.editing)
+        if self.editing is not None:  # the edited message gets a sibling; it and its replies stay
+            await self.conversation.remove_from(self.editing)
             self.editing = None
         await self._add_user(text)
         await self._start_reply("new")
@@ -1023,14 +1014,13 @@ class ChatApp(App[int], inherit_bindings=False):
             self.sub_title = clean_line(text)[:60]
         item = ChatItem("user", text)
         if store is not None and self.conversation_id is not None:
-            item.db_id = self._db(store.add_message, self.conversation_id, "user", text)  # saved before generating
+            path = branches.path_ids(self.conversation.items)
+            parent = path[-1] if path else None
+            # saved before generating
+            item.db_id = self._db(store.add_message, self.conversation_id, "user", text, parent=parent)
+            self._db(branches.place, store, self.conversation_id, [item])
         await self.conversation.add(item)
         return item
-
-    async def _drop_from(self, item: ChatItem) -> None:
-        if self.store is not None and self.conversation_id is not None and item.db_id is not None:
-            self._db(self.store.delete_branch, item.db_id)
-        await self.conversation.remove_from(item)
 
     async def _start_reply(self, mode: str, target: ChatItem | None = None) -> None:
         if self._restart_if_stopped():
@@ -1044,15 +1034,21 @@ class ChatApp(App[int], inherit_bindings=False):
             )
             return
         saved = {"conversation_id": self.conversation_id, "system_prompt": self.system_prompt}
+        # the context is the path on screen; the reply goes under its last saved message
+        path = branches.path_ids(self.conversation.items, before=target)
         if mode == "continue" and target is not None:
             item = target
             conversation = prompt_messages(self.conversation.items, self.system_prompt, item)
-            job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content, **saved)
+            job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content,
+                         branch=path, **saved)
             self.replies.begin(job)
         else:
             item = ChatItem("assistant", "", status="waiting")
+            if self.store is not None and self.conversation_id is not None:
+                item.siblings = self._db(branches.new_sibling_position, self.store, self.conversation_id,
+                                         path[-1] if path else None) or (1, 1)
             conversation = prompt_messages(self.conversation.items, self.system_prompt)
-            job = GenJob(conversation=conversation, item=item, **saved)
+            job = GenJob(conversation=conversation, item=item, branch=path, **saved)
             self.replies.begin(job)  # before the await: the app is not settled while the reply's view mounts
             await self.conversation.add(item)
             if job.done:  # Esc while it mounted
@@ -1142,6 +1138,8 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def reply_finished(self, job: GenJob, error: BaseException | None) -> None:
         item = job.item
+        if self.store is not None and job.conversation_id is not None:
+            self._db(branches.place, self.store, job.conversation_id, [item])
         view = self._view_for(item)
         if view is not None:
             view.finish(item.content)
@@ -1196,8 +1194,8 @@ class ChatApp(App[int], inherit_bindings=False):
             self.notify("Nothing to regenerate yet.", markup=False)
             return
         last = items[-1]
-        if last.role == "assistant":
-            await self._drop_from(last)
+        if last.role == "assistant":  # the new reply is its sibling; it stays a branch
+            await self.conversation.remove_from(last)
         elif last.role != "user":
             return
         await self._start_reply("new")
@@ -1230,8 +1228,27 @@ class ChatApp(App[int], inherit_bindings=False):
         prompt.load_text(last_user.content)
         prompt.move_cursor(prompt.document.end)
         prompt.focus()
-        self.notify("Editing your last message: Enter resends it and replaces what followed; Esc cancels.",
+        self.notify("Editing your last message: Enter sends it as a new branch (the old one stays); Esc cancels.",
                     timeout=5, markup=False)
+
+    async def on_message_view_sibling_requested(self, event: MessageView.SiblingRequested) -> None:
+        """← or → on a message: show the branch through its sibling."""
+        item, store, cid = event.item, self.store, self.conversation_id
+        if self._busy(" first") or store is None or cid is None or item.db_id is None:
+            return
+        leaf = self._db(branches.sibling_leaf, store, item.db_id, event.delta)
+        if leaf is None:
+            if item.siblings[1] < 2:
+                self.notify("This message has no other version (Ctrl+R regenerates a reply, Ctrl+L edits "
+                            "your last message).", timeout=3, markup=False)
+            return
+        depth = next(i for i, it in enumerate(self.conversation.items) if it is item)
+        self._db(store.set_leaf, cid, leaf)
+        self._cancel_edit()
+        self.last_job = None
+        self._clear_inspector()
+        await self.conversation.show(self._db(branches.load_branch, store, cid) or [], focus=depth)
+        self._refresh_status()
 
     def _cancel_edit(self) -> None:
         if self.editing is None:

@@ -1,0 +1,111 @@
+"""A conversation is a tree: regenerate, edit-and-resend and continue add branches; ← and → on a
+message move between its versions and show that branch below it."""
+
+from __future__ import annotations
+
+from chat_tui.config import get_paths
+from chat_tui.store import ConversationInfo, Store
+from chat_tui.ui.conversation import MessageView
+from chat_tui.ui.screens import conversation_label
+from tests.ui.conftest import ready, send, wait_for
+
+
+def header(app, item) -> str:
+    view = app.conversation.view_for(item)
+    return str(view.query_one(".who").render())
+
+
+async def focus_reply(pilot, app) -> MessageView:
+    await pilot.press("ctrl+up")
+    await wait_for(pilot, lambda: isinstance(app.focused, MessageView), what="a message to take the focus")
+    return app.focused
+
+
+async def switch(pilot, app, key: str) -> None:
+    before = app.conversation.items
+    await pilot.press(key)
+    await wait_for(pilot, lambda: app.conversation.items is not before and app.settled, what="the other branch")
+
+
+async def test_regenerate_twice_gives_three_siblings_and_navigation_shows_each(make_app):
+    app, engine = make_app(["first answer", "second answer", "third answer"])
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "hi")
+        for calls in (2, 3):
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda calls=calls: engine.calls == calls and app.job is None and app.settled)
+        reply = app.conversation.items[-1]
+        assert reply.content == "third answer" and "‹ 3/3 ›" in header(app, reply)
+        await focus_reply(pilot, app)
+        await switch(pilot, app, "left")
+        assert [i.content for i in app.conversation.items] == ["hi", "second answer"]
+        assert "‹ 2/3 ›" in header(app, app.conversation.items[-1])
+        assert app.focused.item is app.conversation.items[-1], "the focus stays on the switched message"
+        await switch(pilot, app, "left")
+        assert [i.content for i in app.conversation.items] == ["hi", "first answer"]
+        assert "‹ 1/3 ›" in header(app, app.conversation.items[-1])
+        await pilot.press("left")  # no sibling before the first: nothing changes
+        assert app.conversation.items[-1].content == "first answer"
+        await switch(pilot, app, "right")
+        await switch(pilot, app, "right")
+        assert app.conversation.items[-1].content == "third answer"
+        assert "‹" not in header(app, app.conversation.items[0]), "the question has one version"
+        cid = app.conversation_id
+    store = Store(get_paths().database)
+    replies = [m for m in store.messages(cid) if m.role == "assistant"]
+    assert [m.content for m in replies] == ["first answer", "second answer", "third answer"]
+    assert len({m.parent_id for m in replies}) == 1, "siblings: one parent"
+    assert store.get_conversation(cid).branches == 3
+
+
+async def test_edit_and_resend_keeps_the_original_branch(make_app):
+    app, engine = make_app(["one", "two"])
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "helo")
+        await pilot.press("ctrl+l")
+        await pilot.press("backspace", "l", "o")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled)
+        question = app.conversation.items[0]
+        assert [i.content for i in app.conversation.items] == ["hello", "two"]
+        assert "‹ 2/2 ›" in header(app, question)
+        assert [m.content for m in engine.records[-1].conversation] == ["hello"], "the old branch is not sent"
+        await pilot.press("ctrl+up", "up")
+        assert app.focused.item is question
+        await switch(pilot, app, "left")
+        assert [i.content for i in app.conversation.items] == ["helo", "one"]
+        cid = app.conversation_id
+    store = Store(get_paths().database)
+    assert sorted(m.content for m in store.messages(cid)) == ["hello", "helo", "one", "two"]
+    assert [m.content for m in store.branch(cid)] == ["helo", "one"], "the branch on screen is remembered"
+
+
+async def test_switching_a_sibling_then_sending_continues_from_the_branch_on_screen(make_app):
+    app, engine = make_app(["alpha", "beta", "gamma"])
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "q")
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled)
+        await focus_reply(pilot, app)
+        await switch(pilot, app, "left")
+        assert app.conversation.items[-1].content == "alpha"
+        await send(pilot, app, "more")
+        sent = [(m.role, m.content) for m in engine.records[-1].conversation]
+        assert sent == [("user", "q"), ("assistant", "alpha"), ("user", "more")]
+        q, alpha, more, gamma = app.conversation.items
+        assert gamma.content == "gamma"
+        assert gamma.meta["branch"] == [q.db_id, alpha.db_id, more.db_id], "the receipt names the path"
+        cid = app.conversation_id
+    store = Store(get_paths().database)
+    assert [m.content for m in store.branch(cid)] == ["q", "alpha", "more", "gamma"]
+    assert store.branch(cid)[-1].meta["branch"] == [q.db_id, alpha.db_id, more.db_id]
+
+
+def test_the_conversation_list_shows_the_branch_count_when_there_are_several():
+    one = ConversationInfo(id=1, title="t", created_at=0, updated_at=0, messages=4, branches=1)
+    three = ConversationInfo(id=2, title="t", created_at=0, updated_at=0, messages=6, branches=3)
+    assert "branches" not in conversation_label(one).plain
+    assert "6 messages · 3 branches" in conversation_label(three).plain
