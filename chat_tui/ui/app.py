@@ -52,7 +52,7 @@ from chat_tui.config import (
 from chat_tui.engine.collector import freeze_long_lived, tune_collection
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.source import is_server_url, source_problem
-from chat_tui.engine.types import Engine, Step
+from chat_tui.engine.types import Engine, Message, Step
 from chat_tui.store import Store, StoreError
 from chat_tui.ui import branches
 from chat_tui.ui.bindings import with_ids
@@ -1022,7 +1022,9 @@ class ChatApp(App[int], inherit_bindings=False):
         await self.conversation.add(item)
         return item
 
-    async def _start_reply(self, mode: str, target: ChatItem | None = None) -> None:
+    async def _start_reply(self, mode: str, target: ChatItem | None = None, opening: ChatItem | None = None) -> None:
+        """Answer the path on screen ("new"), or go on with `target` ("continue"). `opening`: the start
+        of the new reply, which the model goes on from (a fork)."""
         if self._restart_if_stopped():
             self.notify("The model's process had stopped; restarting it (your message waits for it).",
                         severity="warning", timeout=8, markup=False)
@@ -1043,12 +1045,14 @@ class ChatApp(App[int], inherit_bindings=False):
                          branch=path, **saved)
             self.replies.begin(job)
         else:
-            item = ChatItem("assistant", "", status="waiting")
+            item = opening or ChatItem("assistant", "", status="waiting")
             if self.store is not None and self.conversation_id is not None:
                 item.siblings = self._db(branches.new_sibling_position, self.store, self.conversation_id,
                                          path[-1] if path else None) or (1, 1)
             conversation = prompt_messages(self.conversation.items, self.system_prompt)
-            job = GenJob(conversation=conversation, item=item, branch=path, **saved)
+            if item.content:  # an open reply: the model goes on from it
+                conversation.append(Message("assistant", item.content))
+            job = GenJob(conversation=conversation, item=item, branch=path, base_text=item.content, **saved)
             self.replies.begin(job)  # before the await: the app is not settled while the reply's view mounts
             await self.conversation.add(item)
             if job.done:  # Esc while it mounted
@@ -1230,6 +1234,27 @@ class ChatApp(App[int], inherit_bindings=False):
         prompt.focus()
         self.notify("Editing your last message: Enter sends it as a new branch (the old one stays); Esc cancels.",
                     timeout=5, markup=False)
+
+    async def on_inspector_pane_fork_requested(self, event: InspectorPane.ForkRequested) -> None:
+        """F in the inspector: the reply it shows, forked at a token, as a new branch beside it."""
+        if self._busy(" first"):
+            return
+        job, fork = self.last_job, event.fork
+        opening = branches.fork_opening(job, fork, self.engine, self.conversation.items)
+        if job is None or opening is None:
+            self.notify("The inspector's reply is no longer the one on screen: regenerate it to fork it.",
+                        severity="warning", markup=False)
+            return
+        await self.conversation.remove_from(job.item)  # it stays in the store, one ← away
+        await self._start_reply("new", opening=opening)
+
+    def action_fork(self) -> None:
+        """The palette's Fork: the inspector's picker, at its cursor's token."""
+        if not self.query_one("#inspector").display:
+            self.action_toggle_pane("inspector")
+        pane = self._inspector_pane()
+        if pane is not None:
+            pane.action_fork()
 
     async def on_message_view_sibling_requested(self, event: MessageView.SiblingRequested) -> None:
         """← or → on a message: show the branch through its sibling."""
@@ -1486,6 +1511,8 @@ class ChatApp(App[int], inherit_bindings=False):
              self.action_toggle_probs),
             ("Regenerate reply", "Generate the last reply again (Ctrl+R)", self.action_regenerate),
             ("Continue reply", "Continue a stopped reply (Ctrl+G)", self.action_continue_reply),
+            ("Fork reply at the inspector's token", "Restart the reply at the inspector's token with another "
+             "candidate, even one the chain dropped, as a new branch (F in the inspector)", self.action_fork),
             ("Edit last message", "Edit your last message and resend it (Ctrl+L)", self.action_edit_last),
             ("Reset sampling to neutral", "Every processor off",
              lambda: self.on_sampling_table_reset(SamplingTable.Reset("neutral"))),

@@ -1,13 +1,22 @@
 """A conversation's branches as the UI shows them, with no Textual: the path on screen as ChatItems,
-where each message stands among its siblings, and which branch a move to a sibling shows.
+where each message stands among its siblings, which branch a move to a sibling shows, and forks (a
+reply restarted at one of its tokens with another candidate forced there).
 
 The store keeps the tree (`Store.branch`, `Store.tree`); the app asks here what to mount.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from chat_tui.engine.types import Engine, Step
 from chat_tui.store import Store, StoredMessage
-from chat_tui.ui.state import ChatItem, stored_token_probs
+from chat_tui.textsafe import clean_line
+from chat_tui.ui.state import ChatItem, GenJob, stored_token_probs
+
+if TYPE_CHECKING:
+    from chat_tui.engine.explain import ChainReplay
 
 
 def chat_item(message: StoredMessage) -> ChatItem:
@@ -70,3 +79,90 @@ def sibling_leaf(store: Store, message_id: int, delta: int) -> int | None:
     if not 0 <= index < len(siblings):
         return None
     return store.newest_leaf(siblings[index])
+
+
+# ---------------------------------------------------------------------- forks
+
+
+@dataclass(frozen=True)
+class Fork:
+    """A reply forked at one of its tokens: its tokens before `index` kept, `token` forced at it.
+
+    `prob` is the token's raw probability; `dropped_by` the stage of the chain that dropped it (None
+    when the chain kept it, "" when unknown: a server's own sampler chose); `instead_of` the token the
+    reply had there; `prompt_ids` the prompt the reply answered (the app checks it is the one on screen).
+    """
+
+    index: int
+    prefix_ids: tuple[int, ...]
+    prefix_texts: tuple[str, ...]
+    token_id: int
+    token: str
+    prob: float
+    dropped_by: str | None
+    instead_of: str
+    prompt_ids: tuple[int, ...]
+
+    def receipt(self) -> str:
+        """"forked at token 3: ' x' (p = 0.4%, dropped by top-p) instead of ' y'"."""
+        where = "kept by the chain" if self.dropped_by is None else (
+            f"dropped by {self.dropped_by.replace('_', '-')}" if self.dropped_by else "chain unknown")
+        return (f"forked at token {self.index}: {clean_line(repr(self.token))} (p = {self.prob:.2%}, {where}) "
+                f"instead of {clean_line(repr(self.instead_of))}")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"at": self.index, "token": self.token, "token_id": self.token_id, "prob": round(self.prob, 6),
+                "dropped_by": self.dropped_by, "instead_of": self.instead_of, "receipt": self.receipt(),
+                # the model went on from this text, tokenized again (not from the ids themselves)
+                "continued_from_text": True}
+
+
+def fork_choices(step: Step, replay: ChainReplay | None, texts: dict[int, str] | None,
+                 engine: Engine | None) -> list[tuple[int, str, float, str | None]]:
+    """The candidates a reply can be forked to at `step`: (id, text, raw probability, dropping stage
+    or None when kept), most likely first, the sampled token left out. Dropped ones are included."""
+    out: list[tuple[int, str, float, str | None]] = []
+    if replay is not None:
+        for i, cid in enumerate(replay.ids.tolist()):
+            if cid == step.token_id:
+                continue
+            text = (texts or {}).get(cid)
+            if text is None:
+                text = engine.token_text(cid) if engine is not None else f"#{cid}"
+            out.append((int(cid), text, float(replay.raw_probs[i]), replay.stage(i)))
+        return out
+    for candidate in step.top:  # no replay: the chain's verdict is only "kept" or "dropped"
+        if candidate.id == step.token_id and candidate.text == step.token:
+            continue
+        out.append((candidate.id, candidate.text, candidate.prob, None if candidate.chain_prob > 0 else ""))
+    return out
+
+
+def fork_label(text: str, prob: float, stage: str | None) -> str:
+    """One line of the fork picker."""
+    verdict = "kept" if stage is None else (f"dropped by {stage.replace('_', '-')}" if stage else "dropped")
+    return f"{clean_line(repr(text))}  {prob:.2%}  {verdict}"
+
+
+def fork_text(fork: Fork, engine: Engine | None) -> str:
+    """The forked reply's start: its kept tokens and the forced one, decoded together where the
+    engine knows the ids (so a character split across tokens comes out whole), else their texts."""
+    ids = [*fork.prefix_ids, fork.token_id]
+    if engine is not None and all(i >= 0 for i in ids):
+        return engine.decode(ids)
+    return "".join(fork.prefix_texts) + fork.token
+
+
+def fork_opening(job: GenJob | None, fork: Fork, engine: Engine | None, on_screen: list[ChatItem]) -> ChatItem | None:
+    """The start of the reply forked from `job`'s: the text before the fork, the forced token, the
+    colours of both, and the fork in its meta. None when `job` is not the reply the fork was picked in
+    (the inspector holds another reply) or its reply is no longer on screen."""
+    if job is None or job.prompt is None or tuple(job.prompt.ids) != fork.prompt_ids:
+        return None
+    item = job.item
+    if not any(it is item for it in on_screen) or not 0 <= fork.index < job.count:
+        return None
+    before = len(item.token_probs) - job.count + fork.index  # a continued reply's earlier tokens too
+    probs = [*item.token_probs[:before], (fork.token, fork.prob)]
+    return ChatItem("assistant", job.base_text + fork_text(fork, engine), status="waiting",
+                    meta={"fork": fork.to_meta()}, token_probs=probs)

@@ -95,6 +95,9 @@ def details_line(item: ChatItem, live: GenJob | None = None) -> str:
         parts.append(f"settings changed {len(changes)}× mid-reply")
     if item.finish_reason in FINISH_LABEL and item.status != "stopped":
         parts.append(FINISH_LABEL[item.finish_reason])
+    fork = item.meta.get("fork") if item.meta else None
+    if isinstance(fork, dict) and fork.get("receipt"):
+        parts.append(clean_line(str(fork["receipt"])))
     if item.status == "error" and item.meta.get("error"):
         parts.append(f"failed: {clean_line(str(item.meta['error']))[:80]}")
     return " · ".join(parts)

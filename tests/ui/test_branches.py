@@ -3,10 +3,12 @@ message move between its versions and show that branch below it."""
 
 from __future__ import annotations
 
+from textual.widgets import OptionList
+
 from chat_tui.config import get_paths
 from chat_tui.store import ConversationInfo, Store
 from chat_tui.ui.conversation import MessageView
-from chat_tui.ui.screens import conversation_label
+from chat_tui.ui.screens import PickScreen, conversation_label
 from tests.ui.conftest import ready, send, wait_for
 
 
@@ -109,3 +111,46 @@ def test_the_conversation_list_shows_the_branch_count_when_there_are_several():
     three = ConversationInfo(id=2, title="t", created_at=0, updated_at=0, messages=6, branches=3)
     assert "branches" not in conversation_label(one).plain
     assert "6 messages · 3 branches" in conversation_label(three).plain
+
+
+async def test_fork_at_a_dropped_candidate_starts_with_the_kept_prefix_and_the_forced_token(make_app):
+    app, engine = make_app(["alpha beta gamma delta"])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await send(pilot, app, "hi")
+        original = app.conversation.items[-1]
+        pane = app.inspector
+        await wait_for(pilot, lambda: pane.store.generated >= 4, what="the inspector to take the reply in")
+        if not pane.display:
+            await pilot.press("f3")
+        await pilot.press("6")  # the candidates view
+        pane.focus()
+        pane.state.cursor = pane.store.prompt_length + 2  # the third token, " gamma"
+        await pilot.press("F")
+        await wait_for(pilot, lambda: isinstance(app.screen, PickScreen), what="the fork picker")
+        picker = app.screen
+        dropped = next(i for i, name in enumerate(picker.names) if "dropped by top-p" in name)
+        forced = picker.names[dropped].split("'")[1]
+        options = picker.query_one(OptionList)
+        options.highlighted = dropped
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled, what="the fork")
+        reply = app.conversation.items[-1]
+        assert reply.content.startswith("alpha beta" + forced)
+        assert engine.records[-1].conversation[-1].content == "alpha beta" + forced, "the model went on from it"
+        receipt = reply.meta["fork"]["receipt"]
+        assert receipt.startswith(f"forked at token 2: {forced!r} (p = ") and "dropped by top-p" in receipt
+        assert receipt.endswith("instead of ' gamma'")
+        assert reply.token_probs[2][0] == forced, "the forced token keeps its probability for the colours"
+        view = app.conversation.view_for(reply)
+        assert receipt in str(view.query_one(".meta").render())
+        assert "‹ 2/2 ›" in header(app, reply)
+        await focus_reply(pilot, app)
+        await switch(pilot, app, "left")
+        assert app.conversation.items[-1].content == original.content, "the original reply stays a branch"
+        cid = app.conversation_id
+    store = Store(get_paths().database)
+    saved = [m for m in store.messages(cid) if m.role == "assistant"]
+    assert len(saved) == 2 and saved[1].meta["fork"]["dropped_by"] == "top_p"
+    assert saved[0].parent_id == saved[1].parent_id

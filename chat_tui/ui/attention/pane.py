@@ -29,6 +29,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.message import Message
 from textual.strip import Strip
 from textual.widgets import Static
 from textual.worker import get_current_worker
@@ -50,7 +51,10 @@ from chat_tui.ui.attention.views import (
     row_view,
     turns_view,
 )
+from chat_tui.ui.branches import Fork, fork_choices, fork_label
 from chat_tui.ui.budget import UIBudget
+from chat_tui.ui.screens import PickScreen
+from chat_tui.ui.text import clean_line
 
 if TYPE_CHECKING:
     from chat_tui.engine.types import Engine
@@ -114,6 +118,7 @@ class InspectorPane(Vertical, can_focus=True):
         Binding("n", "scale", "Colour scale", id="inspector.scale", show=False),
         Binding("s", "sort", "Sort rows", id="inspector.sort", show=False),
         Binding("x", "export", "Export", id="inspector.export"),
+        Binding("F", "fork", "Fork the reply here", id="inspector.fork"),
     ]
 
     def __init__(
@@ -475,6 +480,55 @@ class InspectorPane(Vertical, can_focus=True):
             self._replay.clear()
         self._replay[message.key] = message.result
         self.redraw()
+
+    # ------------------------------------------------------------------ fork
+
+    class ForkRequested(Message):
+        """Fork the reply at the cursor's token, to another candidate (the app does it)."""
+
+        def __init__(self, fork: Fork) -> None:
+            super().__init__()
+            self.fork = fork
+
+    def action_fork(self) -> None:
+        """Pick a candidate at the cursor's token, kept or dropped by the chain, to fork the reply to."""
+        pos = self.state.cursor
+        step = self.store.step_at(pos) if pos is not None and pos >= 0 else None
+        if step is None:
+            self.notify("Move the cursor to a token of the reply (↓ or End), then F forks the reply there.",
+                        severity="warning", markup=False)
+            return
+        replay = texts = None
+        if step.top_ids is not None:
+            try:  # the chain on the stored logits: which stage drops each candidate (numpy, quick)
+                result = jobs.replay(self.engine, step, self.store.context_ids(pos), None)
+                replay, texts = result.as_sampled, result.texts
+            except Exception:  # noqa: BLE001 - without it the candidates are still listed
+                replay = None
+        choices = fork_choices(step, replay, texts, self.engine)
+        if not choices:
+            self.notify("No other candidate is known at this token.", severity="warning", markup=False)
+            return
+        labels = [f"{n}. {fork_label(text, prob, stage)}" for n, (_, text, prob, stage) in enumerate(choices, 1)]
+        ids = self.store.ids
+        prefix = range(self.store.prompt_length, pos)
+        steps = [self.store.step_at(p) for p in prefix]
+
+        def done(picked: str | None) -> None:
+            if picked is None:
+                return
+            token_id, text, prob, stage = choices[labels.index(picked)]
+            self.post_message(self.ForkRequested(Fork(
+                index=step.index, prefix_ids=tuple(ids[p] for p in prefix),
+                prefix_texts=tuple(s.text if s is not None else "" for s in steps), token_id=token_id,
+                token=text, prob=prob, dropped_by=stage, instead_of=step.token,
+                prompt_ids=tuple(ids[: self.store.prompt_length]),
+            )))
+
+        self.app.push_screen(PickScreen(
+            f"Fork the reply at token {step.index} ({clean_line(repr(step.token))}) to", labels,
+            hint="the reply keeps its tokens before this one, takes the one picked and goes on with the "
+                 "settings now, as a new branch · Enter forks · Esc cancels"), done)
 
     # ------------------------------------------------------------------ actions
 
