@@ -124,8 +124,8 @@ async def test_fork_at_a_dropped_candidate_starts_with_the_kept_prefix_and_the_f
         await wait_for(pilot, lambda: pane.store.generated >= 4, what="the inspector to take the reply in")
         if not pane.display:
             await pilot.press("f3")
-        await pilot.press("6")  # the candidates view
         pane.focus()
+        await pilot.press("6")  # the candidates view
         pane.state.cursor = pane.store.prompt_length + 2  # the third token, " gamma"
         await pilot.press("F")
         await wait_for(pilot, lambda: isinstance(app.screen, PickScreen), what="the fork picker")
