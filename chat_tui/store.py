@@ -25,15 +25,17 @@ from typing import Any
 
 BUSY_TIMEOUT_MS = 5000
 
-# a conversation's row with its message count (n) and its number of branches (leaves: no child)
+# a conversation's row with its message count (n) and its number of branches: the messages that are
+# no one's parent (read from the index messages_by_parent alone)
 _CONVERSATION_COLUMNS = (
     "c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n, "
-    "(SELECT count(*) FROM messages m WHERE m.conversation_id = c.id AND NOT EXISTS "
-    "(SELECT 1 FROM messages k WHERE k.parent_id = m.id)) AS leaves FROM conversations c"
+    "(SELECT count(DISTINCT m.parent_id) FROM messages m WHERE m.conversation_id = c.id) AS parents "
+    "FROM conversations c"
 )
-# the ids of a message and all its descendants
+# the ids of a message and all its descendants (parameters: the message, its conversation)
 _SUBTREE = (
-    "WITH RECURSIVE sub(id) AS (SELECT ? UNION ALL SELECT m.id FROM messages m JOIN sub ON m.parent_id = sub.id) "
+    "WITH RECURSIVE sub(id) AS (SELECT ? UNION ALL "
+    "SELECT m.id FROM messages m JOIN sub ON m.conversation_id = ? AND m.parent_id = sub.id) "
 )
 # the ids from a message up to its root, the message first
 _ANCESTORS = (
@@ -81,7 +83,7 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE messages SET parent_id = (
         SELECT max(p.id) FROM messages p WHERE p.conversation_id = messages.conversation_id AND p.id < messages.id
     );
-    CREATE INDEX messages_by_parent ON messages(parent_id);
+    CREATE INDEX messages_by_parent ON messages(conversation_id, parent_id);
     ALTER TABLE conversations ADD COLUMN leaf_id INTEGER;
     """,
 )
@@ -293,7 +295,7 @@ class Store:
             model=row["model"],
             system_prompt=row["system_prompt"],
             messages=row["n"],
-            branches=max(row["leaves"], 1),
+            branches=max(row["n"] - row["parents"], 1),
         )
 
     def list_conversations(
@@ -469,8 +471,14 @@ class Store:
     def newest_leaf(self, message_id: int) -> int:
         """The end of the branch last worked on below `message_id`: its newest descendant (a child
         is always newer than its parent, so the newest descendant has no child)."""
-        row = self._conn.execute(f"{_SUBTREE}SELECT max(id) FROM sub", (message_id,)).fetchone()
+        row = self._conn.execute(
+            f"{_SUBTREE}SELECT max(id) FROM sub", (message_id, self._conversation_of(message_id))
+        ).fetchone()
         return int(row[0])
+
+    def _conversation_of(self, message_id: int) -> int | None:
+        row = self._conn.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return None if row is None else int(row[0])
 
     def delete_branch(self, message_id: int) -> int:
         """Delete a message and its descendants (its siblings and ancestors stay); how many went.
@@ -484,7 +492,7 @@ class Store:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             before = self._conn.total_changes  # (a cursor's rowcount is -1 for a statement that starts WITH)
-            self._conn.execute(f"{_SUBTREE}DELETE FROM messages WHERE id IN sub", (message_id,))
+            self._conn.execute(f"{_SUBTREE}DELETE FROM messages WHERE id IN sub", (message_id, conversation_id))
             deleted = self._conn.total_changes - before
             leaf = self._conn.execute("SELECT leaf_id FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
             gone = leaf is not None and leaf[0] is not None and self._conn.execute(
