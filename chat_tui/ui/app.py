@@ -1275,6 +1275,31 @@ class ChatApp(App[int], inherit_bindings=False):
         await self.conversation.show(self._db(branches.load_branch, store, cid) or [], focus=depth)
         self._refresh_status()
 
+    def on_message_view_delete_requested(self, event: MessageView.DeleteRequested) -> None:
+        """Delete on a message: it and everything below it go, in every branch; its siblings stay."""
+        item, store, cid = event.item, self.store, self.conversation_id
+        if self._busy(" first") or store is None or cid is None or item.db_id is None:
+            return
+        depth = next(i for i, it in enumerate(self.conversation.items) if it is item)
+        below = len(self.conversation.items) - depth - 1
+        others = item.siblings[1] - 1
+
+        async def done(yes: bool | None) -> None:
+            if not yes or self.conversation_id != cid or self._busy(" first"):
+                return
+            self._db(store.delete_branch, item.db_id)
+            self._cancel_edit()
+            self.last_job = None
+            self._clear_inspector()
+            items = self._db(branches.load_branch, store, cid) or []
+            await self.conversation.show(items, focus=min(depth, len(items) - 1) if items else None)
+            self._refresh_status()
+
+        detail = (f"It and what follows it in every branch are deleted ({below} on screen below it); "
+                  + (f"its {others} other version{'s' if others != 1 else ''} stay." if others else
+                     "it has no other version."))
+        self.push_screen(ConfirmScreen("Delete this message?", detail, yes="Delete"), done)
+
     def _cancel_edit(self) -> None:
         if self.editing is None:
             return

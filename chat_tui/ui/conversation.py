@@ -150,6 +150,7 @@ class MessageView(Vertical, can_focus=False):
         Binding("end", "edge('last')", "Last message", show=False, id="message_last"),
         Binding("left", "sibling(-1)", "Previous sibling (branch)", show=False, id="previous_sibling"),
         Binding("right", "sibling(1)", "Next sibling (branch)", show=False, id="next_sibling"),
+        Binding("delete", "delete_branch", "Delete this version and what follows", show=False, id="delete_branch"),
     ]
 
     class SiblingRequested(Message):
@@ -194,8 +195,18 @@ class MessageView(Vertical, can_focus=False):
     def on_mount(self) -> None:
         self._sync_probs()
 
+    class DeleteRequested(Message):
+        """Delete `item` and the messages below it, in every branch (the app asks first)."""
+
+        def __init__(self, item: ChatItem) -> None:
+            super().__init__()
+            self.item = item
+
     def action_sibling(self, delta: int) -> None:
         self.post_message(self.SiblingRequested(self.item, delta))
+
+    def action_delete_branch(self) -> None:
+        self.post_message(self.DeleteRequested(self.item))
 
     async def action_edge(self, which: str) -> None:
         conversation = self.query_ancestor(ConversationView)

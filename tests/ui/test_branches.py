@@ -8,7 +8,7 @@ from textual.widgets import OptionList
 from chat_tui.config import get_paths
 from chat_tui.store import ConversationInfo, Store
 from chat_tui.ui.conversation import MessageView
-from chat_tui.ui.screens import PickScreen, conversation_label
+from chat_tui.ui.screens import ConfirmScreen, PickScreen, conversation_label
 from tests.ui.conftest import ready, send, wait_for
 
 
@@ -154,3 +154,23 @@ async def test_fork_at_a_dropped_candidate_starts_with_the_kept_prefix_and_the_f
     saved = [m for m in store.messages(cid) if m.role == "assistant"]
     assert len(saved) == 2 and saved[1].meta["fork"]["dropped_by"] == "top_p"
     assert saved[0].parent_id == saved[1].parent_id
+
+
+async def test_delete_on_a_message_removes_that_version_and_its_branch_only(make_app):
+    app, engine = make_app(["first", "second", "third", "after"])
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "q")
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled)
+        await send(pilot, app, "follow-up")  # under "second"
+        await pilot.press("ctrl+up", "up", "up")
+        assert app.focused.item.content == "second" and "‹ 2/2 ›" in header(app, app.focused.item)
+        await pilot.press("delete")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the question")
+        await switch(pilot, app, "y")
+        assert [i.content for i in app.conversation.items] == ["q", "first"], "its sibling shows"
+        assert "‹" not in header(app, app.conversation.items[-1])
+        cid = app.conversation_id
+    store = Store(get_paths().database)
+    assert sorted(m.content for m in store.messages(cid)) == ["first", "q"]
