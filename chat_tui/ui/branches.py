@@ -164,5 +164,6 @@ def fork_opening(job: GenJob | None, fork: Fork, engine: Engine | None, on_scree
         return None
     before = len(item.token_probs) - job.count + fork.index  # a continued reply's earlier tokens too
     probs = [*item.token_probs[:before], (fork.token, fork.prob)]
+    meta = {"fork": {**fork.to_meta(), "token_index": before}}  # where the colour view marks it
     return ChatItem("assistant", job.base_text + fork_text(fork, engine), status="waiting",
-                    meta={"fork": fork.to_meta()}, token_probs=probs)
+                    meta=meta, token_probs=probs)

@@ -81,6 +81,7 @@ def reply_markdown():  # noqa: ANN201 - a Textual class, made at the first reply
 
 
 UNKNOWN_PROB_STYLE = Style(color="rgb(140,140,140)", italic=True)
+FORCED_STYLE = Style(reverse=True, bold=True)  # the token a fork forced, in the colour view
 
 
 def prob_style(prob: float) -> Style:
@@ -320,8 +321,10 @@ class MessageView(Vertical, can_focus=False):
         on_ = self.show_probs and bool(self.item.token_probs)
         if on_ and self._prob_text is None:  # built when first shown: most replies never are
             self._prob_text = Text(end="")
-            for text, prob in self.item.token_probs:
-                self._prob_text.append(clean(text), prob_style(prob))
+            fork = self.item.meta.get("fork")
+            forced = fork.get("token_index", -1) if isinstance(fork, dict) else -1  # a fork's forced token
+            for i, (text, prob) in enumerate(self.item.token_probs):
+                self._prob_text.append(clean(text), prob_style(prob) + FORCED_STYLE if i == forced else prob_style(prob))
         probs = self.query_one(".probs", Static)
         probs.display = on_
         self.query_one(".body").display = not on_

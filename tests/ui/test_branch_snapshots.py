@@ -60,6 +60,9 @@ async def forked(pilot) -> None:
     await wait_for(pilot, lambda: app.engine.calls == 2, what="the fork")
     app.prompt_input.focus()
     await settle(pilot)
+    await pilot.press("f4")  # the colours: the forced token is marked
+    app.clear_notifications()
+    await pilot.pause(0.1)
 
 
 def four_words(conversation, params) -> str:

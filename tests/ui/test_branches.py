@@ -145,6 +145,10 @@ async def test_fork_at_a_dropped_candidate_starts_with_the_kept_prefix_and_the_f
         assert reply.token_probs[2][0] == forced, "the forced token keeps its probability for the colours"
         view = app.conversation.view_for(reply)
         assert receipt in str(view.query_one(".meta").render())
+        await pilot.press("f4")
+        colours = view.query_one(".probs").render()
+        marked = [colours.plain[s.start:s.end] for s in colours.spans if s.style.reverse]
+        assert marked == [forced], "the colour view marks the forced token"
         assert "‹ 2/2 ›" in header(app, reply)
         await focus_reply(pilot, app)
         await switch(pilot, app, "left")
