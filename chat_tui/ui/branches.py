@@ -7,6 +7,7 @@ The store keeps the tree (`Store.branch`, `Store.tree`); the app asks here what 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -89,8 +90,9 @@ class Fork:
     """A reply forked at one of its tokens: its tokens before `index` kept, `token` forced at it.
 
     `prob` is the token's raw probability; `dropped_by` the stage of the chain that dropped it (None
-    when the chain kept it, "" when unknown: a server's own sampler chose); `instead_of` the token the
-    reply had there; `prompt_ids` the prompt the reply answered (the app checks it is the one on screen).
+    when the chain kept it, DROPPED when the stage is not known, UNKNOWN when the chain itself is not: a
+    server's own sampler chose); `instead_of` the token the reply had there; `prompt_ids` the prompt the
+    reply answered (the app checks it is the one on screen).
     """
 
     index: int
@@ -105,16 +107,29 @@ class Fork:
 
     def receipt(self) -> str:
         """"forked at token 3: ' x' (p = 0.4%, dropped by top-p) instead of ' y'"."""
-        where = "kept by the chain" if self.dropped_by is None else (
-            f"dropped by {self.dropped_by.replace('_', '-')}" if self.dropped_by else "chain unknown")
-        return (f"forked at token {self.index}: {clean_line(repr(self.token))} (p = {self.prob:.2%}, {where}) "
-                f"instead of {clean_line(repr(self.instead_of))}")
+        return (f"forked at token {self.index}: {clean_line(repr(self.token))} (p = {self.prob:.2%}, "
+                f"{verdict(self.dropped_by)}) instead of {clean_line(repr(self.instead_of))}")
 
     def to_meta(self) -> dict[str, Any]:
         return {"at": self.index, "token": self.token, "token_id": self.token_id, "prob": round(self.prob, 6),
                 "dropped_by": self.dropped_by, "instead_of": self.instead_of, "receipt": self.receipt(),
                 # the model went on from this text, tokenized again (not from the ids themselves)
                 "continued_from_text": True}
+
+
+DROPPED = "dropped"  # a Fork's dropped_by when the chain dropped the token at a stage not known
+UNKNOWN = ""  # ... when what the chain did is not known (a server's sampler chose)
+
+
+def verdict(dropped_by: str | None) -> str:
+    """What the chain did with a candidate, in words."""
+    if dropped_by is None:
+        return "kept by the chain"
+    if dropped_by == UNKNOWN:
+        return "the chain unknown"
+    if dropped_by == DROPPED:
+        return "dropped by the chain"
+    return f"dropped by {dropped_by.replace('_', '-')}"
 
 
 def fork_choices(step: Step, replay: ChainReplay | None, texts: dict[int, str] | None,
@@ -131,17 +146,18 @@ def fork_choices(step: Step, replay: ChainReplay | None, texts: dict[int, str] |
                 text = engine.token_text(cid) if engine is not None else f"#{cid}"
             out.append((int(cid), text, float(replay.raw_probs[i]), replay.stage(i)))
         return out
-    for candidate in step.top:  # no replay: the chain's verdict is only "kept" or "dropped"
+    for candidate in step.top:  # no replay: the chain's verdict is only "kept" or "dropped", if that
         if candidate.id == step.token_id and candidate.text == step.token:
             continue
-        out.append((candidate.id, candidate.text, candidate.prob, None if candidate.chain_prob > 0 else ""))
+        chain = candidate.chain_prob
+        stage = UNKNOWN if math.isnan(chain) else (None if chain > 0 else DROPPED)
+        out.append((candidate.id, candidate.text, candidate.prob, stage))
     return out
 
 
 def fork_label(text: str, prob: float, stage: str | None) -> str:
     """One line of the fork picker."""
-    verdict = "kept" if stage is None else (f"dropped by {stage.replace('_', '-')}" if stage else "dropped")
-    return f"{clean_line(repr(text))}  {prob:.2%}  {verdict}"
+    return f"{clean_line(repr(text))}  {prob:.2%}  {verdict(stage)}"
 
 
 def fork_text(fork: Fork, engine: Engine | None) -> str:

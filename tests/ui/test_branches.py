@@ -3,10 +3,18 @@ message move between its versions and show that branch below it."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from textual.widgets import OptionList
 
 from chat_tui.config import get_paths
+from chat_tui.engine.explain import replay_chain
+from chat_tui.engine.fake import FakeEngine
+from chat_tui.engine.params import SamplingParams
+from chat_tui.engine.types import Candidate, Message
 from chat_tui.store import ConversationInfo, Store
+from chat_tui.ui.branches import Fork, fork_choices, fork_text, verdict
 from chat_tui.ui.conversation import MessageView
 from chat_tui.ui.screens import ConfirmScreen, PickScreen, conversation_label
 from tests.ui.conftest import ready, send, wait_for
@@ -178,3 +186,31 @@ async def test_delete_on_a_message_removes_that_version_and_its_branch_only(make
         cid = app.conversation_id
     store = Store(get_paths().database)
     assert sorted(m.content for m in store.messages(cid)) == ["first", "q"]
+
+
+def test_fork_choices_list_every_other_candidate_with_what_the_chain_did():
+    engine = FakeEngine(["alpha beta gamma delta"])
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=7)
+    steps = list(engine.stream([Message("user", "hi")], params))
+    step = steps[2]  # " gamma": top-p drops some candidates there
+    replay = replay_chain(step, None, params)
+    choices = fork_choices(step, replay, None, engine)
+    assert step.token_id not in [c[0] for c in choices] and len(choices) == len(replay.ids) - 1
+    assert {stage for *_, stage in choices} >= {"top_p"}
+    assert [c[2] for c in choices] == sorted((c[2] for c in choices), reverse=True), "most likely first"
+    # without a replay (a server's steps): kept or dropped where the chain probability says, else unknown
+    server_step = dataclasses.replace(step, top=[
+        Candidate(-1, " kept", 0.5, 0.6), Candidate(-1, " cut", 0.1, 0.0), Candidate(-1, " ?", 0.1, math.nan)])
+    assert [c[3] for c in fork_choices(server_step, None, None, None)] == [None, "dropped", ""]
+    assert [verdict(c[3]) for c in fork_choices(server_step, None, None, None)] == [
+        "kept by the chain", "dropped by the chain", "the chain unknown"]
+
+
+def test_a_fork_is_continued_from_the_text_of_its_kept_tokens_and_the_forced_one():
+    engine = FakeEngine(["x"])
+    ids = engine.encode("alpha beta")
+    fork = Fork(index=2, prefix_ids=tuple(ids), prefix_texts=("alpha", " beta"), token_id=engine.encode(" to")[0],
+                token=" to", prob=0.0288, dropped_by="top_p", instead_of=" gamma", prompt_ids=())
+    assert fork_text(fork, engine) == "alpha beta to"
+    assert fork_text(dataclasses.replace(fork, prefix_ids=(-1, -1), token_id=-1), engine) == "alpha beta to"
+    assert fork.receipt() == "forked at token 2: ' to' (p = 2.88%, dropped by top-p) instead of ' gamma'"

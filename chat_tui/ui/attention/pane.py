@@ -17,6 +17,8 @@ those views are shown, and torch is never imported here; the export is export.py
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -498,32 +500,39 @@ class InspectorPane(Vertical, can_focus=True):
             self.notify("Move the cursor to a token of the reply (↓ or End), then F forks the reply there.",
                         severity="warning", markup=False)
             return
+        store = self.store  # what the fork keeps, read now: a new reply would replace it
+        prefix = range(store.prompt_length, pos)
+        where = Fork(
+            index=step.index, prefix_ids=tuple(store.ids[p] for p in prefix),
+            prefix_texts=tuple(s.text if (s := store.step_at(p)) is not None else "" for p in prefix),
+            token_id=-1, token="", prob=float("nan"), dropped_by=None, instead_of=step.token,
+            prompt_ids=tuple(store.ids[: store.prompt_length]),
+        )
+        self.fork_choices_in_background(step, store.context_ids(pos), where)
+
+    @work(thread=True, exclusive=True, group="fork", exit_on_error=False)
+    def fork_choices_in_background(self, step: Step, context: list[int], where: Fork) -> None:
+        """The chain replayed on the step's stored logits says which stage drops each candidate
+        (in the model's process, it may wait for a reply streaming there)."""
         replay = texts = None
         if step.top_ids is not None:
-            try:  # the chain on the stored logits: which stage drops each candidate (numpy, quick)
-                result = jobs.replay(self.engine, step, self.store.context_ids(pos), None)
+            with contextlib.suppress(Exception):  # without it the candidates are still listed
+                result = jobs.replay(self.engine, step, context, None)
                 replay, texts = result.as_sampled, result.texts
-            except Exception:  # noqa: BLE001 - without it the candidates are still listed
-                replay = None
         choices = fork_choices(step, replay, texts, self.engine)
+        self.app.call_from_thread(self._pick_fork, step, choices, where)
+
+    def _pick_fork(self, step: Step, choices: list[tuple[int, str, float, str | None]], where: Fork) -> None:
         if not choices:
             self.notify("No other candidate is known at this token.", severity="warning", markup=False)
             return
         labels = [f"{n}. {fork_label(text, prob, stage)}" for n, (_, text, prob, stage) in enumerate(choices, 1)]
-        ids = self.store.ids
-        prefix = range(self.store.prompt_length, pos)
-        steps = [self.store.step_at(p) for p in prefix]
 
         def done(picked: str | None) -> None:
-            if picked is None:
-                return
-            token_id, text, prob, stage = choices[labels.index(picked)]
-            self.post_message(self.ForkRequested(Fork(
-                index=step.index, prefix_ids=tuple(ids[p] for p in prefix),
-                prefix_texts=tuple(s.text if s is not None else "" for s in steps), token_id=token_id,
-                token=text, prob=prob, dropped_by=stage, instead_of=step.token,
-                prompt_ids=tuple(ids[: self.store.prompt_length]),
-            )))
+            if picked is not None:
+                token_id, text, prob, stage = choices[labels.index(picked)]
+                self.post_message(self.ForkRequested(dataclasses.replace(
+                    where, token_id=token_id, token=text, prob=prob, dropped_by=stage)))
 
         self.app.push_screen(PickScreen(
             f"Fork the reply at token {step.index} ({clean_line(repr(step.token))}) to", labels,
