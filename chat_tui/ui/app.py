@@ -1267,38 +1267,33 @@ class ChatApp(App[int], inherit_bindings=False):
                 self.notify("This message has no other version (Ctrl+R regenerates a reply, Ctrl+L edits "
                             "your last message).", timeout=3, markup=False)
             return
-        depth = next(i for i, it in enumerate(self.conversation.items) if it is item)
         self._db(store.set_leaf, cid, leaf)
-        self._cancel_edit()
-        self.last_job = None
-        self._clear_inspector()
-        await self.conversation.show(self._db(branches.load_branch, store, cid) or [], focus=depth)
-        self._refresh_status()
+        await self._show_branch(store, cid, focus=branches.index_of(self.conversation.items, item))
 
     def on_message_view_delete_requested(self, event: MessageView.DeleteRequested) -> None:
         """Delete on a message: it and everything below it go, in every branch; its siblings stay."""
         item, store, cid = event.item, self.store, self.conversation_id
         if self._busy(" first") or store is None or cid is None or item.db_id is None:
             return
-        depth = next(i for i, it in enumerate(self.conversation.items) if it is item)
-        below = len(self.conversation.items) - depth - 1
-        others = item.siblings[1] - 1
+        depth = branches.index_of(self.conversation.items, item)
 
         async def done(yes: bool | None) -> None:
-            if not yes or self.conversation_id != cid or self._busy(" first"):
-                return
-            self._db(store.delete_branch, item.db_id)
-            self._cancel_edit()
-            self.last_job = None
-            self._clear_inspector()
-            items = self._db(branches.load_branch, store, cid) or []
-            await self.conversation.show(items, focus=min(depth, len(items) - 1) if items else None)
-            self._refresh_status()
+            if yes and self.conversation_id == cid and not self._busy(" first"):
+                self._db(store.delete_branch, item.db_id)
+                await self._show_branch(store, cid, focus=depth)
 
-        detail = (f"It and what follows it in every branch are deleted ({below} on screen below it); "
-                  + (f"its {others} other version{'s' if others != 1 else ''} stay." if others else
-                     "it has no other version."))
+        detail = branches.deletion_note(item, len(self.conversation.items) - depth - 1)
         self.push_screen(ConfirmScreen("Delete this message?", detail, yes="Delete"), done)
+
+    async def _show_branch(self, store: Store, cid: int, *, focus: int) -> None:
+        """The store's branch on screen now replaces the one mounted; the message at `focus` (or the
+        last, when the branch is shorter) takes the focus."""
+        self._cancel_edit()
+        self.last_job = None
+        self._clear_inspector()  # the inspector's reply may be in the branch no longer shown
+        items = self._db(branches.load_branch, store, cid) or []
+        await self.conversation.show(items, focus=min(focus, len(items) - 1) if items else None)
+        self._refresh_status()
 
     def _cancel_edit(self) -> None:
         if self.editing is None:

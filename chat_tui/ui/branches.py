@@ -72,6 +72,18 @@ def new_sibling_position(store: Store, conversation_id: int, parent: int | None)
     return (n, n)
 
 
+def index_of(items: list[ChatItem], item: ChatItem) -> int:
+    """Where `item` (that very object) is in `items`."""
+    return next(i for i, it in enumerate(items) if it is item)
+
+
+def deletion_note(item: ChatItem, below: int) -> str:
+    """What deleting `item` deletes and keeps, for the question asked first."""
+    others = item.siblings[1] - 1
+    kept = f"its {others} other version{'s' if others != 1 else ''} stay." if others else "it has no other version."
+    return f"It and what follows it in every branch are deleted ({below} on screen below it); {kept}"
+
+
 def sibling_leaf(store: Store, message_id: int, delta: int) -> int | None:
     """The end of the branch through the sibling `delta` places from `message_id` (the branch last
     worked on below it), or None when there is no sibling there."""
