@@ -6,6 +6,10 @@ aside with a timestamp and a fresh one is started (`Store.recovered` says what h
 
 Each assistant message records what is needed to replay it exactly: model, checkpoint hash, every
 sampling setting, the seed actually used, and any settings changed in the middle of the reply.
+
+A conversation is a tree: each message has a `parent_id` (NULL for a first message), so a regenerate
+or an edited message is a sibling of the one it replaces, and nothing is deleted but on request. The
+conversation's `leaf_id` is the last message of the branch on screen.
 """
 
 from __future__ import annotations
@@ -20,6 +24,25 @@ from pathlib import Path
 from typing import Any
 
 BUSY_TIMEOUT_MS = 5000
+
+# a conversation's row with its message count (n) and its number of branches: the messages that are
+# no one's parent (read from the index messages_by_parent alone)
+_CONVERSATION_COLUMNS = (
+    "c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n, "
+    "(SELECT count(DISTINCT m.parent_id) FROM messages m WHERE m.conversation_id = c.id) AS parents "
+    "FROM conversations c"
+)
+# the ids of a message and all its descendants (parameters: the message, its conversation)
+_SUBTREE = (
+    "WITH RECURSIVE sub(id) AS (SELECT ? UNION ALL "
+    "SELECT m.id FROM messages m JOIN sub ON m.conversation_id = ? AND m.parent_id = sub.id) "
+)
+# the ids from a message up to its root, the message first
+_ANCESTORS = (
+    "WITH RECURSIVE up(id, parent_id, depth) AS (SELECT id, parent_id, 0 FROM messages WHERE id = ? "
+    "UNION ALL SELECT m.id, m.parent_id, up.depth + 1 FROM messages m JOIN up ON m.id = up.parent_id) "
+)
+_NEWEST = object()  # add_message's default parent: the end of the branch on screen
 
 MIGRATIONS: tuple[str, ...] = (
     # version 1
@@ -52,6 +75,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
     """,
+    # version 2: a conversation is a tree. Every message's parent is the message before it in its
+    # conversation, so a linear conversation stays one branch; the branch on screen ends at leaf_id.
+    # No foreign key on parent_id: a cascade would recurse once per message of a long branch.
+    """
+    ALTER TABLE messages ADD COLUMN parent_id INTEGER;
+    UPDATE messages SET parent_id = (
+        SELECT max(p.id) FROM messages p WHERE p.conversation_id = messages.conversation_id AND p.id < messages.id
+    );
+    CREATE INDEX messages_by_parent ON messages(conversation_id, parent_id);
+    ALTER TABLE conversations ADD COLUMN leaf_id INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -71,6 +105,7 @@ class ConversationInfo:
     model: str | None = None
     system_prompt: str = ""
     messages: int = 0
+    branches: int = 1  # leaves of the tree: 1 for a linear conversation
 
 
 @dataclass
@@ -79,6 +114,7 @@ class StoredMessage:
     conversation_id: int
     role: str
     content: str
+    parent_id: int | None = None
     status: str = "complete"
     created_at: float = 0.0
     model: str | None = None
@@ -94,14 +130,15 @@ class StoredMessage:
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "parent": self.parent_id,
             "role": self.role,
             "content": self.content,
             "status": self.status,
-            "created_at": self.created_at,
+            "created": self.created_at,
             "model": self.model,
             "backend": self.backend,
             "checkpoint_hash": self.checkpoint_hash,
-            "params": self.params,
+            "settings": self.params,
             "seed": self.seed,
             "finish_reason": self.finish_reason,
             "tokens": self.tokens,
@@ -245,11 +282,7 @@ class Store:
         return int(cur.lastrowid)
 
     def get_conversation(self, conversation_id: int) -> ConversationInfo | None:
-        row = self._conn.execute(
-            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
-            "FROM conversations c WHERE c.id = ?",
-            (conversation_id,),
-        ).fetchone()
+        row = self._conn.execute(f"SELECT {_CONVERSATION_COLUMNS} WHERE c.id = ?", (conversation_id,)).fetchone()
         return None if row is None else self._conversation(row)
 
     @staticmethod
@@ -262,6 +295,7 @@ class Store:
             model=row["model"],
             system_prompt=row["system_prompt"],
             messages=row["n"],
+            branches=max(row["n"] - row["parents"], 1),
         )
 
     def list_conversations(
@@ -271,10 +305,7 @@ class Store:
 
         Keyset pagination on an index: the cost of a page does not grow with the history.
         """
-        sql = (
-            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
-            "FROM conversations c"
-        )
+        sql = f"SELECT {_CONVERSATION_COLUMNS}"
         args: list[Any] = []
         if before is not None:
             sql += " WHERE (c.updated_at < ?) OR (c.updated_at = ? AND c.id < ?)"
@@ -319,6 +350,7 @@ class Store:
         role: str,
         content: str,
         *,
+        parent: int | None | object = _NEWEST,
         status: str = "complete",
         model: str | None = None,
         backend: str | None = None,
@@ -330,16 +362,21 @@ class Store:
         tokens_per_s: float | None = None,
         meta: dict[str, Any] | None = None,
     ) -> int:
+        """Add a message under `parent` (None: a first message; by default the end of the branch on
+        screen, so callers that know no tree append); it becomes the end of the branch on screen."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}")
         self._conn.execute("BEGIN IMMEDIATE")
         try:
+            if parent is _NEWEST:
+                parent = self._leaf(conversation_id)
             cur = self._conn.execute(
-                "INSERT INTO messages (conversation_id, role, content, status, created_at, model, backend, "
-                "checkpoint_hash, params, seed, finish_reason, tokens, tokens_per_s, meta) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (conversation_id, parent_id, role, content, status, created_at, model, "
+                "backend, checkpoint_hash, params, seed, finish_reason, tokens, tokens_per_s, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     conversation_id,
+                    parent,
                     role,
                     content,
                     status,
@@ -364,6 +401,7 @@ class Store:
                 self._conn.execute(
                     "UPDATE conversations SET title = ? WHERE id = ?", (_title_from(content), conversation_id)
                 )
+            self._conn.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?", (cur.lastrowid, conversation_id))
             self._touch(conversation_id, model)
             self._conn.execute("COMMIT")
         except BaseException:
@@ -382,12 +420,93 @@ class Store:
         sets = ", ".join(f"{k} = ?" for k in changes)
         self._conn.execute(f"UPDATE messages SET {sets} WHERE id = ?", [*values, message_id])
 
-    def delete_messages_from(self, conversation_id: int, message_id: int) -> int:
-        """Delete a message and every later one in its conversation (regenerate, edit and resend)."""
-        cur = self._conn.execute(
-            "DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, message_id)
+    # ------------------------------------------------------------------ the tree
+
+    def _leaf(self, conversation_id: int) -> int | None:
+        """The last message of the branch on screen (the newest message when none was chosen)."""
+        row = self._conn.execute(
+            "SELECT coalesce(c.leaf_id, (SELECT max(id) FROM messages m WHERE m.conversation_id = c.id)) "
+            "FROM conversations c WHERE c.id = ?",
+            (conversation_id,),
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def branch(self, conversation_id: int, leaf: int | None = None) -> list[StoredMessage]:
+        """The messages from the root to `leaf` (by default the end of the branch on screen)."""
+        leaf = self._leaf(conversation_id) if leaf is None else leaf
+        if leaf is None:
+            return []
+        rows = self._conn.execute(
+            f"{_ANCESTORS}SELECT m.* FROM up JOIN messages m ON m.id = up.id "
+            "WHERE m.conversation_id = ? ORDER BY up.depth DESC",
+            (leaf, conversation_id),
         )
-        return cur.rowcount
+        return [self._message(r) for r in rows]
+
+    def set_leaf(self, conversation_id: int, leaf: int) -> None:
+        """Show the branch that ends at `leaf` (any message: its branch ends there)."""
+        self._conn.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?", (leaf, conversation_id))
+
+    def siblings(self, message_id: int) -> list[int]:
+        """The ids of `message_id` and the other messages with its parent, oldest first."""
+        return [int(r[0]) for r in self._conn.execute(
+            "SELECT s.id FROM messages m JOIN messages s ON s.conversation_id = m.conversation_id "
+            "AND s.parent_id IS m.parent_id WHERE m.id = ? ORDER BY s.id",
+            (message_id,),
+        )]
+
+    def children(self, conversation_id: int, parent: int | None) -> list[int]:
+        """The ids of the messages under `parent` (None: the first messages), oldest first."""
+        return [int(r[0]) for r in self._conn.execute(
+            "SELECT id FROM messages WHERE conversation_id = ? AND parent_id IS ? ORDER BY id",
+            (conversation_id, parent),
+        )]
+
+    def tree(self, conversation_id: int) -> dict[int, int | None]:
+        """Every message's parent (id → parent id), without their text: the shape of the tree."""
+        return {int(r[0]): r[1] for r in self._conn.execute(
+            "SELECT id, parent_id FROM messages WHERE conversation_id = ?", (conversation_id,)
+        )}
+
+    def newest_leaf(self, message_id: int) -> int:
+        """The end of the branch last worked on below `message_id`: its newest descendant (a child
+        is always newer than its parent, so the newest descendant has no child)."""
+        row = self._conn.execute(
+            f"{_SUBTREE}SELECT max(id) FROM sub", (message_id, self._conversation_of(message_id))
+        ).fetchone()
+        return int(row[0])
+
+    def _conversation_of(self, message_id: int) -> int | None:
+        row = self._conn.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def delete_branch(self, message_id: int) -> int:
+        """Delete a message and its descendants (its siblings and ancestors stay); how many went.
+        When the branch on screen went with them, the one beside it is shown."""
+        row = self._conn.execute(
+            "SELECT conversation_id, parent_id FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+        if row is None:
+            return 0
+        conversation_id, parent = row
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            before = self._conn.total_changes  # (a cursor's rowcount is -1 for a statement that starts WITH)
+            self._conn.execute(f"{_SUBTREE}DELETE FROM messages WHERE id IN sub", (message_id, conversation_id))
+            deleted = self._conn.total_changes - before
+            leaf = self._conn.execute("SELECT leaf_id FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            gone = leaf is not None and leaf[0] is not None and self._conn.execute(
+                "SELECT 1 FROM messages WHERE id = ?", (leaf[0],)
+            ).fetchone() is None
+            if gone:
+                left = self.children(conversation_id, parent)
+                new_leaf = self.newest_leaf(left[-1]) if left else parent
+                self._conn.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?", (new_leaf, conversation_id))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return deleted
 
     @staticmethod
     def _message(row: sqlite3.Row) -> StoredMessage:
@@ -396,6 +515,7 @@ class Store:
             conversation_id=row["conversation_id"],
             role=row["role"],
             content=row["content"],
+            parent_id=row["parent_id"],
             status=row["status"],
             created_at=row["created_at"],
             model=row["model"],
@@ -410,20 +530,26 @@ class Store:
         )
 
     def messages(self, conversation_id: int) -> list[StoredMessage]:
+        """Every message of the conversation, every branch, oldest first (`branch` gives one path)."""
         rows = self._conn.execute(
             "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
         )
         return [self._message(r) for r in rows]
 
     def add_messages(self, conversation_id: int, items: Iterable[tuple[str, str]]) -> None:
-        """Bulk insert (role, content) pairs in one transaction (imports, tests, benchmarks)."""
+        """Bulk insert (role, content) pairs in one transaction (imports, tests, benchmarks), each the
+        child of the one before, after the end of the branch on screen."""
         now = self._now()
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            self._conn.executemany(
-                "INSERT INTO messages (conversation_id, role, content, created_at, meta) VALUES (?, ?, ?, ?, '{}')",
-                ((conversation_id, role, content, now) for role, content in items),
-            )
+            parent = self._leaf(conversation_id)
+            for role, content in items:
+                parent = self._conn.execute(
+                    "INSERT INTO messages (conversation_id, parent_id, role, content, created_at, meta) "
+                    "VALUES (?, ?, ?, ?, ?, '{}')",
+                    (conversation_id, parent, role, content, now),
+                ).lastrowid
+            self._conn.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?", (parent, conversation_id))
             self._touch(conversation_id)
             self._conn.execute("COMMIT")
         except BaseException:
@@ -438,18 +564,20 @@ class Store:
             raise StoreError(f"no conversation with id {conversation_id}")
         data = {
             "format": "chat-tui-conversation",
-            "version": 1,
+            "version": 2,
             "id": info.id,
             "title": info.title,
             "created_at": info.created_at,
             "updated_at": info.updated_at,
             "model": info.model,
             "system_prompt": info.system_prompt,
-            "messages": [m.to_dict() for m in self.messages(conversation_id)],
+            "leaf": self._leaf(conversation_id),  # the last message of the branch on screen
+            "messages": [m.to_dict() for m in self.messages(conversation_id)],  # the whole tree
         }
         return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
 
     def export_markdown(self, conversation_id: int) -> str:
+        """The branch on screen, as a document."""
         info = self.get_conversation(conversation_id)
         if info is None:
             raise StoreError(f"no conversation with id {conversation_id}")
@@ -458,7 +586,7 @@ class Store:
         out += [f"*chat-tui conversation {info.id}, started {created}*", ""]
         if info.system_prompt:
             out += ["## System", "", info.system_prompt, ""]
-        for m in self.messages(conversation_id):
+        for m in self.branch(conversation_id):
             heading = {"user": "You", "assistant": "Assistant", "system": "System"}.get(m.role, m.role)
             out += [f"## {heading}", "", m.content, ""]
             if m.role == "assistant":

@@ -85,14 +85,131 @@ def test_rename_delete_and_cascade(tmp_path):
     assert store._conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
 
 
-def test_delete_messages_from(tmp_path):
-    store = Store(tmp_path / "c.db")
+def tree(store):
+    """A conversation with two answers to its question, the second continued, and an edited question:
+
+    q1 ─┬─ a1
+        └─ a2 ── q2 ── a3
+    q1' ── a4
+    """
     cid = store.create_conversation()
-    a = store.add_message(cid, "user", "a")
-    b = store.add_message(cid, "assistant", "b")
-    store.add_message(cid, "user", "c")
-    assert store.delete_messages_from(cid, b) == 2
-    assert [m.id for m in store.messages(cid)] == [a]
+    q1 = store.add_message(cid, "user", "q1")
+    a1 = store.add_message(cid, "assistant", "a1", parent=q1)
+    a2 = store.add_message(cid, "assistant", "a2", parent=q1, seed=2, params={"temperature": 0.5})
+    q2 = store.add_message(cid, "user", "q2", parent=a2)
+    a3 = store.add_message(cid, "assistant", "a3", parent=q2, meta={"branch": [q1, a2, q2]})
+    q1b = store.add_message(cid, "user", "q1'", parent=None)
+    a4 = store.add_message(cid, "assistant", "a4", parent=q1b)
+    return cid, dict(q1=q1, a1=a1, a2=a2, q2=q2, a3=a3, q1b=q1b, a4=a4)
+
+
+def test_messages_form_a_tree_and_the_branch_on_screen_is_a_path(tmp_path):
+    store = Store(tmp_path / "c.db")
+    cid, m = tree(store)
+    assert [x.content for x in store.branch(cid)] == ["q1'", "a4"]  # the newest message ends the branch
+    assert [x.content for x in store.branch(cid, m["a3"])] == ["q1", "a2", "q2", "a3"]
+    assert store.siblings(m["a2"]) == [m["a1"], m["a2"]] and store.siblings(m["q1"]) == [m["q1"], m["q1b"]]
+    assert store.children(cid, None) == [m["q1"], m["q1b"]]
+    assert store.newest_leaf(m["q1"]) == m["a3"]
+    store.set_leaf(cid, m["a1"])
+    assert [x.content for x in store.branch(cid)] == ["q1", "a1"]
+    store.add_message(cid, "user", "after a1")  # no parent given: the end of the branch on screen
+    assert [x.content for x in store.branch(cid)] == ["q1", "a1", "after a1"]
+    info = store.get_conversation(cid)
+    assert info.messages == 8 and info.branches == 3
+    assert store.list_conversations()[0].branches == 3
+
+
+def test_deleting_a_branch_removes_its_descendants_only(tmp_path):
+    store = Store(tmp_path / "c.db")
+    cid, m = tree(store)
+    store.set_leaf(cid, m["a3"])
+    assert store.delete_branch(m["a2"]) == 3  # a2, q2, a3
+    left = {x.content for x in store.messages(cid)}
+    assert left == {"q1", "a1", "q1'", "a4"}
+    assert [x.content for x in store.branch(cid)] == ["q1", "a1"]  # the branch on screen went: its sibling shows
+    assert store.get_conversation(cid).branches == 2
+    assert store.delete_branch(m["a2"]) == 0
+
+
+def test_json_export_carries_the_whole_tree_and_markdown_the_branch_on_screen(tmp_path):
+    store = Store(tmp_path / "c.db")
+    cid, m = tree(store)
+    store.set_leaf(cid, m["a3"])
+    data = json.loads(store.export_json(cid))
+    rows = {r["id"]: r for r in data["messages"]}
+    assert len(rows) == 7 and data["leaf"] == m["a3"]
+    for key in ("id", "parent", "role", "content", "created", "model", "settings", "seed"):
+        assert key in rows[m["a2"]]
+    assert rows[m["a2"]]["settings"] == {"temperature": 0.5} and rows[m["a2"]]["seed"] == 2
+
+    def path(leaf):  # the tree rebuilt from the export alone
+        out = []
+        while leaf is not None:
+            out.append(rows[leaf]["content"])
+            leaf = rows[leaf]["parent"]
+        return out[::-1]
+
+    for leaf in (m["a1"], m["a3"], m["a4"]):
+        assert path(leaf) == [x.content for x in store.branch(cid, leaf)]
+    assert rows[m["a3"]]["meta"]["branch"] == [m["q1"], m["a2"], m["q2"]]
+    md = store.export_markdown(cid)
+    assert "q2" in md and "a3" in md and "a1" not in md and "a4" not in md
+
+
+def test_a_database_of_the_linear_schema_migrates_to_one_branch_per_conversation(tmp_path):
+    path = tmp_path / "c.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(VERSION_1_SCHEMA)  # as chat-tui wrote it before conversations were trees
+    conn.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES (1, 'a', 1, 1), "
+                 "(2, 'b', 1, 1)")
+    for i, (cid, role) in enumerate([(1, "user"), (2, "user"), (1, "assistant"), (2, "assistant"),
+                                     (1, "user"), (1, "assistant")], start=1):
+        conn.execute("INSERT INTO messages (id, conversation_id, role, content, created_at) VALUES (?, ?, ?, ?, 1)",
+                     (i, cid, role, f"m{i}"))
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    assert store.schema_version == SCHEMA_VERSION
+    assert [(x.id, x.parent_id) for x in store.messages(1)] == [(1, None), (3, 1), (5, 3), (6, 5)]
+    assert [(x.id, x.parent_id) for x in store.messages(2)] == [(2, None), (4, 2)]
+    assert [x.content for x in store.branch(1)] == ["m1", "m3", "m5", "m6"]
+    assert store.get_conversation(1).branches == 1 and store.get_conversation(2).branches == 1
+    store.add_message(1, "user", "next")  # a linear conversation goes on where it ended
+    assert store.branch(1)[-1].parent_id == 6
+
+
+# the schema of version 1, as `git show main:chat_tui/store.py` has it
+VERSION_1_SCHEMA = """
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    model TEXT,
+    system_prompt TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX conversations_by_update ON conversations(updated_at DESC, id DESC);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'complete',
+    created_at REAL NOT NULL,
+    model TEXT,
+    backend TEXT,
+    checkpoint_hash TEXT,
+    params TEXT,
+    seed INTEGER,
+    finish_reason TEXT,
+    tokens INTEGER,
+    tokens_per_s REAL,
+    meta TEXT
+);
+CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+"""
 
 
 def test_corrupt_file_is_moved_aside_with_a_timestamp(tmp_path):
@@ -148,7 +265,7 @@ def test_export_markdown_and_json(tmp_path):
     md = store.export_markdown(cid)
     assert md.startswith("# Export [me]") and "## You" in md and "answer" in md and "seed 5" in md and "stopped" in md
     data = json.loads(store.export_json(cid))
-    assert data["system_prompt"] == "sys" and data["messages"][1]["params"] == {"temperature": 0.5}
+    assert data["system_prompt"] == "sys" and data["messages"][1]["settings"] == {"temperature": 0.5}
     with pytest.raises(StoreError):
         store.export_json(999)
 

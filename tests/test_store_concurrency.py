@@ -82,8 +82,9 @@ def test_a_window_that_waited_for_another_to_create_the_database_uses_it(tmp_pat
     thread = threading.Thread(target=open_store)
     thread.start()
     time.sleep(0.5)  # this window has read user_version 0 and waits on the lock (busy timeout 5 s)
-    for statement in _statements(MIGRATIONS[0]):
-        other.execute(statement)
+    for migration in MIGRATIONS:
+        for statement in _statements(migration):
+            other.execute(statement)
     other.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     other.execute("COMMIT")
     thread.join(10)

@@ -52,8 +52,9 @@ from chat_tui.config import (
 from chat_tui.engine.collector import freeze_long_lived, tune_collection
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.source import is_server_url, source_problem
-from chat_tui.engine.types import Engine, Step
+from chat_tui.engine.types import Engine, Message, Step
 from chat_tui.store import Store, StoreError
+from chat_tui.ui import branches
 from chat_tui.ui.bindings import with_ids
 from chat_tui.ui.budget import UIBudget
 from chat_tui.ui.conversation import ConversationView, MessageView
@@ -77,7 +78,7 @@ from chat_tui.ui.screens import (
     encode_stops,
 )
 from chat_tui.ui.settings import Settings
-from chat_tui.ui.state import ChatItem, GenJob, stored_token_probs
+from chat_tui.ui.state import ChatItem, GenJob
 from chat_tui.ui.text import clean, clean_line
 
 if TYPE_CHECKING:
@@ -771,17 +772,7 @@ class ChatApp(App[int], inherit_bindings=False):
         info = self._db(store.get_conversation, conversation_id)
         if info is None:
             return False
-        stored = self._db(store.messages, conversation_id) or []
-        items = [
-            ChatItem(
-                role=m.role, content=m.content, status=m.status, db_id=m.id, model=m.model, seed=m.seed,
-                params=m.params, tokens=m.tokens, tokens_per_s=m.tokens_per_s, finish_reason=m.finish_reason,
-                meta=m.meta, token_probs=stored_token_probs(m.meta),
-            )
-            for m in stored
-        ]
-        for item in items:  # one copy of the colours in memory: the pairs (the store keeps its own)
-            item.meta.pop("token_probs", None)
+        items = self._db(branches.load_branch, store, conversation_id) or []
         self.conversation_id = conversation_id
         self.settings = self.settings.for_conversation(info.system_prompt)
         self.editing = None
@@ -1014,8 +1005,8 @@ class ChatApp(App[int], inherit_bindings=False):
         prompt.clear_sent(text)
         text = clean(text).strip("\n")
         prompt.remember(text)
-        if self.editing is not None:
-            await self._drop_from(self.editing)
+        if self.editing is not None:  # the edited message gets a sibling; it and its replies stay
+            await self.conversation.remove_from(self.editing)
             self.editing = None
         await self._add_user(text)
         await self._start_reply("new")
@@ -1031,16 +1022,17 @@ class ChatApp(App[int], inherit_bindings=False):
             self.sub_title = clean_line(text)[:60]
         item = ChatItem("user", text)
         if store is not None and self.conversation_id is not None:
-            item.db_id = self._db(store.add_message, self.conversation_id, "user", text)  # saved before generating
+            path = branches.path_ids(self.conversation.items)
+            parent = path[-1] if path else None
+            # saved before generating
+            item.db_id = self._db(store.add_message, self.conversation_id, "user", text, parent=parent)
+            self._db(branches.place, store, self.conversation_id, [item])
         await self.conversation.add(item)
         return item
 
-    async def _drop_from(self, item: ChatItem) -> None:
-        if self.store is not None and self.conversation_id is not None and item.db_id is not None:
-            self._db(self.store.delete_messages_from, self.conversation_id, item.db_id)
-        await self.conversation.remove_from(item)
-
-    async def _start_reply(self, mode: str, target: ChatItem | None = None) -> None:
+    async def _start_reply(self, mode: str, target: ChatItem | None = None, opening: ChatItem | None = None) -> None:
+        """Answer the path on screen ("new"), or go on with `target` ("continue"). `opening`: the start
+        of the new reply, which the model goes on from (a fork)."""
         if self._restart_if_stopped():
             self.notify("The model's process had stopped; restarting it (your message waits for it).",
                         severity="warning", timeout=8, markup=False)
@@ -1052,15 +1044,23 @@ class ChatApp(App[int], inherit_bindings=False):
             )
             return
         saved = {"conversation_id": self.conversation_id, "system_prompt": self.system_prompt}
+        # the context is the path on screen; the reply goes under its last saved message
+        path = branches.path_ids(self.conversation.items, before=target)
         if mode == "continue" and target is not None:
             item = target
             conversation = prompt_messages(self.conversation.items, self.system_prompt, item)
-            job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content, **saved)
+            job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content,
+                         branch=path, **saved)
             self.replies.begin(job)
         else:
-            item = ChatItem("assistant", "", status="waiting")
+            item = opening or ChatItem("assistant", "", status="waiting")
+            if self.store is not None and self.conversation_id is not None:
+                item.siblings = self._db(branches.new_sibling_position, self.store, self.conversation_id,
+                                         path[-1] if path else None) or (1, 1)
             conversation = prompt_messages(self.conversation.items, self.system_prompt)
-            job = GenJob(conversation=conversation, item=item, **saved)
+            if item.content:  # an open reply: the model goes on from it
+                conversation.append(Message("assistant", item.content))
+            job = GenJob(conversation=conversation, item=item, branch=path, base_text=item.content, **saved)
             self.replies.begin(job)  # before the await: the app is not settled while the reply's view mounts
             await self.conversation.add(item)
             if job.done:  # Esc while it mounted
@@ -1154,6 +1154,8 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def reply_finished(self, job: GenJob, error: BaseException | None) -> None:
         item = job.item
+        if self.store is not None and job.conversation_id is not None:
+            self._db(branches.place, self.store, job.conversation_id, [item])
         view = self._view_for(item)
         if view is not None:
             view.finish(item.content)
@@ -1208,8 +1210,8 @@ class ChatApp(App[int], inherit_bindings=False):
             self.notify("Nothing to regenerate yet.", markup=False)
             return
         last = items[-1]
-        if last.role == "assistant":
-            await self._drop_from(last)
+        if last.role == "assistant":  # the new reply is its sibling; it stays a branch
+            await self.conversation.remove_from(last)
         elif last.role != "user":
             return
         await self._start_reply("new")
@@ -1242,8 +1244,68 @@ class ChatApp(App[int], inherit_bindings=False):
         prompt.load_text(last_user.content)
         prompt.move_cursor(prompt.document.end)
         prompt.focus()
-        self.notify("Editing your last message: Enter resends it and replaces what followed; Esc cancels.",
+        self.notify("Editing your last message: Enter sends it as a new branch (the old one stays); Esc cancels.",
                     timeout=5, markup=False)
+
+    async def on_inspector_pane_fork_requested(self, event: InspectorPane.ForkRequested) -> None:
+        """F in the inspector: the reply it shows, forked at a token, as a new branch beside it."""
+        if self._busy(" first"):
+            return
+        job, fork = self.last_job, event.fork
+        opening = branches.fork_opening(job, fork, self.engine, self.conversation.items)
+        if job is None or opening is None:
+            self.notify("The inspector's reply is no longer the one on screen: regenerate it to fork it.",
+                        severity="warning", markup=False)
+            return
+        await self.conversation.remove_from(job.item)  # it stays in the store, one ← away
+        await self._start_reply("new", opening=opening)
+
+    def action_fork(self) -> None:
+        """The palette's Fork: the inspector's picker, at its cursor's token."""
+        if not self.query_one("#inspector").display:
+            self.action_toggle_pane("inspector")
+        pane = self._inspector_pane()
+        if pane is not None:
+            pane.action_fork()
+
+    async def on_message_view_sibling_requested(self, event: MessageView.SiblingRequested) -> None:
+        """← or → on a message: show the branch through its sibling."""
+        item, store, cid = event.item, self.store, self.conversation_id
+        if self._busy(" first") or store is None or cid is None or item.db_id is None:
+            return
+        leaf = self._db(branches.sibling_leaf, store, item.db_id, event.delta)
+        if leaf is None:
+            if item.siblings[1] < 2:
+                self.notify("This message has no other version (Ctrl+R regenerates a reply, Ctrl+L edits "
+                            "your last message).", timeout=3, markup=False)
+            return
+        self._db(store.set_leaf, cid, leaf)
+        await self._show_branch(store, cid, focus=branches.index_of(self.conversation.items, item))
+
+    def on_message_view_delete_requested(self, event: MessageView.DeleteRequested) -> None:
+        """Delete on a message: it and everything below it go, in every branch; its siblings stay."""
+        item, store, cid = event.item, self.store, self.conversation_id
+        if self._busy(" first") or store is None or cid is None or item.db_id is None:
+            return
+        depth = branches.index_of(self.conversation.items, item)
+
+        async def done(yes: bool | None) -> None:
+            if yes and self.conversation_id == cid and not self._busy(" first"):
+                self._db(store.delete_branch, item.db_id)
+                await self._show_branch(store, cid, focus=depth)
+
+        detail = branches.deletion_note(item, len(self.conversation.items) - depth - 1)
+        self.push_screen(ConfirmScreen("Delete this message?", detail, yes="Delete"), done)
+
+    async def _show_branch(self, store: Store, cid: int, *, focus: int) -> None:
+        """The store's branch on screen now replaces the one mounted; the message at `focus` (or the
+        last, when the branch is shorter) takes the focus."""
+        self._cancel_edit()
+        self.last_job = None
+        self._clear_inspector()  # the inspector's reply may be in the branch no longer shown
+        items = self._db(branches.load_branch, store, cid) or []
+        await self.conversation.show(items, focus=min(focus, len(items) - 1) if items else None)
+        self._refresh_status()
 
     def _cancel_edit(self) -> None:
         if self.editing is None:
@@ -1485,6 +1547,8 @@ class ChatApp(App[int], inherit_bindings=False):
              self.action_toggle_probs),
             ("Regenerate reply", "Generate the last reply again (Ctrl+R)", self.action_regenerate),
             ("Continue reply", "Continue a stopped reply (Ctrl+G)", self.action_continue_reply),
+            ("Fork reply at the inspector's token", "Restart the reply at the inspector's token with another "
+             "candidate, even one the chain dropped, as a new branch (F in the inspector)", self.action_fork),
             ("Edit last message", "Edit your last message and resend it (Ctrl+L)", self.action_edit_last),
             ("Reset sampling to neutral", "Every processor off",
              lambda: self.on_sampling_table_reset(SamplingTable.Reset("neutral"))),

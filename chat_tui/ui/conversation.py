@@ -14,6 +14,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
 from textual.widgets import Button, Static
 
 from chat_tui.ui.state import ChatItem
@@ -80,6 +81,7 @@ def reply_markdown():  # noqa: ANN201 - a Textual class, made at the first reply
 
 
 UNKNOWN_PROB_STYLE = Style(color="rgb(140,140,140)", italic=True)
+FORCED_STYLE = Style(reverse=True, bold=True)  # the token a fork forced, in the colour view
 
 
 def prob_style(prob: float) -> Style:
@@ -147,7 +149,18 @@ class MessageView(Vertical, can_focus=False):
         Binding("enter", "app.focus_prompt", "Back to the prompt", show=False, id="message_to_prompt"),
         Binding("home", "edge('first')", "First message", show=False, id="message_first"),
         Binding("end", "edge('last')", "Last message", show=False, id="message_last"),
+        Binding("left", "sibling(-1)", "Previous sibling (branch)", show=False, id="previous_sibling"),
+        Binding("right", "sibling(1)", "Next sibling (branch)", show=False, id="next_sibling"),
+        Binding("delete", "delete_branch", "Delete this version and what follows", show=False, id="delete_branch"),
     ]
+
+    class SiblingRequested(Message):
+        """Show the branch through the sibling `delta` places from `item` (the app decides)."""
+
+        def __init__(self, item: ChatItem, delta: int) -> None:
+            super().__init__()
+            self.item = item
+            self.delta = delta
 
     def __init__(
         self,
@@ -183,6 +196,19 @@ class MessageView(Vertical, can_focus=False):
     def on_mount(self) -> None:
         self._sync_probs()
 
+    class DeleteRequested(Message):
+        """Delete `item` and the messages below it, in every branch (the app asks first)."""
+
+        def __init__(self, item: ChatItem) -> None:
+            super().__init__()
+            self.item = item
+
+    def action_sibling(self, delta: int) -> None:
+        self.post_message(self.SiblingRequested(self.item, delta))
+
+    def action_delete_branch(self) -> None:
+        self.post_message(self.DeleteRequested(self.item))
+
     async def action_edge(self, which: str) -> None:
         conversation = self.query_ancestor(ConversationView)
         await (conversation.show_first() if which == "first" else conversation.show_last())
@@ -201,6 +227,9 @@ class MessageView(Vertical, can_focus=False):
     def _header(self) -> Text:
         who = {"user": "You", "assistant": "Assistant", "system": "System"}.get(self.item.role, self.item.role)
         header = Text(who, style="bold")
+        which, of = self.item.siblings
+        if of > 1:  # other versions of this message: ← and → on it move between them
+            header.append(f"  ‹ {which}/{of} ›", style="bold")
         label = STATUS_LABEL.get(self.item.status, "")
         if label:
             header.append(f"  {label}", style="italic")
@@ -292,8 +321,10 @@ class MessageView(Vertical, can_focus=False):
         on_ = self.show_probs and bool(self.item.token_probs)
         if on_ and self._prob_text is None:  # built when first shown: most replies never are
             self._prob_text = Text(end="")
-            for text, prob in self.item.token_probs:
-                self._prob_text.append(clean(text), prob_style(prob))
+            fork = self.item.meta.get("fork")
+            forced = fork.get("token_index", -1) if isinstance(fork, dict) else -1  # a fork's forced token
+            for i, (text, prob) in enumerate(self.item.token_probs):
+                self._prob_text.append(clean(text), prob_style(prob) + FORCED_STYLE if i == forced else prob_style(prob))
         probs = self.query_one(".probs", Static)
         probs.display = on_
         self.query_one(".body").display = not on_
@@ -400,12 +431,21 @@ class ConversationView(VerticalScroll, can_focus=False):
         self._sync_chrome()
         return views
 
-    async def show(self, items: list[ChatItem]) -> None:
-        """Replace everything with `items`, mounting only the newest page."""
+    async def show(self, items: list[ChatItem], *, focus: int | None = None) -> None:
+        """Replace everything with `items`, mounting only the newest page, or the page around
+        items[focus], which takes the focus (another branch shown from one of its messages)."""
         self.items = items
-        await self._mount_window(len(items) - self.page)
-        self.scroll_end(animate=False, immediate=True)
-        self.anchor()
+        start = len(items) - self.page
+        if focus is not None:
+            start = min(start, focus - self.page // 2)
+        await self._mount_window(start)
+        if self._end_shown == len(items):
+            self.scroll_end(animate=False, immediate=True)
+            self.anchor()
+        if focus is not None and 0 <= focus < len(items):
+            view = self.view_for(items[focus])
+            if view is not None:
+                view.take_focus()
 
     async def show_first(self) -> None:
         """The oldest page, scrolled to its top, its first message focused (Home)."""

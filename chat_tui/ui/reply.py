@@ -95,6 +95,9 @@ def details_line(item: ChatItem, live: GenJob | None = None) -> str:
         parts.append(f"settings changed {len(changes)}× mid-reply")
     if item.finish_reason in FINISH_LABEL and item.status != "stopped":
         parts.append(FINISH_LABEL[item.finish_reason])
+    fork = item.meta.get("fork") if item.meta else None
+    if isinstance(fork, dict) and fork.get("receipt"):
+        parts.append(clean_line(str(fork["receipt"])))
     if item.status == "error" and item.meta.get("error"):
         parts.append(f"failed: {clean_line(str(item.meta['error']))[:80]}")
     return " · ".join(parts)
@@ -140,6 +143,10 @@ def finished_reply(job: GenJob, *, error: str | None, params: SamplingParams) ->
         if engine.backend == "openai":  # a model on a server: which one (the URL holds no credentials)
             meta["server"] = engine.device
     meta["system_prompt"] = job.system_prompt
+    if job.branch is not None:  # which path of the conversation's tree the context was
+        meta["branch"] = job.branch
+        if job.mode == "continue" and item.db_id is not None:
+            meta["continued_from"] = item.db_id
     # the probability colouring works on a reopened conversation too; a token without one (a server
     # without logprobs, a NaN logit) is kept as null: NaN is not JSON, and an export must stay valid
     meta["token_probs"] = [[text, round(prob, 5) if math.isfinite(prob) else None]
@@ -340,20 +347,16 @@ class ReplyController:
         self.sink.reply_finished(job, error)
 
     def save(self, job: GenJob) -> None:
-        """Write the finished reply: a new message, or the continued one updated."""
+        """Write the finished reply as a new message; a continued reply too, beside the stopped one
+        it continues (which stays), so nothing is lost."""
         store, item = self.store, job.item
         if store is None or job.conversation_id is None:
             return
         status = item.status if item.status in _SAVED_STATUSES else "error"
+        if not item.content and status == "error":
+            return  # nothing to keep; the notification said what happened
+        where = {} if job.branch is None else {"parent": job.branch[-1] if job.branch else None}
         try:
-            if job.mode == "continue" and item.db_id is not None:
-                store.update_message(
-                    item.db_id, content=item.content, status=status, finish_reason=item.finish_reason,
-                    tokens=item.tokens, tokens_per_s=item.tokens_per_s, meta=item.meta,
-                )
-                return
-            if not item.content and status == "error":
-                return  # nothing to keep; the notification said what happened
             engine = job.engine
             item.db_id = store.add_message(
                 job.conversation_id, "assistant", item.content, status=status,
@@ -361,7 +364,7 @@ class ReplyController:
                 backend=engine.backend if engine else None,
                 checkpoint_hash=engine.checkpoint_hash if engine else None,
                 params=item.params, seed=item.seed, finish_reason=item.finish_reason,
-                tokens=item.tokens, tokens_per_s=item.tokens_per_s, meta=item.meta,
+                tokens=item.tokens, tokens_per_s=item.tokens_per_s, meta=item.meta, **where,
             )
         except (sqlite3.Error, StoreError, OSError) as exc:
             self.sink.store_failed(exc)

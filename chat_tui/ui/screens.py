@@ -318,7 +318,8 @@ def conversation_label(info: ConversationInfo) -> Text:
     title = clean_line(info.title) or "(untitled)"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated_at))
     text = Text(title, style="bold", no_wrap=True, overflow="ellipsis")
-    text.append(f"\n#{info.id} · {info.messages} messages · {when}", style="dim")
+    branches = f" · {info.branches} branches" if info.branches > 1 else ""
+    text.append(f"\n#{info.id} · {info.messages} messages{branches} · {when}", style="dim")
     return text
 
 

@@ -32,6 +32,7 @@ class ChatItem:
     meta: dict[str, Any] = field(default_factory=dict)
     # (released text, probability) per generated token: kept in memory for the colour view
     token_probs: list[tuple[str, float]] = field(default_factory=list)
+    siblings: tuple[int, int] = (1, 1)  # (which, of how many) messages with the same parent, from 1
 
     def as_message(self) -> Message | None:
         """What the engine sees; None for replies that produced nothing."""
@@ -72,6 +73,9 @@ class GenJob:
     mode: Literal["new", "continue"] = "new"
     conversation_id: int | None = None  # the saved conversation the reply goes into (None: not saved)
     system_prompt: str = ""  # the one in `conversation`, recorded with the reply
+    # the saved messages the reply answers, root first: its parent is the last (None: not known, the
+    # store puts it after the end of the branch on screen)
+    branch: list[int] | None = None
     id: int = field(default_factory=lambda: next(_job_ids))
     cancel: threading.Event = field(default_factory=threading.Event)
     engine: Engine | None = None  # None while the reply waits for a model

@@ -157,7 +157,7 @@ async def test_continue_a_stopped_reply(make_app):
         await press_now(pilot, "escape")
         await wait_for(pilot, lambda: app.job is None and app.settled)
         assert app.conversation.items[-1].status == "stopped"
-        partial = app.conversation.items[-1].content
+        partial, stopped_id = app.conversation.items[-1].content, app.conversation.items[-1].db_id
         engine.token_delay = 0.0
         await pilot.press("ctrl+g")
         await wait_for(pilot, lambda: app.last_job.mode == "continue" and app.job is None and app.settled)
@@ -167,9 +167,13 @@ async def test_continue_a_stopped_reply(make_app):
         assert engine.records[-1].conversation[-1].content == partial
         assert reply.content == LONG_REPLY and reply.status == "complete"
         assert reply.meta["continuations"][0]["tokens"] > 0
+        # the continued reply is a new sibling: the stopped one stays, one ← away
+        assert reply.db_id != stopped_id and reply.siblings == (2, 2) and reply.meta["continued_from"] == stopped_id
     store = Store(get_paths().database)
-    saved = store.messages(store.latest_conversation_id())
+    saved = store.branch(store.latest_conversation_id())
     assert len(saved) == 2 and saved[-1].content == LONG_REPLY and saved[-1].status == "complete"
+    kept = {m.id: m for m in store.messages(store.latest_conversation_id())}[stopped_id]
+    assert (kept.content, kept.status) == (partial, "stopped")
 
 
 async def test_regenerate_replaces_the_last_reply(make_app):
@@ -182,7 +186,7 @@ async def test_regenerate_replaces_the_last_reply(make_app):
         assert [i.content for i in app.conversation.items] == ["hi", "second answer"]
         assert engine.records[-1].conversation[-1].content == "hi"
     store = Store(get_paths().database)
-    assert [m.content for m in store.messages(store.latest_conversation_id())] == ["hi", "second answer"]
+    assert [m.content for m in store.branch(store.latest_conversation_id())] == ["hi", "second answer"]
 
 
 async def test_edit_last_message_and_resend(make_app):
@@ -197,7 +201,7 @@ async def test_edit_last_message_and_resend(make_app):
         await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled)
         assert [i.content for i in app.conversation.items] == ["hello", "two"]
     store = Store(get_paths().database)
-    assert [m.content for m in store.messages(store.latest_conversation_id())] == ["hello", "two"]
+    assert [m.content for m in store.branch(store.latest_conversation_id())] == ["hello", "two"]
 
 
 async def test_parameter_edit_applies_mid_reply(make_app):
@@ -494,7 +498,7 @@ async def test_export_markdown_and_json(make_app, tmp_path):
         md = (tmp_path / "c.md").read_text()
         assert "export me" in md and "an answer" in md
         data = json.loads((tmp_path / "c.json").read_text())
-        assert data["messages"][1]["seed"] == 7 and data["messages"][1]["params"]["top_p"] == 0.95
+        assert data["messages"][1]["seed"] == 7 and data["messages"][1]["settings"]["top_p"] == 0.95
 
 
 async def test_copy_message_and_code_block(make_app):

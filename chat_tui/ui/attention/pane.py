@@ -17,6 +17,8 @@ those views are shown, and torch is never imported here; the export is export.py
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -29,6 +31,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.message import Message
 from textual.strip import Strip
 from textual.widgets import Static
 from textual.worker import get_current_worker
@@ -50,7 +53,10 @@ from chat_tui.ui.attention.views import (
     row_view,
     turns_view,
 )
+from chat_tui.ui.branches import Fork, fork_choices, fork_label
 from chat_tui.ui.budget import UIBudget
+from chat_tui.ui.screens import PickScreen
+from chat_tui.ui.text import clean_line
 
 if TYPE_CHECKING:
     from chat_tui.engine.types import Engine
@@ -114,6 +120,7 @@ class InspectorPane(Vertical, can_focus=True):
         Binding("n", "scale", "Colour scale", id="inspector.scale", show=False),
         Binding("s", "sort", "Sort rows", id="inspector.sort", show=False),
         Binding("x", "export", "Export", id="inspector.export"),
+        Binding("F", "fork", "Fork the reply here", id="inspector.fork"),
     ]
 
     def __init__(
@@ -475,6 +482,62 @@ class InspectorPane(Vertical, can_focus=True):
             self._replay.clear()
         self._replay[message.key] = message.result
         self.redraw()
+
+    # ------------------------------------------------------------------ fork
+
+    class ForkRequested(Message):
+        """Fork the reply at the cursor's token, to another candidate (the app does it)."""
+
+        def __init__(self, fork: Fork) -> None:
+            super().__init__()
+            self.fork = fork
+
+    def action_fork(self) -> None:
+        """Pick a candidate at the cursor's token, kept or dropped by the chain, to fork the reply to."""
+        pos = self.state.cursor
+        step = self.store.step_at(pos) if pos is not None and pos >= 0 else None
+        if step is None:
+            self.notify("Move the cursor to a token of the reply (↓ or End), then F forks the reply there.",
+                        severity="warning", markup=False)
+            return
+        store = self.store  # what the fork keeps, read now: a new reply would replace it
+        prefix = range(store.prompt_length, pos)
+        where = Fork(
+            index=step.index, prefix_ids=tuple(store.ids[p] for p in prefix),
+            prefix_texts=tuple(s.text if (s := store.step_at(p)) is not None else "" for p in prefix),
+            token_id=-1, token="", prob=float("nan"), dropped_by=None, instead_of=step.token,
+            prompt_ids=tuple(store.ids[: store.prompt_length]),
+        )
+        self.fork_choices_in_background(step, store.context_ids(pos), where)
+
+    @work(thread=True, exclusive=True, group="fork", exit_on_error=False)
+    def fork_choices_in_background(self, step: Step, context: list[int], where: Fork) -> None:
+        """The chain replayed on the step's stored logits says which stage drops each candidate
+        (in the model's process, it may wait for a reply streaming there)."""
+        replay = texts = None
+        if step.top_ids is not None:
+            with contextlib.suppress(Exception):  # without it the candidates are still listed
+                result = jobs.replay(self.engine, step, context, None)
+                replay, texts = result.as_sampled, result.texts
+        choices = fork_choices(step, replay, texts, self.engine)
+        self.app.call_from_thread(self._pick_fork, step, choices, where)
+
+    def _pick_fork(self, step: Step, choices: list[tuple[int, str, float, str | None]], where: Fork) -> None:
+        if not choices:
+            self.notify("No other candidate is known at this token.", severity="warning", markup=False)
+            return
+        labels = [f"{n}. {fork_label(text, prob, stage)}" for n, (_, text, prob, stage) in enumerate(choices, 1)]
+
+        def done(picked: str | None) -> None:
+            if picked is not None:
+                token_id, text, prob, stage = choices[labels.index(picked)]
+                self.post_message(self.ForkRequested(dataclasses.replace(
+                    where, token_id=token_id, token=text, prob=prob, dropped_by=stage)))
+
+        self.app.push_screen(PickScreen(
+            f"Fork the reply at token {step.index} ({clean_line(repr(step.token))}) to", labels,
+            hint="the reply keeps its tokens before this one, takes the one picked and goes on with the "
+                 "settings now, as a new branch · Enter forks · Esc cancels"), done)
 
     # ------------------------------------------------------------------ actions
 

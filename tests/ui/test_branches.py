@@ -1,0 +1,216 @@
+"""A conversation is a tree: regenerate, edit-and-resend and continue add branches; ← and → on a
+message move between its versions and show that branch below it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from textual.widgets import OptionList
+
+from chat_tui.config import get_paths
+from chat_tui.engine.explain import replay_chain
+from chat_tui.engine.fake import FakeEngine
+from chat_tui.engine.params import SamplingParams
+from chat_tui.engine.types import Candidate, Message
+from chat_tui.store import ConversationInfo, Store
+from chat_tui.ui.branches import Fork, fork_choices, fork_text, verdict
+from chat_tui.ui.conversation import MessageView
+from chat_tui.ui.screens import ConfirmScreen, PickScreen, conversation_label
+from tests.ui.conftest import ready, send, wait_for
+
+
+def header(app, item) -> str:
+    view = app.conversation.view_for(item)
+    return str(view.query_one(".who").render())
+
+
+async def focus_reply(pilot, app) -> MessageView:
+    await pilot.press("ctrl+up")
+    await wait_for(pilot, lambda: isinstance(app.focused, MessageView), what="a message to take the focus")
+    return app.focused
+
+
+async def switch(pilot, app, key: str) -> None:
+    before = app.conversation.items
+    await pilot.press(key)
+    await wait_for(pilot, lambda: app.conversation.items is not before and app.settled, what="the other branch")
+
+
+async def test_regenerate_twice_gives_three_siblings_and_navigation_shows_each(make_app):
+    app, engine = make_app(["first answer", "second answer", "third answer"])
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "hi")
+        for calls in (2, 3):
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda calls=calls: engine.calls == calls and app.job is None and app.settled)
+        reply = app.conversation.items[-1]
+        assert reply.content == "third answer" and "‹ 3/3 ›" in header(app, reply)
+        await focus_reply(pilot, app)
+        await switch(pilot, app, "left")
+        assert [i.content for i in app.conversation.items] == ["hi", "second answer"]
+        assert "‹ 2/3 ›" in header(app, app.conversation.items[-1])
+        assert app.focused.item is app.conversation.items[-1], "the focus stays on the switched message"
+        await switch(pilot, app, "left")
+        assert [i.content for i in app.conversation.items] == ["hi", "first answer"]
+        assert "‹ 1/3 ›" in header(app, app.conversation.items[-1])
+        await pilot.press("left")  # no sibling before the first: nothing changes
+        assert app.conversation.items[-1].content == "first answer"
+        await switch(pilot, app, "right")
+        await switch(pilot, app, "right")
+        assert app.conversation.items[-1].content == "third answer"
+        assert "‹" not in header(app, app.conversation.items[0]), "the question has one version"
+        cid = app.conversation_id
+    store = Store(get_paths().database)
+    replies = [m for m in store.messages(cid) if m.role == "assistant"]
+    assert [m.content for m in replies] == ["first answer", "second answer", "third answer"]
+    assert len({m.parent_id for m in replies}) == 1, "siblings: one parent"
+    assert store.get_conversation(cid).branches == 3
+
+
+async def test_edit_and_resend_keeps_the_original_branch(make_app):
+    app, engine = make_app(["one", "two"])
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "helo")
+        await pilot.press("ctrl+l")
+        await pilot.press("backspace", "l", "o")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled)
+        question = app.conversation.items[0]
+        assert [i.content for i in app.conversation.items] == ["hello", "two"]
+        assert "‹ 2/2 ›" in header(app, question)
+        assert [m.content for m in engine.records[-1].conversation] == ["hello"], "the old branch is not sent"
+        await pilot.press("ctrl+up", "up")
+        assert app.focused.item is question
+        await switch(pilot, app, "left")
+        assert [i.content for i in app.conversation.items] == ["helo", "one"]
+        cid = app.conversation_id
+    store = Store(get_paths().database)
+    assert sorted(m.content for m in store.messages(cid)) == ["hello", "helo", "one", "two"]
+    assert [m.content for m in store.branch(cid)] == ["helo", "one"], "the branch on screen is remembered"
+
+
+async def test_switching_a_sibling_then_sending_continues_from_the_branch_on_screen(make_app):
+    app, engine = make_app(["alpha", "beta", "gamma"])
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "q")
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled)
+        await focus_reply(pilot, app)
+        await switch(pilot, app, "left")
+        assert app.conversation.items[-1].content == "alpha"
+        await send(pilot, app, "more")
+        sent = [(m.role, m.content) for m in engine.records[-1].conversation]
+        assert sent == [("user", "q"), ("assistant", "alpha"), ("user", "more")]
+        q, alpha, more, gamma = app.conversation.items
+        assert gamma.content == "gamma"
+        assert gamma.meta["branch"] == [q.db_id, alpha.db_id, more.db_id], "the receipt names the path"
+        cid = app.conversation_id
+    store = Store(get_paths().database)
+    assert [m.content for m in store.branch(cid)] == ["q", "alpha", "more", "gamma"]
+    assert store.branch(cid)[-1].meta["branch"] == [q.db_id, alpha.db_id, more.db_id]
+
+
+def test_the_conversation_list_shows_the_branch_count_when_there_are_several():
+    one = ConversationInfo(id=1, title="t", created_at=0, updated_at=0, messages=4, branches=1)
+    three = ConversationInfo(id=2, title="t", created_at=0, updated_at=0, messages=6, branches=3)
+    assert "branches" not in conversation_label(one).plain
+    assert "6 messages · 3 branches" in conversation_label(three).plain
+
+
+async def test_fork_at_a_dropped_candidate_starts_with_the_kept_prefix_and_the_forced_token(make_app):
+    app, engine = make_app(["alpha beta gamma delta"])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await send(pilot, app, "hi")
+        original = app.conversation.items[-1]
+        pane = app.inspector
+        await wait_for(pilot, lambda: pane.store.generated >= 4, what="the inspector to take the reply in")
+        if not pane.display:
+            await pilot.press("f3")
+        pane.focus()
+        await pilot.press("6")  # the candidates view
+        pane.state.cursor = pane.store.prompt_length + 2  # the third token, " gamma"
+        await pilot.press("F")
+        await wait_for(pilot, lambda: isinstance(app.screen, PickScreen), what="the fork picker")
+        picker = app.screen
+        dropped = next(i for i, name in enumerate(picker.names) if "dropped by top-p" in name)
+        forced = picker.names[dropped].split("'")[1]
+        options = picker.query_one(OptionList)
+        options.highlighted = dropped
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled, what="the fork")
+        reply = app.conversation.items[-1]
+        assert reply.content.startswith("alpha beta" + forced)
+        assert engine.records[-1].conversation[-1].content == "alpha beta" + forced, "the model went on from it"
+        receipt = reply.meta["fork"]["receipt"]
+        assert receipt.startswith(f"forked at token 2: {forced!r} (p = ") and "dropped by top-p" in receipt
+        assert receipt.endswith("instead of ' gamma'")
+        assert reply.token_probs[2][0] == forced, "the forced token keeps its probability for the colours"
+        view = app.conversation.view_for(reply)
+        assert receipt in str(view.query_one(".meta").render())
+        await pilot.press("f4")
+        colours = view.query_one(".probs").render()
+        marked = [colours.plain[s.start:s.end] for s in colours.spans if s.style.reverse]
+        assert marked == [forced], "the colour view marks the forced token"
+        assert "‹ 2/2 ›" in header(app, reply)
+        await focus_reply(pilot, app)
+        await switch(pilot, app, "left")
+        assert app.conversation.items[-1].content == original.content, "the original reply stays a branch"
+        cid = app.conversation_id
+    store = Store(get_paths().database)
+    saved = [m for m in store.messages(cid) if m.role == "assistant"]
+    assert len(saved) == 2 and saved[1].meta["fork"]["dropped_by"] == "top_p"
+    assert saved[0].parent_id == saved[1].parent_id
+
+
+async def test_delete_on_a_message_removes_that_version_and_its_branch_only(make_app):
+    app, engine = make_app(["first", "second", "third", "after"])
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "q")
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled)
+        await send(pilot, app, "follow-up")  # under "second"
+        await pilot.press("ctrl+up", "up", "up")
+        assert app.focused.item.content == "second" and "‹ 2/2 ›" in header(app, app.focused.item)
+        await pilot.press("delete")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the question")
+        await switch(pilot, app, "y")
+        assert [i.content for i in app.conversation.items] == ["q", "first"], "its sibling shows"
+        assert "‹" not in header(app, app.conversation.items[-1])
+        cid = app.conversation_id
+    store = Store(get_paths().database)
+    assert sorted(m.content for m in store.messages(cid)) == ["first", "q"]
+
+
+def test_fork_choices_list_every_other_candidate_with_what_the_chain_did():
+    engine = FakeEngine(["alpha beta gamma delta"])
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=7)
+    steps = list(engine.stream([Message("user", "hi")], params))
+    step = steps[2]  # " gamma": top-p drops some candidates there
+    replay = replay_chain(step, None, params)
+    choices = fork_choices(step, replay, None, engine)
+    assert step.token_id not in [c[0] for c in choices] and len(choices) == len(replay.ids) - 1
+    assert {stage for *_, stage in choices} >= {"top_p"}
+    assert [c[2] for c in choices] == sorted((c[2] for c in choices), reverse=True), "most likely first"
+    # without a replay (a server's steps): kept or dropped where the chain probability says, else unknown
+    server_step = dataclasses.replace(step, top=[
+        Candidate(-1, " kept", 0.5, 0.6), Candidate(-1, " cut", 0.1, 0.0), Candidate(-1, " ?", 0.1, math.nan)])
+    assert [c[3] for c in fork_choices(server_step, None, None, None)] == [None, "dropped", ""]
+    assert [verdict(c[3]) for c in fork_choices(server_step, None, None, None)] == [
+        "kept by the chain", "dropped by the chain", "the chain unknown"]
+
+
+def test_a_fork_is_continued_from_the_text_of_its_kept_tokens_and_the_forced_one():
+    engine = FakeEngine(["x"])
+    ids = engine.encode("alpha beta")
+    fork = Fork(index=2, prefix_ids=tuple(ids), prefix_texts=("alpha", " beta"), token_id=engine.encode(" to")[0],
+                token=" to", prob=0.0288, dropped_by="top_p", instead_of=" gamma", prompt_ids=())
+    assert fork_text(fork, engine) == "alpha beta to"
+    assert fork_text(dataclasses.replace(fork, prefix_ids=(-1, -1), token_id=-1), engine) == "alpha beta to"
+    assert fork.receipt() == "forked at token 2: ' to' (p = 2.88%, dropped by top-p) instead of ' gamma'"
