@@ -24,6 +24,17 @@ from chat_tui.engine.chat_formats import PLAIN_STOP, TEXT_FORMATS, render_text
 from chat_tui.engine.checkpoint import TIED, checkpoint_hash, model_from_arrays, read_checkpoint
 from chat_tui.engine.generation import stream_engine
 from chat_tui.engine.gptconfig import ACTIVATIONS, GPTConfig
+from chat_tui.engine.inside import (
+    INSIDE_VIEWS,
+    Attribution,
+    BlockRow,
+    BlockTrace,
+    Head,
+    KnockOut,
+    Lens,
+    Rollout,
+    TokenPiece,
+)
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, ChatTokenizer
 from chat_tui.engine.types import Conversation, EngineError, Message, MessageSpan, ParamsSource, Step
@@ -576,3 +587,116 @@ class MiniGPTEngine:
         from chat_tui.engine.explain import replay_chain
 
         return replay_chain(step, context_ids, params, vocab_size=self.vocab_size)
+
+    # ------------------------------------------------------------------ Inside: the issue #14 views
+
+    def inside_views(self) -> dict[str, str | None]:
+        return dict.fromkeys(INSIDE_VIEWS)
+
+    def _trace(self, ids: Sequence[int], heads: frozenset[Head] = frozenset()):
+        """One pass of `GPT.forward(capture=True)` over `ids`: (the last position's logits (V,), the
+        per-layer captures), the never-learned tokens masked as in decoding."""
+        import torch
+
+        from chat_tui.engine.inside_maths import check_context, check_heads, head_mask
+
+        check_context(ids, self.context_length)
+        check_heads(heads, self.n_layer, self.n_head)
+        model = self.model
+        parameter = next(model.parameters())
+        with torch.inference_mode():
+            x = torch.tensor([list(ids)], dtype=torch.long, device=parameter.device)
+            mask = head_mask(heads, self.n_layer, self.n_head, parameter)
+            logits, _, capture = model(x, capture=True, last_only=True, head_mask=mask)
+            return self._masked(logits[0, -1].float()), capture
+
+    def _masked(self, logits):
+        if self.untrained_token_ids:
+            logits = logits.clone()
+            logits[list(self.untrained_token_ids)] = float("-inf")
+        return logits
+
+    def logit_lens(self, ids: Sequence[int], token_id: int, top: int = 3) -> Lens:
+        import torch
+
+        from chat_tui.engine import inside_maths
+
+        logits, capture = self._trace(ids)
+        model = self.model
+        with torch.inference_mode():
+            residuals = torch.stack([layer.resid_post[0, -1] for layer in capture[:-1]])
+            layer_logits = model.lm_head(model.transformer.ln_f(residuals)).float() if len(capture) > 1 else None
+            rows = [self._masked(row) for row in layer_logits] if layer_logits is not None else []
+            return inside_maths.lens(torch.stack([*rows, logits]), token_id, top, self.token_text)
+
+    def attribute(self, ids: Sequence[int], token_id: int) -> Attribution:
+        import torch
+
+        from chat_tui.engine import inside_maths
+
+        logits, capture = self._trace(ids)
+        model = self.model
+        ln_f = model.transformer.ln_f
+        with torch.inference_mode():
+            parts = [(inside_maths.EMBED, capture[0].resid_pre[0, -1])]
+            biases = []
+            for i, (layer, block) in enumerate(zip(capture, model.transformer.h, strict=True)):
+                heads, bias = inside_maths.head_parts(i, layer.heads[0, :, -1], block.attn.c_proj)
+                parts += heads
+                biases += [bias, block.mlp.c_proj.bias]
+                parts.append((inside_maths.mlp_component(i), layer.mlp_out[0, -1] - block.mlp.c_proj.bias))
+            norm = inside_maths.FrozenNorm(ln_f.weight, ln_f.bias, ln_f.eps, centre=True)
+            return inside_maths.attribute(token_id, float(logits[token_id]), capture[-1].resid_post[0, -1], parts,
+                                          biases, norm, model.lm_head.weight[token_id])
+
+    def rollout(self, ids: Sequence[int]) -> Rollout:
+        from chat_tui.engine import inside_maths
+
+        _, capture = self._trace(ids)
+        return inside_maths.rollout([layer.weights[0] for layer in capture])
+
+    def knock_out(self, ids: Sequence[int], heads: frozenset[Head], top: int = 8) -> KnockOut:
+        from chat_tui.engine import inside_maths
+
+        before, _ = self._trace(ids)
+        after, _ = self._trace(ids, frozenset(heads)) if heads else (before, None)
+        return inside_maths.knock_out(frozenset(heads), before, after, top, self.token_text)
+
+    def token_pieces(self, text: str) -> list[TokenPiece]:
+        from chat_tui.engine.inside_maths import token_pieces
+
+        return token_pieces(self.tokenizer.tokenizer, text, self.token_text)
+
+    def block_trace(self, ids: Sequence[int], layer: int, head: int) -> BlockTrace:
+        import torch
+
+        from chat_tui.engine.inside_maths import check_heads
+
+        check_heads(frozenset({(layer, head)}), self.n_layer, self.n_head)
+        _, capture = self._trace(ids)
+        model = self.model
+        c = capture[layer]
+        with torch.inference_mode():
+            position = len(ids) - 1
+            rows = [BlockRow("token embedding", _norm(model.transformer.wte.weight[ids[-1]])),
+                    BlockRow("position embedding", _norm(model.transformer.wpe.weight[position]))]
+            if layer > 0:
+                rows.append(BlockRow("residual in", _norm(c.resid_pre[0, -1])))
+            rows.append(BlockRow("layer norm 1", _norm(c.ln_1[0, -1])))
+            q, k, v = c.q[0, head, -1], c.k[0, head, position], c.v[0, head, position]
+            rows += [BlockRow("q", _norm(q), _first(q)), BlockRow("k", _norm(k), _first(k)), BlockRow("v", _norm(v))]
+            rows += [BlockRow(name, _norm(value[0, -1])) for name, value in (
+                ("attention output", c.attn_out), ("residual + attention", c.resid_mid), ("layer norm 2", c.ln_2),
+                ("MLP output", c.mlp_out), ("residual + MLP", c.resid_post))]
+        return BlockTrace(layer=layer, head=head, rows=rows)
+
+
+BLOCK_FIRST = 6  # the entries of q and k the block view shows
+
+
+def _norm(vector) -> float:
+    return float(vector.float().norm())
+
+
+def _first(vector) -> list[float]:
+    return [float(v) for v in vector[:BLOCK_FIRST].float().tolist()]
