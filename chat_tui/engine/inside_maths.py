@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from chat_tui.engine.inside import (
+    INSIDE_VIEWS,
     Attribution,
     Component,
     Head,
@@ -30,6 +31,7 @@ from chat_tui.engine.inside import (
     TokenPiece,
     TopToken,
     head_name,
+    inside,
 )
 
 if TYPE_CHECKING:
@@ -37,6 +39,16 @@ if TYPE_CHECKING:
 
 TokenText = Callable[[int], str]
 LOG2 = math.log(2.0)
+
+
+def inside_views_of(engine: Any) -> dict[str, str | None]:
+    """What each inside view can show for `engine`: its own answer, or for an engine that cannot open
+    up its model at all, the one-line reason on every view."""
+    opened = inside(engine)
+    if opened is not None:
+        return opened.inside_views()
+    backend = getattr(engine, "backend", type(engine).__name__)
+    return dict.fromkeys(INSIDE_VIEWS, f"the {backend} backend does not open up its model")
 
 
 def head_mask(heads: frozenset[Head], n_layer: int, n_head: int, like: torch.Tensor) -> torch.Tensor | None:

@@ -44,6 +44,8 @@ from multiprocessing.connection import Connection
 from typing import IO, TYPE_CHECKING, Any
 
 from chat_tui.engine.collector import tune_collection
+from chat_tui.engine.inside import Attribution, BlockTrace, Head, KnockOut, Lens, Rollout, TokenPiece
+from chat_tui.engine.inside_maths import inside_views_of
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import (
     Conversation,
@@ -78,7 +80,8 @@ ATTRIBUTES = tuple(Engine.__annotations__)
 # again with each stream's end
 REFRESHED = ("attention_unavailable", "attention_note", "decode_note")
 # the engine methods the app may ask the child for, besides `stream`
-CALLS = ("encode", "decode", "token_text", "token_texts", "render", "explain_attention", "replay_chain")
+CALLS = ("encode", "decode", "token_text", "token_texts", "render", "explain_attention", "replay_chain",
+         "logit_lens", "attribute", "rollout", "knock_out", "token_pieces", "block_trace")
 
 Setup = Callable[[Any], None]
 Payload = tuple[BaseException | None, str, str]  # an exception on its way across (see _portable)
@@ -116,6 +119,7 @@ class ProcessEngine:
         for name in ATTRIBUTES:
             setattr(self, name, info.get(name))
         self.explains = bool(info.get("explains"))
+        self._inside_views: dict[str, str | None] = info["inside_views"]
         self._defaults: SamplingParams | Payload = info["default_params"]
 
     # ------------------------------------------------------------------ start and stop
@@ -258,6 +262,29 @@ class ProcessEngine:
                      params: SamplingParams | None) -> ChainReplay:
         """`chat_tui.engine.explain.replay_chain` for this model's vocabulary (a ChainReplay)."""
         return self._call("replay_chain", step, None if context_ids is None else list(context_ids), params)
+
+    # The inside views (issue #14), computed in the child; which it can show is known from its load
+
+    def inside_views(self) -> dict[str, str | None]:
+        return dict(self._inside_views)
+
+    def logit_lens(self, ids: Sequence[int], token_id: int, top: int = 3) -> Lens:
+        return self._call("logit_lens", list(ids), token_id, top)
+
+    def attribute(self, ids: Sequence[int], token_id: int) -> Attribution:
+        return self._call("attribute", list(ids), token_id)
+
+    def rollout(self, ids: Sequence[int]) -> Rollout:
+        return self._call("rollout", list(ids))
+
+    def knock_out(self, ids: Sequence[int], heads: frozenset[Head], top: int = 8) -> KnockOut:
+        return self._call("knock_out", list(ids), frozenset(heads), top)
+
+    def token_pieces(self, text: str) -> list[TokenPiece]:
+        return self._call("token_pieces", text)
+
+    def block_trace(self, ids: Sequence[int], layer: int, head: int) -> BlockTrace:
+        return self._call("block_trace", list(ids), layer, head)
 
     def stream(
         self,
@@ -599,6 +626,7 @@ def _describe(engine: Any) -> dict[str, Any]:
     info["vocab_size"] = vocab_size_of(engine)  # the Hugging Face engine's is its model's config's
     # the mini-GPT says so without building its torch model
     info["explains"] = explainer(engine) is not None
+    info["inside_views"] = inside_views_of(engine)
     try:
         info["default_params"] = engine.default_params()
     except Exception as exc:  # raised again when the app asks

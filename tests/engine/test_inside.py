@@ -163,3 +163,23 @@ def test_block_trace_has_the_models_numbers(tiny_engine, ids):
     wte = tiny_engine.model.transformer.wte.weight[ids[-1]].detach()
     assert rows["token embedding"].norm == pytest.approx(float(wte.norm()), rel=1e-6)
     assert "residual in" not in [row.name for row in tiny_engine.block_trace(ids, 0, 0).rows]
+
+
+def test_the_app_engine_answers_the_same_from_the_model_process(tiny_checkpoint, tiny_engine, ids):
+    from chat_tui.engine.process import ProcessEngine
+
+    remote = ProcessEngine.start(tiny_checkpoint, device="cpu")
+    try:
+        assert inside(remote) is remote
+        assert remote.inside_views() == tiny_engine.inside_views()
+        assert remote.logit_lens(ids, 5) == tiny_engine.logit_lens(ids, 5)
+        assert remote.attribute(ids, 5) == tiny_engine.attribute(ids, 5)
+        theirs, ours = remote.rollout(ids), tiny_engine.rollout(ids)
+        assert np.array_equal(theirs.rollout, ours.rollout) and np.array_equal(theirs.last_layer, ours.last_layer)
+        assert remote.knock_out(ids, frozenset({(0, 1)})) == tiny_engine.knock_out(ids, frozenset({(0, 1)}))
+        assert remote.token_pieces("你好") == tiny_engine.token_pieces("你好")
+        assert remote.block_trace(ids, 1, 0) == tiny_engine.block_trace(ids, 1, 0)
+        with pytest.raises(ValueError, match="outside this model"):  # the child's error, as itself
+            remote.block_trace(ids, 5, 0)
+    finally:
+        remote.close()

@@ -357,3 +357,19 @@ def test_a_key_file_others_can_read_is_refused(tmp_path):
 
 def test_the_url_is_shown_without_credentials():
     assert public_url("https://user:pa55@example.com:8443/v1/") == "https://example.com:8443/v1"
+
+
+def test_a_server_model_says_why_each_inside_view_is_not_shown(scripted):
+    from chat_tui.engine.inside import INSIDE_VIEWS, inside
+
+    _, url = scripted
+    Scripted.behaviour = "ok"
+    engine = RemoteEngine(url, timeout=5)
+    reasons = inside(engine).inside_views()
+    assert list(reasons) == list(INSIDE_VIEWS)
+    assert all(reason and "\n" not in reason for reason in reasons.values())
+    assert "tokenizes on the server" in reasons["tokens"]
+    with pytest.raises(ServerError, match="tokenizes on the server"):
+        engine.token_pieces("hello")
+    with pytest.raises(ServerError, match="keeps the model's layers"):
+        engine.logit_lens([1, 2], 3)
