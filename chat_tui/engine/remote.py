@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from chat_tui.engine.inside import INSIDE_VIEWS, Attribution, BlockTrace, Head, KnockOut, Lens, Rollout, TokenPiece
+from chat_tui.engine.inside import (
+    INSIDE_VIEWS,
+    Attribution,
+    BlockTrace,
+    Head,
+    KnockOut,
+    Lens,
+    Rollout,
+    TokenPiece,
+)
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import (
     Candidate,
