@@ -1,0 +1,192 @@
+"""The inside views and Explain on tiny random Hugging Face checkpoints (GPT-2, Llama, Qwen2, Gemma; and
+GPT-NeoX for a family without attribution), each checked against the model computed another way."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from chat_tui.engine import load_engine  # noqa: E402
+from chat_tui.engine.explain import ExplainUnavailable, explain_attention  # noqa: E402
+from chat_tui.engine.inside import INSIDE_VIEWS, inside  # noqa: E402
+from tests.engine.test_hf import build_model, no_network, train_bpe  # noqa: E402, F401 - the fixture cuts the network
+
+TEXT = "Hello there! How are you today?"
+FAMILIES = ("gpt2", "llama", "qwen2", "gemma")
+
+
+def build_extra(arch: str, folder, bpe_json: str):
+    from transformers import GemmaConfig, GemmaForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from tests.engine.test_hf import make_tokenizer
+
+    torch.manual_seed(0)
+    tok = make_tokenizer(bpe_json, None, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    if arch == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                             max_position_embeddings=128, initializer_range=0.3))
+    else:
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=400, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 max_position_embeddings=128, initializer_range=0.3))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    bpe = train_bpe()
+    root = tmp_path_factory.mktemp("inside-hf")
+    folders = {arch: build_model(arch, root / arch, bpe) for arch in ("gpt2", "llama", "qwen2")}
+    folders |= {arch: build_extra(arch, root / arch, bpe) for arch in ("gemma", "gpt_neox")}
+    return {arch: load_engine(folder, device="cpu") for arch, folder in folders.items()}
+
+
+def own_logits(engine, ids) -> torch.Tensor:
+    with torch.inference_mode():
+        return engine.model(torch.tensor([ids])).logits[0, -1].double()
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_every_view_for_the_named_families(engines, arch):
+    engine = engines[arch]
+    assert inside(engine) is engine and engine.explains
+    assert engine.inside_views() == dict.fromkeys(INSIDE_VIEWS)
+
+
+def test_another_architecture_says_which_views_it_lacks_in_one_line(engines):
+    engine = engines["gpt_neox"]
+    views = engine.inside_views()
+    assert views["lens"] is None and views["knockout"] is None and views["tokens"] is None and views["rollout"] is None
+    for view in ("attribution", "block"):
+        assert views[view] is not None and "not available for this architecture" in views[view]
+        assert "\n" not in views[view]
+    assert not engine.explains
+    ids = engine.encode(TEXT)
+    with pytest.raises(ExplainUnavailable, match="not available for this architecture"):
+        engine.attribute(ids, 3)
+    with pytest.raises(ExplainUnavailable, match="mini-GPT"):
+        explain_attention(engine, ids, 2, 0, 0)
+    lens = engine.logit_lens(ids, 3)
+    probs = torch.softmax(own_logits(engine, ids), -1)
+    assert lens.layers[-1].chosen_prob == pytest.approx(float(probs[3]), abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_lens_at_the_last_layer_is_the_models_own_distribution(engines, arch):
+    engine = engines[arch]
+    ids = engine.encode(TEXT)
+    probs = torch.softmax(own_logits(engine, ids), -1).numpy()
+    token = int(probs.argmax())
+    lens = engine.logit_lens(ids, token, top=3)
+    assert len(lens.layers) == engine.n_layer
+    assert lens.layers[-1].chosen_prob == pytest.approx(probs[token], abs=1e-5)
+    assert [t.id for t in lens.layers[-1].top] == list(np.argsort(-probs)[:3])
+    assert lens.commit_layer is not None
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_attribution_components_and_bias_sum_to_the_logit(engines, arch):
+    engine = engines[arch]
+    ids = engine.encode(TEXT)
+    logits = own_logits(engine, ids)
+    for token in (5, int(logits.argmax())):
+        attribution = engine.attribute(ids, token)
+        assert attribution.logit == pytest.approx(float(logits[token]), abs=1e-4)
+        assert attribution.residual_error < 1e-4
+        assert len(attribution.components) == 1 + engine.n_layer * (engine.n_head + 1)
+
+
+def test_attribution_counts_gpt2s_biases_in_the_bias(engines):
+    engine = engines["gpt2"]
+    ids = engine.encode(TEXT)
+    model = copy.deepcopy(engine.model)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.bias.normal_()
+            block.mlp.c_proj.bias.normal_()
+        model.transformer.ln_f.bias.normal_()
+    from chat_tui.engine.hf.engine import HFEngine
+
+    biased = HFEngine(model, engine.tokenizer, name="biased")
+    attribution = biased.attribute(ids, 5)
+    assert attribution.bias != 0.0 and attribution.residual_error < 1e-4
+    assert attribution.logit == pytest.approx(float(own_logits(biased, ids)[5]), abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", [*FAMILIES, "gpt_neox"])
+def test_rollout_rows_sum_to_one(engines, arch):
+    engine = engines[arch]
+    ids = engine.encode(TEXT)
+    rolled = engine.rollout(ids)
+    assert rolled.rollout.shape == (len(ids),)
+    assert rolled.rollout.sum() == pytest.approx(1.0, abs=1e-5)
+    assert rolled.last_layer.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def zero_head_by_hand(model, arch: str, layer: int, head: int, head_dim: int):
+    """A copy of the model whose output projection ignores the head's slice of its input."""
+    model = copy.deepcopy(model)
+    cut = slice(head * head_dim, (head + 1) * head_dim)
+    with torch.no_grad():
+        if arch == "gpt2":
+            model.transformer.h[layer].attn.c_proj.weight[cut, :] = 0  # Conv1D: (in, out)
+        elif arch == "gpt_neox":
+            model.gpt_neox.layers[layer].attention.dense.weight[:, cut] = 0
+        else:
+            model.model.layers[layer].self_attn.o_proj.weight[:, cut] = 0
+    return model
+
+
+@pytest.mark.parametrize("arch", [*FAMILIES, "gpt_neox"])
+def test_knocking_out_a_head_matches_zeroing_its_slice_by_hand(engines, arch):
+    engine = engines[arch]
+    ids = engine.encode(TEXT)
+    nothing = engine.knock_out(ids, frozenset())
+    assert nothing.kl_bits == 0.0 and all(b == a for _, b, a in nothing.rows)
+    ko = engine.knock_out(ids, frozenset({(1, 1)}), top=5)
+    reference = zero_head_by_hand(engine.model, arch, 1, 1, engine._inside.parts.head_dim)
+    with torch.inference_mode():
+        after = torch.softmax(reference(torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
+    for token, _, p_after in ko.rows:
+        assert p_after == pytest.approx(after[token.id], abs=1e-5)
+    assert ko.kl_bits > 0 and ko.top_after == int(after.argmax())
+    # the hooks are gone: the model answers as before
+    assert torch.equal(own_logits(engine, ids), own_logits(engine, ids))
+    assert engine.knock_out(ids, frozenset()).rows == nothing.rows
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_token_pieces_count_as_the_encoder_and_their_bytes_round_trip(engines, arch):
+    engine = engines[arch]
+    for text in ("你好", "Hello 你好 🙂 <|im_end|>"):
+        pieces = engine.token_pieces(text)
+        assert [p.id for p in pieces] == engine.encode(text)
+        assert b"".join(p.data for p in pieces) == text.encode("utf-8")
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_explain_matches_the_models_attention_weights(engines, arch):
+    engine = engines[arch]
+    ids = engine.encode(TEXT)
+    explained = explain_attention(engine, ids, len(ids) - 1, 1, 1)
+    engine.attention_mode(True)
+    try:
+        with torch.inference_mode():
+            weights = engine.model(torch.tensor([ids]), output_attentions=True).attentions[1][0, 1, -1]
+    finally:
+        engine.attention_mode(False)
+    assert explained.weights == pytest.approx(weights.double().numpy(), abs=1e-5)
+    assert explained.scaled == pytest.approx(explained.qk * explained.scale)
+    trace = engine.block_trace(ids, 1, 1)
+    rows = {row.name: row for row in trace.rows}
+    assert rows["q"].norm == pytest.approx(explained.query_norm, rel=1e-5)
+    assert rows["k"].norm == pytest.approx(float(explained.key_norms[-1]), rel=1e-5)
+    assert ("position embedding" in rows) == (arch == "gpt2")  # the others rotate q and k instead
