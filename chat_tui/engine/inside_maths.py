@@ -70,6 +70,16 @@ def check_heads(heads: frozenset[Head], n_layer: int, n_head: int) -> None:
             raise ValueError(f"{head_name(layer, head)} is outside this model ({n_layer} layers of {n_head} heads)")
 
 
+def check_heads_or_fail(heads: frozenset[Head], n_layer: int, n_head: int) -> None:
+    """`check_heads` for a reply: its error is an EngineError (a stream's errors are)."""
+    from chat_tui.errors import EngineError
+
+    try:
+        check_heads(heads, n_layer, n_head)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
+
+
 def check_context(ids: Sequence[int], context_length: int, *, empty_ok: bool = False) -> None:
     if not ids and not empty_ok:
         raise ValueError("no context: the view needs at least one token before the one it explains")

@@ -134,10 +134,11 @@ class MiniGPTRunner:
     no `model`), or in torch (`model` given: a GPU, or a dtype other than float32).
 
     `masked_ids` (tokens the checkpoint never learned) get logit -inf in every row it returns.
+    `knock_out` (the torch path only): heads (layer, head) whose outputs are zeroed.
     """
 
     def __init__(self, config: GPTConfig, weights: DecodeWeights, *, model: GPT | None = None,
-                 masked_ids: Sequence[int] = ()) -> None:
+                 masked_ids: Sequence[int] = (), knock_out: frozenset[Head] = frozenset()) -> None:
         self.config = config
         self.weights = weights
         self.model = model
@@ -153,10 +154,14 @@ class MiniGPTRunner:
             self.length = 0
             self._buffers = _FeedBuffers(config, weights)
         else:
+            from chat_tui.engine.inside_maths import head_mask
             from chat_tui.engine.model import KVCache
 
             parameter = next(model.parameters())
             self.cache = KVCache(config, device=parameter.device, dtype=parameter.dtype)
+            self.head_mask = head_mask(knock_out, config.n_layer, config.n_head, parameter)
+        if knock_out and self.numpy_path:
+            raise ValueError("heads can be knocked out on the torch path only")
 
     def prefill(self, ids: Sequence[int], inspect: bool):
         """Start afresh with `ids`: the logits [V] after the last one and, when inspecting, the
@@ -170,7 +175,8 @@ class MiniGPTRunner:
 
             self.cache.reset()
             x = torch.tensor([list(ids)], dtype=torch.long, device=self.cache.kv.device)
-            out, _, attention = self.model(x, cache=self.cache, capture=inspect, last_only=True)
+            out, _, attention = self.model(x, cache=self.cache, capture=inspect, last_only=True,
+                                           head_mask=self.head_mask)
             logits = out[0, -1]
             matrix = None
             if attention is not None:
@@ -229,7 +235,10 @@ class MiniGPTRunner:
             weights = torch.softmax(scores, dim=-1)
             if inspect:
                 rows.append(weights[:, 0])
-            y = torch.matmul(weights, values[:, :S]).view(1, C)
+            y = torch.matmul(weights, values[:, :S])  # (heads, 1, head_dim)
+            if self.head_mask is not None:
+                y = y * self.head_mask[i].view(nh, 1, 1)
+            y = y.view(1, C)
             x = x + torch.addmm(layer.attn_proj[1], y, layer.attn_proj[0])
             h = F.layer_norm(x, (C,), *layer.ln_2, eps)
             h = F.gelu(torch.addmm(layer.fc[1], h, layer.fc[0]), approximate=w.approximate)
@@ -517,13 +526,15 @@ class MiniGPTEngine:
         model = model_from_arrays(checkpoint.config, checkpoint.arrays, torch_device)
         return cls(model, checkpoint.tokenizer, checkpoint.defaults, **common)
 
-    def runner(self) -> MiniGPTRunner:
-        """A fresh runner (its own KV cache) over this engine's weights."""
-        if self._numpy_weights is not None:
+    def runner(self, knock_out: frozenset[Head] = frozenset()) -> MiniGPTRunner:
+        """A fresh runner (its own KV cache) over this engine's weights. With heads to `knock_out` it runs
+        the torch path, whose head mask switches them off (the numpy kernel has none)."""
+        if self._numpy_weights is not None and not knock_out:
             return MiniGPTRunner(self.config, self._numpy_weights, masked_ids=self.untrained_token_ids)
         if self._torch_weights is None:
             self._torch_weights = DecodeWeights.from_model(self.model)
-        return MiniGPTRunner(self.config, self._torch_weights, model=self.model, masked_ids=self.untrained_token_ids)
+        return MiniGPTRunner(self.config, self._torch_weights, model=self.model, masked_ids=self.untrained_token_ids,
+                             knock_out=knock_out)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -561,12 +572,18 @@ class MiniGPTEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
         candidates: bool = True,
+        knock_out: frozenset[tuple[int, int]] = frozenset(),
     ) -> Iterator[Step]:
+        heads = frozenset(knock_out)
+        if heads:
+            from chat_tui.engine.inside_maths import check_heads_or_fail
+
+            check_heads_or_fail(heads, self.n_layer, self.n_head)
         with self._lock:
-            runner = self.runner()
+            runner = self.runner(heads)
             with single_threaded_blas() if runner.numpy_path else contextlib.nullcontext():
                 yield from stream_engine(self, runner, conversation, params, stops=self._format_stops,
-                                         inspect=inspect, cancel=cancel, candidates=candidates)
+                                         inspect=inspect, cancel=cancel, candidates=candidates, knock_out=heads)
 
     # ------------------------------------------------------------------ the Engine protocol's rest, and Explainer
 

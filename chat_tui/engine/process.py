@@ -294,20 +294,21 @@ class ProcessEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
         candidates: bool = True,
+        knock_out: frozenset[tuple[int, int]] = frozenset(),
     ) -> Iterator[Step]:
         # one stream at a time; a caller that is cancelled while it waits for the last one gets nothing
         while not self._stream_lock.acquire(timeout=POLL_S * 10):
             if cancel is not None and cancel.is_set():
                 return
         try:
-            yield from self._stream(conversation, params, inspect, cancel, candidates)
+            yield from self._stream(conversation, params, inspect, cancel, candidates, frozenset(knock_out))
         finally:
             self._stream_lock.release()
 
     def _stream(self, conversation: Conversation, params: ParamsSource, inspect: bool,
-                cancel: threading.Event | None, candidates: bool) -> Iterator[Step]:
+                cancel: threading.Event | None, candidates: bool, knock_out: frozenset[Head]) -> Iterator[Step]:
         sent = resolve_params(params)
-        self._send(("stream", (list(conversation), sent, inspect, candidates)))
+        self._send(("stream", (list(conversation), sent, inspect, candidates, knock_out)))
         pending: deque[Step] = deque()  # received in one batch, not yet handed on
         cancel_sent = False
         ended = False
@@ -563,11 +564,12 @@ def _serve(control: Connection, steps: Connection, model: str | None, device: st
         elif kind == "stream":
             if worker is not None:
                 worker.join()  # the app reads each stream to its end before it starts another
-            conversation, params, inspect, candidates = payload
+            conversation, params, inspect, candidates, knock_out = payload
             latest["params"] = params
             cancel = threading.Event()
             worker = threading.Thread(target=_generate,
-                                      args=(engine, steps, conversation, latest, inspect, candidates, cancel),
+                                      args=(engine, steps, conversation, latest, inspect, candidates, knock_out,
+                                            cancel),
                                       name="generate", daemon=True)
             worker.start()
         elif kind == "close":
@@ -596,12 +598,14 @@ def _answer(engine: Any, name: str, args: tuple[Any, ...]) -> Any:
 
 
 def _generate(engine: Any, steps: Connection, conversation: Conversation, latest: dict[str, SamplingParams],
-              inspect: bool, candidates: bool, cancel: threading.Event) -> None:
+              inspect: bool, candidates: bool, knock_out: frozenset[Head], cancel: threading.Event) -> None:
     batch: list[Step] = []
     sent_at = 0.0
+    # an engine that cannot switch heads off is asked only when some are to be off
+    extra = {"knock_out": knock_out} if knock_out else {}
     try:
         for step in engine.stream(conversation, lambda: latest["params"], inspect=inspect, cancel=cancel,
-                                  candidates=candidates):
+                                  candidates=candidates, **extra):
             batch.append(step)
             now = time.perf_counter()
             # a fast model's steps go a few at a time: each message costs a write and a wake-up of

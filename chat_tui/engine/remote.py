@@ -223,7 +223,10 @@ class RemoteEngine:
         return [m.model_dump() if hasattr(m, "model_dump") else dict(m) for m in response.data]
 
     def stream(self, conversation: Conversation, params: ParamsSource, *, inspect: bool = False,
-               cancel: threading.Event | None = None, candidates: bool = True) -> Iterator[Step]:
+               cancel: threading.Event | None = None, candidates: bool = True,
+               knock_out: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Step]:
+        if knock_out:
+            raise ServerError(f"{self.server} runs the model: its heads cannot be switched off from here")
         cancel = cancel or threading.Event()
         started = time.perf_counter()
         first = resolve_params(params)  # one request, one set of settings: later changes apply next time

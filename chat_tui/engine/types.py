@@ -77,6 +77,8 @@ class PromptInfo:
     # change to send it (a setting the server rejected and that was left out); None for a local model
     sent: dict | None = None
     note: str | None = None
+    # the heads (layer, head), zero-based, whose outputs were zeroed for the whole reply (`stream(knock_out=...)`)
+    knocked_out: frozenset[tuple[int, int]] = frozenset()
 
 
 @dataclass
@@ -156,7 +158,11 @@ class Engine(Protocol):
         inspect: bool = False,
         cancel: threading.Event | None = None,
         candidates: bool = True,
-    ) -> Iterator[Step]: ...
+        knock_out: frozenset[tuple[int, int]] = frozenset(),
+    ) -> Iterator[Step]:
+        """One Step per token. `knock_out`: heads (layer, head), zero-based, whose outputs are zeroed for the
+        whole reply (an engine that cannot raises EngineError); the first Step's PromptInfo names them."""
+        ...
 
     # How many tokens the model can emit (None when the backend does not say); the candidates
     # view uses it to bound the tail of the distribution it did not keep.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from chat_tui.engine import EngineError, Message, collect
 from chat_tui.engine.inside import INSIDE_VIEWS, inside
 from chat_tui.engine.minigpt import MiniGPTEngine
 from chat_tui.engine.model import GPT
@@ -181,5 +182,65 @@ def test_the_app_engine_answers_the_same_from_the_model_process(tiny_checkpoint,
         assert remote.block_trace(ids, 1, 0) == tiny_engine.block_trace(ids, 1, 0)
         with pytest.raises(ValueError, match="outside this model"):  # the child's error, as itself
             remote.block_trace(ids, 5, 0)
+        heads = frozenset({(1, 1)})
+        params = SamplingParams(temperature=0.8, seed=2, max_new_tokens=8)
+        theirs = collect(remote.stream(HELLO, params, knock_out=heads))
+        ours = collect(tiny_engine.stream(HELLO, params, knock_out=heads))
+        assert [s.token_id for s in theirs.steps] == [s.token_id for s in ours.steps]
+        assert theirs.prompt.knocked_out == heads
     finally:
         remote.close()
+
+
+# ---------------------------------------------------------------------------------------------- replies with heads off
+
+HELLO = [Message("user", TEXT)]
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _, _ = model(torch.tensor([ids]), last_only=True)
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_a_reply_with_no_heads_off_is_the_same_reply(tiny_engine):
+    params = SamplingParams(temperature=0.9, seed=5, max_new_tokens=12)
+    plain = collect(tiny_engine.stream(HELLO, params))
+    same = collect(tiny_engine.stream(HELLO, params, knock_out=frozenset()))
+    assert [(s.token_id, s.prob) for s in same.steps] == [(s.token_id, s.prob) for s in plain.steps]
+    assert same.prompt.knocked_out == frozenset()
+
+
+def test_a_reply_with_a_head_off_is_the_greedy_reply_of_the_model_without_it(tiny_engine):
+    tiny_engine = copy.copy(tiny_engine)
+    tiny_engine.eos_ids = set()  # the untrained model would end at once
+    heads = frozenset({(1, 0), (0, 1)})
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    reply = collect(tiny_engine.stream(HELLO, params, knock_out=heads))
+    assert reply.prompt.knocked_out == heads
+    reference = copy.deepcopy(tiny_engine.model)
+    hd = reference.config.n_embd // reference.config.n_head
+    with torch.no_grad():
+        for layer, head in heads:
+            reference.transformer.h[layer].attn.c_proj.weight[:, head * hd : (head + 1) * hd] = 0
+    tokens = [s.token_id for s in reply.steps]
+    expected = greedy_reference(reference, reply.prompt.ids, len(tokens))
+    assert tokens == expected
+    assert tokens != [s.token_id for s in collect(tiny_engine.stream(HELLO, params)).steps]
+
+
+def test_a_head_outside_the_model_stops_the_reply_in_one_line(tiny_engine):
+    with pytest.raises(EngineError, match="L9H1 is outside this model"):
+        collect(tiny_engine.stream(HELLO, SamplingParams(max_new_tokens=3), knock_out=frozenset({(8, 0)})))
+
+
+def test_the_fake_engine_records_the_heads_asked_off():
+    from chat_tui.engine.fake import FakeEngine
+
+    fake = FakeEngine("Hi there.")
+    reply = collect(fake.stream(HELLO, SamplingParams(), knock_out=frozenset({(0, 1)})))
+    assert fake.records[-1].knock_out == frozenset({(0, 1)})
+    assert reply.prompt.knocked_out == frozenset({(0, 1)})

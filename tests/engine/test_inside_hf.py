@@ -190,3 +190,24 @@ def test_explain_matches_the_models_attention_weights(engines, arch):
     assert rows["q"].norm == pytest.approx(explained.query_norm, rel=1e-5)
     assert rows["k"].norm == pytest.approx(float(explained.key_norms[-1]), rel=1e-5)
     assert ("position embedding" in rows) == (arch == "gpt2")  # the others rotate q and k instead
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_reply_with_a_head_off_is_the_greedy_reply_of_the_model_without_it(engines, arch):
+    from chat_tui.engine import Message, SamplingParams, collect
+
+    engine = engines[arch]
+    heads = frozenset({(1, 1)})
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    conversation = [Message("user", TEXT)]
+    reply = collect(engine.stream(conversation, params, knock_out=heads))
+    assert reply.prompt.knocked_out == heads
+    reference = zero_head_by_hand(engine.model, arch, 1, 1, engine._inside.parts.head_dim)
+    ids = list(reply.prompt.ids)
+    with torch.inference_mode():
+        for step in reply.steps:
+            assert step.token_id == int(reference(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(step.token_id)
+    plain = collect(engine.stream(conversation, params))
+    assert plain.prompt.knocked_out == frozenset()
+    assert [s.token_id for s in plain.steps] != [s.token_id for s in reply.steps]

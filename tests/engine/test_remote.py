@@ -373,3 +373,14 @@ def test_a_server_model_says_why_each_inside_view_is_not_shown(scripted):
         engine.token_pieces("hello")
     with pytest.raises(ServerError, match="keeps the model's layers"):
         engine.logit_lens([1, 2], 3)
+
+
+def test_a_server_model_refuses_a_reply_with_heads_off_in_one_line(scripted):
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "ok"
+    engine = RemoteEngine(url, timeout=5)
+    with pytest.raises(ServerError, match="heads cannot be switched off") as caught:
+        list(engine.stream(HELLO, SamplingParams(), knock_out=frozenset({(0, 0)})))
+    assert "\n" not in str(caught.value)

@@ -53,6 +53,7 @@ from chat_tui.engine.hf.memory import (
 )
 from chat_tui.engine.hf.runner import NO_ATTENTION, HFRunner, backend_decode
 from chat_tui.engine.inside import Attribution, BlockTrace, Head, KnockOut, Lens, Rollout, TokenPiece
+from chat_tui.engine.inside_maths import check_heads_or_fail
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Conversation, MessageSpan, ParamsSource, Step
 from chat_tui.errors import EngineError, first_line
@@ -284,10 +285,18 @@ class HFEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
         candidates: bool = True,
+        knock_out: frozenset[tuple[int, int]] = frozenset(),
     ) -> Iterator[Step]:
-        with self._lock, quiet_logs():  # transformers' notes (Reformer pads every step) are not the user's business
+        heads = frozenset(knock_out)
+        if heads:
+            reason = self.inside_views()["knockout"]
+            if reason is not None:
+                raise EngineError(reason)
+            check_heads_or_fail(heads, self.n_layer, self.n_head)
+        # transformers' notes (Reformer pads every step) are not the user's business
+        with self._lock, quiet_logs(), self._inside.hooks(None, heads) if heads else contextlib.nullcontext():
             yield from stream_engine(self, HFRunner(self), conversation, params, stops=self.format.stops,
-                                     inspect=inspect, cancel=cancel, candidates=candidates)
+                                     inspect=inspect, cancel=cancel, candidates=candidates, knock_out=heads)
 
     # ------------------------------------------------------------------ the inside views (issue #14) and Explain
 
