@@ -489,6 +489,8 @@ class MiniGPTEngine:
         # raw keeps special-token strings you type as the tokens (you write the format by hand), as for
         # Hugging Face models; a copy, because the shared tokenizer keeps them plain text everywhere else
         self._raw_tokenizer = Tokenizer.from_str(tokenizer.tokenizer.to_str()) if self.chat_format == "raw" else None
+        # the last GPT.forward(capture=True) of the inside views, kept for the next view of the same token
+        self._last_trace: tuple[Any, Any] | None = None
 
     # explain_attention works here (it builds the torch model on first use)
     explains = True
@@ -619,13 +621,20 @@ class MiniGPTEngine:
 
         check_context(ids, self.context_length)
         check_heads(heads, self.n_layer, self.n_head)
+        key = (tuple(ids), frozenset(heads))
+        last = self._last_trace
+        if last is not None and last[0] == key:  # the views of one token ask for the same pass
+            return last[1]
         model = self.model
         parameter = next(model.parameters())
         with torch.inference_mode():
             x = torch.tensor([list(ids)], dtype=torch.long, device=parameter.device)
             mask = head_mask(heads, self.n_layer, self.n_head, parameter)
             logits, _, capture = model(x, capture=True, last_only=True, head_mask=mask)
-            return self._masked(logits[0, -1].float()), capture
+            result = self._masked(logits[0, -1].float()), capture
+        if not heads:  # knocking heads out again and again keeps the original pass
+            self._last_trace = (key, result)
+        return result
 
     def _masked(self, logits):
         if self.untrained_token_ids:

@@ -131,6 +131,7 @@ class HFInside:
         self.engine = engine
         self.parts = find_parts(engine.model, engine.n_layer, engine.n_head)
         self.family = engine.model_type if engine.model_type in ATTRIBUTION_FAMILIES else None
+        self._before: tuple[tuple[int, ...], torch.Tensor] | None = None  # knock-out's last original logits
 
     # ------------------------------------------------------------------ what can be shown
 
@@ -327,7 +328,12 @@ class HFInside:
         engine = self.engine
         inside_maths.check_heads(heads, engine.n_layer, engine.n_head)
         with torch.inference_mode():
-            before = self._logits(self._forward(ids))
+            key = tuple(ids)
+            if self._before is not None and self._before[0] == key:  # knocking out heads again on one prefix
+                before = self._before[1]
+            else:
+                before = self._logits(self._forward(ids))
+                self._before = (key, before)
             if heads:
                 with self.hooks(None, frozenset(heads)):
                     after = self._logits(self._forward(ids))
