@@ -211,3 +211,45 @@ def test_a_reply_with_a_head_off_is_the_greedy_reply_of_the_model_without_it(eng
     plain = collect(engine.stream(conversation, params))
     assert plain.prompt.knocked_out == frozenset()
     assert [s.token_id for s in plain.steps] != [s.token_id for s in reply.steps]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_views_reusing_the_last_contexts_cache_give_the_same_numbers(engines, arch):
+    engine = engines[arch]
+    ids = engine.encode(TEXT)
+    views = engine._inside
+
+    def fresh(view, *args):
+        views._cache = None
+        return view(*args)
+
+    # one token further, the same token again, a shorter context, another one of the same length
+    for context in (ids[:4], ids[:5], ids[:5], ids[:3], ids[:2] + ids[5:6]):
+        lens = engine.logit_lens(context, 5)
+        assert views._cache[0] == tuple(context)
+        again = fresh(engine.logit_lens, context, 5)
+        assert [x.chosen_prob for x in lens.layers] == pytest.approx([x.chosen_prob for x in again.layers], abs=1e-6)
+        mine = engine.attribute(context, 5)  # the same context: only its last token runs again
+        theirs = fresh(engine.attribute, context, 5)
+        assert [c.value for c in mine.components] == pytest.approx([c.value for c in theirs.components], abs=1e-5)
+        trace = engine.block_trace(context + [7], 1, 1)
+        alone = fresh(engine.block_trace, context + [7], 1, 1)
+        assert [r.norm for r in trace.rows] == pytest.approx([r.norm for r in alone.rows], rel=1e-5)
+        assert trace.rows[4].first == pytest.approx(alone.rows[4].first, abs=1e-5)
+
+
+def test_views_run_only_the_tokens_they_do_not_share_with_the_last_context(engines):
+    engine = engines["llama"]
+    ids = engine.encode(TEXT)
+    fed: list[int] = []
+    handle = engine.model.get_input_embeddings().register_forward_hook(lambda m, a, out: fed.append(a[0].shape[-1]))
+    try:
+        engine._inside._cache = None
+        engine.logit_lens(ids[:4], 5)  # whole
+        engine.logit_lens(ids[:5], 5)  # one token further
+        engine.attribute(ids[:5], 5)  # the same token: its last position again
+        engine.logit_lens(ids[:3], 5)  # back: the shared two kept
+        engine.rollout(ids[:3])  # every position's attention: whole
+    finally:
+        handle.remove()
+    assert fed == [4, 1, 1, 1, 3]

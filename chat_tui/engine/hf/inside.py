@@ -132,6 +132,8 @@ class HFInside:
         self.parts = find_parts(engine.model, engine.n_layer, engine.n_head)
         self.family = engine.model_type if engine.model_type in ATTRIBUTION_FAMILIES else None
         self._before: tuple[tuple[int, ...], torch.Tensor] | None = None  # knock-out's last original logits
+        self._cache: tuple[tuple[int, ...], Any] | None = None  # the last reused context and its KV cache
+        self._cache_lock = threading.Lock()
 
     # ------------------------------------------------------------------ what can be shown
 
@@ -278,18 +280,40 @@ class HFInside:
             patched.append((module, original))
         return handles
 
-    def _forward(self, ids: Sequence[int], *, hidden: bool = False, attentions: bool = False):
+    def _forward(self, ids: Sequence[int], *, attentions: bool = False, reuse: bool = False):
+        """The model over `ids`. With `reuse` (views that read only the last position), the tokens it shares
+        with the last context reused are not run again: their KV cache is kept (cut back to what they
+        share), and only the rest, at least the last token, goes through the model. The inspector
+        following a reply asks one token further each time, and its views of one token ask alike."""
         engine = self.engine
         inside_maths.check_context(ids, engine.context_length)
         x = torch.tensor([list(ids)], dtype=torch.long, device=engine.input_device)
         kwargs: dict[str, Any] = {"use_cache": False}
-        if hidden:
-            kwargs["output_hidden_states"] = True
         if attentions:
             kwargs["output_attentions"] = True
         if engine.logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        return engine.model(input_ids=x, **kwargs)
+        if not reuse or engine.decode_mode != "cache":
+            return engine.model(input_ids=x, **kwargs)
+        with self._cache_lock:
+            cached, self._cache = self._cache, None  # a pass that fails leaves no half-filled cache behind
+            start = 0
+            kwargs["use_cache"] = True
+            if cached is not None:
+                start = _shared_prefix(cached[0], ids, len(ids) - 1)
+                if start and _crop(cached[1], len(cached[0]) - start):
+                    kwargs[engine.cache_kwarg] = cached[1]
+                else:
+                    start = 0
+            if engine.takes_position_ids:
+                kwargs["position_ids"] = torch.arange(start, len(ids), device=engine.input_device).unsqueeze(0)
+            out = engine.model(input_ids=x[:, start:], **kwargs)
+            cache = getattr(out, "cache", None)
+            if cache is None:
+                cache = getattr(out, "past_key_values", None)
+            if cache is not None:
+                self._cache = (tuple(ids), cache)
+            return out
 
     def _logits(self, out: Any) -> torch.Tensor:
         return out.logits[0, -1].float().cpu()
@@ -300,7 +324,7 @@ class HFInside:
         self._require("lens")
         kept = _Kept()
         with torch.inference_mode(), self.hooks(kept):
-            logits = self._logits(self._forward(ids))
+            logits = self._logits(self._forward(ids, reuse=True))
             parts = self.parts
             n = len(parts.layers)
             rows = [parts.head(parts.final_norm(kept.resid_post[i][-1:]))[0].float().cpu() for i in range(n - 1)]
@@ -332,7 +356,7 @@ class HFInside:
             if self._before is not None and self._before[0] == key:  # knocking out heads again on one prefix
                 before = self._before[1]
             else:
-                before = self._logits(self._forward(ids))
+                before = self._logits(self._forward(ids, reuse=True))
                 self._before = (key, before)
             if heads:
                 with self.hooks(None, frozenset(heads)):
@@ -351,7 +375,7 @@ class HFInside:
         kept = _Kept()
         with torch.inference_mode():
             with self.hooks(kept):
-                logits = self._logits(self._forward(ids))
+                logits = self._logits(self._forward(ids, reuse=True))
             components = [(inside_maths.EMBED, kept.resid_pre[0][-1])]
             biases = []
             for i in range(len(parts.layers)):
@@ -384,16 +408,18 @@ class HFInside:
             weight = 1.0 + weight
         return inside_maths.FrozenNorm(weight, None, eps, centre=False)
 
-    def _qkv(self, ids: Sequence[int], layer: int) -> tuple[_Kept, torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """One hooked pass: what it kept, and layer `layer`'s q (heads, T, hd), k and v (kv heads, T, hd), scale."""
+    def _qkv(self, ids: Sequence[int], layer: int, *, last_only: bool = False,
+             ) -> tuple[_Kept, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """One hooked pass: what it kept, and layer `layer`'s q (heads, T, hd), k and v (kv heads, T, hd), scale
+        (`last_only`: T may hold only the new positions of a reused context, the last one among them)."""
         engine, parts = self.engine, self.parts
         inside_maths.check_heads(frozenset({(layer, 0)}), engine.n_layer, engine.n_head)
         kept = _Kept()
         with self.hooks(kept, qkv=True):
-            self._forward(ids)
+            self._forward(ids, reuse=last_only)
         attention = parts.attentions[layer]
         hd = parts.head_dim
-        T = len(ids)
+        T = kept.resid_pre[layer].shape[0]
         if self.family == "gpt2":
             q, k, v = kept.qkv[layer].split(attention.split_size, dim=-1)
             q, k, v = (t.view(T, -1, hd).transpose(0, 1) for t in (q, k, v))
@@ -408,7 +434,7 @@ class HFInside:
         engine = self.engine
         inside_maths.check_heads(frozenset({(layer, head)}), engine.n_layer, engine.n_head)
         with torch.inference_mode():
-            kept, q, k, v, _ = self._qkv(ids, layer)
+            kept, q, k, v, _ = self._qkv(ids, layer, last_only=True)
             kv_head = head // max(1, q.shape[0] // k.shape[0])
             base = engine.model.base_model
             embed = engine.model.get_input_embeddings()
@@ -453,6 +479,29 @@ class HFInside:
                 value_norms=weighted.norm(dim=-1).cpu().numpy(), output_norm=float(weighted.sum(0).norm()),
                 query_norm=float(qh.norm()), key_norms=kh.norm(dim=-1).cpu().numpy(),
             )
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
+
+
+def _crop(cache: Any, remove: int) -> bool:
+    """Drop the last `remove` positions of a KV cache in place; False when it cannot be cut back
+    (a sliding window or a recurrent state: the context then runs whole)."""
+    layers = getattr(cache, "layers", None)
+    if not hasattr(cache, "crop") or layers is None or not all(getattr(lay, "is_croppable", False) for lay in layers):
+        return False
+    if remove:
+        try:
+            cache.crop(-remove)
+        except Exception:  # noqa: BLE001 - a cache of another kind: run the context whole
+            return False
+    return True
 
 
 def inside_maths_unavailable(reason: str) -> Exception:
