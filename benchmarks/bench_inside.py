@@ -3,7 +3,7 @@
 Each view is asked as the inspector asks it, for the last token of a context of --context tokens,
 on two models:
 
-- the bundled mini-GPT (its views from `GPT.forward(capture=...)`): target <= 50 ms;
+- the bundled mini-GPT (its views from `GPT.forward(capture=...)`, one whole pass each): target <= 50 ms;
 - a GPT-2-124M-shaped model with random weights (`GPT2Config()`: 12 layers x 12 heads x 768,
   vocabulary 50257), through the Hugging Face backend's hooks: target <= 500 ms.
 
@@ -42,8 +42,9 @@ def median_ms(fn: Callable[[int], object], runs: int) -> float:
 
 def views(engine, ids: list[int], text: str) -> dict[str, Callable[[int], object]]:
     """Each view for run `r`: a context whose first token differs from every other run's, so no run
-    reuses the pass an earlier one kept (the cold cost), except "knock-out again", which switches other
-    heads off on one context (the inspector's flow: its original pass is kept)."""
+    reuses what an earlier one kept (the cold cost); and the inspector's warm flows: "lens, next token"
+    asks one token further each run (following a reply), "knock-out again" switches other heads off on
+    one context (its original pass is kept)."""
     last = engine.n_layer - 1
 
     def context(r: int) -> list[int]:
@@ -51,6 +52,7 @@ def views(engine, ids: list[int], text: str) -> dict[str, Callable[[int], object
 
     return {
         "lens": lambda r: engine.logit_lens(context(r)[:-1], ids[-1]),
+        "lens, next token": lambda r: engine.logit_lens(ids[: len(ids) // 2 + r], ids[-1]),
         "attribution": lambda r: engine.attribute(context(r)[:-1], ids[-1]),
         "rollout": lambda r: engine.rollout(context(r)),
         "knock-out": lambda r: engine.knock_out(context(r)[:-1], frozenset({(last, 0)})),
