@@ -253,3 +253,12 @@ def test_views_run_only_the_tokens_they_do_not_share_with_the_last_context(engin
     finally:
         handle.remove()
     assert fed == [4, 1, 1, 1, 3]
+
+
+def test_rollout_does_not_wait_long_for_a_reply_without_attention_weights(engines):
+    engine = engines["llama"]
+    assert engine._current_attention != "eager"
+    with engine._lock:  # a reply streaming with the fast attention
+        with pytest.raises(ExplainUnavailable, match="once the reply streaming without them has ended"):
+            engine.rollout(engine.encode(TEXT))
+    assert engine.rollout(engine.encode(TEXT)).rollout.sum() == pytest.approx(1.0, abs=1e-5)

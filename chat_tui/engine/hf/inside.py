@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 ATTRIBUTION_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
 NOT_FOR_ARCHITECTURE = "{view} is not available for this architecture ({model_type})"
 BLOCK_FIRST = 6  # the entries of q and k the block view shows
+ROLLOUT_WAIT_S = 0.5  # how long rollout waits for a reply that runs without attention weights
 
 _LAYER_LISTS = ("layers", "h", "blocks", "layer")
 _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
@@ -333,10 +334,14 @@ class HFInside:
     def rollout(self, ids: Sequence[int]) -> Rollout:
         self._require("rollout")
         engine = self.engine
-        # eager attention returns the weights; a reply streaming meanwhile with the fast one is waited for
+        # eager attention returns the weights; the switch waits for a reply streaming with the fast one, a
+        # little: the model's process answers its Esc on the thread that asks this
         with contextlib.ExitStack() as stack:
             if engine._current_attention != "eager":
-                stack.enter_context(engine._lock)
+                if not engine._lock.acquire(timeout=ROLLOUT_WAIT_S):
+                    raise inside_maths_unavailable("rollout needs the attention weights: it shows once the reply "
+                                                   "streaming without them has ended")
+                stack.callback(engine._lock.release)
                 if not engine.attention_mode(True):
                     raise inside_maths_unavailable(engine.attention_unavailable or "no attention weights")
                 stack.callback(engine.attention_mode, False)
