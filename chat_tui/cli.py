@@ -18,7 +18,8 @@ from typing import NoReturn
 from chat_tui import __version__
 from chat_tui.errors import CLIError, EngineError, TrainingError, first_line
 
-SUBCOMMANDS = ("ask", "compare", "train", "export", "import")
+SUBCOMMANDS = ("ask", "compare", "train", "export", "import", "tokens")
+TRACES = ("lens", "attribution")  # what `ask --json --trace` can add to each token
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -135,6 +136,21 @@ def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
     ask.add_argument("--raw", action="store_true", help="write the reply byte for byte (by default control "
                      "characters such as escape codes are shown as visible stand-ins, as in the app)")
+    inside = ask.add_argument_group("inside the model (the mini-GPT, and Hugging Face models: see the README)")
+    inside.add_argument("--trace", metavar="VIEWS", help="with --json: add to each token its logit lens (lens: the "
+                        "top tokens after each layer, and the layer from which the chosen one stays first) and its "
+                        "direct logit attribution (attribution: what each head and MLP wrote toward its logit); "
+                        "comma-separated")
+    inside.add_argument("--knockout", metavar="HEADS", help="generate with these attention heads switched off "
+                        "(their output zeroed), e.g. L1H2,L3H1 (layers and heads counted from 1)")
+
+    tokens = sub.add_parser("tokens", help="show how the model's tokenizer splits TEXT",
+                            description="Print each token of TEXT with its id and bytes, and the count (a byte-level "
+                            "BPE can split one Chinese character into two or three tokens).")
+    tokens.add_argument("text", metavar="TEXT", nargs="?", help="the text; '-', or none with input piped in, reads "
+                        "it from standard input")
+    _add_model_options(tokens, sub=True)
+    tokens.add_argument("--json", action="store_true", help="one JSON object: the tokens and the count")
 
     compare = sub.add_parser("compare", help="answer PROMPT with two to four settings (or models) side by side, on "
                              "the same random numbers", description="Each --set is a column: its settings over the "
@@ -233,12 +249,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     # Validate the flags before the (slow) model load, so a typo fails at once.
     sampling_params(args, SamplingParams())
+    traces = _traces(args)
+    if args.knockout is not None:
+        _heads(args.knockout, None)
     prompt = read_prompt(args.prompt)
     if not prompt.strip():
         raise CLIError("the prompt is empty")
     with _progress_bars_on_a_terminal_only():
         engine = load_engine(args.model, device=args.device, dtype=args.dtype, **model_options(args))
     params = sampling_params(args, engine.default_params())
+    opened = _inside_for(engine, [*traces, *(["knockout"] if args.knockout else [])])
+    knock_out = _heads(args.knockout, engine) if args.knockout else frozenset()
     conversation = []
     if args.system:
         conversation.append(Message("system", args.system))
@@ -249,11 +270,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
     tokens, reason, dropped, prefill, decode_s = 0, None, 0, 0.0, 0.0
     last = None  # the last step: where the window ended up
     cancel = threading.Event()
+    context: list[int] = []  # the prompt and the reply so far, for --trace
+    extra = {"knock_out": knock_out} if knock_out else {}
     try:
         # a plain reply reads only the text: the candidates (top-256, probabilities) are skipped
-        for step in engine.stream(conversation, params, cancel=cancel, candidates=args.json):
+        for step in engine.stream(conversation, params, cancel=cancel, candidates=args.json, **extra):
             tokens += 1
             if step.prompt is not None:
+                context = list(step.prompt.ids)
                 prefill = step.prompt.prefill_s
                 dropped = step.prompt.dropped_tokens
                 if dropped:
@@ -270,10 +294,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
                     "prob": _prob(step.prob),
                     "top": [{"token": c.text, "id": c.id, "prob": _prob(c.prob)} for c in step.top],
                 }
+                if opened is not None and traces:
+                    record.update(_trace_record(opened, traces, context[step.window_start : step.position],
+                                                step.token_id))
                 out.write(safe_json(json.dumps(record, ensure_ascii=False)) + "\n")
             else:
                 out.write(safe(step.text))
             out.flush()
+            context.append(step.token_id)
     except KeyboardInterrupt:
         cancel.set()
         reason = "cancelled"
@@ -285,6 +313,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             "stop_reason": reason or "cancelled",
             "dropped_tokens": dropped,
         }
+        if knock_out:
+            summary["knocked_out"] = _head_names(knock_out)
         if engine.decode_note:  # why the speed is what it is (stderr stays quiet: nothing is wrong)
             summary["decode_note"] = engine.decode_note
         from chat_tui.engine.remote import RemoteEngine
@@ -298,6 +328,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     else:
         out.write("\n")
     out.flush()
+    if knock_out and not args.json:
+        print(f"chat-tui: note: generated with {', '.join(_head_names(knock_out))} switched off", file=sys.stderr,
+              flush=True)
     if last is not None and last.window_start > 0:  # after the reply's last line, on a terminal too
         print(f"chat-tui: note: the context window filled; the model saw only the last "
               f"{last.position + 1 - last.window_start} tokens from token {last.window_start} on",
@@ -309,6 +342,97 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from chat_tui.compare_cli import run_compare
 
     return run_compare(args)
+
+
+def _traces(args: argparse.Namespace) -> list[str]:
+    """The views `--trace` asks for (checked: known names, and --json)."""
+    if args.trace is None:
+        return []
+    names = [name.strip() for name in args.trace.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TRACES]
+    if unknown or not names:
+        raise CLIError(f"--trace {args.trace!r}: choose from {', '.join(TRACES)} (comma-separated)")
+    if not args.json:
+        raise CLIError("--trace adds to each token's JSON object: use it with --json")
+    return list(dict.fromkeys(names))
+
+
+def _heads(text: str, engine) -> frozenset[tuple[int, int]]:
+    """`--knockout`'s heads; without an engine only the names are checked (before the load)."""
+    from chat_tui.engine.inside import parse_heads
+
+    size = (engine.n_layer, engine.n_head) if engine is not None else (1 << 30, 1 << 30)
+    try:
+        heads = parse_heads(text, *size)
+    except ValueError as exc:
+        raise CLIError(f"--knockout: {exc}") from None
+    if not heads:
+        raise CLIError("--knockout: name at least one head, e.g. L1H2")
+    return heads
+
+
+def _head_names(heads: frozenset[tuple[int, int]]) -> list[str]:
+    from chat_tui.engine.inside import head_name
+
+    return [head_name(layer, head) for layer, head in sorted(heads)]
+
+
+def _inside_for(engine, views: list[str]):
+    """The engine as an Inside when it can show `views` (none asked: None); else the one-line reason why not."""
+    if not views:
+        return None
+    from chat_tui.engine.inside_maths import inside_views_of
+
+    reasons = inside_views_of(engine)
+    for view in views:
+        if reasons.get(view) is not None:
+            raise CLIError(f"{engine.model_name}: {reasons[view]}")
+    from chat_tui.engine.inside import inside
+
+    return inside(engine)
+
+
+def _trace_record(opened, traces: list[str], ids: list[int], token_id: int) -> dict:
+    """A token's `--trace` fields: layers and heads counted from 1, as people name them."""
+    record: dict = {}
+    if "lens" in traces:
+        lens = opened.logit_lens(ids, token_id)
+        record["lens"] = [{"layer": layer.layer + 1,
+                           "top": [{"token": t.text, "id": t.id, "prob": _prob(t.prob)} for t in layer.top]}
+                          for layer in lens.layers]
+        record["commit_layer"] = None if lens.commit_layer is None else lens.commit_layer + 1
+    if "attribution" in traces:
+        attribution = opened.attribute(ids, token_id)
+        record["attribution"] = {
+            "logit": round(attribution.logit, 6), "bias": round(attribution.bias, 6),
+            "components": [{"name": c.name, "value": round(c.value, 6)} for c in attribution.components]}
+    return record
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from chat_tui.engine import load_engine
+    from chat_tui.textsafe import clean_json, clean_line
+
+    text = read_prompt(args.text)
+    if not text:
+        raise CLIError("the text is empty")
+    with _progress_bars_on_a_terminal_only():
+        engine = load_engine(getattr(args, "model", None), device=getattr(args, "device", None),
+                             dtype=getattr(args, "dtype", None), **model_options(args))
+    opened = _inside_for(engine, ["tokens"])
+    pieces = opened.token_pieces(text)
+    window = engine.context_length
+    if args.json:
+        record = {"tokens": [{"id": p.id, "token": p.text, "bytes": p.data.hex(" "), "start": p.start, "end": p.end}
+                             for p in pieces],
+                  "count": len(pieces), "context_length": window}
+        print(clean_json(json.dumps(record, ensure_ascii=False)))
+        return 0
+    width = max((len(p.data.hex(" ")) for p in pieces), default=0)
+    for p in pieces:
+        print(f"{p.id:>8}  {p.data.hex(' '):<{width}}  {clean_line(repr(p.text))}")
+    print(f"{len(pieces)} token{'s' if len(pieces) != 1 else ''}" + (f" of a {window}-token context" if window else ""))
+    return 0
 
 
 def _prob(p: float) -> float | None:
@@ -396,8 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return cmd_import(args)
 
-    handlers = {"ask": cmd_ask, "compare": cmd_compare, "train": cmd_train, "export": cmd_export, "import": cmd_import, "serve": cmd_serve,
-                None: cmd_app}
+    handlers = {"ask": cmd_ask, "compare": cmd_compare, "train": cmd_train, "export": cmd_export,
+                "import": cmd_import, "serve": cmd_serve, "tokens": cmd_tokens, None: cmd_app}
     try:
         return handlers[args.command](args) or 0
     except KeyboardInterrupt:

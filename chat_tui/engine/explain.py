@@ -56,7 +56,8 @@ def _model_of(engine_or_model: Any):
     backend = getattr(engine_or_model, "backend", type(engine_or_model).__name__)
     raise ExplainUnavailable(
         f"the {backend} backend does not expose its queries, keys and values: "
-        "q·k, the scaled scores and the value sizes are shown for the mini-GPT only"
+        "q·k, the scaled scores and the value sizes are shown for the mini-GPT and for GPT-2, Llama, Mistral, "
+        "Qwen and Gemma models only"
     )
 
 

@@ -56,6 +56,7 @@ class StreamRecord:
     params: list[SamplingParams]
     inspect: bool
     finish_reason: str | None = None
+    knock_out: frozenset[tuple[int, int]] = frozenset()  # the heads asked to be off (the fake has none to switch)
 
 
 def tokenize(text: str) -> list[str]:
@@ -243,11 +244,12 @@ class FakeEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
         candidates: bool = True,
+        knock_out: frozenset[tuple[int, int]] = frozenset(),
     ) -> Iterator[Step]:
         """The shared decode loop (`run_stream`) over the scripted reply, dressed with made-up numbers."""
         messages = list(conversation)
         first = resolve_params(params)
-        record = StreamRecord(messages, [], inspect)
+        record = StreamRecord(messages, [], inspect, knock_out=frozenset(knock_out))
         self.records.append(record)
         seed = first.seed if first.seed is not None else random.Random(self.seed + self.calls).randrange(2**31)
         runner = _ScriptRunner(self, lambda: self._script(messages, first), cancel)
@@ -265,6 +267,7 @@ class FakeEngine:
             model_name=self.model_name,
             candidates=False,  # the loop's would be those of the certain logits: `_dress` makes some up
             default_seed=seed,
+            knock_out=knock_out,
         )
         while True:
             # the fake model's time for a token, spent before the loop picks it: Esc meanwhile cancels it

@@ -259,6 +259,7 @@ def run_stream(
     model_name: str | None = None,
     candidates: bool = True,
     default_seed: int | None = None,
+    knock_out: frozenset[tuple[int, int]] = frozenset(),
 ) -> Iterator[Step]:
     """Generate a reply, one Step per token. See `chat_tui.engine.types.Step`.
 
@@ -271,6 +272,7 @@ def run_stream(
     `window_start` telling the first position the model still sees.
 
     `default_seed`: the seed when `params.seed` is None (else a random one; a test fake passes its own).
+    `knock_out`: the heads the runner has switched off, recorded in the PromptInfo (the runner does the switching).
     """
     started = time.perf_counter()
     first = resolve_params(params)
@@ -294,6 +296,7 @@ def run_stream(
             seed=seed,
             prefill_s=time.perf_counter() - started,
             attention=_attention16(prompt_attention),
+            knocked_out=frozenset(knock_out),
         )
     history = _History(fitted.ids, context_length + 1)
     detok = IncrementalDetokenizer(decode)
@@ -400,6 +403,7 @@ def stream_engine(
     inspect: bool,
     cancel: threading.Event | None,
     candidates: bool,
+    knock_out: frozenset[tuple[int, int]] = frozenset(),
 ) -> Iterator[Step]:
     """`run_stream` for an engine that renders and decodes itself (the mini-GPT, Hugging Face models).
 
@@ -419,4 +423,5 @@ def stream_engine(
         cancel=cancel,
         model_name=engine.model_name,
         candidates=candidates,
+        knock_out=knock_out,
     )

@@ -24,6 +24,17 @@ from chat_tui.engine.chat_formats import PLAIN_STOP, TEXT_FORMATS, render_text
 from chat_tui.engine.checkpoint import TIED, checkpoint_hash, model_from_arrays, read_checkpoint
 from chat_tui.engine.generation import stream_engine
 from chat_tui.engine.gptconfig import ACTIVATIONS, GPTConfig
+from chat_tui.engine.inside import (
+    INSIDE_VIEWS,
+    Attribution,
+    BlockRow,
+    BlockTrace,
+    Head,
+    KnockOut,
+    Lens,
+    Rollout,
+    TokenPiece,
+)
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, ChatTokenizer
 from chat_tui.engine.types import Conversation, EngineError, Message, MessageSpan, ParamsSource, Step
@@ -134,10 +145,11 @@ class MiniGPTRunner:
     no `model`), or in torch (`model` given: a GPU, or a dtype other than float32).
 
     `masked_ids` (tokens the checkpoint never learned) get logit -inf in every row it returns.
+    `knock_out` (the torch path only): heads (layer, head) whose outputs are zeroed.
     """
 
     def __init__(self, config: GPTConfig, weights: DecodeWeights, *, model: GPT | None = None,
-                 masked_ids: Sequence[int] = ()) -> None:
+                 masked_ids: Sequence[int] = (), knock_out: frozenset[Head] = frozenset()) -> None:
         self.config = config
         self.weights = weights
         self.model = model
@@ -153,10 +165,14 @@ class MiniGPTRunner:
             self.length = 0
             self._buffers = _FeedBuffers(config, weights, self.kv)
         else:
+            from chat_tui.engine.inside_maths import head_mask
             from chat_tui.engine.model import KVCache
 
             parameter = next(model.parameters())
             self.cache = KVCache(config, device=parameter.device, dtype=parameter.dtype)
+            self.head_mask = head_mask(knock_out, config.n_layer, config.n_head, parameter)
+        if knock_out and self.numpy_path:
+            raise ValueError("heads can be knocked out on the torch path only")
 
     def prefill(self, ids: Sequence[int], inspect: bool):
         """Start afresh with `ids`: the logits [V] after the last one and, when inspecting, the
@@ -170,7 +186,8 @@ class MiniGPTRunner:
 
             self.cache.reset()
             x = torch.tensor([list(ids)], dtype=torch.long, device=self.cache.kv.device)
-            out, _, attention = self.model(x, cache=self.cache, capture=inspect, last_only=True)
+            out, _, attention = self.model(x, cache=self.cache, capture=inspect, last_only=True,
+                                           head_mask=self.head_mask)
             logits = out[0, -1]
             matrix = None
             if attention is not None:
@@ -229,7 +246,10 @@ class MiniGPTRunner:
             weights = torch.softmax(scores, dim=-1)
             if inspect:
                 rows.append(weights[:, 0])
-            y = torch.matmul(weights, values[:, :S]).view(1, C)
+            y = torch.matmul(weights, values[:, :S])  # (heads, 1, head_dim)
+            if self.head_mask is not None:
+                y = y * self.head_mask[i].view(nh, 1, 1)
+            y = y.view(1, C)
             x = x + torch.addmm(layer.attn_proj[1], y, layer.attn_proj[0])
             h = F.layer_norm(x, (C,), *layer.ln_2, eps)
             h = F.gelu(torch.addmm(layer.fc[1], h, layer.fc[0]), approximate=w.approximate)
@@ -483,6 +503,8 @@ class MiniGPTEngine:
         # raw keeps special-token strings you type as the tokens (you write the format by hand), as for
         # Hugging Face models; a copy, because the shared tokenizer keeps them plain text everywhere else
         self._raw_tokenizer = Tokenizer.from_str(tokenizer.tokenizer.to_str()) if self.chat_format == "raw" else None
+        # the last GPT.forward(capture=True) of the inside views, kept for the next view of the same token
+        self._last_trace: tuple[Any, Any] | None = None
 
     # explain_attention works here (it builds the torch model on first use)
     explains = True
@@ -520,13 +542,15 @@ class MiniGPTEngine:
         model = model_from_arrays(checkpoint.config, checkpoint.arrays, torch_device)
         return cls(model, checkpoint.tokenizer, checkpoint.defaults, **common)
 
-    def runner(self) -> MiniGPTRunner:
-        """A fresh runner (its own KV cache) over this engine's weights."""
-        if self._numpy_weights is not None:
+    def runner(self, knock_out: frozenset[Head] = frozenset()) -> MiniGPTRunner:
+        """A fresh runner (its own KV cache) over this engine's weights. With heads to `knock_out` it runs
+        the torch path, whose head mask switches them off (the numpy kernel has none)."""
+        if self._numpy_weights is not None and not knock_out:
             return MiniGPTRunner(self.config, self._numpy_weights, masked_ids=self.untrained_token_ids)
         if self._torch_weights is None:
             self._torch_weights = DecodeWeights.from_model(self.model)
-        return MiniGPTRunner(self.config, self._torch_weights, model=self.model, masked_ids=self.untrained_token_ids)
+        return MiniGPTRunner(self.config, self._torch_weights, model=self.model, masked_ids=self.untrained_token_ids,
+                             knock_out=knock_out)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -564,12 +588,18 @@ class MiniGPTEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
         candidates: bool = True,
+        knock_out: frozenset[tuple[int, int]] = frozenset(),
     ) -> Iterator[Step]:
+        heads = frozenset(knock_out)
+        if heads:
+            from chat_tui.engine.inside_maths import check_heads_or_fail
+
+            check_heads_or_fail(heads, self.n_layer, self.n_head)
         with self._lock:
-            runner = self.runner()
+            runner = self.runner(heads)
             with single_threaded_blas() if runner.numpy_path else contextlib.nullcontext():
                 yield from stream_engine(self, runner, conversation, params, stops=self._format_stops,
-                                         inspect=inspect, cancel=cancel, candidates=candidates)
+                                         inspect=inspect, cancel=cancel, candidates=candidates, knock_out=heads)
 
     def stream_columns(self, conversation: Conversation, params: Sequence[ParamsSource], *,
                        cancel: threading.Event | None = None, candidates: bool = True) -> Iterator[tuple[int, Step]]:
@@ -605,3 +635,123 @@ class MiniGPTEngine:
         from chat_tui.engine.explain import replay_chain
 
         return replay_chain(step, context_ids, params, vocab_size=self.vocab_size)
+
+    # ------------------------------------------------------------------ Inside: the issue #14 views
+
+    def inside_views(self) -> dict[str, str | None]:
+        return dict.fromkeys(INSIDE_VIEWS)
+
+    def _trace(self, ids: Sequence[int], heads: frozenset[Head] = frozenset()):
+        """One pass of `GPT.forward(capture=True)` over `ids`: (the last position's logits (V,), the
+        per-layer captures), the never-learned tokens masked as in decoding."""
+        import torch
+
+        from chat_tui.engine.inside_maths import check_context, check_heads, head_mask
+
+        check_context(ids, self.context_length)
+        check_heads(heads, self.n_layer, self.n_head)
+        key = (tuple(ids), frozenset(heads))
+        last = self._last_trace
+        if last is not None and last[0] == key:  # the views of one token ask for the same pass
+            return last[1]
+        model = self.model
+        parameter = next(model.parameters())
+        with torch.inference_mode():
+            x = torch.tensor([list(ids)], dtype=torch.long, device=parameter.device)
+            mask = head_mask(heads, self.n_layer, self.n_head, parameter)
+            logits, _, capture = model(x, capture=True, last_only=True, head_mask=mask)
+            result = self._masked(logits[0, -1].float()), capture
+        if not heads:  # knocking heads out again and again keeps the original pass
+            self._last_trace = (key, result)
+        return result
+
+    def _masked(self, logits):
+        if self.untrained_token_ids:
+            logits = logits.clone()
+            logits[list(self.untrained_token_ids)] = float("-inf")
+        return logits
+
+    def logit_lens(self, ids: Sequence[int], token_id: int, top: int = 3) -> Lens:
+        import torch
+
+        from chat_tui.engine import inside_maths
+
+        logits, capture = self._trace(ids)
+        model = self.model
+        with torch.inference_mode():
+            residuals = torch.stack([layer.resid_post[0, -1] for layer in capture[:-1]])
+            layer_logits = model.lm_head(model.transformer.ln_f(residuals)).float() if len(capture) > 1 else None
+            rows = [self._masked(row) for row in layer_logits] if layer_logits is not None else []
+            return inside_maths.lens(torch.stack([*rows, logits]), token_id, top, self.token_text)
+
+    def attribute(self, ids: Sequence[int], token_id: int) -> Attribution:
+        import torch
+
+        from chat_tui.engine import inside_maths
+
+        logits, capture = self._trace(ids)
+        model = self.model
+        ln_f = model.transformer.ln_f
+        with torch.inference_mode():
+            parts = [(inside_maths.EMBED, capture[0].resid_pre[0, -1])]
+            biases = []
+            for i, (layer, block) in enumerate(zip(capture, model.transformer.h, strict=True)):
+                heads, bias = inside_maths.head_parts(i, layer.heads[0, :, -1], block.attn.c_proj)
+                parts += heads
+                biases += [bias, block.mlp.c_proj.bias]
+                parts.append((inside_maths.mlp_component(i), layer.mlp_out[0, -1] - block.mlp.c_proj.bias))
+            norm = inside_maths.FrozenNorm(ln_f.weight, ln_f.bias, ln_f.eps, centre=True)
+            return inside_maths.attribute(token_id, float(logits[token_id]), capture[-1].resid_post[0, -1], parts,
+                                          biases, norm, model.lm_head.weight[token_id])
+
+    def rollout(self, ids: Sequence[int]) -> Rollout:
+        from chat_tui.engine import inside_maths
+
+        _, capture = self._trace(ids)
+        return inside_maths.rollout([layer.weights[0] for layer in capture])
+
+    def knock_out(self, ids: Sequence[int], heads: frozenset[Head], top: int = 8) -> KnockOut:
+        from chat_tui.engine import inside_maths
+
+        before, _ = self._trace(ids)
+        after, _ = self._trace(ids, frozenset(heads)) if heads else (before, None)
+        return inside_maths.knock_out(frozenset(heads), before, after, top, self.token_text)
+
+    def token_pieces(self, text: str) -> list[TokenPiece]:
+        from chat_tui.engine.inside_maths import token_pieces
+
+        return token_pieces(self.tokenizer.tokenizer, text, self.token_text)
+
+    def block_trace(self, ids: Sequence[int], layer: int, head: int) -> BlockTrace:
+        import torch
+
+        from chat_tui.engine.inside_maths import check_heads
+
+        check_heads(frozenset({(layer, head)}), self.n_layer, self.n_head)
+        _, capture = self._trace(ids)
+        model = self.model
+        c = capture[layer]
+        with torch.inference_mode():
+            position = len(ids) - 1
+            rows = [BlockRow("token embedding", _norm(model.transformer.wte.weight[ids[-1]])),
+                    BlockRow("position embedding", _norm(model.transformer.wpe.weight[position]))]
+            if layer > 0:
+                rows.append(BlockRow("residual in", _norm(c.resid_pre[0, -1])))
+            rows.append(BlockRow("layer norm 1", _norm(c.ln_1[0, -1])))
+            q, k, v = c.q[0, head, -1], c.k[0, head, position], c.v[0, head, position]
+            rows += [BlockRow("q", _norm(q), _first(q)), BlockRow("k", _norm(k), _first(k)), BlockRow("v", _norm(v))]
+            rows += [BlockRow(name, _norm(value[0, -1])) for name, value in (
+                ("attention output", c.attn_out), ("residual + attention", c.resid_mid), ("layer norm 2", c.ln_2),
+                ("MLP output", c.mlp_out), ("residual + MLP", c.resid_post))]
+        return BlockTrace(layer=layer, head=head, rows=rows)
+
+
+BLOCK_FIRST = 6  # the entries of q and k the block view shows
+
+
+def _norm(vector) -> float:
+    return float(vector.float().norm())
+
+
+def _first(vector) -> list[float]:
+    return [float(v) for v in vector[:BLOCK_FIRST].float().tolist()]

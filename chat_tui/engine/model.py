@@ -55,13 +55,23 @@ class KVCache:
 
 
 class AttentionCapture(NamedTuple):
-    """One layer's attention, kept by `GPT.forward(capture=True)`; each (B, heads, positions, ...)."""
+    """One layer, kept by `GPT.forward(capture=True)`: its attention, each (B, heads, positions, ...),
+    and the residual stream through the block, each (B, T, n_embd) (the inspector's lens,
+    attribution and block views read these)."""
 
     q: torch.Tensor  # (B, heads, T, head_dim): the queries of the positions fed
     k: torch.Tensor  # (B, heads, S, head_dim): every key they see (with a cache: the past ones too, views of it)
     v: torch.Tensor  # (B, heads, S, head_dim)
     scores: torch.Tensor  # (B, heads, T, S): (q · k) / √head_dim, -inf where causality masks
     weights: torch.Tensor  # (B, heads, T, S): softmax(scores)
+    heads: torch.Tensor | None = None  # (B, heads, T, head_dim): each head's output, before the projection
+    resid_pre: torch.Tensor | None = None  # the block's input (layer 0: token + position embedding)
+    ln_1: torch.Tensor | None = None
+    attn_out: torch.Tensor | None = None  # after the output projection
+    resid_mid: torch.Tensor | None = None  # resid_pre + attn_out
+    ln_2: torch.Tensor | None = None
+    mlp_out: torch.Tensor | None = None
+    resid_post: torch.Tensor | None = None  # resid_mid + mlp_out: the block's output
 
 
 class CausalSelfAttention(nn.Module):
@@ -78,7 +88,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, layer: int = 0, cache: KVCache | None = None, capture: list | None = None):
+    def forward(self, x, layer: int = 0, cache: KVCache | None = None, capture: list | None = None,
+                head_mask: torch.Tensor | None = None):
+        """`head_mask` (heads,): each head's output is multiplied by it before the projection (0 knocks it out)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -104,8 +116,12 @@ class CausalSelfAttention(nn.Module):
             if T > 1:
                 scores = scores.masked_fill(~_causal_mask(T, S, past, x.device), float("-inf"))
             weights = F.softmax(scores, dim=-1)
-            capture.append(AttentionCapture(q, k, v, scores, weights))
             y = self.attn_dropout(weights) @ v
+            if head_mask is not None:
+                y = y * head_mask.view(1, -1, 1, 1).to(y.dtype)
+            capture.append(AttentionCapture(q, k, v, scores, weights, heads=y))
+        if capture is None and head_mask is not None:
+            y = y * head_mask.view(1, -1, 1, 1).to(y.dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -137,9 +153,18 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer: int = 0, cache: KVCache | None = None, capture: list | None = None):
-        x = x + self.attn(self.ln_1(x), layer, cache, capture)  # pre-LayerNorm, residual
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, layer: int = 0, cache: KVCache | None = None, capture: list | None = None,
+                head_mask: torch.Tensor | None = None):
+        ln_1 = self.ln_1(x)  # pre-LayerNorm, residual
+        attn_out = self.attn(ln_1, layer, cache, capture, head_mask)
+        mid = x + attn_out
+        ln_2 = self.ln_2(mid)
+        mlp_out = self.mlp(ln_2)
+        out = mid + mlp_out
+        if capture is not None:
+            capture[-1] = capture[-1]._replace(resid_pre=x, ln_1=ln_1, attn_out=attn_out, resid_mid=mid, ln_2=ln_2,
+                                               mlp_out=mlp_out, resid_post=out)
+        return out
 
 
 class GPT(nn.Module):
@@ -183,12 +208,14 @@ class GPT(nn.Module):
         capture: bool = False,
         loss_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        head_mask: torch.Tensor | None = None,
     ):
         """Logits for `idx` (B, T). With a cache, `idx` continues the cached positions.
 
         Returns (logits, loss, attention): `loss` when `targets` are given (averaged over the
         positions where `loss_mask` is 1, if given, else over the targets that are not -1);
         `attention` is a list per layer of `AttentionCapture` when `capture` is on, else None.
+        `head_mask` (layers, heads): each head's output is multiplied by it (0 switches the head off).
         """
         B, T = idx.size()
         past = cache.length if cache is not None else 0
@@ -198,7 +225,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         attention: list[AttentionCapture] | None = [] if capture else None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, i, cache, attention)
+            x = block(x, i, cache, attention, None if head_mask is None else head_mask[i])
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)

@@ -44,6 +44,8 @@ from multiprocessing.connection import Connection
 from typing import IO, TYPE_CHECKING, Any
 
 from chat_tui.engine.collector import tune_collection
+from chat_tui.engine.inside import Attribution, BlockTrace, Head, KnockOut, Lens, Rollout, TokenPiece
+from chat_tui.engine.inside_maths import inside_views_of
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import (
     Conversation,
@@ -78,7 +80,8 @@ ATTRIBUTES = tuple(Engine.__annotations__)
 # again with each stream's end
 REFRESHED = ("attention_unavailable", "attention_note", "decode_note")
 # the engine methods the app may ask the child for, besides `stream`
-CALLS = ("encode", "decode", "token_text", "token_texts", "render", "explain_attention", "replay_chain")
+CALLS = ("encode", "decode", "token_text", "token_texts", "render", "explain_attention", "replay_chain",
+         "logit_lens", "attribute", "rollout", "knock_out", "token_pieces", "block_trace")
 
 Setup = Callable[[Any], None]
 Payload = tuple[BaseException | None, str, str]  # an exception on its way across (see _portable)
@@ -116,6 +119,7 @@ class ProcessEngine:
         for name in ATTRIBUTES:
             setattr(self, name, info.get(name))
         self.explains = bool(info.get("explains"))
+        self._inside_views: dict[str, str | None] = info["inside_views"]
         self._defaults: SamplingParams | Payload = info["default_params"]
 
     # ------------------------------------------------------------------ start and stop
@@ -259,6 +263,29 @@ class ProcessEngine:
         """`chat_tui.engine.explain.replay_chain` for this model's vocabulary (a ChainReplay)."""
         return self._call("replay_chain", step, None if context_ids is None else list(context_ids), params)
 
+    # The inside views (issue #14), computed in the child; which it can show is known from its load
+
+    def inside_views(self) -> dict[str, str | None]:
+        return dict(self._inside_views)
+
+    def logit_lens(self, ids: Sequence[int], token_id: int, top: int = 3) -> Lens:
+        return self._call("logit_lens", list(ids), token_id, top)
+
+    def attribute(self, ids: Sequence[int], token_id: int) -> Attribution:
+        return self._call("attribute", list(ids), token_id)
+
+    def rollout(self, ids: Sequence[int]) -> Rollout:
+        return self._call("rollout", list(ids))
+
+    def knock_out(self, ids: Sequence[int], heads: frozenset[Head], top: int = 8) -> KnockOut:
+        return self._call("knock_out", list(ids), frozenset(heads), top)
+
+    def token_pieces(self, text: str) -> list[TokenPiece]:
+        return self._call("token_pieces", text)
+
+    def block_trace(self, ids: Sequence[int], layer: int, head: int) -> BlockTrace:
+        return self._call("block_trace", list(ids), layer, head)
+
     def stream(
         self,
         conversation: Conversation,
@@ -267,13 +294,14 @@ class ProcessEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
         candidates: bool = True,
+        knock_out: frozenset[tuple[int, int]] = frozenset(),
     ) -> Iterator[Step]:
         # one stream at a time; a caller that is cancelled while it waits for the last one gets nothing
         while not self._stream_lock.acquire(timeout=POLL_S * 10):
             if cancel is not None and cancel.is_set():
                 return
         try:
-            yield from self._stream(conversation, params, inspect, cancel, candidates)
+            yield from self._stream(conversation, params, inspect, cancel, candidates, frozenset(knock_out))
         finally:
             self._stream_lock.release()
 
@@ -286,14 +314,15 @@ class ProcessEngine:
                 return
         try:
             fixed = [resolve_params(p) for p in params]
-            yield from self._stream(conversation, fixed, False, cancel, candidates, request="stream_columns")
+            yield from self._stream(conversation, fixed, False, cancel, candidates, frozenset(), request="stream_columns")
         finally:
             self._stream_lock.release()
 
     def _stream(self, conversation: Conversation, params: ParamsSource | list[SamplingParams], inspect: bool,
-                cancel: threading.Event | None, candidates: bool, request: str = "stream") -> Iterator[Any]:
+                cancel: threading.Event | None, candidates: bool, knock_out: frozenset[Head],
+                request: str = "stream") -> Iterator[Any]:
         sent = params if isinstance(params, list) else resolve_params(params)
-        self._send((request, (list(conversation), sent, inspect, candidates)))
+        self._send((request, (list(conversation), sent, inspect, candidates, knock_out)))
         pending: deque[Any] = deque()  # received in one batch, not yet handed on
         cancel_sent = False
         ended = False
@@ -549,11 +578,11 @@ def _serve(control: Connection, steps: Connection, model: str | None, device: st
         elif kind in ("stream", "stream_columns"):
             if worker is not None:
                 worker.join()  # the app reads each stream to its end before it starts another
-            conversation, params, inspect, candidates = payload
+            conversation, params, inspect, candidates, knock_out = payload
             cancel = threading.Event()
             if kind == "stream":
                 latest["params"] = params
-                generate = _stream_of(engine, conversation, latest, inspect, candidates, cancel)
+                generate = _stream_of(engine, conversation, latest, inspect, candidates, knock_out, cancel)
             else:
                 from chat_tui.engine.compare import stream_columns
 
@@ -587,10 +616,12 @@ def _answer(engine: Any, name: str, args: tuple[Any, ...]) -> Any:
 
 
 def _stream_of(engine: Any, conversation: Conversation, latest: dict[str, SamplingParams], inspect: bool,
-               candidates: bool, cancel: threading.Event) -> Iterator[Step]:
+               candidates: bool, knock_out: frozenset[Head], cancel: threading.Event) -> Iterator[Step]:
     """A reply's steps; the settings are asked again at every token (the app sends edits as they happen)."""
+    # an engine that cannot switch heads off is asked only when some are to be off
+    extra = {"knock_out": knock_out} if knock_out else {}
     return engine.stream(conversation, lambda: latest["params"], inspect=inspect, cancel=cancel,
-                         candidates=candidates)
+                         candidates=candidates, **extra)
 
 
 def _generate(engine: Any, steps: Connection, generate: Iterator[Any], cancel: threading.Event) -> None:
@@ -624,6 +655,7 @@ def _describe(engine: Any) -> dict[str, Any]:
     info["vocab_size"] = vocab_size_of(engine)  # the Hugging Face engine's is its model's config's
     # the mini-GPT says so without building its torch model
     info["explains"] = explainer(engine) is not None
+    info["inside_views"] = inside_views_of(engine)
     try:
         info["default_params"] = engine.default_params()
     except Exception as exc:  # raised again when the app asks

@@ -27,6 +27,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from chat_tui.engine.inside import (
+    INSIDE_VIEWS,
+    Attribution,
+    BlockTrace,
+    Head,
+    KnockOut,
+    Lens,
+    Rollout,
+    TokenPiece,
+)
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import (
     Candidate,
@@ -257,7 +267,10 @@ class RemoteEngine:
         return [m.model_dump() if hasattr(m, "model_dump") else dict(m) for m in response.data]
 
     def stream(self, conversation: Conversation, params: ParamsSource, *, inspect: bool = False,
-               cancel: threading.Event | None = None, candidates: bool = True) -> Iterator[Step]:
+               cancel: threading.Event | None = None, candidates: bool = True,
+               knock_out: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Step]:
+        if knock_out:
+            raise ServerError(f"{self.server} runs the model: its heads cannot be switched off from here")
         cancel = cancel or threading.Event()
         started = time.perf_counter()
         first = resolve_params(params)  # one request, one set of settings: later changes apply next time
@@ -315,6 +328,35 @@ class RemoteEngine:
         if pending is not None:
             pending.finish_reason = "cancelled" if cancel.is_set() else reason
             yield pending
+
+    # ------------------------------------------------------------------ the inside views (issue #14): none
+
+    def inside_views(self) -> dict[str, str | None]:
+        """Every view says why not: the server keeps the model's layers, and its tokenizer too."""
+        reasons = dict.fromkeys(INSIDE_VIEWS, f"{self.server} keeps the model's layers: the server does not send them")
+        reasons["tokens"] = f"{self.server} tokenizes on the server: its tokens are not available here"
+        return reasons
+
+    def _no_view(self, view: str) -> ServerError:
+        return ServerError(self.inside_views()[view] or view)
+
+    def logit_lens(self, ids: Sequence[int], token_id: int, top: int = 3) -> Lens:
+        raise self._no_view("lens")
+
+    def attribute(self, ids: Sequence[int], token_id: int) -> Attribution:
+        raise self._no_view("attribution")
+
+    def rollout(self, ids: Sequence[int]) -> Rollout:
+        raise self._no_view("rollout")
+
+    def knock_out(self, ids: Sequence[int], heads: frozenset[Head], top: int = 8) -> KnockOut:
+        raise self._no_view("knockout")
+
+    def token_pieces(self, text: str) -> list[TokenPiece]:
+        raise self._no_view("tokens")
+
+    def block_trace(self, ids: Sequence[int], layer: int, head: int) -> BlockTrace:
+        raise self._no_view("block")
 
     # ------------------------------------------------------------------ requests and errors
 

@@ -79,6 +79,8 @@ class PromptInfo:
     note: str | None = None
     # a model on a server: the request fields it has rejected so far, left out of every request
     unsupported: tuple[str, ...] = ()
+    # the heads (layer, head), zero-based, whose outputs were zeroed for the whole reply (`stream(knock_out=...)`)
+    knocked_out: frozenset[tuple[int, int]] = frozenset()
 
 
 @dataclass
@@ -158,7 +160,11 @@ class Engine(Protocol):
         inspect: bool = False,
         cancel: threading.Event | None = None,
         candidates: bool = True,
-    ) -> Iterator[Step]: ...
+        knock_out: frozenset[tuple[int, int]] = frozenset(),
+    ) -> Iterator[Step]:
+        """One Step per token. `knock_out`: heads (layer, head), zero-based, whose outputs are zeroed for the
+        whole reply (an engine that cannot raises EngineError); the first Step's PromptInfo names them."""
+        ...
 
     # How many tokens the model can emit (None when the backend does not say); the candidates
     # view uses it to bound the tail of the distribution it did not keep.

@@ -82,11 +82,15 @@ def llama(llama_path):
     return load_engine(llama_path, device="cpu")
 
 
-def test_the_hf_engine_explains_nothing(llama):
-    assert explainer(llama) is None
+def test_a_llama_family_hf_engine_explains_its_attention(llama):
+    # issue #14: Explain reads the queries and keys of GPT-2 and the Llama/Mistral/Qwen/Gemma families
+    # (another architecture explains nothing: tests/engine/test_inside_hf.py)
+    assert explainer(llama) is llama
     assert vocab_size_of(llama) == llama.model.config.vocab_size
-    with pytest.raises(ExplainUnavailable, match="hf backend"):
-        explain_attention(llama, [1, 2, 3], 2, 0, 0)
+    explained = explain_attention(llama, [1, 2, 3], 2, 0, 0)
+    assert explained.weights.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="outside"):
+        explain_attention(llama, [1, 2, 3], 5, 0, 0)
 
 
 def test_the_hf_engine_is_an_engine(llama_path):
@@ -100,14 +104,16 @@ def test_the_hf_engine_is_an_engine(llama_path):
     engine.close()  # twice is harmless
 
 
-def test_a_hf_model_in_its_own_process_is_an_engine_that_explains_nothing(llama_path, llama):
+def test_a_hf_model_in_its_own_process_is_an_engine_that_explains_as_in_process(llama_path, llama):
     from chat_tui.engine.process import ProcessEngine
 
     engine = ProcessEngine.start(llama_path, device="cpu")
     try:
         assert isinstance(engine, Engine) and engine.alive
-        assert explainer(engine) is None and not can_explain(engine)
+        assert explainer(engine) is engine and can_explain(engine)
         assert engine.vocab_size == llama.model.config.vocab_size
+        theirs, ours = engine.explain_attention([1, 2, 3], 2, 1, 1), llama.explain_attention([1, 2, 3], 2, 1, 1)
+        assert np.allclose(theirs.weights, ours.weights) and np.allclose(theirs.qk, ours.qk)
         # its steps replay here, on their stored logits, as the in-process engine's do
         step = collect(engine.stream(HELLO, SamplingParams(temperature=0.8, seed=1, max_new_tokens=2))).steps[0]
         here, there = replay_for(engine, step, [], None), replay_for(llama, step, [], None)

@@ -495,3 +495,28 @@ def test_max_tokens_is_sent_as_max_completion_tokens_where_the_server_asks(scrip
     calls = len(Scripted.calls)
     reply_and_error(engine)
     assert len(Scripted.calls) == calls + 1 and "max_completion_tokens" in Scripted.calls[-1]  # no retry again
+def test_a_server_model_says_why_each_inside_view_is_not_shown(scripted):
+    from chat_tui.engine.inside import INSIDE_VIEWS, inside
+
+    _, url = scripted
+    Scripted.behaviour = "ok"
+    engine = RemoteEngine(url, timeout=5)
+    reasons = inside(engine).inside_views()
+    assert list(reasons) == list(INSIDE_VIEWS)
+    assert all(reason and "\n" not in reason for reason in reasons.values())
+    assert "tokenizes on the server" in reasons["tokens"]
+    with pytest.raises(ServerError, match="tokenizes on the server"):
+        engine.token_pieces("hello")
+    with pytest.raises(ServerError, match="keeps the model's layers"):
+        engine.logit_lens([1, 2], 3)
+
+
+def test_a_server_model_refuses_a_reply_with_heads_off_in_one_line(scripted):
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "ok"
+    engine = RemoteEngine(url, timeout=5)
+    with pytest.raises(ServerError, match="heads cannot be switched off") as caught:
+        list(engine.stream(HELLO, SamplingParams(), knock_out=frozenset({(0, 0)})))
+    assert "\n" not in str(caught.value)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,7 @@ from chat_tui.engine.hf.checks import (
 from chat_tui.engine.hf.defaults import defaults_from_generation_config, end_of_text_ids
 from chat_tui.engine.hf.errors import ChatTemplateError, MissingDependencyError
 from chat_tui.engine.hf.formats import ChatFormat
+from chat_tui.engine.hf.inside import HFInside
 from chat_tui.engine.hf.loading import (
     QUANTIZATIONS,
     load_config,
@@ -51,9 +52,14 @@ from chat_tui.engine.hf.memory import (
     short_count,
 )
 from chat_tui.engine.hf.runner import NO_ATTENTION, HFRunner, backend_decode
+from chat_tui.engine.inside import Attribution, BlockTrace, Head, KnockOut, Lens, Rollout, TokenPiece
+from chat_tui.engine.inside_maths import check_heads_or_fail
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Conversation, MessageSpan, ParamsSource, Step
 from chat_tui.errors import EngineError, first_line
+
+if TYPE_CHECKING:
+    from chat_tui.engine.explain import ChainReplay, Explanation
 
 
 class HFEngine:
@@ -279,10 +285,59 @@ class HFEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
         candidates: bool = True,
+        knock_out: frozenset[tuple[int, int]] = frozenset(),
     ) -> Iterator[Step]:
-        with self._lock, quiet_logs():  # transformers' notes (Reformer pads every step) are not the user's business
+        heads = frozenset(knock_out)
+        if heads:
+            reason = self.inside_views()["knockout"]
+            if reason is not None:
+                raise EngineError(reason)
+            check_heads_or_fail(heads, self.n_layer, self.n_head)
+        # transformers' notes (Reformer pads every step) are not the user's business
+        with self._lock, quiet_logs(), self._inside.hooks(None, heads) if heads else contextlib.nullcontext():
             yield from stream_engine(self, HFRunner(self), conversation, params, stops=self.format.stops,
-                                     inspect=inspect, cancel=cancel, candidates=candidates)
+                                     inspect=inspect, cancel=cancel, candidates=candidates, knock_out=heads)
+
+    # ------------------------------------------------------------------ the inside views (issue #14) and Explain
+
+    @cached_property
+    def _inside(self) -> HFInside:
+        return HFInside(self)
+
+    def inside_views(self) -> dict[str, str | None]:
+        return self._inside.views()
+
+    def logit_lens(self, ids: Sequence[int], token_id: int, top: int = 3) -> Lens:
+        return self._inside.lens(ids, token_id, top)
+
+    def attribute(self, ids: Sequence[int], token_id: int) -> Attribution:
+        return self._inside.attribute(ids, token_id)
+
+    def rollout(self, ids: Sequence[int]) -> Rollout:
+        return self._inside.rollout(ids)
+
+    def knock_out(self, ids: Sequence[int], heads: frozenset[Head], top: int = 8) -> KnockOut:
+        return self._inside.knock_out(ids, heads, top)
+
+    def token_pieces(self, text: str) -> list[TokenPiece]:
+        return self._inside.token_pieces(text)
+
+    def block_trace(self, ids: Sequence[int], layer: int, head: int) -> BlockTrace:
+        return self._inside.block_trace(ids, layer, head)
+
+    @property
+    def explains(self) -> bool:
+        """Explain (q·k ÷ √d) for the families whose queries and keys the hooks can read."""
+        return self.model is not None and self._inside.explains()
+
+    def explain_attention(self, ids: Sequence[int], query_position: int, layer: int, head: int) -> Explanation:
+        return self._inside.explain(ids, query_position, layer, head)
+
+    def replay_chain(self, step: Step, context_ids: Sequence[int] | None,
+                     params: SamplingParams | None) -> ChainReplay:
+        from chat_tui.engine.explain import replay_chain
+
+        return replay_chain(step, context_ids, params, vocab_size=self.vocab_size)
 
     def stream_columns(self, conversation: Conversation, params: Sequence[ParamsSource], *,
                        cancel: threading.Event | None = None, candidates: bool = True) -> Iterator[tuple[int, Step]]:
