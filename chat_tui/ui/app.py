@@ -37,6 +37,8 @@ from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
 from chat_tui.config import (
+    PANE_WIDTH_RANGE,
+    PANE_WIDTHS,
     SHIPPED_PRESETS,
     Config,
     Paths,
@@ -48,8 +50,6 @@ from chat_tui.config import (
     load_preset,
     save_preset,
     save_setting,
-    PANE_WIDTH_RANGE,
-    PANE_WIDTHS,
 )
 from chat_tui.engine.collector import freeze_long_lived, tune_collection
 from chat_tui.engine.params import InvalidParameter, SamplingParams
