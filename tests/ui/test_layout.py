@@ -96,3 +96,46 @@ async def test_defaults_come_from_the_model(make_app):
         await ready(pilot, app)
         assert app.model_defaults == engine.default_params() == app.sampling.table.defaults
         assert isinstance(app.model_defaults, SamplingParams)
+
+
+def _canvas_text(app) -> str:
+    from rich.style import Style
+
+    pane = app.inspector
+    size = pane.query_one("#attn-canvas").content_size
+    return "\n".join(strip.text for strip in pane.frame_strips(size.width, size.height, Style()))
+
+
+async def test_the_heatmap_labels_its_rows_with_the_window_tokens_and_explains_its_colours(make_app):
+    from chat_tui.ui.attention.help import ViewHelpScreen
+    from chat_tui.ui.attention.pane import HEATMAP_LABEL_WIDTH
+    from chat_tui.ui.attention.render import SCALE_MEANING
+    from chat_tui.ui.attention.views import fit
+    from chat_tui.ui.text import token_label
+
+    app, _ = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await send(pilot, app, "Write an add function in Python")
+        pane = app.inspector
+        size = pane.query_one("#attn-canvas").content_size
+        heatmap = pane.render_heatmap(size.width, size.height)
+        rows, _, _ = pane.heatmap_window(size.width, size.height)
+        tokens = pane.store.tokens
+        assert heatmap.row_labels == [fit(token_label(tokens[p]), HEATMAP_LABEL_WIDTH - 1) for p in rows]
+        assert len(rows) > 10
+        text = _canvas_text(app)
+        assert SCALE_MEANING["rowmax"] in text and "looks most at" in text
+        header = pane.header_text(size.width).plain
+        assert "layer 1/" in header and "head 1/" in header and "query ↓ attends to key →" in header
+        pane.focus()
+        await pilot.press("n")
+        await wait_for(pilot, lambda: SCALE_MEANING["sqrt"] in _canvas_text(app), what="the legend to follow the scale")
+        assert SCALE_MEANING["rowmax"] not in _canvas_text(app)
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, ViewHelpScreen), what="the view's explanation")
+        shown = str(app.screen.query_one("#view-help-text").render())
+        assert "softmax(q·kⱼ / √d)" in shown and "README" in shown and "sink" in shown
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ViewHelpScreen), what="the explanation to close")
