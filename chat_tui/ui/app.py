@@ -63,7 +63,7 @@ from chat_tui.ui.conversation import ConversationView, MessageView
 from chat_tui.ui.errors import describe, log_error
 from chat_tui.ui.messages import GenerationDone, ModelLoaded, ModelProgress, StepsReady
 from chat_tui.ui.prompt import PromptInput
-from chat_tui.ui.reply import ReplyController, details_line, prompt_messages
+from chat_tui.ui.reply import ReplyController, details_line, prompt_messages, receipt_text
 from chat_tui.ui.sampling import SamplingPane, SamplingTable
 from chat_tui.ui.screens import (
     ConfirmScreen,
@@ -117,9 +117,9 @@ STATE_STYLE = {
 }
 
 
-def details_text(item: ChatItem, live: GenJob | None = None) -> Text:
-    """The details under a reply, as the conversation shows them (see `details_line`)."""
-    return Text(details_line(item, live), style="dim", no_wrap=False, end="")
+def details_text(item: ChatItem, live: GenJob | None = None, defaults: SamplingParams | None = None) -> Text:
+    """The one dim line under a reply, as the conversation shows it (see `details_line`)."""
+    return Text(details_line(item, live, defaults), style="dim", no_wrap=True, overflow="ellipsis", end="")
 
 
 def tune_runtime() -> None:
@@ -503,6 +503,15 @@ class ChatApp(App[int], inherit_bindings=False):
         if name == "inspector":
             pane.focus()
 
+    def action_receipt(self) -> None:
+        """`i` on a picked message: its full receipt (model, checkpoint hash, every setting, seed)."""
+        focused = self.focused
+        item = getattr(focused, "item", None)
+        if not isinstance(item, ChatItem) or item.role != "assistant":
+            self.notify("Pick a reply first (Ctrl+↑), then i shows its receipt.", markup=False)
+            return
+        self.notify(receipt_text(item), title="Receipt", timeout=20, markup=False)
+
     def action_restore_panes(self) -> None:
         screen = self.screen
         if isinstance(screen, MainScreen):
@@ -511,7 +520,7 @@ class ChatApp(App[int], inherit_bindings=False):
     # ------------------------------------------------------------------ start-up
 
     def on_mount(self) -> None:
-        self.conversation.meta_for = details_text
+        self.conversation.meta_for = lambda item, live=None: details_text(item, live, self.model_defaults)
         self._apply_config()
         self._open_store()
         self.replies.store = self.store
@@ -1218,7 +1227,7 @@ class ChatApp(App[int], inherit_bindings=False):
     def reply_progress(self, job: GenJob, final: bool) -> None:
         view = self._view_for(job.item)
         if view is not None:
-            view.set_meta(details_text(job.item, live=None if final else job))
+            view.set_meta(details_text(job.item, None if final else job, self.model_defaults))
         pane = self._inspector_pane()
         if pane is not None:
             pane.show_step(job.last_step)

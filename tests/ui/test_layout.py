@@ -139,3 +139,17 @@ async def test_the_heatmap_labels_its_rows_with_the_window_tokens_and_explains_i
         assert "softmax(q·kⱼ / √d)" in shown and "README" in shown and "sink" in shown
         await pilot.press("escape")
         await wait_for(pilot, lambda: not isinstance(app.screen, ViewHelpScreen), what="the explanation to close")
+
+
+async def test_a_reply_has_one_receipt_line_and_i_shows_the_full_one(make_app):
+    app, _ = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "hi")
+        reply = app.conversation.items[-1]
+        line = app.conversation.meta_for(reply)
+        assert "\n" not in line.plain and "tok/s" in line.plain and "seed" not in line.plain
+        await pilot.press("ctrl+up")
+        await wait_for(pilot, lambda: getattr(app.focused, "item", None) is reply, what="the reply to be picked")
+        await pilot.press("i")
+        await wait_for(pilot, lambda: any("seed: 7" in n.message for n in app._notifications), what="the receipt")

@@ -87,3 +87,30 @@ def test_conversation_list(snap_compare, steady):
         await pilot.pause(0.1)
 
     assert snap_compare(make(["x"]), terminal_size=(100, 30), run_before=open_list)
+
+
+def test_main_screen_200x50(snap_compare, steady):
+    assert snap_compare(make([CODE_REPLY]), terminal_size=(200, 50), run_before=one_exchange)
+
+
+async def _maximised_inspector(pilot) -> None:
+    await one_exchange(pilot)
+    pilot.app.action_maximize("inspector")
+    pane = pilot.app._inspector_pane()
+    await pilot.pause(0.2)
+    pane.redraw()
+    await pilot.pause(0.1)
+
+
+def test_maximised_inspector_120x40(snap_compare, steady):
+    assert snap_compare(make([CODE_REPLY]), terminal_size=(120, 40), run_before=_maximised_inspector)
+
+
+async def _full_sampling(pilot) -> None:
+    await one_exchange(pilot)
+    await pilot.press("f5")
+    await pilot.pause(0.2)
+
+
+def test_full_sampling_pane_120x40(snap_compare, steady):
+    assert snap_compare(make([CODE_REPLY]), terminal_size=(120, 40), run_before=_full_sampling)
