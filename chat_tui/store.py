@@ -71,6 +71,7 @@ class ConversationInfo:
     model: str | None = None
     system_prompt: str = ""
     messages: int = 0
+    preview: str = ""  # the start of the newest message (the conversation list shows it)
 
 
 @dataclass
@@ -262,23 +263,35 @@ class Store:
             model=row["model"],
             system_prompt=row["system_prompt"],
             messages=row["n"],
+            preview=(row["preview"] or "") if "preview" in row.keys() else "",
         )
 
     def list_conversations(
-        self, limit: int = 50, *, before: tuple[float, int] | None = None
+        self, limit: int = 50, *, before: tuple[float, int] | None = None, search: str = ""
     ) -> list[ConversationInfo]:
-        """One page, newest first. Pass the (updated_at, id) of the last row seen to get the next page.
+        """One page, newest first. Pass the (updated_at, id) of the last row seen to get the next page;
+        `search`: only conversations whose title or a message holds it (any case).
 
         Keyset pagination on an index: the cost of a page does not grow with the history.
         """
         sql = (
-            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
+            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n, "
+            "(SELECT substr(m.content, 1, 200) FROM messages m WHERE m.conversation_id = c.id "
+            "ORDER BY m.id DESC LIMIT 1) AS preview "
             "FROM conversations c"
         )
         args: list[Any] = []
+        where = []
         if before is not None:
-            sql += " WHERE (c.updated_at < ?) OR (c.updated_at = ? AND c.id < ?)"
+            where.append("((c.updated_at < ?) OR (c.updated_at = ? AND c.id < ?))")
             args += [before[0], before[0], before[1]]
+        if search.strip():
+            pattern = "%" + search.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append("(c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m WHERE "
+                         "m.conversation_id = c.id AND m.content LIKE ? ESCAPE '\\'))")
+            args += [pattern, pattern]
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?"
         args.append(limit)
         return [self._conversation(r) for r in self._conn.execute(sql, args)]

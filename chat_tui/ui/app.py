@@ -63,7 +63,7 @@ from chat_tui.ui.conversation import ConversationView, MessageView
 from chat_tui.ui.errors import describe, log_error
 from chat_tui.ui.messages import GenerationDone, ModelLoaded, ModelProgress, StepsReady
 from chat_tui.ui.prompt import PromptInput
-from chat_tui.ui.reply import ReplyController, details_line, prompt_messages, receipt_text
+from chat_tui.ui.reply import ReplyController, changed_settings, details_line, prompt_messages, receipt_text
 from chat_tui.ui.sampling import SamplingPane, SamplingTable
 from chat_tui.ui.screens import (
     ConfirmScreen,
@@ -95,6 +95,7 @@ CHAT_MIN_WIDTH = 40
 NARROW_WIDTH = CHAT_MIN_WIDTH + PANE_WIDTHS["sampling"]  # below this the panes stack
 FULL_SAMPLING_WIDTH = 38  # the sampling pane with the focus: every setting, its range and its help
 PANE_STEP = 4  # columns a grow_pane / shrink_pane key moves a pane's edge
+PANE_MIN_WIDTH = 36  # a side pane shown narrower than its width when the terminal has no more room
 MIN_SIZE = (20, 6)  # below this only a "terminal too small" line shows (the panes cannot draw in less)
 FLUSH_INTERVAL = 0.05  # seconds between Markdown updates while a reply streams
 MAX_FLUSH_GAP = 0.25  # ... but never less often than this
@@ -399,20 +400,23 @@ class ChatApp(App[int], inherit_bindings=False):
         narrow = width < NARROW_WIDTH
         body.set_class(narrow, "-narrow")
         show: dict[str, bool] = {}
+        fitted: dict[str, int] = {}
         if narrow:
             show = dict(self.narrow_open)
         else:
             budget = width - CHAT_MIN_WIDTH
             for name in self.pane_priority:
-                fits = self.want[name] and self.pane_width(name) <= budget
+                # a pane narrower than it was sized for, rather than none, down to PANE_MIN_WIDTH
+                fitted[name] = min(self.pane_width(name), budget)
+                fits = self.want[name] and fitted[name] >= min(PANE_MIN_WIDTH, self.pane_width(name))
                 show[name] = fits
                 if fits:
-                    budget -= self.pane_width(name)
+                    budget -= fitted[name]
         for name, visible in show.items():
             pane = self.query_one(f"#{name}")
             visible = visible or pane.has_class("-maximized")  # it has the whole screen, whatever the widths
             # a maximised pane takes its width from the stylesheet (the whole screen)
-            pane.styles.width = None if narrow or pane.has_class("-maximized") else self.pane_width(name)
+            pane.styles.width = None if narrow or pane.has_class("-maximized") else fitted[name]
             if pane.display != visible:
                 pane.display = visible
                 inspector = self._inspector_pane() if visible and name == "inspector" else None
@@ -1418,7 +1422,23 @@ class ChatApp(App[int], inherit_bindings=False):
             elif action == "delete":
                 self._delete_preset(name)
 
-        self.push_screen(PresetScreen(list_presets(self.paths), SHIPPED_PRESETS), done)
+        names = list_presets(self.paths)
+        self.push_screen(PresetScreen(names, SHIPPED_PRESETS, self._preset_summaries(names)), done)
+
+    def _preset_summaries(self, names: list[str]) -> dict[str, str]:
+        """What each preset changes from the model's defaults ("T 0.2 top-p 0.5"), or why it cannot load."""
+        base = self.model_defaults or SamplingParams()
+        summaries = {}
+        for name in names:
+            try:
+                preset = load_preset(name, self.paths)
+                summary = changed_settings(preset.apply(base).to_dict(), base)
+                if preset.system_prompt:
+                    summary += " · system prompt"
+            except (PresetError, InvalidParameter) as exc:
+                summary = f"cannot load: {first_line(exc)}"
+            summaries[name] = summary
+        return summaries
 
     def load_preset(self, name: str) -> None:
         if self._apply_preset(name):

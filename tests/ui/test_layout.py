@@ -153,3 +153,24 @@ async def test_a_reply_has_one_receipt_line_and_i_shows_the_full_one(make_app):
         await wait_for(pilot, lambda: getattr(app.focused, "item", None) is reply, what="the reply to be picked")
         await pilot.press("i")
         await wait_for(pilot, lambda: any("seed: 7" in n.message for n in app._notifications), what="the receipt")
+
+
+async def test_the_explain_view_fits_every_column_at_120x40(home, tiny_checkpoint):
+    from chat_tui.config import get_paths
+    from chat_tui.ui.app import ChatApp
+
+    app = ChatApp(str(tiny_checkpoint), paths=get_paths(), device="cpu")  # the real q·k, in the app's process
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await send(pilot, app, "hello there")
+        pane = app.inspector
+        pane.focus()
+        await pilot.press("3")
+        await wait_for(pilot, lambda: "q·k" in _canvas_text(app) and "computing" not in _canvas_text(app),
+                       timeout=30, what="the explanation")
+        lines = [*pane.header_text(pane.content_size.width).plain.splitlines(), *_canvas_text(app).splitlines()]
+        for column in ("q·k", "÷√d", " w", "‖wⱼvⱼ‖"):
+            assert any(column in line for line in lines), column
+        assert "out = Σ wⱼvⱼ" in "\n".join(lines) and "matches the stored row" in "\n".join(lines)
+        assert not [line for line in lines if line.rstrip().endswith("…")]

@@ -30,10 +30,10 @@ HEAD_MODES: tuple[HeadMode, ...] = ("single", "mean", "max")
 VIEW_SUBTITLE = {
     "heatmap": "query ↓ attends to key →: a cell is how much a token looked at an earlier one",
     "row": "how much the selected token looked at each earlier token",
-    "explain": "why those weights: the query·key scores, scaled, then softmax; and each value's share",
+    "explain": "why those weights: query·key scores, scaled, softmax; what each value adds",
     "heads": "every head of the layer: how spread out its attention is and where it goes",
     "turns": "how much of the selected token's attention went to each message",
-    "candidates": "the likeliest next tokens, and which the sampling settings kept or dropped",
+    "candidates": "the likeliest next tokens; which the sampling settings kept or dropped",
 }
 HEADER_LINES = 4  # the title, the subtitle (two lines at most), the selected token
 

@@ -193,19 +193,22 @@ def explain_view(
 
     e = explanation
     d = e.head_dim
+    # the formula, the sizes and the check wrap onto a second line rather than lose their ends
     formula = f"wⱼ = softmax(q·kⱼ ÷ √{d})  out = Σ wⱼvⱼ"
-    head.append(Text(fit(formula, width), style=BOLD))
+    formula_lines = [formula] if cell_len(formula) <= width else [f"wⱼ = softmax(q·kⱼ ÷ √{d})", "out = Σ wⱼvⱼ"]
+    head.extend(Text(fit(line, width), style=BOLD) for line in formula_lines)
     summary = f"√{d} = {np.sqrt(d):.3g} · ‖q‖ {e.query_norm:.3g} · ‖out‖ {e.output_norm:.3g} · Σw {e.weights.sum():.4f}"
-    head.append(Text(fit(summary, width), style=DIM))
+    head.extend(Text(line, style=DIM) for line in _wrap(summary, width))
     if stored is not None and stored.shape[0] == e.weights.shape[0]:
         diff = float(np.abs(e.weights - np.asarray(stored, dtype=np.float64)).max())
-        head.append(Text(fit(f"matches the stored row to {diff:.1e} (float16)", width), style=DIM))
+        check = f"matches the stored row to {diff:.1e} (stored as float16, a 16-bit number)"
+        head.extend(Text(line, style=DIM) for line in _wrap(check, width))
 
     columns: list[tuple[str, int, Any]] = [
         ("w", 7, lambda j: f"{e.weights[j]:7.4f}"),
         ("÷√d", 8, lambda j: f"{e.scaled[j]:8.3f}"),
         ("q·k", 8, lambda j: f"{e.qk[j]:8.3f}"),
-        ("‖wv‖", 7, lambda j: f"{e.value_norms[j]:7.3f}"),
+        ("‖wⱼvⱼ‖", 7, lambda j: f"{e.value_norms[j]:7.3f}"),
     ]
     fixed = 5  # position column
     label_w = 6
@@ -216,7 +219,7 @@ def explain_view(
             chosen.append(col)
             room -= col[1]
     label_w += max(0, min(room, 8))
-    order = [c for c in ("q·k", "÷√d", "w", "‖wv‖") if any(c == k[0] for k in chosen)]
+    order = [c for c in ("q·k", "÷√d", "w", "‖wⱼvⱼ‖") if any(c == k[0] for k in chosen)]
     chosen.sort(key=lambda c: order.index(c[0]))
     header = Text(end="", style=BOLD)
     header.append(fit(" pos", fixed))

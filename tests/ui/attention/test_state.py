@@ -142,3 +142,11 @@ def test_the_header_names_the_view_the_selection_and_the_token():
     assert header[0] == "Heatmap 1/6 · layer 1/2 · head 1/4"
     assert "query ↓ attends to key →" in header[1]  # what the view shows, in plain words
     assert header[3].startswith(f"▶{state.store.length - 1} ") and header[3].endswith("reply · ÷ row max · follow")
+
+
+def test_each_view_says_what_it_shows_in_two_lines_at_the_default_width():
+    from chat_tui.ui.attention.state import VIEW_SUBTITLE, subtitle_lines
+
+    for view in VIEW_SUBTITLE:
+        lines = subtitle_lines(view, 42)  # the inspector's 44 columns, less its padding
+        assert " ".join(lines).split() == VIEW_SUBTITLE[view].split() and not lines[1].endswith("…")
