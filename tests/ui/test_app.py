@@ -385,7 +385,7 @@ async def test_persistence_round_trip_and_flags(make_app):
         await wait_for(pilot, lambda: len(app.conversation.items) == 2)
         assert app.conversation_id == second_id
         assert [i.content for i in app.conversation.items] == ["second conversation", "answer two"]
-        view = app.conversation.view_for(app.conversation.items[1])
+        assert app.conversation.view_for(app.conversation.items[1]) is not None
         assert "seed: 7" in receipt_text(app.conversation.items[1])  # the receipt is kept with the reply
         assert app.prompt_input.prompt_history == ["second conversation"]
 
