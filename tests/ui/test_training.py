@@ -332,7 +332,6 @@ def test_training_screen_snapshot(snap_compare, make_app, size):
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 async def test_the_form_fits_its_fields(make_app, size):
-    from textual.widgets import Select
 
     app, _ = make_app()
     async with app.run_test(size=size) as pilot:
