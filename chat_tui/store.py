@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chat_tui.engine.params import settings_summary
+
 BUSY_TIMEOUT_MS = 5000
 
 MIGRATIONS: tuple[str, ...] = (
@@ -475,7 +477,9 @@ class Store:
             heading = {"user": "You", "assistant": "Assistant", "system": "System"}.get(m.role, m.role)
             out += [f"## {heading}", "", m.content, ""]
             if m.role == "assistant":
-                details = [m.model or "", f"seed {m.seed}" if m.seed is not None else ""]
+                # the reply's receipt: the model, its checkpoint, every setting that is not neutral, the seed
+                details = [m.model or "", f"checkpoint {m.checkpoint_hash[:12]}" if m.checkpoint_hash else "",
+                           settings_summary(m.params), f"seed {m.seed}" if m.seed is not None else ""]
                 if m.status != "complete":
                     details.append(m.status)
                 note = ", ".join(d for d in details if d)
