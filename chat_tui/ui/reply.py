@@ -27,6 +27,7 @@ from chat_tui.ui.state import ChatItem, GenJob, ItemStatus
 CHROME_INTERVAL = 0.2  # seconds between updates of the details, candidates and status while streaming
 
 FINISH_LABEL = {
+    "eos": "ended its turn",
     "stop": "hit a stop string",
     "length": "reached max tokens",
     "context": "context full",

@@ -358,7 +358,7 @@ class ConversationListScreen(ModalScreen[tuple[str, int | None] | None]):
         with Vertical(classes="dialog", id="conversations-box"):
             yield Static(Text("Conversations", style="bold"), classes="dialog-title")
             yield Input(placeholder="type to filter (title or any message)", id="conversation-filter",
-                        select_on_focus=False)
+                        select_on_focus=False, compact=True)
             yield OptionList(id="conversation-list")
             yield Static(
                 Text("Enter opens · type to filter · ↓ the list · r renames · Delete removes · n new · Esc closes",

@@ -392,6 +392,8 @@ def legend(scale: Scale, mode: ColorMode, width: int) -> Text:
         else:
             out.append("█", style=Style(color=level_color(level, mode)))
     out.append(f" {SCALE_MEANING[scale]}", style="dim")
+    if scale == "nosink":  # the word first appears here: say what it means
+        out.append(f"\n{SINK_NOTE}", style="dim italic")
     return out
 
 

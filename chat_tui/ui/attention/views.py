@@ -274,9 +274,9 @@ def heads_view(
     h0 = 0 if heads <= visible else min(max(0, head - visible // 2), heads - visible)
     h1 = min(heads, h0 + visible)
     tables = [
-        (f"entropy, bits (of {stats.max_entropy:.1f} at most) · low = focused", stats.entropy,
+        (f"entropy in bits: 0 = on one token, {stats.max_entropy:.1f} = spread evenly", stats.entropy,
          lambda v: f"{v:.2f}", lambda v: 1.0 - v / stats.max_entropy if stats.max_entropy > 0 else 0.0),
-        ("share on the first token", stats.first, lambda v: f"{v * 100:.0f}%", lambda v: v),
+        ("share on the first token (the “sink”)", stats.first, lambda v: f"{v * 100:.0f}%", lambda v: v),
         ("share on the previous token", stats.previous, lambda v: "—" if not np.isfinite(v) else f"{v * 100:.0f}%",
          lambda v: v),
     ]
@@ -285,11 +285,11 @@ def heads_view(
         lines.append(Text(fit(title, width), style=BOLD))
         top = Text("    ", style=DIM, end="")
         for h in range(h0, h1):
-            top.append(f"H{h}".rjust(cell), style=CURSOR if h == head else DIM)
+            top.append(f"H{h + 1}".rjust(cell), style=CURSOR if h == head else DIM)  # counted from 1
         lines.append(top)
         for layer_i in range(layers):
             line = Text(end="")
-            line.append(f"L{layer_i}".ljust(4), style=CURSOR if layer_i == layer else DIM)
+            line.append(f"L{layer_i + 1}".ljust(4), style=CURSOR if layer_i == layer else DIM)
             for h in range(h0, h1):
                 v = float(values[layer_i, h])
                 style = cell_style(heat(v), mode) if np.isfinite(v) else Style()
@@ -302,7 +302,7 @@ def heads_view(
                     line.append(text, style=style)
             lines.append(line)
     if h1 - h0 < heads:
-        lines.append(Text(fit(f"heads {h0}–{h1 - 1} of {heads} ({{ }} moves)", width), style=DIM))
+        lines.append(Text(fit(f"heads {h0 + 1}–{h1} of {heads} ({{ }} moves)", width), style=DIM))
     return window(lines, height, offset)
 
 
