@@ -88,6 +88,10 @@ def get_paths(environ: dict[str, str] | None = None) -> Paths:
 # --------------------------------------------------------------------------- config file
 
 
+PANE_WIDTHS = {"sampling": 28, "inspector": 44}  # 44: the explain view's columns fit
+PANE_WIDTH_RANGE = (20, 400)
+
+
 @dataclass
 class Config:
     """The user's settings from `config.toml` (every key optional)."""
@@ -99,6 +103,8 @@ class Config:
     preset: str | None = None  # loaded at start instead of the model's defaults
     show_sampling: bool = True
     show_inspector: bool = True
+    # the side panes' widths in columns (grow_pane / shrink_pane change and save them)
+    pane_widths: dict[str, int] = field(default_factory=lambda: dict(PANE_WIDTHS))
     markdown: bool = True
     model_process: bool = True  # run_app loads the model in a child process (chat_tui.engine.process)
     warnings: list[str] = field(default_factory=list)  # problems found while reading, for a notice
@@ -112,6 +118,8 @@ EXAMPLE_CONFIG = """\
 # preset = "balanced"               # default: the model's own generation_config.json
 # show_sampling = true
 # show_inspector = true
+# sampling_width = 28                # the side panes' widths in columns (F7 / F8 change them)
+# inspector_width = 44
 # markdown = true
 # model_process = true               # the model runs in its own process, so the UI never slows it
 
@@ -201,6 +209,16 @@ def load_config(paths: Paths | None = None) -> Config:
     config.preset = text("preset")
     config.show_sampling = flag("show_sampling", True)
     config.show_inspector = flag("show_inspector", True)
+    for pane in PANE_WIDTHS:
+        key = f"{pane}_width"
+        value = data.get(key)
+        if value is None:
+            continue
+        low, high = PANE_WIDTH_RANGE
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            config.warnings.append(f"{path}: {key} must be a whole number of columns from {low} to {high}")
+            continue
+        config.pane_widths[pane] = value
     config.markdown = flag("markdown", True)
     config.model_process = flag("model_process", True)
     keymap = data.get("keymap", {})
@@ -265,8 +283,8 @@ def dumps_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_setting(key: str, value: str, paths: Paths | None = None) -> Path:
-    """Set one top-level string setting in `config.toml`, keeping every other line and comment.
+def save_setting(key: str, value: str | int, paths: Paths | None = None) -> Path:
+    """Set one top-level string (or whole-number) setting in `config.toml`, keeping every other line and comment.
 
     A missing file starts from the commented example. The result is parsed before it replaces the
     file (atomically), so a hand-edited config is never left broken. Raises OSError or ValueError.
@@ -283,7 +301,7 @@ def save_setting(key: str, value: str, paths: Paths | None = None) -> Path:
         tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # being edited by hand, perhaps: leave it alone
         raise ValueError(f"{path} is not valid TOML ({exc}); {key} was not saved") from None
-    line = f"{_toml_key(key)} = {_toml_string(value)}"
+    line = f"{_toml_key(key)} = {_toml_value(value)}"
     lines = text.splitlines()
     own = re.compile(rf"\s*{re.escape(key)}\s*=")
     for i, old in enumerate(lines):

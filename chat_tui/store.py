@@ -23,13 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chat_tui.engine.params import settings_summary
+
 BUSY_TIMEOUT_MS = 5000
 
 # a conversation's row with its message count (n) and its number of branches: the messages that are
 # no one's parent (read from the index messages_by_parent alone)
 _CONVERSATION_COLUMNS = (
     "c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n, "
-    "(SELECT count(DISTINCT m.parent_id) FROM messages m WHERE m.conversation_id = c.id) AS parents "
+    "(SELECT count(DISTINCT m.parent_id) FROM messages m WHERE m.conversation_id = c.id) AS parents, "
+    "(SELECT substr(m.content, 1, 200) FROM messages m WHERE m.conversation_id = c.id "
+    "ORDER BY m.id DESC LIMIT 1) AS preview "
     "FROM conversations c"
 )
 # the ids of a message and all its descendants (parameters: the message, its conversation)
@@ -106,6 +110,7 @@ class ConversationInfo:
     system_prompt: str = ""
     messages: int = 0
     branches: int = 1  # leaves of the tree: 1 for a linear conversation
+    preview: str = ""  # the start of the newest message (the conversation list shows it)
 
 
 @dataclass
@@ -296,20 +301,30 @@ class Store:
             system_prompt=row["system_prompt"],
             messages=row["n"],
             branches=max(row["n"] - row["parents"], 1),
+            preview=(row["preview"] or "") if "preview" in row.keys() else "",
         )
 
     def list_conversations(
-        self, limit: int = 50, *, before: tuple[float, int] | None = None
+        self, limit: int = 50, *, before: tuple[float, int] | None = None, search: str = ""
     ) -> list[ConversationInfo]:
-        """One page, newest first. Pass the (updated_at, id) of the last row seen to get the next page.
+        """One page, newest first. Pass the (updated_at, id) of the last row seen to get the next page;
+        `search`: only conversations whose title or a message holds it (any case).
 
         Keyset pagination on an index: the cost of a page does not grow with the history.
         """
         sql = f"SELECT {_CONVERSATION_COLUMNS}"
         args: list[Any] = []
+        where = []
         if before is not None:
-            sql += " WHERE (c.updated_at < ?) OR (c.updated_at = ? AND c.id < ?)"
+            where.append("((c.updated_at < ?) OR (c.updated_at = ? AND c.id < ?))")
             args += [before[0], before[0], before[1]]
+        if search.strip():
+            pattern = "%" + search.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append("(c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m WHERE "
+                         "m.conversation_id = c.id AND m.content LIKE ? ESCAPE '\\'))")
+            args += [pattern, pattern]
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?"
         args.append(limit)
         return [self._conversation(r) for r in self._conn.execute(sql, args)]
@@ -590,7 +605,9 @@ class Store:
             heading = {"user": "You", "assistant": "Assistant", "system": "System"}.get(m.role, m.role)
             out += [f"## {heading}", "", m.content, ""]
             if m.role == "assistant":
-                details = [m.model or "", f"seed {m.seed}" if m.seed is not None else ""]
+                # the reply's receipt: the model, its checkpoint, every setting that is not neutral, the seed
+                details = [m.model or "", f"checkpoint {m.checkpoint_hash[:12]}" if m.checkpoint_hash else "",
+                           settings_summary(m.params), f"seed {m.seed}" if m.seed is not None else ""]
                 if m.status != "complete":
                     details.append(m.status)
                 note = ", ".join(d for d in details if d)

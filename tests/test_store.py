@@ -261,11 +261,13 @@ def test_export_markdown_and_json(tmp_path):
     store = Store(tmp_path / "c.db")
     cid = store.create_conversation("Export [me]", system_prompt="sys")
     store.add_message(cid, "user", "question")
-    store.add_message(cid, "assistant", "answer", model="m", seed=5, params={"temperature": 0.5}, status="stopped")
+    store.add_message(cid, "assistant", "answer", model="m", seed=5, params={"temperature": 0.5, "top_k": 40},
+                      status="stopped", checkpoint_hash="0123456789abcdef")
     md = store.export_markdown(cid)
+    assert "checkpoint 0123456789ab" in md and "T 0.5 top-k 40" in md  # the receipt
     assert md.startswith("# Export [me]") and "## You" in md and "answer" in md and "seed 5" in md and "stopped" in md
     data = json.loads(store.export_json(cid))
-    assert data["system_prompt"] == "sys" and data["messages"][1]["settings"] == {"temperature": 0.5}
+    assert data["system_prompt"] == "sys" and data["messages"][1]["settings"] == {"temperature": 0.5, "top_k": 40}
     with pytest.raises(StoreError):
         store.export_json(999)
 

@@ -26,7 +26,8 @@ SYSTEM_PROMPTS = (
     "你是一个乐于助人的助手。",
 )
 SYSTEM_PROMPT_SHARE = 0.3  # of the conversations that are also shown once with a system prompt
-BUNDLED_DEFAULTS = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1, max_new_tokens=64)
+# max_new_tokens: room for an ordinary answer (64 cut them off mid-word); the context holds 512
+BUNDLED_DEFAULTS = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1, max_new_tokens=256)
 
 MODEL = dict(n_layer=4, n_head=4, n_embd=256, block_size=512, tokenizer="bpe", vocab_size=4096)
 

@@ -37,6 +37,8 @@ from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
 from chat_tui.config import (
+    PANE_WIDTH_RANGE,
+    PANE_WIDTHS,
     SHIPPED_PRESETS,
     Config,
     Paths,
@@ -53,6 +55,7 @@ from chat_tui.engine.collector import freeze_long_lived, tune_collection
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.source import is_server_url, source_problem
 from chat_tui.engine.types import Engine, Message, Step
+from chat_tui.errors import first_line
 from chat_tui.store import Store, StoreError
 from chat_tui.ui import branches
 from chat_tui.ui.bindings import with_ids
@@ -61,7 +64,7 @@ from chat_tui.ui.conversation import ConversationView, MessageView
 from chat_tui.ui.errors import describe, log_error
 from chat_tui.ui.messages import GenerationDone, ModelLoaded, ModelProgress, StepsReady
 from chat_tui.ui.prompt import PromptInput
-from chat_tui.ui.reply import ReplyController, details_line, prompt_messages
+from chat_tui.ui.reply import ReplyController, changed_settings, details_line, prompt_messages, receipt_text
 from chat_tui.ui.sampling import SamplingPane, SamplingTable
 from chat_tui.ui.screens import (
     ConfirmScreen,
@@ -89,9 +92,11 @@ if TYPE_CHECKING:
 
 EngineFactory = Callable[[], Engine]
 
-PANE_WIDTH = {"sampling": 36, "inspector": 40}  # 40: fits beside the chat at 80 columns
 CHAT_MIN_WIDTH = 40
-NARROW_WIDTH = CHAT_MIN_WIDTH + PANE_WIDTH["sampling"]  # below this the panes stack
+NARROW_WIDTH = CHAT_MIN_WIDTH + PANE_WIDTHS["sampling"]  # below this the panes stack
+FULL_SAMPLING_WIDTH = 38  # the sampling pane with the focus: every setting, its range and its help
+PANE_STEP = 4  # columns a grow_pane / shrink_pane key moves a pane's edge
+PANE_MIN_WIDTH = 36  # a side pane shown narrower than its width when the terminal has no more room
 MIN_SIZE = (20, 6)  # below this only a "terminal too small" line shows (the panes cannot draw in less)
 FLUSH_INTERVAL = 0.05  # seconds between Markdown updates while a reply streams
 MAX_FLUSH_GAP = 0.25  # ... but never less often than this
@@ -114,9 +119,9 @@ STATE_STYLE = {
 }
 
 
-def details_text(item: ChatItem, live: GenJob | None = None) -> Text:
-    """The details under a reply, as the conversation shows them (see `details_line`)."""
-    return Text(details_line(item, live), style="dim", no_wrap=False, end="")
+def details_text(item: ChatItem, live: GenJob | None = None, defaults: SamplingParams | None = None) -> Text:
+    """The one dim line under a reply, as the conversation shows it (see `details_line`)."""
+    return Text(details_line(item, live, defaults), style="dim", no_wrap=True, overflow="ellipsis", end="")
 
 
 def tune_runtime() -> None:
@@ -154,11 +159,18 @@ class MainScreen(Screen, inherit_bindings=False):
     """The default screen, with its focus and copy keys given ids."""
 
     BINDINGS = with_ids(Screen.BINDINGS, "screen")
+    # a maximised pane keeps the prompt and the status line under it; Esc still stops a reply
+    # (the maximize key, or the palette's "Restore panes", brings the panes back)
+    ALLOW_IN_MAXIMIZED_VIEW = "#prompt, #status, Footer"
+    ESCAPE_TO_MINIMIZE = False
 
     def on_resize(self) -> None:
         app = self.app
         if isinstance(app, ChatApp):
             app.update_layout()
+
+    def watch_maximized(self) -> None:
+        self.on_resize()
 
 
 class ChatApp(App[int], inherit_bindings=False):
@@ -169,6 +181,7 @@ class ChatApp(App[int], inherit_bindings=False):
     ENABLE_COMMAND_PALETTE = True
 
     BINDINGS = [
+        Binding("f1", "help", "Keys", id="help"),  # first, so that the footer shows it at 80 columns
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
         Binding("ctrl+p", "command_palette", "Commands", id="command_palette", priority=True, show=False),
         Binding("escape", "stop", "Stop", id="stop"),
@@ -177,11 +190,13 @@ class ChatApp(App[int], inherit_bindings=False):
         Binding("ctrl+l", "edit_last", "Edit last", id="edit_last", show=False),
         Binding("ctrl+n", "new_conversation", "New chat", id="new_conversation", show=False),
         Binding("ctrl+o", "open_conversations", "Chats", id="open_conversations"),
-        Binding("f1", "help", "Keys", id="help"),
         Binding("f2", "toggle_pane('sampling')", "Sampling", id="toggle_sampling", show=False),
         Binding("f3", "toggle_pane('inspector')", "Inspector", id="toggle_inspector", show=False),
         Binding("f4", "toggle_probs", "Token colours", id="toggle_probs", show=False),
         Binding("f5", "focus_sampling", "Edit sampling", id="focus_sampling", show=False),
+        Binding("f6", "maximize", "Maximize/restore the pane", id="maximize", show=False),
+        Binding("f7", "resize_pane(-1)", "Shrink the pane", id="shrink_pane", show=False),
+        Binding("f8", "resize_pane(1)", "Grow the pane", id="grow_pane", show=False),
         Binding("ctrl+t", "train", "Train", id="train", show=False),
         Binding("f8", "compare", "Compare", id="compare", show=False),
         Binding("ctrl+up", "focus_message(-1)", "Previous message", id="focus_previous_message", show=False),
@@ -237,6 +252,8 @@ class ChatApp(App[int], inherit_bindings=False):
         self.want = {"sampling": self.config.show_sampling, "inspector": self.config.show_inspector}
         self.narrow_open = {"sampling": False, "inspector": False}
         self.pane_priority = ["sampling", "inspector"]
+        self.model_defaults: SamplingParams | None = None  # the model's own settings (generation_config)
+        self.pane_widths = dict(self.config.pane_widths)  # the side panes' widths (the sampling pane's compact one)
         self.editing: ChatItem | None = None
         self.first_frame_at: float | None = None
         self._store_warned = False
@@ -288,7 +305,7 @@ class ChatApp(App[int], inherit_bindings=False):
             pane = self.sampling
         except NoMatches:  # closing
             return
-        pane.show(settings.params, settings.system_prompt, preset=settings.label)
+        pane.show(settings.params, settings.system_prompt, preset=settings.label, defaults=self.model_defaults)
 
     def _tell_inspector(self, params: SamplingParams) -> None:
         """The candidates view replays the chain with the settings in force."""
@@ -367,6 +384,7 @@ class ChatApp(App[int], inherit_bindings=False):
         await placeholder.remove()
         await self.query_one("#body").mount(pane, after=self.query_one(ConversationView))
         self._tell_inspector(self.settings.params)
+        self.update_layout()  # its width
 
     def update_layout(self) -> None:
         """Show the side panes that fit; below NARROW_WIDTH they stack over the conversation."""
@@ -384,17 +402,23 @@ class ChatApp(App[int], inherit_bindings=False):
         narrow = width < NARROW_WIDTH
         body.set_class(narrow, "-narrow")
         show: dict[str, bool] = {}
+        fitted: dict[str, int] = {}
         if narrow:
             show = dict(self.narrow_open)
         else:
             budget = width - CHAT_MIN_WIDTH
             for name in self.pane_priority:
-                fits = self.want[name] and PANE_WIDTH[name] <= budget
+                # a pane narrower than it was sized for, rather than none, down to PANE_MIN_WIDTH
+                fitted[name] = min(self.pane_width(name), budget)
+                fits = self.want[name] and fitted[name] >= min(PANE_MIN_WIDTH, self.pane_width(name))
                 show[name] = fits
                 if fits:
-                    budget -= PANE_WIDTH[name]
+                    budget -= fitted[name]
         for name, visible in show.items():
             pane = self.query_one(f"#{name}")
+            visible = visible or pane.has_class("-maximized")  # it has the whole screen, whatever the widths
+            # a maximised pane takes its width from the stylesheet (the whole screen)
+            pane.styles.width = None if narrow or pane.has_class("-maximized") else fitted[name]
             if pane.display != visible:
                 pane.display = visible
                 inspector = self._inspector_pane() if visible and name == "inspector" else None
@@ -425,10 +449,84 @@ class ChatApp(App[int], inherit_bindings=False):
             self.action_toggle_pane("sampling")
         self.sampling.table.focus()
 
+    def pane_width(self, name: str) -> int:
+        """The columns a side pane takes now: the sampling pane widens while it has the focus (its full table)."""
+        width = self.pane_widths[name]
+        if name == "sampling" and self.sampling.expanded:
+            width = max(width, FULL_SAMPLING_WIDTH)
+        return width
+
+    def on_sampling_pane_expanded(self, _event: SamplingPane.Expanded) -> None:
+        self.update_layout()
+
+    def _pane_with_focus(self) -> str | None:
+        """"sampling" or "inspector" when the focus is inside that pane, else None (the conversation)."""
+        focused = self.focused
+        for name in ("sampling", "inspector"):
+            pane = self.query_one(f"#{name}")
+            if focused is not None and (focused is pane or pane in focused.ancestors):
+                return name
+        return None
+
+    def action_resize_pane(self, delta: int) -> None:
+        """Move the edge of the pane with the focus by PANE_STEP columns (from the conversation, its
+        neighbour's edge: the conversation grows when the inspector or the sampling pane shrinks)."""
+        name = self._pane_with_focus()
+        if name is None:  # the conversation or the prompt: its visible neighbour gives or takes
+            delta = -delta
+            name = "inspector" if self.query_one("#inspector").display else "sampling"
+            if not self.query_one(f"#{name}").display:
+                self.bell()
+                return
+        low, high = PANE_WIDTH_RANGE
+        room = self.size.width - CHAT_MIN_WIDTH - sum(
+            self.pane_width(other) for other in PANE_WIDTHS if other != name and self.query_one(f"#{other}").display)
+        new = min(max(self.pane_widths[name] + delta * PANE_STEP, low), high, max(low, room))
+        if new == self.pane_widths[name]:
+            self.bell()
+            return
+        self.pane_widths[name] = new
+        self.update_layout()
+        try:
+            save_setting(f"{name}_width", new, self.paths)
+        except (OSError, ValueError) as exc:
+            self.notify(f"The pane's width was not saved: {first_line(exc)}", severity="warning", markup=False)
+
+    def action_maximize(self, name: str | None = None) -> None:
+        """Fill the screen with one pane (`name`, else the one with the focus, else the conversation);
+        with a pane maximised already, bring the others back."""
+        screen = self.screen
+        if not isinstance(screen, MainScreen):
+            return
+        if screen.maximized is not None and name is None:
+            screen.minimize()
+            return
+        name = name or self._pane_with_focus() or "conversation"
+        pane = self.query_one(f"#{name}")
+        if not pane.display:
+            self.action_toggle_pane(name)
+        screen.maximized = pane  # not Screen.maximize: the conversation's scroll view takes no focus of its own
+        if name == "inspector":
+            pane.focus()
+
+    def action_receipt(self) -> None:
+        """`i` on a picked message: its full receipt (model, checkpoint hash, every setting, seed)."""
+        focused = self.focused
+        item = getattr(focused, "item", None)
+        if not isinstance(item, ChatItem) or item.role != "assistant":
+            self.notify("Pick a reply first (Ctrl+↑), then i shows its receipt.", markup=False)
+            return
+        self.notify(receipt_text(item), title="Receipt", timeout=20, markup=False)
+
+    def action_restore_panes(self) -> None:
+        screen = self.screen
+        if isinstance(screen, MainScreen):
+            screen.minimize()
+
     # ------------------------------------------------------------------ start-up
 
     def on_mount(self) -> None:
-        self.conversation.meta_for = details_text
+        self.conversation.meta_for = lambda item, live=None: details_text(item, live, self.model_defaults)
         self._apply_config()
         self._open_store()
         self.replies.store = self.store
@@ -602,13 +700,16 @@ class ChatApp(App[int], inherit_bindings=False):
             self.sampling.mark_unsupported(frozenset())  # what a server rejected was about that server
         except NoMatches:  # the app is closing: the model arrived too late to matter
             return
+        defaults = None
+        try:
+            defaults = message.engine.default_params()
+        except Exception as exc:  # a backend's defaults should never stop the app
+            log_error(self.paths, exc, "reading the model's default settings")
+        self.model_defaults = defaults
         if not self.settings.touched:
-            defaults = self.settings.params
-            try:
-                defaults = message.engine.default_params()
-            except Exception as exc:  # a backend's defaults should never stop the app
-                log_error(self.paths, exc, "reading the model's default settings")
-            self.settings = self.settings.model_defaults(defaults)
+            self.settings = self.settings.model_defaults(defaults or self.settings.params)
+        else:
+            self._show_settings(self.settings)  # what differs from this model's defaults
         self.state = "idle"
         for job in self.replies.waiting():
             self._launch(job)
@@ -1138,7 +1239,7 @@ class ChatApp(App[int], inherit_bindings=False):
     def reply_progress(self, job: GenJob, final: bool) -> None:
         view = self._view_for(job.item)
         if view is not None:
-            view.set_meta(details_text(job.item, live=None if final else job))
+            view.set_meta(details_text(job.item, None if final else job, self.model_defaults))
         pane = self._inspector_pane()
         if pane is not None:
             pane.show_step(job.last_step)
@@ -1395,7 +1496,23 @@ class ChatApp(App[int], inherit_bindings=False):
             elif action == "delete":
                 self._delete_preset(name)
 
-        self.push_screen(PresetScreen(list_presets(self.paths), SHIPPED_PRESETS), done)
+        names = list_presets(self.paths)
+        self.push_screen(PresetScreen(names, SHIPPED_PRESETS, self._preset_summaries(names)), done)
+
+    def _preset_summaries(self, names: list[str]) -> dict[str, str]:
+        """What each preset changes from the model's defaults ("T 0.2 top-p 0.5"), or why it cannot load."""
+        base = self.model_defaults or SamplingParams()
+        summaries = {}
+        for name in names:
+            try:
+                preset = load_preset(name, self.paths)
+                summary = changed_settings(preset.apply(base).to_dict(), base)
+                if preset.system_prompt:
+                    summary += " · system prompt"
+            except (PresetError, InvalidParameter) as exc:
+                summary = f"cannot load: {first_line(exc)}"
+            summaries[name] = summary
+        return summaries
 
     def load_preset(self, name: str) -> None:
         if self._apply_preset(name):
@@ -1543,6 +1660,11 @@ class ChatApp(App[int], inherit_bindings=False):
             ("Toggle sampling pane", "Show or hide the sampling settings (F2)",
              lambda: self.action_toggle_pane("sampling")),
             ("Toggle inspector", "Show or hide the inspector pane (F3)", lambda: self.action_toggle_pane("inspector")),
+            ("Maximize inspector", "The attention inspector on the whole screen (F6 restores)",
+             lambda: self.action_maximize("inspector")),
+            ("Maximize conversation", "The conversation on the whole screen (F6 restores)",
+             lambda: self.action_maximize("conversation")),
+            ("Restore panes", "Every pane back in its place (F6)", self.action_restore_panes),
             ("Toggle token colours", "Colour each generated token by its probability (F4)",
              self.action_toggle_probs),
             ("Regenerate reply", "Generate the last reply again (Ctrl+R)", self.action_regenerate),

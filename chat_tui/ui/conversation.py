@@ -144,6 +144,7 @@ class MessageView(Vertical, can_focus=False):
     BINDINGS = [
         Binding("c", "copy_message", "Copy message", id="copy_message"),
         Binding("b", "copy_code", "Copy code block", id="copy_code"),
+        Binding("i", "app.receipt", "Full receipt", id="message_receipt"),
         Binding("up", "app.focus_message(-1)", "Previous message", show=False, id="message_previous"),
         Binding("down", "app.focus_message(1)", "Next message", show=False, id="message_next"),
         Binding("enter", "app.focus_prompt", "Back to the prompt", show=False, id="message_to_prompt"),

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from chat_tui.engine.params import SamplingParams, settings_summary
+from chat_tui.engine.params import DETAIL_NAMES, SUMMARISED, SamplingParams, settings_summary
 from chat_tui.engine.types import Engine, Message, PromptInfo, Step
 from chat_tui.store import Store, StoreError
 from chat_tui.textsafe import clean_line
@@ -27,6 +27,7 @@ from chat_tui.ui.state import ChatItem, GenJob, ItemStatus
 CHROME_INTERVAL = 0.2  # seconds between updates of the details, candidates and status while streaming
 
 FINISH_LABEL = {
+    "eos": "ended its turn",
     "stop": "hit a stop string",
     "length": "reached max tokens",
     "context": "context full",
@@ -71,8 +72,28 @@ def fit_notice(conversation: list[Message], prompt: PromptInfo) -> str:
     return "; ".join(parts) or f"prompt cut by {prompt.dropped_tokens:,} tokens to fit the context"
 
 
-def details_line(item: ChatItem, live: GenJob | None = None) -> str:
-    """The line of details under a reply: tokens, speed, model, settings, how it ended.
+def changed_settings(values: dict[str, Any] | None, defaults: SamplingParams | None) -> str:
+    """The sampling settings of a reply that differ from the model's defaults ("T 1.2 top-k 0"), or
+    "model defaults"; without known defaults, those that differ from neutral."""
+    if not values:
+        return ""
+    if defaults is None:
+        return settings_summary(values)
+    base = defaults.to_dict()
+    parts = []
+    for key in ("temperature", *SUMMARISED, "max_new_tokens"):
+        value = values.get(key)
+        if value is not None and value != base.get(key):
+            name = {"temperature": "T", "max_new_tokens": "max"}.get(key, DETAIL_NAMES.get(key, key))
+            parts.append(f"{name} {value:g}")
+    if values.get("stop") and list(values["stop"]) != list(base.get("stop") or []):
+        parts.append(f"{len(values['stop'])} stop")
+    return " ".join(parts) or "model defaults"
+
+
+def details_line(item: ChatItem, live: GenJob | None = None, defaults: SamplingParams | None = None) -> str:
+    """The one line under a reply: tokens · speed · the settings that differ from the model's
+    `defaults` · how it ended (the full receipt is `receipt_text`, `i` on the message).
 
     `live`: the job still streaming into `item` (its counts are the ones to show), else None.
     """
@@ -83,13 +104,9 @@ def details_line(item: ChatItem, live: GenJob | None = None) -> str:
     rate = item.tokens_per_s if live is None else live.tokens_per_s
     if rate:
         parts.append(f"{rate:.1f} tok/s")
-    if item.model:
-        parts.append(clean_line(item.model))
-    summary = settings_summary(item.params)
+    summary = changed_settings(item.params, defaults)
     if summary:
         parts.append(summary)
-    if item.seed is not None:
-        parts.append(f"seed {item.seed}")
     changes = item.meta.get("param_changes") if item.meta else None
     if changes:
         parts.append(f"settings changed {len(changes)}× mid-reply")
@@ -101,6 +118,22 @@ def details_line(item: ChatItem, live: GenJob | None = None) -> str:
     if item.status == "error" and item.meta.get("error"):
         parts.append(f"failed: {clean_line(str(item.meta['error']))[:80]}")
     return " · ".join(parts)
+
+
+def receipt_text(item: ChatItem) -> str:
+    """The full receipt of a reply: the model, its checkpoint hash, every setting and the seed."""
+    lines = [f"model: {clean_line(item.model or 'unknown')}"]
+    checkpoint = (item.meta or {}).get("checkpoint_hash")
+    if checkpoint:
+        lines.append(f"checkpoint: {clean_line(str(checkpoint))}")
+    lines.append(f"seed: {item.seed if item.seed is not None else 'none'}")
+    for key, value in (item.params or {}).items():
+        lines.append(f"{key}: {clean_line(repr(value) if isinstance(value, (list, tuple, str)) else str(value))}")
+    if item.tokens is not None:
+        lines.append(f"tokens: {item.tokens}" + (f" at {item.tokens_per_s:.1f} tok/s" if item.tokens_per_s else ""))
+    if item.finish_reason:
+        lines.append(f"ended: {FINISH_LABEL.get(item.finish_reason, item.finish_reason)}")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """The sampling pane: every setting of the engine's chain, edited from the keyboard.
 
+Without the focus the pane is compact: one line per setting that differs from the model's defaults,
+plus the selected one. With the focus (F5, a click) it shows every setting with its range and help.
+
 One focusable table (so Tab does not walk through fifteen rows): Up/Down choose a row,
 Left/Right step its value (Shift for ten steps), typing a number edits it and Enter applies it.
 A value outside its range is refused on the spot and the range is shown. Enter, Space or
@@ -188,7 +191,10 @@ class SamplingTable(Widget, can_focus=True):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.params = SamplingParams()
+        self.defaults: SamplingParams | None = None  # the model's own (None: not known yet)
         self.system_prompt = ""
+        # a word after a row's value, by setting name (e.g. why a server leaves the setting out)
+        self.notes: dict[str, str] = {}
         self.editing: str | None = None
         self.error: str | None = None  # the last refusal, shown until the next change
         self.unsupported: frozenset[str] = frozenset()  # the settings a server rejected (mark_unsupported)
@@ -210,18 +216,39 @@ class SamplingTable(Widget, can_focus=True):
             return order_summary(self.params.order)
         return format_value(row.spec, getattr(self.params, row.name))
 
+    @property
+    def compact(self) -> bool:
+        """Without the focus only the settings that differ from the model's defaults are listed."""
+        return not self.has_focus
+
+    def differs(self, row: Row) -> bool:
+        """Whether `row`'s value is not the model's default (SamplingParams' own before a model loads)."""
+        if row.name == "system_prompt":
+            return bool(self.system_prompt.strip())
+        defaults = self.defaults or SamplingParams()
+        return getattr(self.params, row.name) != getattr(defaults, row.name)
+
+    def shown_rows(self) -> list[int]:
+        """The indices of ROWS on screen: all of them, or (compact) those that differ plus the selected one."""
+        if not self.compact:
+            return list(range(len(ROWS)))
+        return [i for i, row in enumerate(ROWS) if i == self.cursor or self.differs(row)]
+
     def get_content_height(self, container, viewport, width: int) -> int:  # noqa: ANN001
-        return len(ROWS)
+        return len(self.shown_rows())
 
     def render(self) -> Text:
         width = max(self.size.width, 20)
         out = Text(no_wrap=True, overflow="ellipsis", end="")
-        range_width = 10 if width >= 30 else 0
-        label_width = 12 if width >= 28 else 9
+        compact = self.compact
+        range_width = 10 if width >= 30 and not compact else 0
+        label_width = 12 if width >= 24 else 9
         value_width = max(width - label_width - range_width - 2, 4)
         cursor_style = self.get_component_rich_style("sampling-table--cursor")
         selected_style = self.get_component_rich_style("sampling-table--selected")
-        for i, row in enumerate(ROWS):
+        shown_rows = self.shown_rows()
+        for n, i in enumerate(shown_rows):
+            row = ROWS[i]
             selected = i == self.cursor
             focused = selected and self.has_focus
             line_style = cursor_style if focused else (selected_style if selected else "")
@@ -246,10 +273,14 @@ class SamplingTable(Widget, can_focus=True):
                 line.append(rng.rjust(range_width), style="dim")
             if row.name in self.unsupported and not (selected and self.editing is not None):
                 line = unsupported_line(label, width - label_width - 1)
+            else:
+                note = self.notes.get(row.name)
+                if note and not compact:
+                    line.append(f" {note}", style="dim italic")
             if line_style:
                 line.stylize_before(line_style)
             out.append_text(line)
-            if i < len(ROWS) - 1:
+            if n < len(shown_rows) - 1:
                 out.append("\n")
         return out
 
@@ -270,9 +301,9 @@ class SamplingTable(Widget, can_focus=True):
 
     def watch_cursor(self, _old: int, new: int) -> None:
         self.editing = None
-        self.refresh()
+        self.refresh(layout=self.compact)
         if self.parent is not None and isinstance(self.parent, VerticalScroll):
-            self.parent.scroll_to_region(Region(0, new, 1, 1), animate=False)
+            self.parent.scroll_to_region(Region(0, self.shown_rows().index(new), 1, 1), animate=False)
         self.post_message(self.CursorMoved(ROWS[new]))
 
     class CursorMoved(Message):
@@ -281,23 +312,26 @@ class SamplingTable(Widget, can_focus=True):
             self.row = row
 
     def on_focus(self) -> None:
-        self.refresh()
+        self.refresh(layout=True)
         self.post_message(self.CursorMoved(self.row))
 
     def on_blur(self) -> None:
         if self.editing is not None:
             self.editing = None
-        self.refresh()
+        self.refresh(layout=True)
 
     def on_click(self, event: events.Click) -> None:
-        if 0 <= event.y < len(ROWS):
-            self.cursor = event.y
+        shown = self.shown_rows()
+        if 0 <= event.y < len(shown):
+            self.cursor = shown[event.y]
         self.focus()
 
-    def show(self, params: SamplingParams, system_prompt: str) -> None:
+    def show(self, params: SamplingParams, system_prompt: str, defaults: SamplingParams | None = None) -> None:
         self.params = params
         self.system_prompt = system_prompt
-        self.refresh()
+        if defaults is not None:
+            self.defaults = defaults
+        self.refresh(layout=True)
 
     # ------------------------------------------------------------------ keys
 
@@ -420,29 +454,55 @@ class SamplingTable(Widget, can_focus=True):
 
 
 class SamplingPane(Vertical):
-    """Title, the rows, and a help line that names the range and any refusal."""
+    """Title, the rows, and a help line that names the range and any refusal.
+
+    Compact (the settings that differ from the model's) until its table takes the focus; then it
+    says so with `Expanded`, and the app gives it the width of the full table.
+    """
 
     class Changed(Message):
         def __init__(self, params: SamplingParams) -> None:
             super().__init__()
             self.params = params
 
+    class Expanded(Message):
+        """The pane changed between compact and full (the app gives it its width)."""
+
+    @property
+    def expanded(self) -> bool:
+        return self.has_class("-expanded")
+
+    def on_descendant_focus(self) -> None:
+        self._expand(True)
+
+    def on_descendant_blur(self) -> None:
+        self._expand(False)
+
+    def _expand(self, full: bool) -> None:
+        if full != self.expanded:
+            self.set_class(full, "-expanded")
+            self.post_message(self.Expanded())
+
     def compose(self) -> ComposeResult:
         yield Static(Text("Sampling", style="bold"), classes="pane-title", id="sampling-title")
         with VerticalScroll(id="sampling-rows", can_focus=False):
             yield SamplingTable(id="sampling-table")
         yield Static("", id="param-help")
+        yield Static(Text("F5: every setting", style="dim"),
+                     id="sampling-hint")
 
     @property
     def table(self) -> SamplingTable:
         return self.query_one(SamplingTable)
 
-    def show(self, params: SamplingParams, system_prompt: str, *, preset: str | None = None) -> None:
-        """`preset`: what the title names (a preset, "custom", "model defaults"…)."""
-        self.table.show(params, system_prompt)
+    def show(self, params: SamplingParams, system_prompt: str, *, preset: str | None = None,
+             defaults: SamplingParams | None = None) -> None:
+        """`preset`: what the title names (a preset, "custom", "model defaults"…); `defaults`: the
+        model's own settings (the compact pane lists what differs from them)."""
+        self.table.show(params, system_prompt, defaults)
         title = Text("Sampling", style="bold")
         if preset:
-            title.append(f"  {clean_line(preset)}", style="italic")
+            title.append(f" · {clean_line(preset)}", style="italic")
         self.query_one("#sampling-title", Static).update(title)
         self._help(self.table.row)
 

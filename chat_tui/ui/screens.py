@@ -244,17 +244,20 @@ class PresetScreen(ModalScreen[tuple[str, str] | None]):
         Binding("escape", "cancel", "Close", id="preset_close"),
     ]
 
-    def __init__(self, names: list[str], shipped: Iterable[str]) -> None:
+    def __init__(self, names: list[str], shipped: Iterable[str], summaries: dict[str, str] | None = None) -> None:
         super().__init__()
         self.names = names
         self.shipped = set(shipped)
+        self.summaries = summaries or {}  # by name: what the preset changes from the model's defaults
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog small"):
             yield Static(Text("Presets", style="bold"), classes="dialog-title")
             yield OptionList(
                 *[
-                    Option(Text.assemble(clean_line(n), (" (shipped)" if n in self.shipped else "", "dim")), id=n)
+                    Option(Text.assemble((clean_line(n), "bold"), (" (shipped)" if n in self.shipped else "", "dim"),
+                                         ("\n  " + clean_line(self.summaries[n]) if n in self.summaries else "", "dim")),
+                           id=n)
                     for n in self.names
                 ],
                 id="preset-list",
@@ -315,11 +318,18 @@ class PickScreen(ModalScreen[str | None]):
 
 
 def conversation_label(info: ConversationInfo) -> Text:
+    """Three lines: the title; the model, date, message count (and branches, where the store counts
+    them); the start of the newest message."""
     title = clean_line(info.title) or "(untitled)"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated_at))
     text = Text(title, style="bold", no_wrap=True, overflow="ellipsis")
-    branches = f" · {info.branches} branches" if info.branches > 1 else ""
-    text.append(f"\n#{info.id} · {info.messages} messages{branches} · {when}", style="dim")
+    details = [f"#{info.id}", clean_line(info.model) if info.model else "no model yet", when,
+               f"{info.messages} message{'s' if info.messages != 1 else ''}"]
+    if info.branches > 1:
+        details.append(f"{info.branches} branches")
+    text.append("\n" + " · ".join(details), style="dim")
+    preview = " ".join(clean_line(info.preview).split())
+    text.append("\n" + (preview[:160] or "(empty)"), style="italic dim")
     return text
 
 
@@ -341,13 +351,17 @@ class ConversationListScreen(ModalScreen[tuple[str, int | None] | None]):
         self._last: tuple[float, int] | None = None
         self._exhausted = False
         self._infos: dict[int, ConversationInfo] = {}
+        self.search = ""
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="conversations-box"):
             yield Static(Text("Conversations", style="bold"), classes="dialog-title")
+            yield Input(placeholder="type to filter (title or any message)", id="conversation-filter",
+                        select_on_focus=False, compact=True)
             yield OptionList(id="conversation-list")
             yield Static(
-                Text("Enter opens · r renames · Delete removes · n new · Esc closes", style="dim"),
+                Text("Enter opens · type to filter · ↓ the list · r renames · Delete removes · n new · Esc closes",
+                     style="dim"),
                 classes="dialog-detail",
             )
 
@@ -358,10 +372,46 @@ class ConversationListScreen(ModalScreen[tuple[str, int | None] | None]):
             options.highlighted = 0
         options.focus()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """While the filter has the focus, r, d and n are letters of the filter, not commands."""
+        if action in ("rename", "delete", "new") and self.focused is self.query_one("#conversation-filter"):
+            return False
+        return True
+
+    def on_key(self, event) -> None:  # noqa: ANN001
+        """On the list, a character no key is bound to starts the filter (r, d and n stay commands)."""
+        field = self.query_one("#conversation-filter", Input)
+        if self.focused is field:
+            if event.key == "down":
+                event.stop()
+                self.query_one(OptionList).focus()
+            return
+        char = event.character
+        if char and char.isprintable() and not char.isspace() and char not in "rdn":
+            event.stop()
+            field.focus()
+            field.insert_text_at_cursor(char)
+
+    @on(Input.Changed, "#conversation-filter")
+    def filter_changed(self, event: Input.Changed) -> None:
+        self.search = event.value
+        self._last, self._exhausted, self._infos = None, False, {}
+        self.query_one(OptionList).clear_options()
+        self._load_page()
+        options = self.query_one(OptionList)
+        if options.option_count:
+            options.highlighted = 0
+
+    @on(Input.Submitted, "#conversation-filter")
+    def filter_submitted(self) -> None:
+        cid = self._highlighted_id()
+        if cid is not None:
+            self.dismiss(("open", cid))
+
     def _load_page(self) -> None:
         if self._exhausted:
             return
-        page = self.store.list_conversations(self.PAGE, before=self._last)
+        page = self.store.list_conversations(self.PAGE, before=self._last, search=self.search)
         if len(page) < self.PAGE:
             self._exhausted = True
         if page:
@@ -371,7 +421,8 @@ class ConversationListScreen(ModalScreen[tuple[str, int | None] | None]):
             self._infos[info.id] = info
         options.add_options([Option(conversation_label(info), id=str(info.id)) for info in page])
         if not options.option_count:
-            options.add_option(Option(Text("No saved conversations yet.", style="dim"), id="none", disabled=True))
+            empty = f"No conversation holds “{clean_line(self.search)}”." if self.search else "No saved conversations yet."
+            options.add_option(Option(Text(empty, style="dim"), id="none", disabled=True))
 
     @on(OptionList.OptionHighlighted)
     def highlighted(self, event: OptionList.OptionHighlighted) -> None:

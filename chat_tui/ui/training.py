@@ -322,14 +322,14 @@ class TrainingScreen(ModalScreen[None]):
                     yield Select([("pretrain: learn from text", "pretrain"), ("sft: fine-tune on dialogues", "sft")],
                                  value=kind, allow_blank=False, compact=True, id="kind")
                 yield self._input_field("data", "Data", " ".join(shlex.quote(p) for p in settings.get("data", [])),
-                                        "files or folders (space separated)")
+                                        "files/folders, space-separated")
                 yield self._input_field("out", "Output folder", settings.get("out") or default_out(app.paths),
                                         "a new folder")
                 yield self._input_field("init_from", "From (sft)", settings.get("init_from") or "",
                                         "checkpoint folder to fine-tune")
                 with Horizontal(classes="field", id="field-tokenizer"):
                     yield Label("Tokenizer")
-                    yield Select([("char: one token per character", "char"), ("bpe: byte-level BPE", "bpe")],
+                    yield Select([("char: a token per character", "char"), ("bpe: byte-level BPE", "bpe")],
                                  value=settings.get("tokenizer", "char"), allow_blank=False, compact=True,
                                  id="tokenizer")
                 defaults = form_defaults(kind)

@@ -94,3 +94,9 @@ def test_the_kinds_defaults_are_the_cli_defaults(tmp_path):
     assert TrainConfig.defaults("sft").max_steps == 500 and TrainConfig.defaults("pretrain").max_steps == 2000
     timed = TrainConfig.of_kind("sft", time_budget=60.0)
     assert timed.max_steps is None and timed.lr == 3e-4  # a time budget alone sets no step limit
+
+
+def test_the_bundled_model_leaves_room_for_an_ordinary_answer():
+    bundled = Path(__file__).resolve().parents[2] / "assets" / "minigpt"
+    saved = json.loads((bundled / "generation_config.json").read_text())
+    assert saved["max_new_tokens"] == BUNDLED_DEFAULTS.max_new_tokens == SamplingParams().max_new_tokens == 256

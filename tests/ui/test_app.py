@@ -18,6 +18,7 @@ from chat_tui.engine.types import EngineError
 from chat_tui.store import Store
 from chat_tui.ui.app import ChatApp
 from chat_tui.ui.conversation import MessageView
+from chat_tui.ui.reply import receipt_text
 from chat_tui.ui.sampling import ROWS, SamplingTable
 from chat_tui.ui.screens import ConfirmScreen, ConversationListScreen, HelpScreen
 
@@ -45,7 +46,10 @@ async def test_send_streams_markdown_and_saves(make_app):
         view = app.conversation.view_for(reply)
         assert view is not None and view.query(MarkdownFence), "the fenced code block renders as code"
         meta = str(view.query_one(".meta").render())
-        assert "tokens" in meta and "tok/s" in meta and "fake-model" in meta and "seed 7" in meta
+        # one line under the reply; the model and the seed are in the full receipt (i on the message)
+        assert "tokens" in meta and "tok/s" in meta and "model defaults" in meta and "\n" not in meta
+        receipt = receipt_text(reply)
+        assert "fake-model" in receipt and "seed: 7" in receipt
         assert app.state == "idle"
     store = Store(get_paths().database)
     (conv,) = store.list_conversations()
@@ -385,8 +389,8 @@ async def test_persistence_round_trip_and_flags(make_app):
         await wait_for(pilot, lambda: len(app.conversation.items) == 2)
         assert app.conversation_id == second_id
         assert [i.content for i in app.conversation.items] == ["second conversation", "answer two"]
-        view = app.conversation.view_for(app.conversation.items[1])
-        assert "seed 7" in str(view.query_one(".meta").render())
+        assert app.conversation.view_for(app.conversation.items[1]) is not None
+        assert "seed: 7" in receipt_text(app.conversation.items[1])  # the receipt is kept with the reply
         assert app.prompt_input.prompt_history == ["second conversation"]
 
     app, _ = make_app(["x"], conversation_id=first_id)

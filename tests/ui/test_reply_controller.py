@@ -14,7 +14,7 @@ from chat_tui.engine.fake import FakeEngine, tokenize
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Message, PromptInfo, Step
 from chat_tui.store import Store
-from chat_tui.ui.reply import ReplyController, details_line, finished_reply, prompt_messages
+from chat_tui.ui.reply import ReplyController, details_line, finished_reply, prompt_messages, receipt_text
 from chat_tui.ui.state import ChatItem, GenJob
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,9 +118,15 @@ def test_the_details_line():
     item = ChatItem("assistant", "x", tokens=12, tokens_per_s=3.25, model="tiny\x1b[2J", seed=7,
                     params=SamplingParams(temperature=0.0).to_dict(), finish_reason="length",
                     meta={"param_changes": [(3, {})]})
-    assert details_line(item) == (
-        "12 tokens · 3.2 tok/s · tiny\u241b[2J · greedy · seed 7 · settings changed 1× mid-reply · reached max tokens"
-    )
+    assert details_line(item) == "12 tokens · 3.2 tok/s · greedy · settings changed 1× mid-reply · reached max tokens"
+    # against the model's defaults: only what differs; the model and seed are in the full receipt
+    defaults = SamplingParams(temperature=0.0, top_k=40)
+    assert details_line(item, defaults=defaults) == (
+        "12 tokens · 3.2 tok/s · top-k 0 · settings changed 1× mid-reply · reached max tokens")
+    assert "model defaults" in details_line(ChatItem("assistant", "x", params=defaults.to_dict()), defaults=defaults)
+    receipt = receipt_text(item)
+    assert "model: tiny\u241b[2J" in receipt and "seed: 7" in receipt and "temperature: 0.0" in receipt
+    assert "top_k: " in receipt and "repetition_penalty: " in receipt  # every setting
     item.status, item.finish_reason = "stopped", "cancelled"
     assert "stopped" not in details_line(item)  # the header says it
     failed = ChatItem("assistant", "", status="error", finish_reason="error", meta={"error": "Boom\nmore"})

@@ -71,12 +71,13 @@ def test_main_screen_80x24(snap_compare, steady):
     assert snap_compare(make([CODE_REPLY]), terminal_size=(80, 24), run_before=one_exchange)
 
 
-def test_conversation_list(snap_compare, steady):
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 50)])
+def test_conversation_list(snap_compare, steady, size):
     store = Store(get_paths().database, now=Clock())
     for title, n in (("Sourdough starter schedule", 6), ("Explain attention [in] transformers", 12),
                      ("Rust borrow checker question", 4), ("Trip to Lisbon", 8)):
-        cid = store.create_conversation(title)
-        store.add_messages(cid, [("user" if i % 2 == 0 else "assistant", f"m{i}") for i in range(n)])
+        cid = store.create_conversation(title, model="minigpt")
+        store.add_messages(cid, [("user" if i % 2 == 0 else "assistant", f"{title}, message {i}") for i in range(n)])
     store.close()
 
     async def open_list(pilot) -> None:
@@ -86,4 +87,41 @@ def test_conversation_list(snap_compare, steady):
         await pilot.press("ctrl+o")
         await pilot.pause(0.1)
 
-    assert snap_compare(make(["x"]), terminal_size=(100, 30), run_before=open_list)
+    assert snap_compare(make(["x"]), terminal_size=size, run_before=open_list)
+
+
+def test_main_screen_200x50(snap_compare, steady):
+    assert snap_compare(make([CODE_REPLY]), terminal_size=(200, 50), run_before=one_exchange)
+
+
+def _maximised_inspector(view_key: str):
+    async def run(pilot) -> None:
+        await one_exchange(pilot)
+        pilot.app.action_maximize("inspector")
+        pane = pilot.app._inspector_pane()
+        await pilot.press(view_key)
+        await pilot.pause(0.2)
+        pane.redraw()
+        await pilot.pause(0.1)
+
+    return run
+
+
+@pytest.mark.parametrize("view_key", ["1", "2", "3", "4", "5", "6"])
+def test_maximised_inspector_120x40(snap_compare, steady, view_key):
+    assert snap_compare(make([CODE_REPLY]), terminal_size=(120, 40), run_before=_maximised_inspector(view_key))
+
+
+def test_maximised_inspector_200x50(snap_compare, steady):
+    assert snap_compare(make([CODE_REPLY]), terminal_size=(200, 50), run_before=_maximised_inspector("1"))
+
+
+async def _full_sampling(pilot) -> None:
+    await one_exchange(pilot)
+    await pilot.press("f5")
+    await pilot.pause(0.2)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 50)])
+def test_full_sampling_pane(snap_compare, steady, size):
+    assert snap_compare(make([CODE_REPLY]), terminal_size=size, run_before=_full_sampling)

@@ -312,7 +312,8 @@ def fake_rows() -> list[dict]:
     return rows
 
 
-def test_training_screen_snapshot(snap_compare, make_app):
+@pytest.mark.parametrize("size", [(120, 36), (80, 24), (120, 40)])
+def test_training_screen_snapshot(snap_compare, make_app, size):
     app, _ = make_app()
     settings = dict(kind="pretrain", data=["/data/shakespeare.txt"], out="/runs/shakespeare", tokenizer="char",
                     n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_steps=2000, lr=1e-3,
@@ -326,4 +327,20 @@ def test_training_screen_snapshot(snap_compare, make_app):
         await pilot.pause(0.1)
         app.screen.query_one("#data", Input).cursor_blink = False
 
-    assert snap_compare(app, terminal_size=(120, 36), run_before=show)
+    assert snap_compare(app, terminal_size=size, run_before=show)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_the_form_fits_its_fields(make_app, size):
+
+    app, _ = make_app()
+    async with app.run_test(size=size) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: isinstance(app.screen, TrainingScreen))
+        await pilot.pause()
+        for field in app.screen.query("#train-form Input"):
+            assert len(field.placeholder) <= field.content_size.width, (field.id, field.placeholder)
+        for select in app.screen.query("#train-form Select"):
+            label = dict((v, str(p)) for p, v in select._options)[select.value]
+            assert len(label) + 3 <= select.content_size.width, (select.id, label)  # and its ▼

@@ -67,14 +67,16 @@ class HeatmapPainter:
         for y in range(heatmap.line_count):
             top = row_keys[y * step]
             bottom = row_keys[y * step + 1] if step == 2 and y * step + 1 < len(row_keys) else None
-            key = (top, bottom, heatmap.gutter_mark(y), cols, heatmap.mode, width, base)
+            key = (top, bottom, heatmap.gutter_mark(y), heatmap.row_label(y), heatmap.label_width, cols,
+                   heatmap.mode, width, base)
             strip = cache.get(key)
             if strip is None:
                 strip = Strip(heatmap.line(y, base)).extend_cell_length(width, base).crop(0, width)
                 cache[key] = strip
             strips.append(strip)
         if heatmap.axis:
-            key = ("axis", heatmap.cursor_col, heatmap.axis_labels, heatmap.axis_end, cols, width, base)
+            key = ("axis", heatmap.cursor_col, heatmap.axis_labels, heatmap.axis_end, heatmap.label_width, cols,
+                   width, base)
             strip = cache.get(key)
             if strip is None:
                 strip = Strip(heatmap.axis_line(base)).extend_cell_length(width, base).crop(0, width)

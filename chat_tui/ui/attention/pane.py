@@ -42,13 +42,14 @@ from chat_tui.engine.types import Explainer, Step, explainer
 from chat_tui.errors import first_line
 from chat_tui.ui.attention import export, jobs
 from chat_tui.ui.attention.canvas import AttentionCanvas, HeatmapPainter
-from chat_tui.ui.attention.render import ColorMode, Heatmap, detect_mode
+from chat_tui.ui.attention.render import ColorMode, Heatmap, detect_mode, legend
 from chat_tui.ui.attention.state import VIEW_TITLE, InspectorState
 from chat_tui.ui.attention.stats import head_stats
 from chat_tui.ui.attention.store import DEFAULT_CAP_BYTES, AttentionStore
 from chat_tui.ui.attention.views import (
     candidates_view,
     explain_view,
+    fit,
     heads_view,
     row_view,
     turns_view,
@@ -56,7 +57,7 @@ from chat_tui.ui.attention.views import (
 from chat_tui.ui.branches import Fork, fork_choices, fork_label
 from chat_tui.ui.budget import UIBudget
 from chat_tui.ui.screens import PickScreen
-from chat_tui.ui.text import clean_line
+from chat_tui.ui.text import clean_line, token_label
 
 if TYPE_CHECKING:
     from chat_tui.engine.types import Engine
@@ -66,6 +67,13 @@ REDRAW_HZ = 10  # at most this many redraws a second while a reply streams
 REDRAW_UI_SHARE = 0.3
 REDRAW_MAX_GAP = 0.4
 RESULTS_KEPT = 256  # explanations and replays remembered (per kind) before the cache starts over
+MAX_CELL_WIDTH = 4  # columns a key may take when the pane has room to spare
+HEATMAP_LABEL_WIDTH = 7  # the query tokens' column (6 cells and a space)
+
+
+def heatmap_margins(width: int, height: int) -> tuple[int, int]:
+    """(columns of the query labels, lines under the map for the top keys and the legend) at this size."""
+    return (HEATMAP_LABEL_WIDTH if width >= 24 else 0), (3 if height >= 12 else 0)
 
 class InspectorPane(Vertical, can_focus=True):
     """The attention inspector (mount it with id `inspector`).
@@ -82,7 +90,7 @@ class InspectorPane(Vertical, can_focus=True):
         background-tint: $foreground 4%;
     }
     InspectorPane > #attn-header {
-        height: 2;
+        height: 4;
     }
     InspectorPane > #attn-notice {
         height: auto;
@@ -121,6 +129,7 @@ class InspectorPane(Vertical, can_focus=True):
         Binding("s", "sort", "Sort rows", id="inspector.sort", show=False),
         Binding("x", "export", "Export", id="inspector.export"),
         Binding("F", "fork", "Fork the reply here", id="inspector.fork"),
+        Binding("question_mark", "view_help", "Explain this view", id="inspector.view_help"),
     ]
 
     def __init__(
@@ -268,7 +277,8 @@ class InspectorPane(Vertical, can_focus=True):
 
     def heatmap_window(self, width: int, height: int) -> tuple[range, int, int]:
         """(query rows, first key, end key) of the heatmap at this size; follows the cursor."""
-        return self.state.heatmap_window(width, height, 1 if self.mode == "mono" else 2)
+        label_width, footer = heatmap_margins(width, height)
+        return self.state.heatmap_window(width - label_width, height - footer, 1 if label_width else 2)
 
     def header_text(self, width: int) -> Text:
         return self.state.header_text(width)
@@ -339,36 +349,71 @@ class InspectorPane(Vertical, can_focus=True):
     def frame_strips(self, width: int, height: int, base: Style) -> list[Strip]:
         """The current view as `height` Strips of `width` cells over the `base` style."""
         renderable = self.render_view(width, height)
+        console = self.app.console
+        options = console.options.update(width=width, height=height, no_wrap=False, highlight=False,
+                                         markup=False)
         if isinstance(renderable, Heatmap):
             strips = self.painter.draw(renderable, self._row_keys, width, base)
+            lines_only = options.reset_height()  # a footer line is as tall as its text, not the view
+            for text in renderable.footer:
+                strips += [Strip(line, width) for line in console.render_lines(text, lines_only, style=base, pad=True)]
+            strips = strips[:height]
         else:
-            console = self.app.console
-            options = console.options.update(width=width, height=height, no_wrap=False, highlight=False,
-                                             markup=False)
             lines = console.render_lines(renderable, options, style=base, pad=True)
             strips = [Strip(line, width) for line in lines[:height]]
         blank = Strip.blank(width, base)
         return strips + [blank] * (height - len(strips))
 
     def render_heatmap(self, width: int, height: int) -> Heatmap:
-        state = self.state
+        state, store = self.state, self.store
         rows, c0, c1 = self.heatmap_window(width, height)
+        label_width, footer_lines = heatmap_margins(width, height)
         pos = state.position or 0
         # cached per row for the whole width, so a longer context does not invalidate the rows drawn
-        span = max(1, width - 1)
+        span = max(1, width - label_width - 1)
         # always the full width (keys past the newest are blank), so a new token changes no other line
         levels = self.painter.levels(rows, c0, c0 + span, state.attn_layer, state.head, state.head_mode, state.scale)
+        # few keys in a wide pane: each key gets more columns (a whole maximised screen is used)
+        cell = max(1, min(MAX_CELL_WIDTH, span // max(1, c1 - c0)))
+        if cell > 1:
+            levels = np.repeat(levels[:, : c1 - c0], cell, axis=1)
         self._row_keys = [self.painter.row_key(p) for p in rows]
+        footer: list[Text] = []
+        if footer_lines:
+            footer = [self.top_keys_text(pos, c0, c1), legend(state.scale, self.mode, width)]
         return Heatmap(
             levels,
             mode=self.mode,
             cursor_row=pos - rows.start if pos in rows else None,
-            cursor_col=pos - c0 if c0 <= pos < c1 else None,
+            cursor_col=(pos - c0) * cell if c0 <= pos < c1 else None,
             gutter=True,
             axis=height > 1,
             axis_labels=(f"{c0}", f"{c1 - 1}"),
-            axis_end=c1 - 1 - c0,
+            axis_end=(c1 - c0) * cell - 1,
+            row_labels=[fit(token_label(store.tokens[p]), label_width - 1) for p in rows] if label_width else None,
+            footer=footer,
         )
+
+    def top_keys_text(self, pos: int, c0: int, c1: int) -> Text:
+        """The selected token's three largest weights (its keys named), and how much falls off-window."""
+        state = self.state
+        out = Text(end="")
+        weights = self.store.head_row(pos, state.attn_layer, state.head, state.head_mode)
+        out.append(fit(token_label(self.store.tokens[pos]), 8).rstrip(), style="bold bright_cyan")
+        if weights is None:
+            out.append(" not captured", style="dim")
+            return out
+        out.append(" looks most at ", style="dim")
+        top = np.argsort(-weights, kind="stable")[:3]
+        for n, k in enumerate(top.tolist()):
+            if n:
+                out.append(" · ", style="dim")
+            out.append(fit(token_label(self.store.tokens[k]), 8).rstrip(), style="bold")
+            out.append(f" {weights[k]:.0%}")
+        off = float(weights[:c0].sum() + weights[c1:].sum()) / max(float(weights.sum()), 1e-12)
+        if off >= 0.005:
+            out.append(f" · {off:.0%} off-window", style="yellow")
+        return out
 
     # ------------------------------------------------------------------ explain (worker)
 
@@ -583,12 +628,18 @@ class InspectorPane(Vertical, can_focus=True):
 
     def action_pan(self, delta: int) -> None:
         size = self.query_one(AttentionCanvas).content_size
-        self.state.pan(delta, size.width, size.height)
+        label_width, footer = heatmap_margins(size.width, size.height)
+        self.state.pan(delta, size.width - label_width, size.height - footer)
         self.redraw()
 
     def action_scale(self) -> None:
         self.state.cycle_scale()
         self.redraw()
+
+    def action_view_help(self) -> None:
+        from chat_tui.ui.attention.help import ViewHelpScreen
+
+        self.app.push_screen(ViewHelpScreen(self.state.view, VIEW_TITLE[self.state.view]))
 
     def action_sort(self) -> None:
         self.state.toggle_sort()

@@ -18,11 +18,13 @@ from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
+from rich.cells import cell_len, set_cell_size
 from rich.color import Color, ColorSystem
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
 from rich.segment import Segment
 from rich.style import Style
+from rich.text import Text
 
 ColorMode = Literal["truecolor", "256", "mono"]
 Scale = Literal["linear", "rowmax", "sqrt", "nosink"]
@@ -33,6 +35,15 @@ SCALE_LABEL = {
     "sqrt": "√ weight",
     "nosink": "no sink, ÷ max",  # the first token left out before scaling
 }
+# what the colours mean under each scale, for the legend under the heatmap (n cycles the scale)
+SCALE_MEANING = {
+    "linear": "0 → 1: the weight itself",
+    "rowmax": "0 → the row's max in view",
+    "sqrt": "0 → 1 as √weight: faint ones show",
+    "nosink": "0 → max, sink (grey) left out",
+}
+# the first token soaks up much of many heads' attention whatever it says (an "attention sink")
+SINK_NOTE = "sink: the first token, where heads park attention they do not need elsewhere"
 
 LEVELS = 256
 MASKED = -1  # no value: a key after the query, or a row not captured
@@ -114,8 +125,9 @@ def detect_mode(console: Console, no_color: bool = False, headless: bool = False
 # weights -> levels
 
 
-def scale_row(weights: np.ndarray, scale: Scale) -> np.ndarray:
-    """float32 values in [0, 1] for one query row (NaN for an excluded key)."""
+def scale_row(weights: np.ndarray, scale: Scale, *, has_sink: bool = True) -> np.ndarray:
+    """float32 values in [0, 1] for one query row (NaN for an excluded key); `has_sink`: the
+    first value is the first token's (the ``nosink`` scale leaves it out)."""
     w = np.asarray(weights, dtype=np.float32)
     if w.size == 0:
         return w
@@ -124,6 +136,9 @@ def scale_row(weights: np.ndarray, scale: Scale) -> np.ndarray:
     elif scale == "sqrt":
         v = np.sqrt(np.maximum(w, 0.0))
     elif scale == "rowmax":
+        top = float(w.max())
+        v = w / top if top > 0 else np.zeros_like(w)
+    elif scale == "nosink" and not has_sink:
         top = float(w.max())
         v = w / top if top > 0 else np.zeros_like(w)
     elif scale == "nosink":
@@ -147,14 +162,18 @@ def to_levels(values: np.ndarray) -> np.ndarray:
 
 
 def row_levels(weights: np.ndarray | None, scale: Scale, c0: int, c1: int) -> np.ndarray:
-    """int16 levels of keys [c0, c1) for one query row; MASKED past the row's end (or without a row)."""
+    """int16 levels of keys [c0, c1) for one query row; MASKED past the row's end (or without a row).
+
+    The scale is computed over the keys shown: a row whose attention falls mostly before the
+    window still shows how it spreads over the keys in view (the window's share is said elsewhere).
+    """
     out = np.full(c1 - c0, MASKED, dtype=np.int16)
     if weights is None:
         return out
     n = weights.shape[0]
     hi = min(c1, n)
     if hi > c0:
-        out[: hi - c0] = to_levels(scale_row(weights, scale)[c0:hi])
+        out[: hi - c0] = to_levels(scale_row(weights[c0:hi], scale, has_sink=c0 == 0))
     return out
 
 
@@ -257,6 +276,8 @@ class Heatmap:
         axis: bool = False,
         axis_labels: tuple[str, str] | None = None,
         axis_end: int | None = None,
+        row_labels: list[str] | None = None,
+        footer: list[Text] | None = None,
     ) -> None:
         self.levels = np.asarray(levels, dtype=np.int16)
         if self.levels.ndim != 2:
@@ -268,6 +289,10 @@ class Heatmap:
         self.axis = axis
         self.axis_labels = axis_labels
         self.axis_end = axis_end  # the last column holding a key (the right label ends there)
+        # the query tokens down the left, one per row (then one row per line, in colour too)
+        self.row_labels = row_labels
+        self.label_width = max((cell_len(t) for t in row_labels), default=0) + 1 if row_labels else 0
+        self.footer = footer or []  # lines under the axis (the cursor row's top keys, the legend)
 
     @classmethod
     def from_matrix(cls, matrix: np.ndarray, scale: Scale = "linear", **kwargs) -> Heatmap:
@@ -275,11 +300,14 @@ class Heatmap:
 
     @property
     def width(self) -> int:
-        return self.levels.shape[1] + (1 if self.gutter else 0)
+        return self.label_width + self.levels.shape[1] + (1 if self.gutter else 0)
 
     @property
     def rows_per_line(self) -> int:
-        return 1 if self.mode == "mono" else 2
+        return 1 if self.mode == "mono" or self.row_labels is not None else 2
+
+    def row_label(self, y: int) -> str:
+        return self.row_labels[y] if self.row_labels is not None and y < len(self.row_labels) else ""
 
     @property
     def line_count(self) -> int:
@@ -300,12 +328,17 @@ class Heatmap:
         r = y * self.rows_per_line
         if self.mode == "mono":
             segments = mono_line(self.levels[r], base)
+        elif self.rows_per_line == 1:  # a whole cell per row: both halves in its colour
+            segments = half_block_line(self.levels[r], self.levels[r], self.mode, base)
         else:
             bottom = self.levels[r + 1] if r + 1 < rows else None
             segments = half_block_line(self.levels[r], bottom, self.mode, base)
+        mark = self.gutter_mark(y)
         if self.gutter:
-            mark = self.gutter_mark(y)
             segments.insert(0, Segment(mark, _styled(GUTTER_STYLE if mark != " " else None, base)))
+        if self.label_width:
+            text = set_cell_size(self.row_label(y), self.label_width - 1).rjust(self.label_width - 1) + " "
+            segments.insert(0, Segment(text, _styled(GUTTER_STYLE if mark != " " else DIM_STYLE, base)))
         return segments
 
     def lines(self, base: Style | None = None) -> list[list[Segment]]:
@@ -330,7 +363,7 @@ class Heatmap:
                 for i, ch in enumerate(right):
                     chars[start + i] = ch
         dim = _styled(DIM_STYLE, base)
-        segments = [Segment(" ", base)] if self.gutter else []
+        segments = [Segment(" " * (self.label_width + (1 if self.gutter else 0)), base)]
         if col is not None and 0 <= col < cols:
             segments.append(Segment("".join(chars[:col]), dim))
             segments.append(Segment("▲", _styled(AXIS_STYLE, base)))
@@ -346,6 +379,22 @@ class Heatmap:
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
         return Measurement(self.width, self.width)
+
+
+def legend(scale: Scale, mode: ColorMode, width: int) -> Text:
+    """One line: the palette from dark to bright and what its ends mean under `scale`."""
+    out = Text(end="")
+    ramp = 6
+    for i in range(ramp):
+        level = i * (LEVELS - 1) // (ramp - 1)
+        if mode == "mono":
+            out.append(mono_char(level))
+        else:
+            out.append("█", style=Style(color=level_color(level, mode)))
+    out.append(f" {SCALE_MEANING[scale]}", style="dim")
+    if scale == "nosink":  # the word first appears here: say what it means
+        out.append(f"\n{SINK_NOTE}", style="dim italic")
+    return out
 
 
 def cells(lines: Iterable[list[Segment]]) -> list[list[tuple[str, Style | None]]]:

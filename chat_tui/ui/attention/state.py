@@ -5,7 +5,9 @@ actions are one call here each, so the rules are unit-tested without an app.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from rich.text import Text
 
@@ -24,6 +26,25 @@ VIEW_TITLE = {
     "candidates": "Candidates",
 }
 HEAD_MODES: tuple[HeadMode, ...] = ("single", "mean", "max")
+# one line (two at most in the pane) under each view's title: what it shows, in plain words
+VIEW_SUBTITLE = {
+    "heatmap": "query ↓ attends to key →: a cell is how much a token looked at an earlier one",
+    "row": "how much the selected token looked at each earlier token",
+    "explain": "why those weights: query·key scores, scaled, softmax; what each value adds",
+    "heads": "every head of the layer: how spread out its attention is and where it goes",
+    "turns": "how much of the selected token's attention went to each message",
+    "candidates": "the likeliest next tokens; which the sampling settings kept or dropped",
+}
+HEADER_LINES = 4  # the title, the subtitle (two lines at most), the selected token
+
+
+@lru_cache(maxsize=64)
+def subtitle_lines(view: str, width: int) -> tuple[str, str]:
+    """The view's subtitle wrapped to `width`: two lines (the second may be empty)."""
+    lines = textwrap.wrap(VIEW_SUBTITLE[view], max(width, 10))
+    if len(lines) > 2:  # too narrow for the whole sentence: the first two lines, the second cut
+        lines[1] = fit(lines[1] + " " + " ".join(lines[2:]), width)
+    return (lines + ["", ""])[0], (lines + ["", ""])[1]
 
 
 @dataclass
@@ -69,10 +90,12 @@ class InspectorState:
         return self.store.n_heads or self.model_heads
 
     def selection_label(self) -> str:
+        """The layer and head, counted from 1 as people count (`layer 1/4 · head 2/4`)."""
         if self.n_layers <= 0:  # a model with no attention to show (one on a server)
             return "no layers"
-        head = {"single": f"H{self.head}", "mean": "mean H", "max": "max H"}[self.head_mode]
-        return f"L{self.attn_layer}/{self.n_layers - 1} {head}" + (f"/{self.n_heads - 1}" if self.head_mode == "single" else "")
+        head = {"single": f"head {self.head + 1}/{self.n_heads}", "mean": f"mean of {self.n_heads} heads",
+                "max": f"max of {self.n_heads} heads"}[self.head_mode]
+        return f"layer {self.attn_layer + 1}/{self.n_layers} · {head}"
 
     # ------------------------------------------------------------------ what the pane is told
 
@@ -215,13 +238,15 @@ class InspectorState:
     # ------------------------------------------------------------------ the text around the view
 
     def header_text(self, width: int) -> Text:
-        """Two lines: the view and the selection; the selected token and how it is shown."""
+        """HEADER_LINES lines: the view and the selection; what the view shows, in plain words (two
+        lines at most); the selected token and how it is shown."""
         title = Text(end="")
         title.append(VIEW_TITLE[self.view], style="bold")
-        title.append(f" {VIEWS.index(self.view) + 1}/6", style="dim")
+        title.append(f" {VIEWS.index(self.view) + 1}/{len(VIEWS)}", style="dim")
         if self.view in ("heatmap", "row", "explain", "heads", "turns"):
-            title.append("  " + self.selection_label(), style="bold cyan")
+            title.append(" · " + self.selection_label(), style="bold cyan")
         title.truncate(width)
+        sub_lines = [Text(line, style="italic dim") for line in subtitle_lines(self.view, width)]
         line2 = Text(end="")
         pos = self.position
         if pos is None:
@@ -238,6 +263,9 @@ class InspectorState:
         line2.truncate(width)
         out = Text(end="")
         out.append_text(title)
+        for line in sub_lines:
+            out.append("\n")
+            out.append_text(line)
         out.append("\n")
         out.append_text(line2)
         return out

@@ -193,19 +193,22 @@ def explain_view(
 
     e = explanation
     d = e.head_dim
+    # the formula, the sizes and the check wrap onto a second line rather than lose their ends
     formula = f"wⱼ = softmax(q·kⱼ ÷ √{d})  out = Σ wⱼvⱼ"
-    head.append(Text(fit(formula, width), style=BOLD))
+    formula_lines = [formula] if cell_len(formula) <= width else [f"wⱼ = softmax(q·kⱼ ÷ √{d})", "out = Σ wⱼvⱼ"]
+    head.extend(Text(fit(line, width), style=BOLD) for line in formula_lines)
     summary = f"√{d} = {np.sqrt(d):.3g} · ‖q‖ {e.query_norm:.3g} · ‖out‖ {e.output_norm:.3g} · Σw {e.weights.sum():.4f}"
-    head.append(Text(fit(summary, width), style=DIM))
+    head.extend(Text(line, style=DIM) for line in _wrap(summary, width))
     if stored is not None and stored.shape[0] == e.weights.shape[0]:
         diff = float(np.abs(e.weights - np.asarray(stored, dtype=np.float64)).max())
-        head.append(Text(fit(f"matches the stored row to {diff:.1e} (float16)", width), style=DIM))
+        check = f"matches the stored row to {diff:.1e} (stored as float16, a 16-bit number)"
+        head.extend(Text(line, style=DIM) for line in _wrap(check, width))
 
     columns: list[tuple[str, int, Any]] = [
         ("w", 7, lambda j: f"{e.weights[j]:7.4f}"),
         ("÷√d", 8, lambda j: f"{e.scaled[j]:8.3f}"),
         ("q·k", 8, lambda j: f"{e.qk[j]:8.3f}"),
-        ("‖wv‖", 7, lambda j: f"{e.value_norms[j]:7.3f}"),
+        ("‖wⱼvⱼ‖", 7, lambda j: f"{e.value_norms[j]:7.3f}"),
     ]
     fixed = 5  # position column
     label_w = 6
@@ -216,7 +219,7 @@ def explain_view(
             chosen.append(col)
             room -= col[1]
     label_w += max(0, min(room, 8))
-    order = [c for c in ("q·k", "÷√d", "w", "‖wv‖") if any(c == k[0] for k in chosen)]
+    order = [c for c in ("q·k", "÷√d", "w", "‖wⱼvⱼ‖") if any(c == k[0] for k in chosen)]
     chosen.sort(key=lambda c: order.index(c[0]))
     header = Text(end="", style=BOLD)
     header.append(fit(" pos", fixed))
@@ -271,9 +274,9 @@ def heads_view(
     h0 = 0 if heads <= visible else min(max(0, head - visible // 2), heads - visible)
     h1 = min(heads, h0 + visible)
     tables = [
-        (f"entropy, bits (of {stats.max_entropy:.1f} at most) · low = focused", stats.entropy,
+        (f"entropy in bits: 0 = on one token, {stats.max_entropy:.1f} = spread evenly", stats.entropy,
          lambda v: f"{v:.2f}", lambda v: 1.0 - v / stats.max_entropy if stats.max_entropy > 0 else 0.0),
-        ("share on the first token", stats.first, lambda v: f"{v * 100:.0f}%", lambda v: v),
+        ("share on the first token (the “sink”)", stats.first, lambda v: f"{v * 100:.0f}%", lambda v: v),
         ("share on the previous token", stats.previous, lambda v: "—" if not np.isfinite(v) else f"{v * 100:.0f}%",
          lambda v: v),
     ]
@@ -282,11 +285,11 @@ def heads_view(
         lines.append(Text(fit(title, width), style=BOLD))
         top = Text("    ", style=DIM, end="")
         for h in range(h0, h1):
-            top.append(f"H{h}".rjust(cell), style=CURSOR if h == head else DIM)
+            top.append(f"H{h + 1}".rjust(cell), style=CURSOR if h == head else DIM)  # counted from 1
         lines.append(top)
         for layer_i in range(layers):
             line = Text(end="")
-            line.append(f"L{layer_i}".ljust(4), style=CURSOR if layer_i == layer else DIM)
+            line.append(f"L{layer_i + 1}".ljust(4), style=CURSOR if layer_i == layer else DIM)
             for h in range(h0, h1):
                 v = float(values[layer_i, h])
                 style = cell_style(heat(v), mode) if np.isfinite(v) else Style()
@@ -299,7 +302,7 @@ def heads_view(
                     line.append(text, style=style)
             lines.append(line)
     if h1 - h0 < heads:
-        lines.append(Text(fit(f"heads {h0}–{h1 - 1} of {heads} ({{ }} moves)", width), style=DIM))
+        lines.append(Text(fit(f"heads {h0 + 1}–{h1} of {heads} ({{ }} moves)", width), style=DIM))
     return window(lines, height, offset)
 
 

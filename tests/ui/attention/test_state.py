@@ -67,10 +67,10 @@ def test_layers_and_heads_wrap_and_a_mean_goes_back_to_one_head():
     assert state.attn_layer == 2
     state.step_head(1)
     state.cycle_head_mode()
-    assert state.head_mode == "mean" and state.selection_label() == "L2/2 mean H"
+    assert state.head_mode == "mean" and state.selection_label() == "layer 3/3 · mean of 4 heads"
     state.step_head(1)  # from the mean, back to the head it came from
     assert state.head_mode == "single" and state.head == 1
-    assert state.selection_label() == "L2/2 H1/3"
+    assert state.selection_label() == "layer 3/3 · head 2/4"  # counted from 1, out of how many
 
 
 def test_another_model_keeps_the_selection_inside_it():
@@ -139,5 +139,14 @@ def test_the_notice_names_lost_attention_missing_layers_and_dropped_rows():
 def test_the_header_names_the_view_the_selection_and_the_token():
     state = state_with(reply_steps("one two"))
     header = state.header_text(60).plain.splitlines()
-    assert header[0] == "Heatmap 1/6  L0/1 H0/3"
-    assert header[1].startswith(f"▶{state.store.length - 1} ") and header[1].endswith("reply · ÷ row max · follow")
+    assert header[0] == "Heatmap 1/6 · layer 1/2 · head 1/4"
+    assert "query ↓ attends to key →" in header[1]  # what the view shows, in plain words
+    assert header[3].startswith(f"▶{state.store.length - 1} ") and header[3].endswith("reply · ÷ row max · follow")
+
+
+def test_each_view_says_what_it_shows_in_two_lines_at_the_default_width():
+    from chat_tui.ui.attention.state import VIEW_SUBTITLE, subtitle_lines
+
+    for view in VIEW_SUBTITLE:
+        lines = subtitle_lines(view, 42)  # the inspector's 44 columns, less its padding
+        assert " ".join(lines).split() == VIEW_SUBTITLE[view].split() and not lines[1].endswith("…")

@@ -103,7 +103,7 @@ def check_explain(engine, store: AttentionStore, layers=None) -> None:
                 stored = store.row(pos)[layer, head].astype(np.float64)
                 np.testing.assert_allclose(e.weights, stored, atol=FLOAT16_ATOL)
     text = explain_view(e, stored, store.tokens, pos, width=60, height=40).plain
-    assert "softmax(q·kⱼ ÷ √" in text and "q·k" in text and "‖wv‖" in text
+    assert "softmax(q·kⱼ ÷ √" in text and "q·k" in text and "‖wⱼvⱼ‖" in text
 
 
 def check_candidates(engine, steps, store: AttentionStore, extra: list[SamplingParams]) -> int:

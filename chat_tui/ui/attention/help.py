@@ -1,0 +1,75 @@
+"""The `?` screen of the inspector: what the current view shows, its formula, and where the README says more."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+README_SECTION = "README.md, “The attention inspector”"
+
+# (what it shows, the formula, how to read it); plain words first, the jargon explained where it appears
+VIEW_HELP: dict[str, tuple[str, str, str]] = {
+    "heatmap": (
+        "Each row is a token (the query, down the left); each cell is how much that token looked at an "
+        "earlier token (the key, across) in one layer and head. A row's weights add up to 1.",
+        "weightⱼ = softmax(q·kⱼ / √d)   (row i sees keys 0…i only)",
+        "Bright = much attention. n changes the colour scale (the legend says what bright means); "
+        "“sink”: the first token, where many heads park attention they do not need elsewhere. "
+        "[ ] layer, { } head, m the mean or max over heads, ↑ ↓ another token.",
+    ),
+    "row": (
+        "The selected token's row of the heatmap as bars: one per earlier token, its share of the attention.",
+        "weightⱼ = softmax(q·kⱼ / √d)",
+        "s sorts by weight. The bars of a row add up to 100%.",
+    ),
+    "explain": (
+        "Why the selected token attends where it does: the real numbers of one head, recomputed.",
+        "scoreⱼ = q·kⱼ → ÷√d → wⱼ = softmax(…) → out = Σ wⱼ vⱼ;  ‖wⱼvⱼ‖ = key j's share of the output",
+        "A large weight on a key with a small value vector adds little: ‖wⱼvⱼ‖ shows what reaches the "
+        "output. The last line checks the recomputed weights against the stored ones (stored in float16, "
+        "a 16-bit number, so they agree to about 1e-3).",
+    ),
+    "heads": (
+        "Every head of the selected layer at the selected token: how spread out its attention is and where it goes.",
+        "entropy H = −Σ wⱼ log₂ wⱼ  (bits)",
+        "Entropy in bits: 0 = all attention on one token; log₂(n) = spread evenly over n tokens. "
+        "“first” = share on the first token (the sink), “prev” = share on the token just before.",
+    ),
+    "turns": (
+        "How the selected token's attention divides between the messages of the conversation.",
+        "share(message) = Σ wⱼ over the message's tokens",
+        "The system prompt, your messages and the replies each get a bar.",
+    ),
+    "candidates": (
+        "The likeliest next tokens at the selected step, before and after the sampling chain, and which "
+        "stage dropped each one.",
+        "p = softmax(logits / T), then top-k, top-p, min-p … keep a subset",
+        "Change a setting in the sampling pane and this view shows what the new settings would have kept. "
+        "Byte pieces of a character show as <0xE4>.",
+    ),
+}
+
+
+class ViewHelpScreen(ModalScreen[None]):
+    """A short explanation of one inspector view (`?` on the inspector)."""
+
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close", id="view_help_close")]
+
+    def __init__(self, view: str, title: str) -> None:
+        super().__init__()
+        self.view = view
+        self.title_text = title
+
+    def compose(self) -> ComposeResult:
+        what, formula, reading = VIEW_HELP[self.view]
+        with Vertical(id="view-help-box", classes="dialog"):
+            yield Static(Text(self.title_text, style="bold"), classes="dialog-title")
+            body = Text(what + "\n\n")
+            body.append(formula + "\n\n", style="bold")
+            body.append(reading + "\n\n")
+            body.append(f"More in {README_SECTION}. Esc closes.", style="dim")
+            yield Static(body, id="view-help-text")
