@@ -58,7 +58,7 @@ from chat_tui.ui.bindings import with_ids
 from chat_tui.ui.budget import UIBudget
 from chat_tui.ui.conversation import ConversationView, MessageView
 from chat_tui.ui.errors import describe, log_error
-from chat_tui.ui.messages import GenerationDone, ModelLoaded, ModelProgress, StepsReady
+from chat_tui.ui.messages import GenerationDone, KnockOutContinue, ModelLoaded, ModelProgress, StepsReady
 from chat_tui.ui.prompt import PromptInput
 from chat_tui.ui.reply import ReplyController, details_line, prompt_messages
 from chat_tui.ui.sampling import SamplingPane, SamplingTable
@@ -1032,7 +1032,8 @@ class ChatApp(App[int], inherit_bindings=False):
             self._db(self.store.delete_messages_from, self.conversation_id, item.db_id)
         await self.conversation.remove_from(item)
 
-    async def _start_reply(self, mode: str, target: ChatItem | None = None) -> None:
+    async def _start_reply(self, mode: str, target: ChatItem | None = None,
+                           knock_out: frozenset[tuple[int, int]] = frozenset()) -> None:
         if self._restart_if_stopped():
             self.notify("The model's process had stopped; restarting it (your message waits for it).",
                         severity="warning", timeout=8, markup=False)
@@ -1047,7 +1048,8 @@ class ChatApp(App[int], inherit_bindings=False):
         if mode == "continue" and target is not None:
             item = target
             conversation = prompt_messages(self.conversation.items, self.system_prompt, item)
-            job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content, **saved)
+            job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content,
+                         knock_out=knock_out, **saved)
             self.replies.begin(job)
         else:
             item = ChatItem("assistant", "", status="waiting")
@@ -1213,6 +1215,37 @@ class ChatApp(App[int], inherit_bindings=False):
             self.notify("Only a stopped (or cut-off) reply can be continued.", severity="warning", markup=False)
             return
         await self._start_reply("continue", target=last)
+
+    async def on_knock_out_continue(self, message: KnockOutContinue) -> None:
+        """The knock-out view: the last reply again from the cursor's token on, with those heads off."""
+        if self._busy(" first"):
+            return
+        items = self.conversation.items
+        last = items[-1] if items else None
+        if last is None or last.role != "assistant" or not last.content.endswith(message.cut_text):
+            self.notify("Knock-out continues the last reply, and the inspector shows another one.",
+                        severity="warning", markup=False)
+            return
+        last.content = last.content[: len(last.content) - len(message.cut_text)]
+        last.tokens = max(0, (last.tokens or 0) - message.cut_tokens)
+        del last.token_probs[max(0, len(last.token_probs) - message.cut_tokens):]
+        view = self.conversation.view_for(last)
+        if view is not None:
+            view.finish(last.content)
+        await self._start_reply("continue", target=last, knock_out=message.heads)
+
+    def on_text_area_changed(self, event: PromptInput.Changed) -> None:
+        """The tokens view follows the input box as you type."""
+        pane = self._inspector_pane()
+        if pane is not None and event.text_area is self.prompt_input:
+            pane.set_token_text("input box", self.prompt_input.text)
+
+    def on_descendant_focus(self, event: object) -> None:
+        """A message chosen (Ctrl+Up, a click): the tokens view shows its tokens while the input box is empty."""
+        pane = self._inspector_pane()
+        focused = self.focused
+        if pane is not None and isinstance(focused, MessageView) and not self.prompt_input.text:
+            pane.set_token_text(f"{focused.item.role} message", focused.item.content)
 
     def action_edit_last(self) -> None:
         if self._busy(" first"):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from chat_tui.engine.inside import head_name
 from chat_tui.engine.params import SamplingParams, settings_summary
 from chat_tui.engine.types import Engine, Message, PromptInfo, Step
 from chat_tui.store import Store, StoreError
@@ -95,6 +96,10 @@ def details_line(item: ChatItem, live: GenJob | None = None) -> str:
         parts.append(f"settings changed {len(changes)}× mid-reply")
     if item.finish_reason in FINISH_LABEL and item.status != "stopped":
         parts.append(FINISH_LABEL[item.finish_reason])
+    knocked = live.knock_out if live is not None and live.knock_out else None
+    names = [head_name(*h) for h in sorted(knocked)] if knocked else item.meta.get("knocked_out")
+    if names:
+        parts.append("heads off: " + ", ".join(clean_line(str(n)) for n in names))
     if item.status == "error" and item.meta.get("error"):
         parts.append(f"failed: {clean_line(str(item.meta['error']))[:80]}")
     return " · ".join(parts)
@@ -151,6 +156,8 @@ def finished_reply(job: GenJob, *, error: str | None, params: SamplingParams) ->
             meta["sent"] = job.prompt.sent
         if job.prompt.note:
             meta["server_note"] = job.prompt.note
+    if job.knock_out:  # the receipt says which heads were off
+        meta["knocked_out"] = [head_name(*h) for h in sorted(job.knock_out)]
     if error is not None:
         meta["error"] = error
     return FinishedReply(
@@ -226,7 +233,9 @@ class ReplyController:
         when steps wait and the controller's thread was not yet told (then call `steps_ready`)."""
         engine = job.engine
         assert engine is not None, "launch the job first"
-        stream = engine.stream(job.conversation, self.params, inspect=job.inspect, cancel=job.cancel)
+        # knock_out only when some heads are off: an engine without the knock-out view takes no such keyword
+        extra = {"knock_out": job.knock_out} if job.knock_out else {}
+        stream = engine.stream(job.conversation, self.params, inspect=job.inspect, cancel=job.cancel, **extra)
         # closed on every way out, even an error: a model in its own process serves one stream at a time
         with contextlib.closing(stream):
             for step in stream:
