@@ -180,6 +180,7 @@ class ChatApp(App[int], inherit_bindings=False):
         Binding("f2", "toggle_pane('sampling')", "Sampling", id="toggle_sampling", show=False),
         Binding("f3", "toggle_pane('inspector')", "Inspector", id="toggle_inspector", show=False),
         Binding("f4", "toggle_probs", "Token colours", id="toggle_probs", show=False),
+        Binding("f8", "toggle_lens_gutter", "Lens gutter", id="lens_gutter", show=False),
         Binding("f5", "focus_sampling", "Edit sampling", id="focus_sampling", show=False),
         Binding("ctrl+t", "train", "Train", id="train", show=False),
         Binding("ctrl+up", "focus_message(-1)", "Previous message", id="focus_previous_message", show=False),
@@ -1125,6 +1126,11 @@ class ChatApp(App[int], inherit_bindings=False):
             view.add_token_probs(probs)
 
     def reply_step(self, job: GenJob, step: Step) -> None:
+        if self.conversation.lens_gutter:
+            view = self._view_for(job.item)
+            gutter = view.lens_gutter if view is not None else None
+            if gutter is not None:
+                gutter.add_step(step, job.engine)
         pane = self._inspector_pane()
         if pane is not None:
             pane.add_step(step)  # every step: its attention row (cheap; drawn on the pane's tick)
@@ -1415,6 +1421,13 @@ class ChatApp(App[int], inherit_bindings=False):
         if self.show_probs:
             self.notify("Token colours on: red tokens were unlikely, green ones near-certain (F4 turns off)",
                         timeout=4, markup=False)
+
+    def action_toggle_lens_gutter(self) -> None:
+        on = not self.conversation.lens_gutter
+        self.conversation.set_lens_gutter(on)
+        if on:
+            self.notify("Lens gutter on: under each reply, a token's digit is its commitment layer and its "
+                        "shade its surprisal (F8 turns off)", timeout=4, markup=False)
 
     def on_markdown_link_clicked(self, event: Markdown.LinkClicked) -> None:
         event.stop()
