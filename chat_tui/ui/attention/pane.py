@@ -38,7 +38,7 @@ from textual.widgets import Static
 from textual.worker import get_current_worker
 
 from chat_tui.engine.explain import Explanation
-from chat_tui.engine.inside import INSIDE_VIEWS, Head, Inside, inside
+from chat_tui.engine.inside import INSIDE_VIEWS, Head, Inside, head_name, inside
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Explainer, Step, explainer
 from chat_tui.errors import first_line
@@ -561,7 +561,12 @@ class InspectorPane(Vertical, can_focus=True):
         self.redraw()
 
     def action_knock(self) -> None:
-        self.state.toggle_knocked()
+        state = self.state
+        state.toggle_knocked()
+        if state.view != "knockout":  # picked in another view (the heads overview): say where it shows
+            selected = (state.attn_layer, state.head)
+            self.notify(f"{head_name(*selected)} {'off' if selected in state.knocked else 'on again'} "
+                        f"for the knock-out view (0 shows it)", timeout=3, markup=False)
         self.redraw()
 
     def action_knock_none(self) -> None:

@@ -132,3 +132,13 @@ async def test_an_unavailable_view_says_why_in_one_line():
         app.feed(app.steps)
         text = await shown(pilot, app, "b")
         assert "Not available: not available for this architecture" in text
+
+
+async def test_a_head_picked_in_the_heads_overview_is_off_in_the_knock_out_view():
+    app = harness()
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.feed(app.steps)
+        await shown(pilot, app, "4", "]", "}", "k")
+        assert app.pane.state.knocked == frozenset({(1, 1)})
+        text = await shown(pilot, app, "0")
+        assert "heads off: L2H2" in text and "KL" in text
