@@ -89,25 +89,29 @@ def lens_view(lens: Lens, token: str, *, width: int, height: int, offset: int = 
         *wrapped(commit_line(lens, n), width, BOLD),
     ]
     lines = []
-    cell = max(12, (width - 9) // 3)
     for row in lens.layers:
         committed = lens.commit_layer is not None and row.layer == lens.commit_layer
         line = Text(end="")
         line.append(f"{'◆' if committed else ' '}L{row.layer + 1:<3}", style=CURSOR if committed else DIM)
+        entries = []
         for top in row.top[:3]:
-            chosen = top.id == lens.token_id
-            line.append(" ")
-            line.append(fit(token_label_short(top.text), cell - 7), style=CURSOR if chosen else Style())
-            line.append(pct(top.prob, 6), style=weight_style(top.prob, mode))
+            entry = Text(end="")
+            entry.append(label(top.text, 12).rstrip() or "␣", style=CURSOR if top.id == lens.token_id else Style())
+            entry.append(f" {top.prob * 100:.0f}%", style=weight_style(top.prob, mode))
+            entries.append(entry)
         if row.chosen_rank >= len(row.top[:3]):
-            line.append(f"  (#{row.chosen_rank + 1} {pct(row.chosen_prob, 0)})", style=DIM)
+            entries.append(Text(f"(chosen #{row.chosen_rank + 1}, {row.chosen_prob * 100:.1f}%)", style=DIM, end=""))
+        # the entries side by side, going on under the layer's name when the pane is narrow
+        for entry in entries:
+            if line.cell_len > 5 and line.cell_len + 2 + entry.cell_len > width:
+                lines.append(line)
+                line = Text("     ", end="")
+            elif line.cell_len > 5:
+                line.append("  ")
+            line.append_text(entry)
         lines.append(line)
     lines.append(Text(fit("◆ the commitment layer: from it on the chosen token stays first", width), style=DIM))
     return window(lines, height, offset, head)
-
-
-def token_label_short(text: str) -> str:
-    return label(text, 40).rstrip()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ def piece_label(piece: TokenPiece) -> str:
         text = piece.data.decode("utf-8")
     except UnicodeDecodeError:
         return "".join(f"<0x{b:02X}>" for b in piece.data)
-    return token_label_short(text) if text else token_label_short(piece.text)
+    return label(text or piece.text, 40).rstrip()
 
 
 def tokens_view(pieces: Sequence[TokenPiece], source: str, context_length: int | None, *, width: int,
