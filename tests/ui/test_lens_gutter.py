@@ -3,6 +3,8 @@ digit and its surprisal as a shade, from the FakeEngine's lens (whose commitment
 
 from __future__ import annotations
 
+import pytest
+
 from chat_tui.ui.lens_gutter import LEGEND, LensGutter, cell, shade
 from tests.ui.conftest import ready, send, wait_for
 from tests.ui.test_snapshots import make, one_exchange, steady  # noqa: F401 (steady: a fixture)
@@ -45,7 +47,8 @@ def test_cells_and_shades():
     assert sure.bgcolor.get_truecolor()[0] < surprising.bgcolor.get_truecolor()[0]  # light = surprising
 
 
-def test_gutter_and_lens_view_snapshot_120x40(snap_compare, steady):
+@pytest.mark.usefixtures("steady")
+def test_gutter_and_lens_view_snapshot_120x40(snap_compare):
     """The gutter under the reply, and the inspector's lens view for the reply's last token."""
 
     async def run_before(pilot) -> None:
