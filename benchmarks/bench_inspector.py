@@ -8,8 +8,10 @@
 3. Tokens per second reaching the screen in the app with the inspector open against closed
    (target ≥ 0.9×): the bundled model (else a tiny random mini-GPT, else the FakeEngine) answers
    the same prompt with a fixed seed, greedily, alternating open and closed runs.
+4. Tokens per second reaching the screen with the lens gutter under the reply (F8) on against off
+   (target ≥ 0.8×), the inspector closed, the same model and alternation.
 
-    PYTHONPATH=. python benchmarks/bench_inspector.py [--runs 5] [--new-tokens 128] [--skip-app]
+    PYTHONPATH=. python benchmarks/bench_inspector.py [--runs 5] [--new-tokens 128] [--skip-app] [--only-gutter]
 """
 
 from __future__ import annotations
@@ -230,7 +232,8 @@ def engine_for_app(new_tokens: int):
         return FakeEngine(["word " * new_tokens], n_layer=4, n_head=4), "FakeEngine"
 
 
-async def one_run(engine, open_pane: bool, new_tokens: int, home: Path) -> tuple[float, int, bool]:
+async def one_run(engine, open_pane: bool, new_tokens: int, home: Path,
+                  gutter: bool = False) -> tuple[float, int, bool]:
     import os
 
     os.environ["CHAT_TUI_HOME"] = str(home)
@@ -249,6 +252,8 @@ async def one_run(engine, open_pane: bool, new_tokens: int, home: Path) -> tuple
             app.action_toggle_pane("inspector")
             await pilot.pause()
         assert bool(pane.display) == open_pane
+        if gutter:
+            app.action_toggle_lens_gutter()
         app.prompt_input.focus()
         app.prompt_input.load_text("Hello! What is AI? Tell me more about it.")
         start = time.perf_counter()
@@ -293,6 +298,35 @@ def bench_app(runs: int, new_tokens: int, threads: int) -> None:
     print(f"  best:   open {best_open:6.1f} tok/s, closed {best_closed:6.1f} tok/s, ratio {best_open / best_closed:.2f}")
 
 
+def bench_gutter(runs: int, new_tokens: int, threads: int) -> None:
+    import tempfile
+
+    from chat_tui.engine.inside import inside
+
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    engine, name = engine_for_app(new_tokens)
+    if hasattr(engine, "eos_ids"):
+        engine.eos_ids = set()
+    lens = "its lens computed per token" if inside(engine) is not None else "surprisal only: this engine has no lens"
+    print(f"== tokens/s reaching the screen with the lens gutter on and off ({name}, {lens}, {new_tokens} new "
+          f"tokens, greedy, inspector closed, {runs} runs each, alternating)")
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as home:
+        for i in range(runs):
+            for on in ((True, False) if i % 2 == 0 else (False, True)):
+                took, tokens, _ = asyncio.run(one_run(engine, False, new_tokens, Path(home), gutter=on))
+                rates[on].append(tokens / took)
+                print(f"  run {i + 1} gutter {'on ' if on else 'off'}: {tokens} tokens in {took:5.2f} s = "
+                      f"{tokens / took:6.1f} tok/s")
+    med_on, med_off = statistics.median(rates[True]), statistics.median(rates[False])
+    print(f"  median: on {med_on:6.1f} tok/s, off {med_off:6.1f} tok/s, ratio {med_on / med_off:.2f} (target ≥ 0.80)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20, help="repeats per frame timing (best is kept)")
@@ -300,11 +334,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-app", action="store_true", help="only the drawing timings")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the model in the app runs")
+    parser.add_argument("--only-gutter", action="store_true", help="only the lens gutter's tokens/s (4.)")
     args = parser.parse_args()
+    if args.only_gutter:
+        bench_gutter(args.runs, args.new_tokens, args.threads)
+        return
     bench_frames(args.repeat)
     asyncio.run(bench_textual(args.repeat))
     if not args.skip_app:
         bench_app(args.runs, args.new_tokens, args.threads)
+        bench_gutter(args.runs, args.new_tokens, args.threads)
 
 
 if __name__ == "__main__":

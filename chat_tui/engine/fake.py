@@ -7,6 +7,13 @@ applies at the next token and is recorded in `Step.params` and `FakeEngine.param
 is honoured within one token, stop strings never leak, max_new_tokens ends a reply with "length",
 old turns are dropped to fit the context, and a conversation that ends with an assistant message is
 continued rather than answered. The candidates and attention are made up, the same for the same seed.
+
+It also opens up its "next token" (`chat_tui.engine.inside.Inside`) with small made-up numbers of the
+right shapes, so the inspector's inside views are tested without a model: the lens commits at a
+known layer (`fake_commit_layer`), the attribution's components and bias add up to the logit, the
+rollout rows sum to 1, knocking out `decisive_head` changes the top token (any other head only
+shifts the probabilities), and the tokenizer's pieces carry their real bytes (a character beyond
+ASCII splits into one token per byte, as a byte-level BPE does with a character it has no merge for).
 """
 
 from __future__ import annotations
@@ -16,11 +23,26 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from chat_tui.engine.generation import run_stream
+from chat_tui.engine.inside import (
+    INSIDE_VIEWS,
+    Attribution,
+    BlockRow,
+    BlockTrace,
+    Component,
+    Head,
+    KnockOut,
+    Lens,
+    LensLayer,
+    Rollout,
+    TokenPiece,
+    TopToken,
+    head_name,
+)
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import (
     Candidate,
@@ -56,7 +78,7 @@ class StreamRecord:
     params: list[SamplingParams]
     inspect: bool
     finish_reason: str | None = None
-    knock_out: frozenset[tuple[int, int]] = frozenset()  # the heads asked to be off (the fake has none to switch)
+    knock_out: frozenset[Head] = field(default_factory=frozenset)  # the heads switched off
 
 
 def tokenize(text: str) -> list[str]:
@@ -96,6 +118,7 @@ class FakeEngine:
         defaults: SamplingParams | None = None,
         fail_at: int | None = None,
         checkpoint_hash: str = "fake-0000000000000000",
+        unavailable_views: dict[str, str] | None = None,
     ) -> None:
         self.replies: list[Script] = [replies] if isinstance(replies, str) or callable(replies) else list(replies)
         if not self.replies:
@@ -111,6 +134,10 @@ class FakeEngine:
         self.seed = seed
         self.fail_at = fail_at
         self.checkpoint_hash = checkpoint_hash
+        # the inside views this fake says it cannot show, with the one-line reason (tests of the notes)
+        self.unavailable_views = dict(unavailable_views or {})
+        # the head whose knock-out changes the top token: the last layer's second head
+        self.decisive_head: Head = (n_layer - 1, 1 % n_head)
         self._defaults = defaults if defaults is not None else SamplingParams(temperature=0.8, top_p=0.95)
         self._vocab: list[str] = list(SPECIALS) + list(_FILLER)
         self._ids: dict[str, int] = {t: i for i, t in enumerate(self._vocab)}
@@ -244,9 +271,10 @@ class FakeEngine:
         inspect: bool = False,
         cancel: threading.Event | None = None,
         candidates: bool = True,
-        knock_out: frozenset[tuple[int, int]] = frozenset(),
+        knock_out: frozenset[Head] = frozenset(),
     ) -> Iterator[Step]:
-        """The shared decode loop (`run_stream`) over the scripted reply, dressed with made-up numbers."""
+        """The shared decode loop (`run_stream`) over the scripted reply, dressed with made-up numbers.
+        `knock_out`: the heads to switch off, recorded (the script does not change)."""
         messages = list(conversation)
         first = resolve_params(params)
         record = StreamRecord(messages, [], inspect, knock_out=frozenset(knock_out))
@@ -286,6 +314,135 @@ class FakeEngine:
             yield step
             if step.finish_reason is not None:
                 return
+
+    # ------------------------------------------------------------------ inside the next token (made up)
+
+    def inside_views(self) -> dict[str, str | None]:
+        return {view: self.unavailable_views.get(view) for view in INSIDE_VIEWS}
+
+    def fake_commit_layer(self, ids: Sequence[int]) -> int:
+        """The layer the fake's lens commits at for the prediction after `ids`: known to the tests."""
+        return len(ids) % self.n_layer
+
+    def _others(self, token_id: int, count: int, salt: int) -> list[int]:
+        """`count` filler token ids other than `token_id`, the same for the same arguments."""
+        fillers = [self._ids[t] for t in _FILLER if self._ids[t] != token_id]
+        start = (token_id + salt) % len(fillers)
+        return [fillers[(start + k) % len(fillers)] for k in range(count)]
+
+    def logit_lens(self, ids: Sequence[int], token_id: int, top: int = 3) -> Lens:
+        commit = self.fake_commit_layer(ids)
+        rival, *rest = self._others(token_id, max(top, 2), len(ids))
+        layers = []
+        for layer in range(self.n_layer):
+            committed = layer >= commit
+            # the chosen token grows surer layer by layer once committed; before, a rival leads
+            p_chosen = 0.5 + 0.4 * (layer + 1) / self.n_layer if committed else 0.15
+            p_rival = 0.6 if not committed else (1.0 - p_chosen) * 0.6
+            remaining = max(0.0, 1.0 - p_chosen - p_rival)
+            probs = {token_id: p_chosen, rival: p_rival}
+            for k, other in enumerate(rest):
+                probs[other] = remaining * 0.5 ** (k + 1)
+            ranked = sorted(probs, key=lambda t: -probs[t])
+            layers.append(LensLayer(
+                layer=layer,
+                top=[TopToken(t, self.token_text(t), probs[t]) for t in ranked[:top]],
+                chosen_prob=p_chosen,
+                chosen_rank=ranked.index(token_id),
+            ))
+        final = layers[-1].chosen_prob
+        return Lens(token_id=token_id, layers=layers, commit_layer=commit,
+                    surprisal_bits=float(-np.log2(final)))
+
+    def attribute(self, ids: Sequence[int], token_id: int) -> Attribution:
+        rng = np.random.default_rng([self.seed, len(ids), max(token_id, 0), 1])
+        components = [Component("embed", None, None, float(rng.normal(0.0, 0.5)))]
+        for layer in range(self.n_layer):
+            for head in range(self.n_head):
+                value = float(rng.normal(0.0, 0.4))
+                if (layer, head) == self.decisive_head:
+                    value = 3.0 + abs(value)  # the head that wrote the token
+                components.append(Component(head_name(layer, head), layer, head, value))
+            components.append(Component(f"L{layer + 1} MLP", layer, None, float(rng.normal(0.0, 0.8))))
+        bias = float(rng.normal(0.0, 0.1))
+        logit = float(sum(c.value for c in components) + bias)
+        return Attribution(token_id=token_id, logit=logit, bias=bias, components=components)
+
+    def _layer_attention(self, length: int) -> np.ndarray:
+        """Made-up causal attention, heads averaged: (n_layer, length, length), rows summing to 1."""
+        rng = np.random.default_rng([self.seed, length, 2])
+        full = rng.random((self.n_layer, self.n_head, length, length)) ** 3
+        full *= np.tril(np.ones((length, length)))
+        full /= full.sum(axis=-1, keepdims=True)
+        return full.mean(axis=1)
+
+    def rollout(self, ids: Sequence[int]) -> Rollout:
+        n = len(ids)
+        attention = self._layer_attention(n)
+        joint = np.eye(n)
+        for layer in range(self.n_layer):
+            mixed = 0.5 * attention[layer] + 0.5 * np.eye(n)
+            mixed /= mixed.sum(axis=-1, keepdims=True)
+            joint = mixed @ joint
+        return Rollout(rollout=joint[-1].astype(np.float32), last_layer=attention[-1, -1].astype(np.float32))
+
+    def _next_distribution(self, ids: Sequence[int], top: int) -> dict[int, float]:
+        candidates = self._others(-1, top, len(ids))
+        weights = [0.5 ** k for k in range(len(candidates))]
+        total = sum(weights)
+        return {t: w / total for t, w in zip(candidates, weights, strict=True)}
+
+    def knock_out(self, ids: Sequence[int], heads: frozenset[Head], top: int = 8) -> KnockOut:
+        before = self._next_distribution(ids, top)
+        after = dict(before)
+        ranked = list(before)
+        if self.decisive_head in heads and len(ranked) > 1:  # the top two change places
+            first, second = ranked[0], ranked[1]
+            after[first], after[second] = before[second], before[first]
+        others = len(heads - {self.decisive_head})
+        if others:  # any other head only flattens the distribution a little
+            flat = {t: p ** (1.0 - 0.05 * others) for t, p in after.items()}
+            total = sum(flat.values())
+            after = {t: p / total for t, p in flat.items()}
+        kl = sum(p * np.log2(p / after[t]) for t, p in before.items() if p > 0)
+        rows = [(TopToken(t, self.token_text(t), before[t]), before[t], after[t]) for t in ranked]
+        return KnockOut(heads=frozenset(heads), rows=rows, kl_bits=float(kl),
+                        top_before=ranked[0], top_after=max(after, key=lambda t: after[t]))
+
+    def token_pieces(self, text: str) -> list[TokenPiece]:
+        pieces: list[TokenPiece] = []
+        at = 0
+        for piece in tokenize(text):
+            start = text.index(piece, at)
+            at = start + len(piece)
+            if piece.isascii():
+                pieces.append(TokenPiece(self._id(piece), piece, piece.encode(), start, at))
+                continue
+            # beyond ASCII: ASCII runs stay whole, every other character is one token per byte
+            run_start = start
+            for offset, char in enumerate(piece + "\0"):
+                index = start + offset
+                if char.isascii() and offset < len(piece):
+                    continue
+                if index > run_start:
+                    run = text[run_start:index]
+                    pieces.append(TokenPiece(self._id(run), run, run.encode(), run_start, index))
+                if offset < len(piece):
+                    for byte in char.encode():
+                        name = f"<0x{byte:02X}>"
+                        pieces.append(TokenPiece(self._id(name), name, bytes([byte]), index, index + 1))
+                run_start = index + 1
+        return pieces
+
+    def block_trace(self, ids: Sequence[int], layer: int, head: int) -> BlockTrace:
+        rng = np.random.default_rng([self.seed, len(ids), layer, head, 3])
+        names = ("token embedding", "position embedding", "layer norm 1", "q", "k", "v", "attention output",
+                 "residual + attention", "layer norm 2", "MLP output", "residual + MLP")
+        rows = []
+        for name in names:
+            first = [round(float(v), 4) for v in rng.normal(0.0, 1.0, 4)] if name in ("q", "k") else []
+            rows.append(BlockRow(name, float(1.0 + 4.0 * rng.random()), first))
+        return BlockTrace(layer=layer, head=head, rows=rows)
 
     # ------------------------------------------------------------------ the rest of the Engine protocol
 

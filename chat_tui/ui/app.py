@@ -62,7 +62,7 @@ from chat_tui.ui.bindings import with_ids
 from chat_tui.ui.budget import UIBudget
 from chat_tui.ui.conversation import ConversationView, MessageView
 from chat_tui.ui.errors import describe, log_error
-from chat_tui.ui.messages import GenerationDone, ModelLoaded, ModelProgress, StepsReady
+from chat_tui.ui.messages import GenerationDone, KnockOutContinue, ModelLoaded, ModelProgress, StepsReady
 from chat_tui.ui.prompt import PromptInput
 from chat_tui.ui.reply import ReplyController, changed_settings, details_line, prompt_messages, receipt_text
 from chat_tui.ui.sampling import SamplingPane, SamplingTable
@@ -193,12 +193,13 @@ class ChatApp(App[int], inherit_bindings=False):
         Binding("f2", "toggle_pane('sampling')", "Sampling", id="toggle_sampling", show=False),
         Binding("f3", "toggle_pane('inspector')", "Inspector", id="toggle_inspector", show=False),
         Binding("f4", "toggle_probs", "Token colours", id="toggle_probs", show=False),
+        Binding("f10", "toggle_lens_gutter", "Lens gutter", id="lens_gutter", show=False),
         Binding("f5", "focus_sampling", "Edit sampling", id="focus_sampling", show=False),
         Binding("f6", "maximize", "Maximize/restore the pane", id="maximize", show=False),
         Binding("f7", "resize_pane(-1)", "Shrink the pane", id="shrink_pane", show=False),
         Binding("f8", "resize_pane(1)", "Grow the pane", id="grow_pane", show=False),
         Binding("ctrl+t", "train", "Train", id="train", show=False),
-        Binding("f8", "compare", "Compare", id="compare", show=False),
+        Binding("f9", "compare", "Compare", id="compare", show=False),
         Binding("ctrl+up", "focus_message(-1)", "Previous message", id="focus_previous_message", show=False),
         Binding("ctrl+down", "focus_message(1)", "Next message", id="focus_next_message", show=False),
     ]
@@ -1131,9 +1132,11 @@ class ChatApp(App[int], inherit_bindings=False):
         await self.conversation.add(item)
         return item
 
-    async def _start_reply(self, mode: str, target: ChatItem | None = None, opening: ChatItem | None = None) -> None:
+    async def _start_reply(self, mode: str, target: ChatItem | None = None, opening: ChatItem | None = None,
+                           knock_out: frozenset[tuple[int, int]] = frozenset()) -> None:
         """Answer the path on screen ("new"), or go on with `target` ("continue"). `opening`: the start
-        of the new reply, which the model goes on from (a fork)."""
+        of the new reply, which the model goes on from (a fork, a knock-out); `knock_out`: the heads
+        (layer, head) switched off for the whole reply."""
         if self._restart_if_stopped():
             self.notify("The model's process had stopped; restarting it (your message waits for it).",
                         severity="warning", timeout=8, markup=False)
@@ -1151,7 +1154,7 @@ class ChatApp(App[int], inherit_bindings=False):
             item = target
             conversation = prompt_messages(self.conversation.items, self.system_prompt, item)
             job = GenJob(conversation=conversation, item=item, mode="continue", base_text=item.content,
-                         branch=path, **saved)
+                         branch=path, knock_out=knock_out, **saved)
             self.replies.begin(job)
         else:
             item = opening or ChatItem("assistant", "", status="waiting")
@@ -1161,7 +1164,8 @@ class ChatApp(App[int], inherit_bindings=False):
             conversation = prompt_messages(self.conversation.items, self.system_prompt)
             if item.content:  # an open reply: the model goes on from it
                 conversation.append(Message("assistant", item.content))
-            job = GenJob(conversation=conversation, item=item, branch=path, base_text=item.content, **saved)
+            job = GenJob(conversation=conversation, item=item, branch=path, base_text=item.content,
+                         knock_out=knock_out, **saved)
             self.replies.begin(job)  # before the await: the app is not settled while the reply's view mounts
             await self.conversation.add(item)
             if job.done:  # Esc while it mounted
@@ -1232,6 +1236,11 @@ class ChatApp(App[int], inherit_bindings=False):
             view.add_token_probs(probs)
 
     def reply_step(self, job: GenJob, step: Step) -> None:
+        if self.conversation.lens_gutter:
+            view = self._view_for(job.item)
+            gutter = view.lens_gutter if view is not None else None
+            if gutter is not None:
+                gutter.add_step(step, job.engine)
         pane = self._inspector_pane()
         if pane is not None:
             pane.add_step(step)  # every step: its attention row (cheap; drawn on the pane's tick)
@@ -1328,6 +1337,36 @@ class ChatApp(App[int], inherit_bindings=False):
             self.notify("Only a stopped (or cut-off) reply can be continued.", severity="warning", markup=False)
             return
         await self._start_reply("continue", target=last)
+
+    async def on_knock_out_continue(self, message: KnockOutContinue) -> None:
+        """The knock-out view: the last reply again from the cursor's token on, with those heads off, as a
+        new branch beside it (the original stays, one ← away)."""
+        if self._busy(" first"):
+            return
+        items = self.conversation.items
+        last = items[-1] if items else None
+        if last is None or last.role != "assistant" or not last.content.endswith(message.cut_text):
+            self.notify("Knock-out continues the last reply, and the inspector shows another one.",
+                        severity="warning", markup=False)
+            return
+        kept = len(last.token_probs) - message.cut_tokens
+        opening = ChatItem("assistant", last.content[: len(last.content) - len(message.cut_text)], status="waiting",
+                           token_probs=list(last.token_probs[: max(0, kept)]))
+        await self.conversation.remove_from(last)
+        await self._start_reply("new", opening=opening, knock_out=message.heads)
+
+    def on_text_area_changed(self, event: PromptInput.Changed) -> None:
+        """The tokens view follows the input box as you type."""
+        pane = self._inspector_pane()
+        if pane is not None and event.text_area is self.prompt_input:
+            pane.set_token_text("input box", self.prompt_input.text)
+
+    def on_descendant_focus(self, event: object) -> None:
+        """A message chosen (Ctrl+Up, a click): the tokens view shows its tokens while the input box is empty."""
+        pane = self._inspector_pane()
+        focused = self.focused
+        if pane is not None and isinstance(focused, MessageView) and not self.prompt_input.text:
+            pane.set_token_text(f"{focused.item.role} message", focused.item.content)
 
     def action_edit_last(self) -> None:
         if self._busy(" first"):
@@ -1574,6 +1613,13 @@ class ChatApp(App[int], inherit_bindings=False):
             self.notify("Token colours on: red tokens were unlikely, green ones near-certain (F4 turns off)",
                         timeout=4, markup=False)
 
+    def action_toggle_lens_gutter(self) -> None:
+        on = not self.conversation.lens_gutter
+        self.conversation.set_lens_gutter(on)
+        if on:
+            self.notify("Lens gutter on: under each reply, a token's digit is its commitment layer and its "
+                        "shade its surprisal (F10 turns off)", timeout=4, markup=False)
+
     def on_markdown_link_clicked(self, event: Markdown.LinkClicked) -> None:
         event.stop()
         href = event.href
@@ -1653,7 +1699,7 @@ class ChatApp(App[int], inherit_bindings=False):
             ("Connect to a server", "A model on an OpenAI-compatible server (vLLM, llama.cpp, Ollama, …)",
              self.action_connect_dialog),
             ("Train a model", "Train on your text or dialogues and watch it learn (Ctrl+T)", self.action_train),
-            ("Compare", "Answer with two to four settings (or models) side by side on the same random numbers (F8)",
+            ("Compare", "Answer with two to four settings (or models) side by side on the same random numbers (F9)",
              self.action_compare),
             ("Save preset", "Save the sampling settings as a named preset", self.action_save_preset),
             ("Presets", "Load, save or delete sampling presets", self.action_presets),

@@ -17,6 +17,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Static
 
+from chat_tui.ui.lens_gutter import LensGutter
 from chat_tui.ui.state import ChatItem
 from chat_tui.ui.text import clean, safe_text
 
@@ -170,12 +171,14 @@ class MessageView(Vertical, can_focus=False):
         markdown: bool = True,
         show_probs: bool = False,
         meta: Text | None = None,
+        lens_gutter: bool = False,
     ) -> None:
         super().__init__(classes=f"message -{item.role}")
         self._initial_meta = meta
         self.item = item
         self.use_markdown = markdown and item.role == "assistant"
         self.show_probs = show_probs
+        self.show_lens_gutter = lens_gutter
         self._backlog = ""
         self._final: str | None = None
         self._busy = False
@@ -192,6 +195,8 @@ class MessageView(Vertical, can_focus=False):
             yield Static(safe_text(content), classes="body plain")
         if self.item.role == "assistant":
             yield Static("", classes="probs")
+            if self.show_lens_gutter:  # mounted when first shown: off, it costs nothing
+                yield LensGutter(self.item)
             yield Static(self._initial_meta or "", classes="meta")
 
     def on_mount(self) -> None:
@@ -332,6 +337,20 @@ class MessageView(Vertical, can_focus=False):
         if on_:
             probs.update(self._prob_text)
 
+    @property
+    def lens_gutter(self) -> LensGutter | None:
+        """The reply's lens gutter (None for other messages)."""
+        found = self.query(LensGutter)
+        return found.first() if found else None
+
+    def set_lens_gutter(self, show: bool) -> None:
+        self.show_lens_gutter = show
+        gutter = self.lens_gutter
+        if gutter is not None:
+            gutter.display = show
+        elif show and self.item.role == "assistant":
+            self.mount(LensGutter(self.item), before=self.query_one(".meta"))
+
     # ------------------------------------------------------------------ copy
 
     def action_copy_message(self) -> None:
@@ -374,6 +393,7 @@ class ConversationView(VerticalScroll, can_focus=False):
         self.items: list[ChatItem] = []
         self.markdown = True
         self.show_probs = False
+        self.lens_gutter = False  # the lens gutter under each reply (the `lens_gutter` binding)
         self._first_shown = 0  # the mounted window is items[_first_shown:_end_shown]
         self._end_shown = 0
         self._removed_since_collect = False
@@ -416,7 +436,8 @@ class ConversationView(VerticalScroll, can_focus=False):
 
     def _make(self, item: ChatItem) -> MessageView:
         meta = self.meta_for(item) if self.meta_for is not None and item.role == "assistant" else None
-        return MessageView(item, markdown=self.markdown, show_probs=self.show_probs, meta=meta)
+        return MessageView(item, markdown=self.markdown, show_probs=self.show_probs, meta=meta,
+                           lens_gutter=self.lens_gutter)
 
     def _index(self, item: ChatItem) -> int:
         return next(i for i, it in enumerate(self.items) if it is item)
@@ -572,6 +593,11 @@ class ConversationView(VerticalScroll, can_focus=False):
             index = len(views) - 1 if delta < 0 else 0
         views[index].take_focus()
         return True
+
+    def set_lens_gutter(self, show: bool) -> None:
+        self.lens_gutter = show
+        for view in self._views():
+            view.set_lens_gutter(show)
 
     def set_show_probs(self, show: bool) -> None:
         self.show_probs = show

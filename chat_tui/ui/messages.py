@@ -38,3 +38,15 @@ class GenerationDone(Message):
     def __init__(self, job: GenJob) -> None:
         super().__init__()
         self.job = job
+
+
+class KnockOutContinue(Message):
+    """The inspector's knock-out view asks to generate the reply again from the cursor's token on
+    with `heads` switched off: `cut_text` is the reply's text from that token on (dropped first),
+    `cut_tokens` how many tokens it is."""
+
+    def __init__(self, heads: frozenset[tuple[int, int]], cut_text: str, cut_tokens: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.cut_text = cut_text
+        self.cut_tokens = cut_tokens

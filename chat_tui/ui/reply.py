@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from chat_tui.engine.inside import head_name
 from chat_tui.engine.params import DETAIL_NAMES, SUMMARISED, SamplingParams, settings_summary
 from chat_tui.engine.types import Engine, Message, PromptInfo, Step
 from chat_tui.store import Store, StoreError
@@ -115,6 +116,10 @@ def details_line(item: ChatItem, live: GenJob | None = None, defaults: SamplingP
     fork = item.meta.get("fork") if item.meta else None
     if isinstance(fork, dict) and fork.get("receipt"):
         parts.append(clean_line(str(fork["receipt"])))
+    knocked = live.knock_out if live is not None and live.knock_out else None
+    names = [head_name(*h) for h in sorted(knocked)] if knocked else item.meta.get("knocked_out")
+    if names:
+        parts.append("heads off: " + ", ".join(clean_line(str(n)) for n in names))
     if item.status == "error" and item.meta.get("error"):
         parts.append(f"failed: {clean_line(str(item.meta['error']))[:80]}")
     return " · ".join(parts)
@@ -191,6 +196,8 @@ def finished_reply(job: GenJob, *, error: str | None, params: SamplingParams) ->
             meta["sent"] = job.prompt.sent
         if job.prompt.note:
             meta["server_note"] = job.prompt.note
+    if job.knock_out:  # the receipt says which heads were off
+        meta["knocked_out"] = [head_name(*h) for h in sorted(job.knock_out)]
     if error is not None:
         meta["error"] = error
     return FinishedReply(
@@ -266,7 +273,9 @@ class ReplyController:
         when steps wait and the controller's thread was not yet told (then call `steps_ready`)."""
         engine = job.engine
         assert engine is not None, "launch the job first"
-        stream = engine.stream(job.conversation, self.params, inspect=job.inspect, cancel=job.cancel)
+        # knock_out only when some heads are off: an engine without the knock-out view takes no such keyword
+        extra = {"knock_out": job.knock_out} if job.knock_out else {}
+        stream = engine.stream(job.conversation, self.params, inspect=job.inspect, cancel=job.cancel, **extra)
         # closed on every way out, even an error: a model in its own process serves one stream at a time
         with contextlib.closing(stream):
             for step in stream:

@@ -80,6 +80,7 @@ class GenJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     engine: Engine | None = None  # None while the reply waits for a model
     inspect: bool = False  # attention is captured for the inspector
+    knock_out: frozenset[tuple[int, int]] = frozenset()  # heads (layer, head) switched off (the knock-out view)
     # thread hand-off
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pending: list[Step] = field(default_factory=list)

@@ -409,7 +409,7 @@ async def test_keymap_remap_from_the_config_file(make_app, home):
     config = home / "config"
     config.mkdir(parents=True)
     (config / "config.toml").write_text(
-        '[keymap]\nsend = "ctrl+s"\nregenerate = "f9"\nnot_a_binding = "f10"\n', encoding="utf-8"
+        '[keymap]\nsend = "ctrl+s"\nregenerate = "f12"\nnot_a_binding = "f11"\n', encoding="utf-8"
     )
     app, engine = make_app(["r1", "r2"])
     async with app.run_test() as pilot:
@@ -422,11 +422,11 @@ async def test_keymap_remap_from_the_config_file(make_app, home):
         await pilot.press("ctrl+r")  # old key does nothing now
         await pilot.pause(0.1)
         assert engine.calls == 1
-        await pilot.press("f9")
+        await pilot.press("f12")
         await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled)
         assert any("not_a_binding" in n for n in notifications(app))
         rows = {row[3]: row for row in app.binding_rows()}
-        assert rows["send"][2] == "^s" and rows["regenerate"][2] == "f9"
+        assert rows["send"][2] == "^s" and rows["regenerate"][2] == "f12"
 
 
 async def test_a_theme_picked_in_the_app_is_saved_for_the_next_start(make_app, home):

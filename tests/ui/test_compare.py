@@ -26,7 +26,7 @@ async def open_compare(pilot, app, params: SamplingParams, text: str = PROMPT) -
     await ready(pilot, app)
     app.params = params
     app.prompt_input.load_text(text)
-    await press_now(pilot, "f8")  # Pilot's press would wait out the columns' streaming
+    await press_now(pilot, "f9")  # Pilot's press would wait out the columns' streaming
     await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), what="the compare screen")
     screen = app.screen
     assert isinstance(screen, CompareScreen)
@@ -166,7 +166,7 @@ async def test_compare_needs_a_prompt(make_app):
     app, _ = make_app()
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot, app)
-        await pilot.press("f8")
+        await pilot.press("f9")
         await pilot.pause()
         assert not isinstance(app.screen, CompareScreen)
 

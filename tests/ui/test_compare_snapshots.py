@@ -42,7 +42,7 @@ async def two_columns(pilot) -> None:
     await ready(pilot, app)
     app.prompt_input.cursor_blink = False
     app.prompt_input.load_text("capital of France?")
-    await pilot.press("f8")
+    await pilot.press("f9")
     await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), what="the compare screen")
     screen = app.screen
     await wait_for(pilot, lambda: len(screen.runs) == 2 and not screen.streaming

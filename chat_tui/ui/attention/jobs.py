@@ -14,6 +14,7 @@ from pathlib import Path
 from textual.message import Message
 
 from chat_tui.engine.explain import ChainReplay, Explanation, replay_chain, vocab_size_of
+from chat_tui.engine.inside import Head, Inside
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Engine, Step, explainer
 
@@ -77,3 +78,35 @@ class ExportDone(Message):
         super().__init__()
         self.paths = paths
         self.error = error
+
+
+def inside_result(source: Inside, view: str, ids: list[int], token_id: int, layer: int, head: int,
+                  heads: frozenset[Head], text: str) -> object:
+    """What an inside view (issue #14) shows, asked of the engine: for the lens, attribution and
+    knock-out the prediction of `token_id` after `ids`; for rollout and block the last of `ids`."""
+    if view == "lens":
+        return source.logit_lens(ids, token_id)
+    if view == "attribution":
+        return source.attribute(ids, token_id)
+    if view == "rollout":
+        return source.rollout(ids)
+    if view == "knockout":
+        return source.knock_out(ids, heads)
+    if view == "tokens":
+        return source.token_pieces(text)
+    if view == "block":
+        return source.block_trace(ids, layer, head)
+    raise ValueError(view)
+
+
+class InsideReady(Message):
+    """An inside view's worker finished: its result for `key` (or the error to show), and the views
+    the engine can show (asked once per engine)."""
+
+    bubble = False
+
+    def __init__(self, key: tuple, result: object, views: dict[str, str | None] | None) -> None:
+        super().__init__()
+        self.key = key
+        self.result = result
+        self.views = views

@@ -5,7 +5,11 @@ pane is marked dirty); a timer redraws at most `REDRAW_HZ` times a second, and o
 screen is drawn, so the stream never waits for the pane. While the pane is hidden the app asks the
 engine for no attention at all (`wants_attention`).
 
-Views (`v` cycles, `1`–`6` jump): heatmap, row, explain, heads overview, turns, candidates.
+Views (`v` cycles, `1`–`6` jump): heatmap, row, explain, heads overview, turns, candidates; then the
+views inside the next token (issue #14; `7` `8` `9` `0` `t` `b` jump): lens, attribution, rollout,
+knock-out (`k` switches the selected head off or on, `K` all on, `c` continues the reply with them
+off), tokens (of the text the app hands over with `set_token_text`) and block. Those are asked of the
+engine (`chat_tui.engine.inside`) in a worker, only while shown and only for the token under the cursor.
 Keys (ids under `inspector.`): `[` `]` layer, `{` `}` head, `m` single/mean/max head, ↑ ↓ PgUp PgDn
 Home End token cursor, ← → pan the keys (heatmap) or scroll (lists), `f` follow the newest token,
 `n` colour scale, `s` sort, `x` export (SVG of the view + safetensors of the attention).
@@ -37,10 +41,11 @@ from textual.widgets import Static
 from textual.worker import get_current_worker
 
 from chat_tui.engine.explain import Explanation
+from chat_tui.engine.inside import INSIDE_VIEWS, Head, Inside, head_name, inside
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.types import Explainer, Step, explainer
 from chat_tui.errors import first_line
-from chat_tui.ui.attention import export, jobs
+from chat_tui.ui.attention import export, inside_views, jobs
 from chat_tui.ui.attention.canvas import AttentionCanvas, HeatmapPainter
 from chat_tui.ui.attention.render import ColorMode, Heatmap, detect_mode, legend
 from chat_tui.ui.attention.state import VIEW_TITLE, InspectorState
@@ -56,6 +61,7 @@ from chat_tui.ui.attention.views import (
 )
 from chat_tui.ui.branches import Fork, fork_choices, fork_label
 from chat_tui.ui.budget import UIBudget
+from chat_tui.ui.messages import KnockOutContinue
 from chat_tui.ui.screens import PickScreen
 from chat_tui.ui.text import clean_line, token_label
 
@@ -111,6 +117,16 @@ class InspectorPane(Vertical, can_focus=True):
         Binding("4", "show_view('heads')", "Heads overview", id="inspector.view_heads", show=False),
         Binding("5", "show_view('turns')", "Turns view", id="inspector.view_turns", show=False),
         Binding("6", "show_view('candidates')", "Candidates view", id="inspector.view_candidates", show=False),
+        Binding("7", "show_view('lens')", "Lens view", id="inspector.view_lens", show=False),
+        Binding("8", "show_view('attribution')", "Attribution view", id="inspector.view_attribution", show=False),
+        Binding("9", "show_view('rollout')", "Rollout view", id="inspector.view_rollout", show=False),
+        Binding("0", "show_view('knockout')", "Knock-out view", id="inspector.view_knockout", show=False),
+        Binding("t", "show_view('tokens')", "Tokens view", id="inspector.view_tokens", show=False),
+        Binding("b", "show_view('block')", "Block view", id="inspector.view_block", show=False),
+        Binding("k", "knock", "Head off/on (knock-out)", id="inspector.knock_head", show=False),
+        Binding("K", "knock_none", "All heads on (knock-out)", id="inspector.knock_none", show=False),
+        Binding("c", "knock_continue", "Continue with these heads off", id="inspector.knock_continue",
+                show=False),
         Binding("]", "layer(1)", "Next layer", id="inspector.next_layer"),
         Binding("[", "layer(-1)", "Previous layer", id="inspector.previous_layer", show=False),
         Binding("}", "head(1)", "Next head", id="inspector.next_head", show=False),
@@ -166,6 +182,11 @@ class InspectorPane(Vertical, can_focus=True):
         self._replay: dict[tuple, jobs.Replay | Exception] = {}
         self._replay_asked: tuple | None = None
         self._replay_lock = threading.Lock()
+        self._inside: dict[tuple, object] = {}
+        self._inside_asked: tuple | None = None
+        self._inside_lock = threading.Lock()
+        self._inside_views: dict[str, str | None] | None = None  # the engine's answer, asked once
+        self.token_source: tuple[str, str] = ("", "")  # (what it is, its text) for the tokens view
 
     # the selection, read on the pane (the state holds it)
     view = property(lambda self: self.state.view)
@@ -197,6 +218,7 @@ class InspectorPane(Vertical, can_focus=True):
     def set_engine(self, engine: Engine | None) -> None:
         """The model the steps come from (for the explain view and the unavailability note)."""
         self.engine = engine
+        self._inside_views = None
         if engine is not None:
             self.state.set_model(engine.n_layer, engine.n_head)
         else:
@@ -247,6 +269,8 @@ class InspectorPane(Vertical, can_focus=True):
         self._explain_asked = None
         self._replay.clear()
         self._replay_asked = None
+        self._inside.clear()
+        self._inside_asked = None
 
     # ------------------------------------------------------------------ drawing
 
@@ -311,6 +335,8 @@ class InspectorPane(Vertical, can_focus=True):
         self.redraws += 1
         state, store = self.state, self.store
         view = state.view
+        if view in INSIDE_VIEWS:
+            return self.render_inside(view, width, height)
         if view != "candidates":
             why = state.why_no_attention(self.unavailable)
             if why is not None:
@@ -469,6 +495,151 @@ class InspectorPane(Vertical, can_focus=True):
             self._explain.clear()
         self._explain[message.key] = message.result
         self.redraw()
+
+    # ------------------------------------------------------------------ inside the next token (worker)
+
+    def set_token_text(self, source: str, text: str) -> None:
+        """The text the tokens view cuts into tokens, and what it is ("input box", "assistant message")."""
+        if (source, text) != self.token_source:
+            self.token_source = (source, text)
+            if self.state.view == "tokens":
+                self.redraw()
+
+    def _inside_request(self, view: str, pos: int | None) -> tuple[tuple, list[int], int] | str:
+        """(cache key, ids, token id) of what `view` asks the engine for, or why there is nothing to ask."""
+        state, store = self.state, self.store
+        if view == "tokens":
+            source, text = self.token_source
+            if not text:
+                return "Type in the input box (or select a message): its tokens show here as you type."
+            return (store.epoch, view, source, text), [], -1
+        if pos is None:
+            return "No reply yet: this view opens up the token under the cursor."
+        ids = store.ids[: pos + 1]
+        if any(i < 0 for i in ids):
+            return f"Token {pos}: some token ids before it were not kept, so the model cannot be asked again."
+        if view in ("lens", "attribution", "knockout"):  # the prediction of the cursor's token
+            if pos == 0:
+                return "The first token has no prediction before it: move the cursor on (↓)."
+            if view == "knockout" and not state.knocked:
+                return ""  # the view says how to pick heads
+            heads = state.knocked if view == "knockout" else frozenset()
+            return (store.epoch, view, pos, heads), ids[:pos], ids[pos]
+        layer_head = (state.attn_layer, state.head) if view == "block" else ()
+        return (store.epoch, view, pos, layer_head), ids, ids[pos]
+
+    def render_inside(self, view: str, width: int, height: int) -> Text:
+        state, store = self.state, self.store
+        engine = self.engine
+        offset = state.offsets[view]
+        source = inside(engine)
+        warn = "yellow"
+        if engine is None:
+            return inside_views.note_view(view, "No model is loaded.", width, height)
+        if source is None:
+            return inside_views.note_view(
+                view, f"Not available: the {engine.backend} backend does not open up its next token.",
+                width, height, warn)
+        reason = (self._inside_views or {}).get(view)
+        if reason:
+            return inside_views.note_view(view, f"Not available: {clean_line(reason)}", width, height, warn)
+        pos = state.position
+        request = self._inside_request(view, pos)
+        result: object = None
+        if isinstance(request, tuple):
+            key, ids, token_id = request
+            result = self._inside.get(key)
+            if result is None and key != self._inside_asked:
+                self._inside_asked = key
+                self.inside_in_background(source, key, view, ids, token_id, state.attn_layer, state.head,
+                                          state.knocked, self.token_source[1])
+        if isinstance(result, Exception):
+            return inside_views.note_view(view, f"Could not compute it: {first_line(result)}", width, height, warn)
+        n_layers, n_heads = state.n_layers, state.n_heads
+        if view == "knockout" and not (isinstance(request, str) and request):
+            selected = inside_views.head_label(state.attn_layer, state.head, n_layers, n_heads)
+            can_continue = pos is not None and pos >= store.prompt_length and store.step_at(pos) is not None
+            return inside_views.knockout_view(
+                result, state.knocked, selected, width=width, height=height, offset=offset,  # type: ignore[arg-type]
+                pending=isinstance(request, tuple), can_continue=can_continue)
+        if isinstance(request, str):
+            return inside_views.note_view(view, request, width, height)
+        if result is None:
+            return inside_views.note_view(view, "computing…", width, height)
+        token = store.tokens[pos] if pos is not None and pos < len(store.tokens) else ""
+        if view == "lens":
+            return inside_views.lens_view(result, token, width=width, height=height,  # type: ignore[arg-type]
+                                          offset=offset, mode=self.mode)
+        if view == "attribution":
+            return inside_views.attribution_view(result, token, n_layers, n_heads,  # type: ignore[arg-type]
+                                                 width=width, height=height, offset=offset)
+        if view == "rollout":
+            assert pos is not None
+            return inside_views.rollout_view(result, store.tokens, pos, width=width,  # type: ignore[arg-type]
+                                             height=height, offset=offset, mode=self.mode)
+        if view == "tokens":
+            return inside_views.tokens_view(result, self.token_source[0],  # type: ignore[arg-type]
+                                            getattr(engine, "context_length", None), width=width,
+                                            height=height, offset=offset)
+        return inside_views.block_view(result, token, n_layers, n_heads, width=width,  # type: ignore[arg-type]
+                                       height=height, offset=offset)
+
+    @work(thread=True, exclusive=True, group="attn-inside", exit_on_error=False)
+    def inside_in_background(self, source: Inside, key: tuple, view: str, ids: list[int], token_id: int,
+                             layer: int, head: int, heads: frozenset[Head], text: str) -> None:
+        with self._inside_lock:
+            if get_current_worker().is_cancelled:  # another token or view was asked for while this waited
+                return
+            views = self._inside_views
+            try:
+                if views is None:
+                    views = source.inside_views()
+                result: object = None
+                if not views.get(view):
+                    result = jobs.inside_result(source, view, ids, token_id, layer, head, heads, text)
+            except Exception as exc:  # shown in the view
+                result = exc
+        self.post_message(jobs.InsideReady(key, result, views))
+
+    @on(jobs.InsideReady)
+    def _inside_ready(self, message: jobs.InsideReady) -> None:
+        if message.views is not None:
+            self._inside_views = message.views
+        if len(self._inside) > RESULTS_KEPT:
+            self._inside.clear()
+        if message.result is not None:
+            self._inside[message.key] = message.result
+        self.redraw()
+
+    def action_knock(self) -> None:
+        state = self.state
+        state.toggle_knocked()
+        if state.view != "knockout":  # picked in another view (the heads overview): say where it shows
+            selected = (state.attn_layer, state.head)
+            self.notify(f"{head_name(*selected)} {'off' if selected in state.knocked else 'on again'} "
+                        f"for the knock-out view (0 shows it)", timeout=3, markup=False)
+        self.redraw()
+
+    def action_knock_none(self) -> None:
+        self.state.knocked = frozenset()
+        self.redraw()
+
+    def action_knock_continue(self) -> None:
+        """Ask the app to generate the reply again from the cursor's token on with the chosen heads off."""
+        state, store = self.state, self.store
+        pos = state.position
+        if state.view != "knockout":
+            return
+        if not state.knocked:
+            self.notify("No heads are off: pick one with [ ] { } and press k.", severity="warning", markup=False)
+            return
+        if pos is None or pos < store.prompt_length or store.step_at(pos) is None:
+            self.notify("Move the cursor to a token of the reply: it continues from there.", severity="warning",
+                        markup=False)
+            return
+        steps = [store.step_at(i) for i in range(pos, store.length)]
+        cut = "".join(s.text for s in steps if s is not None)
+        self.post_message(KnockOutContinue(state.knocked, cut, len(steps)))
 
     # ------------------------------------------------------------------ candidates (worker)
 

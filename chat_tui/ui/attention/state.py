@@ -11,12 +11,14 @@ from functools import lru_cache
 
 from rich.text import Text
 
+from chat_tui.engine.inside import INSIDE_VIEWS, Head
 from chat_tui.ui.attention.render import SCALE_LABEL, SCALES, Scale
 from chat_tui.ui.attention.store import AttentionStore, HeadMode
 from chat_tui.ui.attention.views import fit
 from chat_tui.ui.text import clean_line, token_label
 
-VIEWS = ("heatmap", "row", "explain", "heads", "turns", "candidates")
+ATTENTION_VIEWS = ("heatmap", "row", "explain", "heads", "turns", "candidates")
+VIEWS = ATTENTION_VIEWS + INSIDE_VIEWS  # then the views inside the next token (issue #14)
 VIEW_TITLE = {
     "heatmap": "Heatmap",
     "row": "Row",
@@ -24,6 +26,12 @@ VIEW_TITLE = {
     "heads": "Heads",
     "turns": "Turns",
     "candidates": "Candidates",
+    "lens": "Lens",
+    "attribution": "Attribution",
+    "rollout": "Rollout",
+    "knockout": "Knock-out",
+    "tokens": "Tokens",
+    "block": "Block",
 }
 HEAD_MODES: tuple[HeadMode, ...] = ("single", "mean", "max")
 # one line (two at most in the pane) under each view's title: what it shows, in plain words
@@ -68,6 +76,7 @@ class InspectorState:
     first_key: int = 0
     panned: bool = False  # the keys were panned by hand: the window no longer follows the cursor
     page_rows: int = 10  # query rows a page moves (the heatmap's height, from the last window)
+    knocked: frozenset[Head] = frozenset()  # the heads the knock-out view switches off
 
     # ------------------------------------------------------------------ derived
 
@@ -138,6 +147,11 @@ class InspectorState:
             self.head_mode = "single"
         else:
             self.head = (self.head + delta) % max(1, self.n_heads)
+
+    def toggle_knocked(self) -> None:
+        """Switch the selected head (layer, head) off for the knock-out view, or back on."""
+        selected = (self.attn_layer, self.head)
+        self.knocked = self.knocked ^ {selected}
 
     def cycle_head_mode(self) -> None:
         self.head_mode = HEAD_MODES[(HEAD_MODES.index(self.head_mode) + 1) % len(HEAD_MODES)]
@@ -242,7 +256,10 @@ class InspectorState:
         lines at most); the selected token and how it is shown."""
         title = Text(end="")
         title.append(VIEW_TITLE[self.view], style="bold")
-        title.append(f" {VIEWS.index(self.view) + 1}/{len(VIEWS)}", style="dim")
+        if self.view in INSIDE_VIEWS:
+            title.append(f" inside {INSIDE_VIEWS.index(self.view) + 1}/{len(INSIDE_VIEWS)}", style="dim")
+        else:
+            title.append(f" {VIEWS.index(self.view) + 1}/{len(ATTENTION_VIEWS)}", style="dim")
         if self.view in ("heatmap", "row", "explain", "heads", "turns"):
             title.append(" · " + self.selection_label(), style="bold cyan")
         title.truncate(width)

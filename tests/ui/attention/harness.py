@@ -45,6 +45,7 @@ class InspectorHarness(App):
         self.pane_kwargs = pane_kwargs
         self.pane_width = width
         self._params: SamplingParams | None = None
+        self.token_text: tuple[str, str] | None = None  # (source, text) handed to the tokens view on `feed`
 
     def compose(self) -> ComposeResult:
         from textual.widgets import Static
@@ -72,5 +73,7 @@ class InspectorHarness(App):
         self.pane.params_changed(params)
 
     def feed(self, steps: Iterable[Step]) -> None:
+        if self.token_text is not None:
+            self.pane.set_token_text(*self.token_text)
         for step in steps:
             self.pane.add_step(step)
