@@ -24,14 +24,6 @@ from chat_tui.ui.attention.views import BOLD, CURSOR, DIM, _wrap, bar, fit, labe
 if TYPE_CHECKING:
     from chat_tui.engine.inside import Attribution, BlockTrace, Head, KnockOut, Lens, Rollout, TokenPiece
 
-DESCRIPTION = {
-    "lens": "What each layer would predict next, if the model stopped there (the logit lens).",
-    "attribution": "How much each head and MLP pushed this token's score up or down.",
-    "rollout": "Where the token's information came from through all layers, beside the last layer alone.",
-    "knockout": "Switch heads off and see how the choice of this token changes.",
-    "tokens": "How the tokenizer cuts text into the pieces (tokens) the model reads.",
-    "block": "One decoder block for this token, top to bottom, with the model's own numbers.",
-}
 # why one Chinese character can be several tokens (the tokens view's last line)
 BYTES_NOTE = ("Why: a byte-level BPE reads UTF-8 bytes; a Chinese character is 3 bytes (你 = E4 BD A0), "
               "and when no merge covers all three it is 2–3 tokens, shown <0xE4>.")
@@ -55,14 +47,9 @@ def wrapped(text: str, width: int, style: Style | str = DIM) -> list[Text]:
     return [Text(line.rstrip(), style=style) for line in _wrap(text, width)]
 
 
-def described(view: str, width: int) -> list[Text]:
-    """The view's description in plain words, wrapped to the width."""
-    return wrapped(DESCRIPTION[view], width)
-
-
 def note_view(view: str, note: str, width: int, height: int, style: Style | str = DIM) -> Text:
-    """The description, then a note (unavailable, pending, nothing to show)."""
-    return window([], height, 0, [*described(view, width), *wrapped(note, width, style)])
+    """A note (unavailable, pending, nothing to show); the view's description is in the header above."""
+    return window([], height, 0, wrapped(note, width, style))
 
 
 def _token(text: str) -> str:
@@ -84,7 +71,6 @@ def lens_view(lens: Lens, token: str, *, width: int, height: int, offset: int = 
     """Per layer, the top next tokens through the final norm and output head; the commitment layer marked."""
     n = len(lens.layers)
     head = [
-        *described("lens", width),
         Text(fit(f"predicting {_token(token)} · surprisal {lens.surprisal_bits:.2f} bits", width), style=DIM),
         *wrapped(commit_line(lens, n), width, BOLD),
     ]
@@ -129,7 +115,6 @@ def attribution_view(attribution: Attribution, token: str, n_layers: int, n_head
     """The largest contributions to the token's logit, for and against, then every head and MLP by layer."""
     check, ok = check_line(attribution)
     head = [
-        *described("attribution", width),
         Text(fit(f"logit of {_token(token)} {attribution.logit:+.3f} · bias {attribution.bias:+.3f}", width),
              style=DIM),
         *wrapped(check, width, POSITIVE if ok else "bold red"),
@@ -188,7 +173,6 @@ def rollout_view(rollout: Rollout, tokens: Sequence[str], query: int, *, width: 
     label_w = max(4, min(16, (width - pos_w) // 4))
     bar_w = max(2, (width - pos_w - 1 - label_w - 2 * 7 - 2) // 2)
     head = [
-        *described("rollout", width),
         Text(fit(f"{'pos':>{pos_w}} {fit('token', label_w)} {'rollout':>{7 + bar_w}} {'last layer':>{7 + bar_w}}",
                  width), style=BOLD),
     ]
@@ -220,7 +204,7 @@ def heads_list(heads: frozenset[Head] | set[Head]) -> str:
 def knockout_view(result: KnockOut | None, heads: frozenset[Head], selected: str, *, width: int, height: int,
                   offset: int = 0, pending: bool = False, can_continue: bool = True) -> Text:
     """The next-token distribution before and after switching the chosen heads off, and their KL."""
-    head = described("knockout", width)
+    head: list[Text] = []
     off = heads_list(heads) if heads else "none"
     head += wrapped(f"heads off: {off} · k: switch {selected} · K: none", width, BOLD)
     if not heads:
@@ -272,7 +256,6 @@ def tokens_view(pieces: Sequence[TokenPiece], source: str, context_length: int |
     count = len(pieces)
     room = f" of {context_length:,} in the context window" if context_length else ""
     head = [
-        *described("tokens", width),
         *wrapped(f"{source}: {count} token{'s' if count != 1 else ''}{room}", width, BOLD),
     ]
     # the text cut at the token boundaries, alternate tokens shaded, wrapped between tokens
@@ -308,7 +291,6 @@ def block_view(trace: BlockTrace, token: str, n_layers: int, n_heads: int, *, wi
                offset: int = 0) -> Text:
     """A decoder block's rows for one token: each vector's norm, and q and k's first entries for the head."""
     head = [
-        *described("block", width),
         *wrapped(f"{_token(token)} · {head_label(trace.layer, trace.head, n_layers, n_heads)} ([ ] {{ }} move)",
                  width, BOLD),
     ]

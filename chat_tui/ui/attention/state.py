@@ -26,12 +26,12 @@ VIEW_TITLE = {
     "heads": "Heads",
     "turns": "Turns",
     "candidates": "Candidates",
-    "lens": "Lens",
-    "attribution": "Attribution",
-    "rollout": "Rollout",
-    "knockout": "Knock-out",
-    "tokens": "Tokens",
-    "block": "Block",
+    "lens": "lens",
+    "attribution": "attribution",
+    "rollout": "rollout",
+    "knockout": "knock-out",
+    "tokens": "tokens",
+    "block": "block",
 }
 HEAD_MODES: tuple[HeadMode, ...] = ("single", "mean", "max")
 # one line (two at most in the pane) under each view's title: what it shows, in plain words
@@ -42,6 +42,12 @@ VIEW_SUBTITLE = {
     "heads": "every head of the layer: how spread out its attention is and where it goes",
     "turns": "how much of the selected token's attention went to each message",
     "candidates": "the likeliest next tokens; which the sampling settings kept or dropped",
+    "lens": "what each layer would predict next, if the model stopped there (the logit lens)",
+    "attribution": "how much each head and MLP pushed this token's score up or down",
+    "rollout": "where the token's information came from through all layers, beside the last layer alone",
+    "knockout": "switch heads off and see how the choice of this token changes",
+    "tokens": "how the tokenizer cuts text into the pieces (tokens) the model reads",
+    "block": "one decoder block for this token, top to bottom, with the model's own numbers",
 }
 HEADER_LINES = 4  # the title, the subtitle (two lines at most), the selected token
 
