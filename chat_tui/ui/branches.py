@@ -120,8 +120,8 @@ class Fork:
     prompt_ids: tuple[int, ...]
 
     def receipt(self) -> str:
-        """"forked at token 3: ' x' (p = 0.4%, dropped by top-p) instead of ' y'"."""
-        return (f"forked at token {self.index}: {clean_line(repr(self.token))} (p = {self.prob:.2%}, "
+        """"forked at token 3: ' x' (p = 0.4%, dropped by top-p) instead of ' y'" (counted from 1)."""
+        return (f"forked at token {self.index + 1}: {clean_line(repr(self.token))} (p = {self.prob:.2%}, "
                 f"{verdict(self.dropped_by)}) instead of {clean_line(repr(self.instead_of))}")
 
     def to_meta(self) -> dict[str, Any]:
