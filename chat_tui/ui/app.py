@@ -1128,7 +1128,7 @@ class ChatApp(App[int], inherit_bindings=False):
             parent = path[-1] if path else None
             # saved before generating
             item.db_id = self._db(store.add_message, self.conversation_id, "user", text, parent=parent)
-            self._db(branches.place, store, self.conversation_id, [item])
+            self._db(branches.place, store, item)
         await self.conversation.add(item)
         return item
 
@@ -1265,7 +1265,7 @@ class ChatApp(App[int], inherit_bindings=False):
     def reply_finished(self, job: GenJob, error: BaseException | None) -> None:
         item = job.item
         if self.store is not None and job.conversation_id is not None:
-            self._db(branches.place, self.store, job.conversation_id, [item])
+            self._db(branches.place, self.store, item)
         view = self._view_for(item)
         if view is not None:
             view.finish(item.content)

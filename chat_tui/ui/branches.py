@@ -43,16 +43,18 @@ def sibling_positions(parents: dict[int, int | None]) -> dict[int, tuple[int, in
 def load_branch(store: Store, conversation_id: int) -> list[ChatItem]:
     """The branch on screen, root first, each message knowing its place among its siblings."""
     items = [chat_item(m) for m in store.branch(conversation_id)]
-    place(store, conversation_id, items)
+    positions = sibling_positions(store.tree(conversation_id))  # one query, not one per message
+    for item in items:
+        item.siblings = positions.get(item.db_id, (1, 1)) if item.db_id is not None else (1, 1)
     return items
 
 
-def place(store: Store, conversation_id: int, items: list[ChatItem]) -> None:
-    """Set where each saved item of `items` stands among its siblings now."""
-    positions = sibling_positions(store.tree(conversation_id))
-    for item in items:
-        if item.db_id is not None and item.db_id in positions:
-            item.siblings = positions[item.db_id]
+def place(store: Store, item: ChatItem) -> None:
+    """Set where the saved `item` (one just added) stands among its siblings now."""
+    if item.db_id is not None:
+        siblings = store.siblings(item.db_id)
+        if item.db_id in siblings:
+            item.siblings = (siblings.index(item.db_id) + 1, len(siblings))
 
 
 def path_ids(items: list[ChatItem], before: ChatItem | None = None) -> list[int]:
@@ -118,8 +120,8 @@ class Fork:
     prompt_ids: tuple[int, ...]
 
     def receipt(self) -> str:
-        """"forked at token 3: ' x' (p = 0.4%, dropped by top-p) instead of ' y'"."""
-        return (f"forked at token {self.index}: {clean_line(repr(self.token))} (p = {self.prob:.2%}, "
+        """"forked at token 3: ' x' (p = 0.4%, dropped by top-p) instead of ' y'" (counted from 1)."""
+        return (f"forked at token {self.index + 1}: {clean_line(repr(self.token))} (p = {self.prob:.2%}, "
                 f"{verdict(self.dropped_by)}) instead of {clean_line(repr(self.instead_of))}")
 
     def to_meta(self) -> dict[str, Any]:

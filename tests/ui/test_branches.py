@@ -148,7 +148,7 @@ async def test_fork_at_a_dropped_candidate_starts_with_the_kept_prefix_and_the_f
         assert reply.content.startswith("alpha beta" + forced)
         assert engine.records[-1].conversation[-1].content == "alpha beta" + forced, "the model went on from it"
         receipt = reply.meta["fork"]["receipt"]
-        assert receipt.startswith(f"forked at token 2: {forced!r} (p = ") and "dropped by top-p" in receipt
+        assert receipt.startswith(f"forked at token 3: {forced!r} (p = ") and "dropped by top-p" in receipt
         assert receipt.endswith("instead of ' gamma'")
         assert reply.token_probs[2][0] == forced, "the forced token keeps its probability for the colours"
         view = app.conversation.view_for(reply)
@@ -213,4 +213,4 @@ def test_a_fork_is_continued_from_the_text_of_its_kept_tokens_and_the_forced_one
                 token=" to", prob=0.0288, dropped_by="top_p", instead_of=" gamma", prompt_ids=())
     assert fork_text(fork, engine) == "alpha beta to"
     assert fork_text(dataclasses.replace(fork, prefix_ids=(-1, -1), token_id=-1), engine) == "alpha beta to"
-    assert fork.receipt() == "forked at token 2: ' to' (p = 2.88%, dropped by top-p) instead of ' gamma'"
+    assert fork.receipt() == "forked at token 3: ' to' (p = 2.88%, dropped by top-p) instead of ' gamma'"
