@@ -47,6 +47,7 @@ from chat_tui.engine.compare import (
 from chat_tui.engine.params import InvalidParameter, SamplingParams
 from chat_tui.engine.types import Engine, Message, Step
 from chat_tui.textsafe import clean, clean_line
+from chat_tui.ui import branches
 from chat_tui.ui.compare_column import CompareColumn, params_summary
 from chat_tui.ui.errors import describe
 from chat_tui.ui.reply import ReplyController, prompt_messages
@@ -514,7 +515,7 @@ def open_engine(app: ChatApp, source: str) -> Engine:
 async def keep_in_conversation(app: ChatApp, job: GenJob, typed: str, label: str) -> None:
     """Copy a compared reply, with its settings and seed, into the conversation as a new assistant message
     (after the typed prompt, when the comparison answered one). The one place compare writes the
-    conversation: conversation branches make this reply a sibling of the others here."""
+    conversation: it is saved under the path on screen, a sibling of any reply already there."""
     if typed:
         app.prompt_input.clear_sent(app.prompt_input.text)
         app.prompt_input.remember(typed)
@@ -526,9 +527,12 @@ async def keep_in_conversation(app: ChatApp, job: GenJob, typed: str, label: str
     item = ChatItem("assistant", source.content, status=source.status, model=source.model, seed=source.seed,
                     params=source.params, tokens=source.tokens, tokens_per_s=source.tokens_per_s,
                     finish_reason=source.finish_reason, meta=meta, token_probs=list(source.token_probs))
+    # it goes under the path on screen (the branch the columns answered), beside any other reply there
     kept = GenJob(conversation=job.conversation, item=item, conversation_id=app.conversation_id,
-                  system_prompt=app.system_prompt, engine=job.engine)
+                  system_prompt=app.system_prompt, engine=job.engine, branch=branches.path_ids(app.conversation.items))
     app.replies.save(kept)
+    if app.store is not None:
+        branches.place(app.store, item)
     item.meta.pop("token_probs", None)  # saved; in memory the colours keep item.token_probs
     await app.conversation.add(item)
     app.notify(f"Kept column {label}'s reply.", timeout=3, markup=False)

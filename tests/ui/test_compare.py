@@ -126,6 +126,7 @@ async def test_keep_copies_the_reply_and_its_settings_into_the_conversation(make
         assert app.prompt_input.text == ""
         saved = app.store.messages(app.conversation_id)
         assert [m.content for m in saved] == ["capital?", "The capital is a city of light."]
+        assert saved[1].parent_id == saved[0].id  # kept under the path it answered: a branch of the tree
         # the conversation goes on from the kept reply
         await send(pilot, app, "and then?")
         assert engine.records[-1].conversation[-2] == Message("assistant", "The capital is a city of light.")
