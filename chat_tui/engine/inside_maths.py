@@ -80,6 +80,16 @@ def check_heads_or_fail(heads: frozenset[Head], n_layer: int, n_head: int) -> No
         raise EngineError(str(exc)) from None
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading ids `a` and `b` share, at most `limit` (a view reruns at least the last token)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
+
+
 def check_context(ids: Sequence[int], context_length: int, *, empty_ok: bool = False) -> None:
     if not ids and not empty_ok:
         raise ValueError("no context: the view needs at least one token before the one it explains")

@@ -301,7 +301,7 @@ class HFInside:
             start = 0
             kwargs["use_cache"] = True
             if cached is not None:
-                start = _shared_prefix(cached[0], ids, len(ids) - 1)
+                start = inside_maths.shared_prefix(cached[0], ids, len(ids) - 1)
                 if start and _crop(cached[1], len(cached[0]) - start):
                     kwargs[engine.cache_kwarg] = cached[1]
                 else:
@@ -484,15 +484,6 @@ class HFInside:
                 value_norms=weighted.norm(dim=-1).cpu().numpy(), output_norm=float(weighted.sum(0).norm()),
                 query_norm=float(qh.norm()), key_norms=kh.norm(dim=-1).cpu().numpy(),
             )
-
-
-def _shared_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if n >= limit or x != y:
-            break
-        n += 1
-    return n
 
 
 def _crop(cache: Any, remove: int) -> bool:
