@@ -280,3 +280,20 @@ def test_views_reusing_the_last_contexts_cache_give_the_same_numbers(tiny_engine
         assert fed == [4, 1, 1, 3]
     finally:
         handle.remove()
+
+
+def test_rollout_is_the_last_row_of_the_whole_product():
+    from chat_tui.engine.inside_maths import rollout
+
+    rng = np.random.default_rng(0)
+    layers = []
+    for _ in range(3):
+        a = np.tril(rng.random((2, 5, 5)))
+        layers.append(a / a.sum(-1, keepdims=True))
+    product = np.eye(5)
+    for a in layers:
+        m = 0.5 * a.mean(0) + 0.5 * np.eye(5)
+        product = (m / m.sum(-1, keepdims=True)) @ product
+    result = rollout(layers)
+    assert result.rollout == pytest.approx(product[-1], abs=1e-6)
+    assert result.last_layer == pytest.approx(layers[-1].mean(0)[-1], abs=1e-6)

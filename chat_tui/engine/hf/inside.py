@@ -72,8 +72,9 @@ def find_parts(model: Any, n_layer: int, n_head: int) -> DecoderParts:
                    if isinstance(getattr(base, name, None), torch.nn.ModuleList)), None)
     if layers is None or len(layers) != n_layer:
         layers = next((m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layer), None)
-    final_norm = next((getattr(base, name) for name in _FINAL_NORMS if isinstance(getattr(base, name, None),
-                                                                                   torch.nn.Module)), None)
+    holders = [base, getattr(base, "decoder", None)]  # OPT keeps its layers and final norm in a decoder
+    final_norm = next((getattr(holder, name) for holder in holders for name in _FINAL_NORMS
+                       if isinstance(getattr(holder, name, None), torch.nn.Module)), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     attentions: list[Any] = []
     projections: list[Any] | None = []
