@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 ATTRIBUTION_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
 NOT_FOR_ARCHITECTURE = "{view} is not available for this architecture ({model_type})"
 BLOCK_FIRST = 6  # the entries of q and k the block view shows
+_ROTARY_PATCH = threading.Lock()
 ROLLOUT_WAIT_S = 0.5  # how long rollout waits for a reply that runs without attention weights
 
 _LAYER_LISTS = ("layers", "h", "blocks", "layer")
@@ -192,6 +193,8 @@ class HFInside:
         by_layer: dict[int, list[int]] = {}
         for layer, head in heads_off:
             by_layer.setdefault(layer, []).append(head)
+        if qkv:  # the rotary embedding is patched in its module: one view thread at a time restores it right
+            _ROTARY_PATCH.acquire()
         try:
             for i, layer in enumerate(parts.layers or []):
                 projection = parts.out_projections[i] if parts.out_projections else None
@@ -232,6 +235,8 @@ class HFInside:
                 handle.remove()
             for module, original in patched:
                 module.apply_rotary_pos_emb = original
+            if qkv:
+                _ROTARY_PATCH.release()
 
     def _projection_hook(self, i: int, off: list[int] | None, kept: _Kept | None, mine):
         head_dim = self.parts.head_dim or 0
