@@ -7,8 +7,10 @@ on two models:
 - a GPT-2-124M-shaped model with random weights (`GPT2Config()`: 12 layers x 12 heads x 768,
   vocabulary 50257), through the Hugging Face backend's hooks: target <= 500 ms.
 
-Explain (q·k ÷ √d for one head) is timed too. The load average is printed at the start and the end:
-the machine may be shared.
+Explain (q·k ÷ √d for one head) is timed too, and "(model forward)", one plain pass of the model over
+the context, is the yardstick: a view costs about one such pass (knock-out two, cold), or, following
+a reply one token further, one position. The load average is printed at the start and the end: the
+machine may be shared.
 
     python benchmarks/bench_inside.py [--runs 9] [--context 128] [--threads N]
 """
@@ -50,7 +52,14 @@ def views(engine, ids: list[int], text: str) -> dict[str, Callable[[int], object
     def context(r: int) -> list[int]:
         return [ids[0] + r + 1, *ids[1:]]
 
+    model = engine.model
+
+    def forward(r: int) -> object:
+        with torch.inference_mode():
+            return model(torch.tensor([context(r)]))
+
     return {
+        "(model forward)": forward,  # the reference: one plain pass over the context, no views
         "lens": lambda r: engine.logit_lens(context(r)[:-1], ids[-1]),
         "lens, next token": lambda r: engine.logit_lens(ids[: len(ids) // 2 + r], ids[-1]),
         "attribution": lambda r: engine.attribute(context(r)[:-1], ids[-1]),

@@ -80,6 +80,16 @@ def check_heads_or_fail(heads: frozenset[Head], n_layer: int, n_head: int) -> No
         raise EngineError(str(exc)) from None
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading ids `a` and `b` share, at most `limit` (a view reruns at least the last token)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
+
+
 def check_context(ids: Sequence[int], context_length: int, *, empty_ok: bool = False) -> None:
     if not ids and not empty_ok:
         raise ValueError("no context: the view needs at least one token before the one it explains")
@@ -201,18 +211,25 @@ EMBED = Component("embed", None, None, 0.0)
 
 def rollout(weights: Sequence[Any]) -> Rollout:
     """Attention rollout of the last position: the product over layers of 0.5·A + 0.5·I, with A a
-    layer's (heads, T, T) weights averaged over heads, rows renormalised; beside the last layer's row."""
-    rolled = None
+    layer's (heads, T, T) weights averaged over heads, rows renormalised; beside the last layer's row.
+
+    Only the last row of the product is needed, so it is carried down from the last layer as a row
+    times each layer's matrix: O(layers · T²), not the T³ of the whole product."""
+    mixed = []
     last = None
     for layer in weights:
         a = np.asarray(_numpy(layer), dtype=np.float64).mean(0)
         last = a
-        mixed = 0.5 * a + 0.5 * np.eye(a.shape[-1])
-        mixed /= mixed.sum(-1, keepdims=True)
-        rolled = mixed if rolled is None else mixed @ rolled
-    if rolled is None or last is None:
+        m = 0.5 * a
+        m[np.diag_indices_from(m)] += 0.5
+        m /= m.sum(-1, keepdims=True)
+        mixed.append(m)
+    if last is None:
         raise ValueError("no attention weights to roll out")
-    return Rollout(rollout=rolled[-1].astype(np.float32), last_layer=last[-1].astype(np.float32))
+    row = mixed[-1][-1]
+    for m in reversed(mixed[:-1]):
+        row = row @ m
+    return Rollout(rollout=row.astype(np.float32), last_layer=last[-1].astype(np.float32))
 
 
 def _numpy(value: Any) -> np.ndarray:

@@ -503,8 +503,11 @@ class MiniGPTEngine:
         # raw keeps special-token strings you type as the tokens (you write the format by hand), as for
         # Hugging Face models; a copy, because the shared tokenizer keeps them plain text everywhere else
         self._raw_tokenizer = Tokenizer.from_str(tokenizer.tokenizer.to_str()) if self.chat_format == "raw" else None
-        # the last GPT.forward(capture=True) of the inside views, kept for the next view of the same token
-        self._last_trace: tuple[Any, Any] | None = None
+        # the last GPT.forward(capture=True) of the inside views, kept for the next view of the same token,
+        # and their KV cache with the ids in it (see `_trace`)
+        self._last_trace: tuple[Any, bool, Any] | None = None
+        self._views_cache: tuple[Any, tuple[int, ...]] | None = None
+        self._views_lock = threading.Lock()
 
     # explain_attention works here (it builds the torch model on first use)
     explains = True
@@ -641,28 +644,43 @@ class MiniGPTEngine:
     def inside_views(self) -> dict[str, str | None]:
         return dict.fromkeys(INSIDE_VIEWS)
 
-    def _trace(self, ids: Sequence[int], heads: frozenset[Head] = frozenset()):
+    def _trace(self, ids: Sequence[int], heads: frozenset[Head] = frozenset(), *, whole: bool = False):
         """One pass of `GPT.forward(capture=True)` over `ids`: (the last position's logits (V,), the
-        per-layer captures), the never-learned tokens masked as in decoding."""
+        per-layer captures), the never-learned tokens masked as in decoding.
+
+        Without heads off, the tokens `ids` shares with the last such pass keep their place in the views'
+        KV cache and only the rest (at least the last token) runs: the captures then hold the new
+        positions only (keys and values: every position), which is all the views of the last token
+        read. `whole`: every position's captures (rollout reads every row of attention)."""
         import torch
 
-        from chat_tui.engine.inside_maths import check_context, check_heads, head_mask
+        from chat_tui.engine.inside_maths import check_context, check_heads, head_mask, shared_prefix
+        from chat_tui.engine.model import KVCache
 
         check_context(ids, self.context_length)
         check_heads(heads, self.n_layer, self.n_head)
         key = (tuple(ids), frozenset(heads))
         last = self._last_trace
-        if last is not None and last[0] == key:  # the views of one token ask for the same pass
-            return last[1]
+        if last is not None and last[0] == key and (last[1] or not whole):  # the views of one token ask alike
+            return last[2]
         model = self.model
         parameter = next(model.parameters())
-        with torch.inference_mode():
+        with torch.inference_mode(), self._views_lock:
             x = torch.tensor([list(ids)], dtype=torch.long, device=parameter.device)
-            mask = head_mask(heads, self.n_layer, self.n_head, parameter)
-            logits, _, capture = model(x, capture=True, last_only=True, head_mask=mask)
+            if heads or whole:
+                mask = head_mask(heads, self.n_layer, self.n_head, parameter)
+                logits, _, capture = model(x, capture=True, last_only=True, head_mask=mask)
+            else:
+                if self._views_cache is None:
+                    self._views_cache = (KVCache(self.config, device=parameter.device, dtype=parameter.dtype), ())
+                cache, cached = self._views_cache
+                self._views_cache = None  # a pass that fails leaves no half-written cache behind
+                cache.length = start = shared_prefix(cached, ids, len(ids) - 1)
+                logits, _, capture = model(x[:, start:], cache=cache, capture=True, last_only=True)
+                self._views_cache = (cache, key[0])
             result = self._masked(logits[0, -1].float()), capture
-        if not heads:  # knocking heads out again and again keeps the original pass
-            self._last_trace = (key, result)
+            if not heads:  # knocking heads out again and again keeps the original pass
+                self._last_trace = (key, whole, result)
         return result
 
     def _masked(self, logits):
@@ -707,7 +725,7 @@ class MiniGPTEngine:
     def rollout(self, ids: Sequence[int]) -> Rollout:
         from chat_tui.engine import inside_maths
 
-        _, capture = self._trace(ids)
+        _, capture = self._trace(ids, whole=True)
         return inside_maths.rollout([layer.weights[0] for layer in capture])
 
     def knock_out(self, ids: Sequence[int], heads: frozenset[Head], top: int = 8) -> KnockOut:

@@ -244,3 +244,56 @@ def test_the_fake_engine_records_the_heads_asked_off():
     reply = collect(fake.stream(HELLO, SamplingParams(), knock_out=frozenset({(0, 1)})))
     assert fake.records[-1].knock_out == frozenset({(0, 1)})
     assert reply.prompt.knocked_out == frozenset({(0, 1)})
+
+
+def test_views_reusing_the_last_contexts_cache_give_the_same_numbers(tiny_engine, ids):
+    fed: list[int] = []
+    handle = tiny_engine.model.transformer.wte.register_forward_hook(lambda m, a, out: fed.append(a[0].shape[-1]))
+
+    def fresh(view, *args):
+        tiny_engine._views_cache = tiny_engine._last_trace = None
+        return view(*args)
+
+    try:
+        tiny_engine._views_cache = tiny_engine._last_trace = None
+        fed.clear()
+        # one token further, the same token again (kept whole), a shorter context, a different one
+        for context in (ids[:4], ids[:5], ids[:5], ids[:3], ids[:2] + ids[5:6]):
+            lens = tiny_engine.logit_lens(context, 5)
+            attribution = tiny_engine.attribute(context, 5)
+            trace = tiny_engine.block_trace(context, 1, 1)
+            again = fresh(tiny_engine.logit_lens, context, 5)
+            assert [x.chosen_prob for x in lens.layers] == pytest.approx([x.chosen_prob for x in again.layers], abs=1e-6)
+            theirs = fresh(tiny_engine.attribute, context, 5)
+            assert [c.value for c in attribution.components] == pytest.approx(
+                [c.value for c in theirs.components], abs=1e-5)
+            alone = fresh(tiny_engine.block_trace, context, 1, 1)
+            assert [r.norm for r in trace.rows] == pytest.approx([r.norm for r in alone.rows], rel=1e-5)
+            assert trace.rows[4].first == pytest.approx(alone.rows[4].first, abs=1e-5)
+        tiny_engine._views_cache = tiny_engine._last_trace = None
+        fed.clear()
+        tiny_engine.logit_lens(ids[:4], 5)  # whole
+        tiny_engine.logit_lens(ids[:5], 5)  # one token further
+        tiny_engine.attribute(ids[:5], 5)  # the same pass, kept
+        tiny_engine.logit_lens(ids[:3], 5)  # back: the shared two kept
+        tiny_engine.rollout(ids[:3])  # every position's attention: whole
+        assert fed == [4, 1, 1, 3]
+    finally:
+        handle.remove()
+
+
+def test_rollout_is_the_last_row_of_the_whole_product():
+    from chat_tui.engine.inside_maths import rollout
+
+    rng = np.random.default_rng(0)
+    layers = []
+    for _ in range(3):
+        a = np.tril(rng.random((2, 5, 5)))
+        layers.append(a / a.sum(-1, keepdims=True))
+    product = np.eye(5)
+    for a in layers:
+        m = 0.5 * a.mean(0) + 0.5 * np.eye(5)
+        product = (m / m.sum(-1, keepdims=True)) @ product
+    result = rollout(layers)
+    assert result.rollout == pytest.approx(product[-1], abs=1e-6)
+    assert result.last_layer == pytest.approx(layers[-1].mean(0)[-1], abs=1e-6)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 ATTRIBUTION_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
 NOT_FOR_ARCHITECTURE = "{view} is not available for this architecture ({model_type})"
 BLOCK_FIRST = 6  # the entries of q and k the block view shows
+_ROTARY_PATCH = threading.Lock()
 ROLLOUT_WAIT_S = 0.5  # how long rollout waits for a reply that runs without attention weights
 
 _LAYER_LISTS = ("layers", "h", "blocks", "layer")
@@ -72,8 +73,9 @@ def find_parts(model: Any, n_layer: int, n_head: int) -> DecoderParts:
                    if isinstance(getattr(base, name, None), torch.nn.ModuleList)), None)
     if layers is None or len(layers) != n_layer:
         layers = next((m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layer), None)
-    final_norm = next((getattr(base, name) for name in _FINAL_NORMS if isinstance(getattr(base, name, None),
-                                                                                   torch.nn.Module)), None)
+    holders = [base, getattr(base, "decoder", None)]  # OPT keeps its layers and final norm in a decoder
+    final_norm = next((getattr(holder, name) for holder in holders for name in _FINAL_NORMS
+                       if isinstance(getattr(holder, name, None), torch.nn.Module)), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     attentions: list[Any] = []
     projections: list[Any] | None = []
@@ -191,6 +193,8 @@ class HFInside:
         by_layer: dict[int, list[int]] = {}
         for layer, head in heads_off:
             by_layer.setdefault(layer, []).append(head)
+        if qkv:  # the rotary embedding is patched in its module: one view thread at a time restores it right
+            _ROTARY_PATCH.acquire()
         try:
             for i, layer in enumerate(parts.layers or []):
                 projection = parts.out_projections[i] if parts.out_projections else None
@@ -231,6 +235,8 @@ class HFInside:
                 handle.remove()
             for module, original in patched:
                 module.apply_rotary_pos_emb = original
+            if qkv:
+                _ROTARY_PATCH.release()
 
     def _projection_hook(self, i: int, off: list[int] | None, kept: _Kept | None, mine):
         head_dim = self.parts.head_dim or 0
@@ -301,7 +307,7 @@ class HFInside:
             start = 0
             kwargs["use_cache"] = True
             if cached is not None:
-                start = _shared_prefix(cached[0], ids, len(ids) - 1)
+                start = inside_maths.shared_prefix(cached[0], ids, len(ids) - 1)
                 if start and _crop(cached[1], len(cached[0]) - start):
                     kwargs[engine.cache_kwarg] = cached[1]
                 else:
@@ -484,15 +490,6 @@ class HFInside:
                 value_norms=weighted.norm(dim=-1).cpu().numpy(), output_norm=float(weighted.sum(0).norm()),
                 query_norm=float(qh.norm()), key_norms=kh.norm(dim=-1).cpu().numpy(),
             )
-
-
-def _shared_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if n >= limit or x != y:
-            break
-        n += 1
-    return n
 
 
 def _crop(cache: Any, remove: int) -> bool:
