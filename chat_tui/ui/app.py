@@ -1356,17 +1356,21 @@ class ChatApp(App[int], inherit_bindings=False):
         await self._start_reply("new", opening=opening, knock_out=message.heads)
 
     def on_text_area_changed(self, event: PromptInput.Changed) -> None:
-        """The tokens view follows the input box as you type."""
-        pane = self._inspector_pane()
-        if pane is not None and event.text_area is self.prompt_input:
-            pane.set_token_text("input box", self.prompt_input.text)
+        """The tokens view follows the input box as you type (not a dialog's text area)."""
+        if isinstance(event.text_area, PromptInput):
+            pane = self._inspector_pane()
+            if pane is not None:
+                pane.set_token_text("input box", event.text_area.text)
 
     def on_descendant_focus(self, event: object) -> None:
         """A message chosen (Ctrl+Up, a click): the tokens view shows its tokens while the input box is empty."""
-        pane = self._inspector_pane()
         focused = self.focused
-        if pane is not None and isinstance(focused, MessageView) and not self.prompt_input.text:
-            pane.set_token_text(f"{focused.item.role} message", focused.item.content)
+        pane = self._inspector_pane() if isinstance(focused, MessageView) else None
+        if pane is None:
+            return
+        source, text = pane.token_source
+        if source != "input box" or not text:  # what is being typed comes first
+            pane.set_token_text(f"{focused.item.role} message", focused.item.content)  # type: ignore[union-attr]
 
     def action_edit_last(self) -> None:
         if self._busy(" first"):

@@ -3,11 +3,8 @@ digit and its surprisal as a shade, from the FakeEngine's lens (whose commitment
 
 from __future__ import annotations
 
-import pytest
-
 from chat_tui.ui.lens_gutter import LEGEND, LensGutter, cell, shade
 from tests.ui.conftest import ready, send, wait_for
-from tests.ui.test_snapshots import make, one_exchange, steady  # noqa: F401 (steady: a fixture)
 
 REPLY = "The quick brown fox jumps over the lazy dog."
 
@@ -30,7 +27,8 @@ async def test_the_gutter_shows_each_tokens_commitment_layer_while_on(make_app):
         gutter = app.conversation.view_for(item).lens_gutter
         assert gutter is not None and gutter.display
         n = len(item.token_probs)
-        await wait_for(pilot, lambda: len(gutter.commit) == n and len(gutter_cells(gutter)) == n,
+        # a cell stays blank until its layer is known (and the strip is redrawn a moment later)
+        await wait_for(pilot, lambda: len(gutter_cells(gutter)) == n and " " not in gutter_cells(gutter),
                        what="the commitment layers")
         prompt_length = len(gutter._lens_ids) - n
         expected = "".join(str(engine.fake_commit_layer(gutter._lens_ids[: prompt_length + i]) + 1) for i in range(n))
@@ -46,25 +44,3 @@ def test_cells_and_shades():
     assert sure.bgcolor is not None and surprising.bgcolor is not None
     assert sure.bgcolor.get_truecolor()[0] < surprising.bgcolor.get_truecolor()[0]  # light = surprising
 
-
-@pytest.mark.usefixtures("steady")
-def test_gutter_and_lens_view_snapshot_120x40(snap_compare):
-    """The gutter under the reply, and the inspector's lens view for the reply's last token."""
-
-    async def run_before(pilot) -> None:
-        app = pilot.app
-        await wait_for(pilot, lambda: app.engine is not None)
-        await pilot.press("f10")
-        await one_exchange(pilot)
-        gutter = app.conversation.view_for(app.conversation.items[-1]).lens_gutter
-        n = len(app.conversation.items[-1].token_probs)
-        await wait_for(pilot, lambda: len(gutter_cells(gutter)) == n and " " not in gutter_cells(gutter),
-                       what="the gutter's layers")
-        pane = app.inspector
-        pane.action_show_view("lens")
-        await wait_for(pilot, lambda: "commitment layer" in str(pane.render_view(60, 30)), what="the lens")
-        pane.redraw()
-        app.clear_notifications()  # the F8 notice times out: the picture must not depend on when
-        await pilot.pause(0.2)
-
-    assert snap_compare(make([REPLY]), terminal_size=(120, 40), run_before=run_before)

@@ -125,3 +125,31 @@ async def _full_sampling(pilot) -> None:
 @pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 50)])
 def test_full_sampling_pane(snap_compare, steady, size):
     assert snap_compare(make([CODE_REPLY]), terminal_size=size, run_before=_full_sampling)
+
+
+
+
+def test_lens_gutter_and_lens_view_120x40(snap_compare, steady):
+    """The gutter under the reply, and the inspector's lens view for the reply's last token."""
+
+    def lens_cells(gutter) -> str:
+        return str(gutter.render()).split("\n", 1)[1]
+
+    async def run_before(pilot) -> None:
+        app = pilot.app
+        await wait_for(pilot, lambda: app.engine is not None)
+        await pilot.press("f10")
+        await one_exchange(pilot)
+        gutter = app.conversation.view_for(app.conversation.items[-1]).lens_gutter
+        n = len(app.conversation.items[-1].token_probs)
+        await wait_for(pilot, lambda: len(lens_cells(gutter)) == n and " " not in lens_cells(gutter),
+                       what="the gutter's layers")
+        pane = app.inspector
+        pane.action_show_view("lens")
+        await wait_for(pilot, lambda: "commitment layer" in str(pane.render_view(60, 30)), what="the lens")
+        pane.redraw()
+        app.clear_notifications()  # the F10 notice times out: the picture must not depend on when
+        await pilot.pause(0.2)
+
+    reply = "The quick brown fox jumps over the lazy dog."
+    assert snap_compare(make([reply]), terminal_size=(120, 40), run_before=run_before)
