@@ -56,9 +56,6 @@ MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit, which the other servers follow
 ATTENTION_UNAVAILABLE = "attention is not available over the OpenAI protocol (the server keeps it)"
 # the settings that are always sent; any other is sent only when it is on (not its neutral value)
 ALWAYS = ("temperature", "max_tokens", "max_completion_tokens")
-# vLLM, llama.cpp and chat-tui serve take these under these names; the OpenAI API rejects them
-EXTRA_NAMES = {"top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p",
-               "repetition_penalty": "repetition_penalty"}
 
 
 class ServerError(EngineError):
@@ -106,6 +103,7 @@ def request_fields(params: SamplingParams, *, logprobs: bool) -> dict[str, Any]:
         fields["seed"] = params.seed
     if params.stop:
         fields["stop"] = list(params.stop)
+    # vLLM, llama.cpp and chat-tui serve take these four under these names; the OpenAI API rejects them
     if params.top_k > 0:
         fields["top_k"] = params.top_k
     if params.min_p > 0:
