@@ -114,9 +114,13 @@ def format_value(spec: ParamSpec | None, value: object) -> str:
     return str(value)
 
 
-def unsupported_line(label: str, room: int) -> Text:
-    """A row whose setting the server rejected: the note takes the place of the value and the range."""
-    note = UNSUPPORTED if len(UNSUPPORTED) <= room else "not supported"
+def unsupported_line(label: str, width: int) -> Text:
+    """A row whose setting the server rejected: the note takes the place of the value and the range. In the
+    compact pane the label gives up its padding before the note is cut ("top-k not supported")."""
+    fits = [(shown, note) for note in (UNSUPPORTED, "not supported", "unsupported")
+            for shown in (label, label.rstrip()) if len(shown) + 1 + len(note) <= width]
+    label, note = fits[0] if fits else (label.rstrip(), "unsupported")
+    room = max(width - len(label) - 1, 0)
     line = Text(f"{label} ", end="")
     line.append(note[:room].rjust(room), style="dim italic")
     return line
@@ -272,7 +276,7 @@ class SamplingTable(Widget, can_focus=True):
                 line.append(" ")
                 line.append(rng.rjust(range_width), style="dim")
             if row.name in self.unsupported and not (selected and self.editing is not None):
-                line = unsupported_line(label, width - label_width - 1)
+                line = unsupported_line(label, width)
             else:
                 note = self.notes.get(row.name)
                 if note and not compact:

@@ -44,7 +44,7 @@ VIEW_SUBTITLE = {
     "candidates": "the likeliest next tokens; which the sampling settings kept or dropped",
     "lens": "what each layer would predict next, if the model stopped there (the logit lens)",
     "attribution": "how much each head and MLP pushed this token's score up or down",
-    "rollout": "where the token's information came from through all layers, beside the last layer alone",
+    "rollout": "where the token's information came from through all layers, beside the last layer",
     "knockout": "switch heads off and see how the choice of this token changes",
     "tokens": "how the tokenizer cuts text into the pieces (tokens) the model reads",
     "block": "one decoder block for this token, top to bottom, with the model's own numbers",

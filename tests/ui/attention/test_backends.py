@@ -2,7 +2,7 @@
 
 The mini-GPT is covered by test_truth.py and the FakeEngine by test_pane.py; this checks that the
 pane takes the HF engine's Steps, draws every view, replays the chain exactly on its stored logits,
-and says why the explain view shows weights only.
+and explains a Llama-family head's weights from its own q and k (after the rotary embedding).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ async def test_every_view_on_the_hf_backend(llama):
                 await app.workers.wait_for_complete()
             texts[view] = canvas_text(app)
         assert "▲" in texts["heatmap"]
-        # the same line as through the model process (the app's default): the backend is no Explainer
-        assert "only the weights" in texts["explain"] and "the hf backend gives attention weights only" in texts["explain"]
+        # a Llama-family engine explains: q·k ÷ √d, softmax, and the check against the captured row
+        assert "softmax(q·kⱼ ÷ √8)" in texts["explain"] and "‖out‖" in texts["explain"]
         assert "this reply" in texts["turns"] and "user 1" in texts["turns"]
         assert "sampled" in texts["candidates"] and "top-k" in texts["candidates"]
 
