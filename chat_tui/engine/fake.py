@@ -79,6 +79,7 @@ class StreamRecord:
     inspect: bool
     finish_reason: str | None = None
     knock_out: frozenset[Head] = field(default_factory=frozenset)  # the heads switched off
+    prefix_ids: tuple[int, ...] = ()  # the reply's first tokens, given as ids (a fork)
 
 
 def tokenize(text: str) -> list[str]:
@@ -272,12 +273,15 @@ class FakeEngine:
         cancel: threading.Event | None = None,
         candidates: bool = True,
         knock_out: frozenset[Head] = frozenset(),
+        prefix_ids: Sequence[int] = (),
     ) -> Iterator[Step]:
         """The shared decode loop (`run_stream`) over the scripted reply, dressed with made-up numbers.
-        `knock_out`: the heads to switch off, recorded (the script does not change)."""
+        `knock_out`: the heads to switch off, recorded (the script does not change); `prefix_ids`: the reply's
+        first tokens, prefilled after the prompt and recorded (the script's tokens follow them)."""
         messages = list(conversation)
         first = resolve_params(params)
-        record = StreamRecord(messages, [], inspect, knock_out=frozenset(knock_out))
+        record = StreamRecord(messages, [], inspect, knock_out=frozenset(knock_out),
+                              prefix_ids=tuple(int(i) for i in prefix_ids))
         self.records.append(record)
         seed = first.seed if first.seed is not None else random.Random(self.seed + self.calls).randrange(2**31)
         runner = _ScriptRunner(self, lambda: self._script(messages, first), cancel)
@@ -296,6 +300,7 @@ class FakeEngine:
             candidates=False,  # the loop's would be those of the certain logits: `_dress` makes some up
             default_seed=seed,
             knock_out=knock_out,
+            prefix_ids=prefix_ids,
         )
         while True:
             # the fake model's time for a token, spent before the loop picks it: Esc meanwhile cancels it
