@@ -195,7 +195,9 @@ class FakeEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def _script(self, conversation: list[Message], params: SamplingParams) -> tuple[str, str]:
+    def _script(self, conversation: list[Message], params: SamplingParams, prefix: str = "") -> tuple[str, str]:
+        """The scripted reply's rest after what the reply already holds (an open message's text, then
+        the text of its prefix ids), and its finish reason."""
         index = self.calls % len(self.replies)
         self.calls += 1
         script = self.replies[index]
@@ -203,8 +205,8 @@ class FakeEngine:
         reason = "eos"
         if self.finish_reasons is not None and index < len(self.finish_reasons):
             reason = self.finish_reasons[index] or "eos"
-        if conversation and conversation[-1].role == "assistant":
-            partial = conversation[-1].content
+        partial = (conversation[-1].content if conversation and conversation[-1].role == "assistant" else "") + prefix
+        if partial:
             text = text[len(partial):] if text.startswith(partial) else text
         return text, reason
 
@@ -284,7 +286,8 @@ class FakeEngine:
                               prefix_ids=tuple(int(i) for i in prefix_ids))
         self.records.append(record)
         seed = first.seed if first.seed is not None else random.Random(self.seed + self.calls).randrange(2**31)
-        runner = _ScriptRunner(self, lambda: self._script(messages, first), cancel)
+        prefix = self.decode(prefix_ids) if prefix_ids else ""
+        runner = _ScriptRunner(self, lambda: self._script(messages, first, prefix), cancel)
         steps = run_stream(
             runner,
             conversation=messages,
