@@ -1408,11 +1408,25 @@ class ChatApp(App[int], inherit_bindings=False):
 
     def action_fork(self) -> None:
         """The palette's Fork: the inspector's picker, at its cursor's token."""
-        if not self.query_one("#inspector").display:
-            self.action_toggle_pane("inspector")
-        pane = self._inspector_pane()
+        pane = self._shown_inspector()
         if pane is not None:
             pane.action_fork()
+
+    def on_message_view_fork_requested(self, event: MessageView.ForkRequested) -> None:
+        """`f` on a picked reply: the inspector's fork picker, at its cursor's token or the reply's last."""
+        job = self.last_job
+        if job is None or job.item is not event.item or job.prompt is None:
+            self.notify("Only the newest reply can be forked (the inspector holds its candidates): "
+                        "regenerate this one (Ctrl+R) to fork it.", severity="warning", markup=False)
+            return
+        pane = self._shown_inspector()
+        if pane is not None:
+            pane.fork_at_cursor_or_last()
+
+    def _shown_inspector(self) -> InspectorPane | None:
+        if not self.query_one("#inspector").display:
+            self.action_toggle_pane("inspector")
+        return self._inspector_pane()
 
     async def on_message_view_sibling_requested(self, event: MessageView.SiblingRequested) -> None:
         """← or → on a message: show the branch through its sibling."""

@@ -243,3 +243,30 @@ def test_a_fork_of_a_fork_goes_on_from_all_its_ids_and_a_server_reply_from_its_t
     server = fork_opening(job, dataclasses.replace(fork, token_id=-1), engine, [item])
     assert server is not None and server.prefix_ids == () and server.sent_text == "Well,alpha beta gamma to"
     assert server.item.meta["fork"]["continued_from_text"] is True
+
+
+async def test_f_on_a_picked_reply_forks_it_at_its_last_token(make_app):
+    app, engine = make_app(["alpha beta gamma delta"])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await send(pilot, app, "hi")
+        pane = app.inspector
+        await wait_for(pilot, lambda: pane.store.generated >= 4 and app.job is None, what="the whole reply")
+        reply_ids = pane.store.ids[pane.store.prompt_length:]
+        await focus_reply(pilot, app)
+        await pilot.press("f")
+        await wait_for(pilot, lambda: isinstance(app.screen, PickScreen), what="the fork picker")
+        assert pane.display and pane.state.cursor == pane.store.length - 1, "at the reply's last token"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled, what="the fork")
+        fork = app.conversation.items[-1].meta["fork"]
+        assert fork["at"] == len(reply_ids) - 1
+        assert engine.records[-1].prefix_ids == (*reply_ids[:-1], fork["token_id"])
+        # a message that is not the inspector's reply cannot be: it says so
+        await focus_reply(pilot, app)
+        await pilot.press("up")
+        await wait_for(pilot, lambda: app.focused.item.role == "user", what="the user's message")
+        await pilot.press("f")
+        await wait_for(pilot, lambda: any("Only the newest reply" in n.message for n in app._notifications),
+                       what="the notice")
