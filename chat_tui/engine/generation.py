@@ -282,7 +282,13 @@ def run_stream(
     first = resolve_params(params)
     reserve = max(1, min(first.max_new_tokens, context_length // 2))
     prefix = [int(i) for i in prefix_ids]
-    fitted = fit_to_context(conversation, render, context_length - reserve - len(prefix))
+    budget = context_length - reserve - len(prefix)
+    if prefix and budget < context_length // 4:  # a long prefix: the prompt keeps a quarter, the window slides
+        budget = context_length // 4
+    if len(prefix) + budget >= context_length:
+        raise EngineError(f"the reply's first {len(prefix)} tokens leave too little of the model's "
+                          f"{context_length}-token context for its prompt: fork it at an earlier token")
+    fitted = fit_to_context(conversation, render, budget)
     if first.seed is not None:
         seed = first.seed
     else:

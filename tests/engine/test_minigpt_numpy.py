@@ -321,3 +321,16 @@ def test_a_reply_goes_on_from_its_prefix_ids_exactly_as_given():
     assert reply.prompt.ids != retokenized
     # the reply's text goes on from the prefix's, as the whole would decode
     assert engine.decode(prefix) + reply.text == engine.decode(prefix + [s.token_id for s in reply.steps])
+
+
+def test_a_long_prefix_keeps_a_quarter_of_the_context_for_the_prompt_or_says_it_cannot(tiny_checkpoint):
+    engine = load_engine(tiny_checkpoint, device="cpu")  # a 128-token context
+    engine.eos_ids = set()
+    rendered = engine.render(HELLO)[0]
+    prefix = engine.encode("Hello there! How are you today? I am fine, thank you.") * 5
+    assert 128 - 64 < len(prefix) < 128 - 32 and len(rendered) < 32  # more than the context less the reserve
+    reply = collect(engine.stream(HELLO, SamplingParams(temperature=0, max_new_tokens=64), prefix_ids=prefix))
+    assert reply.prompt.ids == rendered + prefix and reply.tokens == 64  # the window slid for the rest
+    with pytest.raises(EngineError, match="fork it at an earlier token") as caught:
+        list(engine.stream(HELLO, SamplingParams(max_new_tokens=8), prefix_ids=prefix * 2))
+    assert "\n" not in str(caught.value)
