@@ -205,12 +205,12 @@ def fork_opening(job: GenJob | None, fork: Fork, engine: Engine | None,
     before = len(item.token_probs) - job.count + fork.index  # a continued reply's earlier tokens too
     probs = [*item.token_probs[:before], (fork.token, fork.prob)]
     meta: dict[str, Any] = {"fork": {**fork.to_meta(), "token_index": before}}  # where the colour view marks it
-    item = ChatItem("assistant", job.base_text + fork_text(fork, engine), status="waiting",
-                    meta=meta, token_probs=probs)
+    start = ChatItem("assistant", job.base_text + fork_text(fork, engine), status="waiting",
+                     meta=meta, token_probs=probs)
     ids = (*job.prompt.prefix_ids, *fork.prefix_ids, fork.token_id)
     if engine is None or any(i < 0 for i in ids):  # no ids: the model goes on from the text, tokenized again
         meta["fork"]["continued_from_text"] = True
-        return ForkOpening(item, item.content, ())
+        return ForkOpening(start, start.content, ())
     # the reply's own ids, after the open text `job` was sent: exactly the reply up to the fork, then the token
     sent = job.conversation[-1].content if job.conversation and job.conversation[-1].role == "assistant" else ""
-    return ForkOpening(item, sent, ids)
+    return ForkOpening(start, sent, ids)
