@@ -16,7 +16,7 @@ from chat_tui.engine.types import Candidate, Message, PromptInfo
 from chat_tui.store import ConversationInfo, Store
 from chat_tui.ui.branches import Fork, fork_choices, fork_opening, fork_text, verdict
 from chat_tui.ui.conversation import MessageView
-from chat_tui.ui.screens import ConfirmScreen, PickScreen, conversation_label
+from chat_tui.ui.screens import ConfirmScreen, HelpScreen, PickScreen, conversation_label
 from chat_tui.ui.state import ChatItem, GenJob
 from tests.ui.conftest import ready, send, wait_for
 
@@ -270,3 +270,14 @@ async def test_f_on_a_picked_reply_forks_it_at_its_last_token(make_app):
         await pilot.press("f")
         await wait_for(pilot, lambda: any("Only the newest reply" in n.message for n in app._notifications),
                        what="the notice")
+
+
+async def test_the_keys_screen_lists_the_fork_key_of_a_picked_message(make_app):
+    app, _ = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), what="the keys screen")
+        table = app.screen.query_one("DataTable")
+        rows = [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+        assert any(row[3] == "fork_here" and "f" in row for row in rows)
