@@ -79,6 +79,7 @@ class StreamRecord:
     inspect: bool
     finish_reason: str | None = None
     knock_out: frozenset[Head] = field(default_factory=frozenset)  # the heads switched off
+    prefix_ids: tuple[int, ...] = ()  # the reply's first tokens, given as ids (a fork)
 
 
 def tokenize(text: str) -> list[str]:
@@ -194,7 +195,9 @@ class FakeEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def _script(self, conversation: list[Message], params: SamplingParams) -> tuple[str, str]:
+    def _script(self, conversation: list[Message], params: SamplingParams, prefix: str = "") -> tuple[str, str]:
+        """The scripted reply's rest after what the reply already holds (an open message's text, then
+        the text of its prefix ids), and its finish reason."""
         index = self.calls % len(self.replies)
         self.calls += 1
         script = self.replies[index]
@@ -202,8 +205,8 @@ class FakeEngine:
         reason = "eos"
         if self.finish_reasons is not None and index < len(self.finish_reasons):
             reason = self.finish_reasons[index] or "eos"
-        if conversation and conversation[-1].role == "assistant":
-            partial = conversation[-1].content
+        partial = (conversation[-1].content if conversation and conversation[-1].role == "assistant" else "") + prefix
+        if partial:
             text = text[len(partial):] if text.startswith(partial) else text
         return text, reason
 
@@ -272,15 +275,19 @@ class FakeEngine:
         cancel: threading.Event | None = None,
         candidates: bool = True,
         knock_out: frozenset[Head] = frozenset(),
+        prefix_ids: Sequence[int] = (),
     ) -> Iterator[Step]:
         """The shared decode loop (`run_stream`) over the scripted reply, dressed with made-up numbers.
-        `knock_out`: the heads to switch off, recorded (the script does not change)."""
+        `knock_out`: the heads to switch off, recorded (the script does not change); `prefix_ids`: the reply's
+        first tokens, prefilled after the prompt and recorded (the script's tokens follow them)."""
         messages = list(conversation)
         first = resolve_params(params)
-        record = StreamRecord(messages, [], inspect, knock_out=frozenset(knock_out))
+        record = StreamRecord(messages, [], inspect, knock_out=frozenset(knock_out),
+                              prefix_ids=tuple(int(i) for i in prefix_ids))
         self.records.append(record)
         seed = first.seed if first.seed is not None else random.Random(self.seed + self.calls).randrange(2**31)
-        runner = _ScriptRunner(self, lambda: self._script(messages, first), cancel)
+        prefix = self.decode(prefix_ids) if prefix_ids else ""
+        runner = _ScriptRunner(self, lambda: self._script(messages, first, prefix), cancel)
         steps = run_stream(
             runner,
             conversation=messages,
@@ -296,6 +303,7 @@ class FakeEngine:
             candidates=False,  # the loop's would be those of the certain logits: `_dress` makes some up
             default_seed=seed,
             knock_out=knock_out,
+            prefix_ids=prefix_ids,
         )
         while True:
             # the fake model's time for a token, spent before the loop picks it: Esc meanwhile cancels it

@@ -260,6 +260,7 @@ def run_stream(
     candidates: bool = True,
     default_seed: int | None = None,
     knock_out: frozenset[tuple[int, int]] = frozenset(),
+    prefix_ids: Sequence[int] = (),
 ) -> Iterator[Step]:
     """Generate a reply, one Step per token. See `chat_tui.engine.types.Step`.
 
@@ -273,11 +274,21 @@ def run_stream(
 
     `default_seed`: the seed when `params.seed` is None (else a random one; a test fake passes its own).
     `knock_out`: the heads the runner has switched off, recorded in the PromptInfo (the runner does the switching).
+    `prefix_ids`: the reply's first tokens, given as ids (a fork): prefilled after the rendered prompt exactly as
+    they are (never tokenized again), the Steps being only the tokens after them; the PromptInfo's `ids` end with
+    them and its `prefix_ids` names them.
     """
     started = time.perf_counter()
     first = resolve_params(params)
     reserve = max(1, min(first.max_new_tokens, context_length // 2))
-    fitted = fit_to_context(conversation, render, context_length - reserve)
+    prefix = [int(i) for i in prefix_ids]
+    budget = context_length - reserve - len(prefix)
+    if prefix and budget < context_length // 4:  # a long prefix: the prompt keeps a quarter, the window slides
+        budget = context_length // 4
+    if len(prefix) + budget >= context_length:
+        raise EngineError(f"the reply's first {len(prefix)} tokens leave too little of the model's "
+                          f"{context_length}-token context for its prompt: fork it at an earlier token")
+    fitted = fit_to_context(conversation, render, budget)
     if first.seed is not None:
         seed = first.seed
     else:
@@ -286,10 +297,11 @@ def run_stream(
     torch_context = _torch_context(runner)
 
     with torch_context():
-        logits, prompt_attention = runner.prefill(fitted.ids, inspect)
+        prefilled = [*fitted.ids, *prefix]
+        logits, prompt_attention = runner.prefill(prefilled, inspect)
         prompt = PromptInfo(
-            ids=list(fitted.ids),
-            tokens=[token_text(i) for i in fitted.ids],
+            ids=prefilled,
+            tokens=[token_text(i) for i in prefilled],
             spans=fitted.spans,
             dropped_messages=fitted.dropped_messages,
             dropped_tokens=fitted.dropped_tokens,
@@ -297,12 +309,15 @@ def run_stream(
             prefill_s=time.perf_counter() - started,
             attention=_attention16(prompt_attention),
             knocked_out=frozenset(knock_out),
+            prefix_ids=tuple(prefix),
         )
-    history = _History(fitted.ids, context_length + 1)
+    history = _History(prefilled, context_length + 1)
     detok = IncrementalDetokenizer(decode)
+    for prefix_id in prefix:  # the reply's text goes on from its prefix's (a word's leading space, a split character)
+        detok.push(prefix_id)
     stops = StopStringFilter(first.stop)
     stop_strings = first.stop
-    position = len(fitted.ids)
+    position = len(prefilled)
     window_start = 0  # the first position the model sees (moves when the window slides)
     keep_on_slide = max(1, int(context_length * SLIDE_KEEP))
     last_time = time.perf_counter()
@@ -404,6 +419,7 @@ def stream_engine(
     cancel: threading.Event | None,
     candidates: bool,
     knock_out: frozenset[tuple[int, int]] = frozenset(),
+    prefix_ids: Sequence[int] = (),
 ) -> Iterator[Step]:
     """`run_stream` for an engine that renders and decodes itself (the mini-GPT, Hugging Face models).
 
@@ -424,4 +440,5 @@ def stream_engine(
         model_name=engine.model_name,
         candidates=candidates,
         knock_out=knock_out,
+        prefix_ids=prefix_ids,
     )

@@ -592,6 +592,7 @@ class MiniGPTEngine:
         cancel: threading.Event | None = None,
         candidates: bool = True,
         knock_out: frozenset[tuple[int, int]] = frozenset(),
+        prefix_ids: Sequence[int] = (),
     ) -> Iterator[Step]:
         heads = frozenset(knock_out)
         if heads:
@@ -602,7 +603,8 @@ class MiniGPTEngine:
             runner = self.runner(heads)
             with single_threaded_blas() if runner.numpy_path else contextlib.nullcontext():
                 yield from stream_engine(self, runner, conversation, params, stops=self._format_stops,
-                                         inspect=inspect, cancel=cancel, candidates=candidates, knock_out=heads)
+                                         inspect=inspect, cancel=cancel, candidates=candidates, knock_out=heads,
+                                         prefix_ids=prefix_ids)
 
     def stream_columns(self, conversation: Conversation, params: Sequence[ParamsSource], *,
                        cancel: threading.Event | None = None, candidates: bool = True) -> Iterator[tuple[int, Step]]:

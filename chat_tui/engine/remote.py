@@ -266,9 +266,11 @@ class RemoteEngine:
 
     def stream(self, conversation: Conversation, params: ParamsSource, *, inspect: bool = False,
                cancel: threading.Event | None = None, candidates: bool = True,
-               knock_out: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Step]:
+               knock_out: frozenset[tuple[int, int]] = frozenset(), prefix_ids: Sequence[int] = ()) -> Iterator[Step]:
         if knock_out:
             raise ServerError(f"{self.server} runs the model: its heads cannot be switched off from here")
+        if prefix_ids:  # the chat API takes text, which the server would tokenize again: not the same ids
+            raise ServerError(f"{self.server} runs the model: a reply cannot be continued from token ids here")
         cancel = cancel or threading.Event()
         started = time.perf_counter()
         first = resolve_params(params)  # one request, one set of settings: later changes apply next time

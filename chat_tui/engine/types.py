@@ -81,6 +81,8 @@ class PromptInfo:
     unsupported: tuple[str, ...] = ()
     # the heads (layer, head), zero-based, whose outputs were zeroed for the whole reply (`stream(knock_out=...)`)
     knocked_out: frozenset[tuple[int, int]] = frozenset()
+    # the reply's first tokens, given as ids (`stream(prefix_ids=...)`, a fork): the last of `ids`
+    prefix_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -161,9 +163,13 @@ class Engine(Protocol):
         cancel: threading.Event | None = None,
         candidates: bool = True,
         knock_out: frozenset[tuple[int, int]] = frozenset(),
+        prefix_ids: Sequence[int] = (),
     ) -> Iterator[Step]:
         """One Step per token. `knock_out`: heads (layer, head), zero-based, whose outputs are zeroed for the
-        whole reply (an engine that cannot raises EngineError); the first Step's PromptInfo names them."""
+        whole reply (an engine that cannot raises EngineError); the first Step's PromptInfo names them.
+        `prefix_ids`: the reply's first tokens as ids, prefilled after the rendered prompt as they are (not
+        tokenized again); the Steps are the tokens after them. Pass it only when non-empty: an engine
+        that cannot (a server) raises EngineError."""
         ...
 
     # How many tokens the model can emit (None when the backend does not say); the candidates

@@ -1133,10 +1133,11 @@ class ChatApp(App[int], inherit_bindings=False):
         return item
 
     async def _start_reply(self, mode: str, target: ChatItem | None = None, opening: ChatItem | None = None,
-                           knock_out: frozenset[tuple[int, int]] = frozenset()) -> None:
+                           knock_out: frozenset[tuple[int, int]] = frozenset(),
+                           fork: branches.ForkOpening | None = None) -> None:
         """Answer the path on screen ("new"), or go on with `target` ("continue"). `opening`: the start
-        of the new reply, which the model goes on from (a fork, a knock-out); `knock_out`: the heads
-        (layer, head) switched off for the whole reply."""
+        of the new reply, which the model goes on from as text (a knock-out); `fork`: a forked reply's start,
+        the model going on from its ids; `knock_out`: the heads (layer, head) switched off for the whole reply."""
         if self._restart_if_stopped():
             self.notify("The model's process had stopped; restarting it (your message waits for it).",
                         severity="warning", timeout=8, markup=False)
@@ -1157,15 +1158,16 @@ class ChatApp(App[int], inherit_bindings=False):
                          branch=path, knock_out=knock_out, **saved)
             self.replies.begin(job)
         else:
-            item = opening or ChatItem("assistant", "", status="waiting")
+            item = (fork.item if fork is not None else opening) or ChatItem("assistant", "", status="waiting")
             if self.store is not None and self.conversation_id is not None:
                 item.siblings = self._db(branches.new_sibling_position, self.store, self.conversation_id,
                                          path[-1] if path else None) or (1, 1)
             conversation = prompt_messages(self.conversation.items, self.system_prompt)
-            if item.content:  # an open reply: the model goes on from it
-                conversation.append(Message("assistant", item.content))
+            sent_text = fork.sent_text if fork is not None else item.content
+            if sent_text:  # an open reply: the model goes on from it (and from a fork's ids after it)
+                conversation.append(Message("assistant", sent_text))
             job = GenJob(conversation=conversation, item=item, branch=path, base_text=item.content,
-                         knock_out=knock_out, **saved)
+                         knock_out=knock_out, prefix_ids=fork.prefix_ids if fork is not None else (), **saved)
             self.replies.begin(job)  # before the await: the app is not settled while the reply's view mounts
             await self.conversation.add(item)
             if job.done:  # Esc while it mounted
@@ -1402,15 +1404,29 @@ class ChatApp(App[int], inherit_bindings=False):
                         severity="warning", markup=False)
             return
         await self.conversation.remove_from(job.item)  # it stays in the store, one ← away
-        await self._start_reply("new", opening=opening)
+        await self._start_reply("new", fork=opening)
 
     def action_fork(self) -> None:
         """The palette's Fork: the inspector's picker, at its cursor's token."""
-        if not self.query_one("#inspector").display:
-            self.action_toggle_pane("inspector")
-        pane = self._inspector_pane()
+        pane = self._shown_inspector()
         if pane is not None:
             pane.action_fork()
+
+    def on_message_view_fork_requested(self, event: MessageView.ForkRequested) -> None:
+        """`f` on a picked reply: the inspector's fork picker, at its cursor's token or the reply's last."""
+        job = self.last_job
+        if job is None or job.item is not event.item or job.prompt is None:
+            self.notify("Only the newest reply can be forked (the inspector holds its candidates): "
+                        "regenerate this one (Ctrl+R) to fork it.", severity="warning", markup=False)
+            return
+        pane = self._shown_inspector()
+        if pane is not None:
+            pane.fork_at_cursor_or_last()
+
+    def _shown_inspector(self) -> InspectorPane | None:
+        if not self.query_one("#inspector").display:
+            self.action_toggle_pane("inspector")
+        return self._inspector_pane()
 
     async def on_message_view_sibling_requested(self, event: MessageView.SiblingRequested) -> None:
         """← or → on a message: show the branch through its sibling."""

@@ -126,9 +126,7 @@ class Fork:
 
     def to_meta(self) -> dict[str, Any]:
         return {"at": self.index, "token": self.token, "token_id": self.token_id, "prob": round(self.prob, 6),
-                "dropped_by": self.dropped_by, "instead_of": self.instead_of, "receipt": self.receipt(),
-                # the model went on from this text, tokenized again (not from the ids themselves)
-                "continued_from_text": True}
+                "dropped_by": self.dropped_by, "instead_of": self.instead_of, "receipt": self.receipt()}
 
 
 DROPPED = "dropped"  # a Fork's dropped_by when the chain dropped the token at a stage not known
@@ -183,10 +181,22 @@ def fork_text(fork: Fork, engine: Engine | None) -> str:
     return "".join(fork.prefix_texts) + fork.token
 
 
-def fork_opening(job: GenJob | None, fork: Fork, engine: Engine | None, on_screen: list[ChatItem]) -> ChatItem | None:
-    """The start of the reply forked from `job`'s: the text before the fork, the forced token, the
-    colours of both, and the fork in its meta. None when `job` is not the reply the fork was picked in
-    (the inspector holds another reply) or its reply is no longer on screen."""
+@dataclass(frozen=True)
+class ForkOpening:
+    """How a forked reply starts: `item` as it shows (the text before the fork and the forced token, their
+    colours, the fork in its meta); `sent_text` the open reply the model is sent as text ("" for none) and
+    `prefix_ids` the ids after it, prefilled as they are: the reply's tokens before the fork, then the
+    forced one. Without ids (a server's tokens) `prefix_ids` is empty and `sent_text` holds the whole start."""
+
+    item: ChatItem
+    sent_text: str
+    prefix_ids: tuple[int, ...]
+
+
+def fork_opening(job: GenJob | None, fork: Fork, engine: Engine | None,
+                 on_screen: list[ChatItem]) -> ForkOpening | None:
+    """The start of the reply forked from `job`'s (see ForkOpening). None when `job` is not the reply the
+    fork was picked in (the inspector holds another reply) or its reply is no longer on screen."""
     if job is None or job.prompt is None or tuple(job.prompt.ids) != fork.prompt_ids:
         return None
     item = job.item
@@ -194,6 +204,13 @@ def fork_opening(job: GenJob | None, fork: Fork, engine: Engine | None, on_scree
         return None
     before = len(item.token_probs) - job.count + fork.index  # a continued reply's earlier tokens too
     probs = [*item.token_probs[:before], (fork.token, fork.prob)]
-    meta = {"fork": {**fork.to_meta(), "token_index": before}}  # where the colour view marks it
-    return ChatItem("assistant", job.base_text + fork_text(fork, engine), status="waiting",
-                    meta=meta, token_probs=probs)
+    meta: dict[str, Any] = {"fork": {**fork.to_meta(), "token_index": before}}  # where the colour view marks it
+    start = ChatItem("assistant", job.base_text + fork_text(fork, engine), status="waiting",
+                     meta=meta, token_probs=probs)
+    ids = (*job.prompt.prefix_ids, *fork.prefix_ids, fork.token_id)
+    if engine is None or any(i < 0 for i in ids):  # no ids: the model goes on from the text, tokenized again
+        meta["fork"]["continued_from_text"] = True
+        return ForkOpening(start, start.content, ())
+    # the reply's own ids, after the open text `job` was sent: exactly the reply up to the fork, then the token
+    sent = job.conversation[-1].content if job.conversation and job.conversation[-1].role == "assistant" else ""
+    return ForkOpening(start, sent, ids)

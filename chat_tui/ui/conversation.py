@@ -154,6 +154,7 @@ class MessageView(Vertical, can_focus=False):
         Binding("left", "sibling(-1)", "Previous sibling (branch)", show=False, id="previous_sibling"),
         Binding("right", "sibling(1)", "Next sibling (branch)", show=False, id="next_sibling"),
         Binding("delete", "delete_branch", "Delete this version and what follows", show=False, id="delete_branch"),
+        Binding("f", "fork_here", "Fork this reply at a token", show=False, id="fork_here"),
     ]
 
     class SiblingRequested(Message):
@@ -208,6 +209,16 @@ class MessageView(Vertical, can_focus=False):
         def __init__(self, item: ChatItem) -> None:
             super().__init__()
             self.item = item
+
+    class ForkRequested(Message):
+        """Fork `item`, a reply, at one of its tokens (the app opens the inspector's fork picker)."""
+
+        def __init__(self, item: ChatItem) -> None:
+            super().__init__()
+            self.item = item
+
+    def action_fork_here(self) -> None:
+        self.post_message(self.ForkRequested(self.item))
 
     def action_sibling(self, delta: int) -> None:
         self.post_message(self.SiblingRequested(self.item, delta))

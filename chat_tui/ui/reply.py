@@ -273,8 +273,11 @@ class ReplyController:
         when steps wait and the controller's thread was not yet told (then call `steps_ready`)."""
         engine = job.engine
         assert engine is not None, "launch the job first"
-        # knock_out only when some heads are off: an engine without the knock-out view takes no such keyword
-        extra = {"knock_out": job.knock_out} if job.knock_out else {}
+        # knock_out only when some heads are off, prefix_ids only for a fork: an engine without the knock-out
+        # view, or one that takes only text (a server), takes no such keyword
+        extra: dict[str, Any] = {"knock_out": job.knock_out} if job.knock_out else {}
+        if job.prefix_ids:
+            extra["prefix_ids"] = job.prefix_ids
         stream = engine.stream(job.conversation, self.params, inspect=job.inspect, cancel=job.cancel, **extra)
         # closed on every way out, even an error: a model in its own process serves one stream at a time
         with contextlib.closing(stream):

@@ -81,6 +81,8 @@ class GenJob:
     engine: Engine | None = None  # None while the reply waits for a model
     inspect: bool = False  # attention is captured for the inspector
     knock_out: frozenset[tuple[int, int]] = frozenset()  # heads (layer, head) switched off (the knock-out view)
+    # the reply's first tokens as ids, prefilled as they are after the prompt (a fork's kept and forced tokens)
+    prefix_ids: tuple[int, ...] = ()
     # thread hand-off
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pending: list[Step] = field(default_factory=list)

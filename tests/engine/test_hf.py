@@ -856,3 +856,24 @@ def test_int8_is_refused_where_it_does_not_apply(hf_folders, tiny_checkpoint):
         load_engine(tiny_checkpoint, quantize="int8")
     with pytest.raises(EngineError, match="unknown quantization"):
         load_engine(hf_folders["llama"], device="cpu", quantize="int4")
+
+
+def test_a_reply_goes_on_from_its_prefix_ids_exactly_as_given(engines):
+    """GPT-2 given a reply's first tokens as ids, split as its tokenizer never would: they are prefilled as
+    they are, the first logits are those of a forward pass over prompt + prefix, greedy goes on as generate."""
+    engine = engines["gpt2"]
+    rendered = engine.render(CONVERSATION)[0]
+    word = next(w for w in (" hello", " the", " world", " and") if len(engine.encode(w)) < len(w))
+    prefix = [engine.encode(c)[0] for c in word]
+    assert engine.decode(prefix) == word and engine.encode(word) != prefix
+    ours = collect(engine.stream(CONVERSATION, SamplingParams(temperature=0, max_new_tokens=8), prefix_ids=prefix))
+    assert ours.prompt.ids == rendered + prefix and ours.prompt.prefix_ids == tuple(prefix)
+    x = torch.tensor([rendered + prefix])
+    with torch.no_grad():
+        first = engine.model(x).logits[0, -1].numpy()
+        out = engine.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=8,
+                                    eos_token_id=sorted(engine.eos_ids), pad_token_id=sorted(engine.eos_ids)[0])
+    step = ours.steps[0]
+    assert step.position == len(rendered) + len(prefix)
+    np.testing.assert_allclose(step.top_logits, first[step.top_ids], atol=1e-4, rtol=0)
+    assert [s.token_id for s in ours.steps] == out[0, len(rendered) + len(prefix):].tolist()

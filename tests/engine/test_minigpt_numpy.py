@@ -290,3 +290,47 @@ def test_the_numpy_weights_are_held_once_with_each_bias_beside_its_matrix():
             assert matrix.shape == (weight.shape[0] + 1, weight.shape[1])
             assert np.shares_memory(weight, matrix) and np.shares_memory(bias, matrix)
             np.testing.assert_array_equal(matrix[-1], bias)
+
+
+def split_into_characters(engine, text: str) -> list[int]:
+    """`text` as one token per character: ids its tokenizer would never produce for it (they merge)."""
+    ids = [engine.encode(c)[0] for c in text]
+    assert engine.decode(ids) == text and engine.encode(text) != ids
+    return ids
+
+
+def test_a_reply_goes_on_from_its_prefix_ids_exactly_as_given():
+    """A fork's kept tokens and forced one go in as ids: prefilled after the prompt as they are, even split
+    as the tokenizer never would, the reply being the greedy continuation of prompt + prefix by GPT.forward."""
+    engine = load_engine(None, device="cpu")
+    engine.eos_ids = set()
+    rendered = engine.render(HELLO)[0]
+    prefix = split_into_characters(engine, " Hello")
+    reply = collect(engine.stream(HELLO, SamplingParams(temperature=0, max_new_tokens=12), prefix_ids=prefix))
+    assert reply.prompt.ids == rendered + prefix and reply.prompt.prefix_ids == tuple(prefix)
+    assert reply.steps[0].index == 0 and reply.steps[0].position == len(rendered) + len(prefix)
+    model = engine.model
+    with torch.no_grad():
+        first = model(torch.tensor([rendered + prefix]))[0][0, -1].numpy()
+    step = reply.steps[0]
+    np.testing.assert_allclose(step.top_logits, first[step.top_ids], atol=1e-4, rtol=0)
+    expected = greedy_by_forward(model, rendered + prefix, 12, engine.context_length)
+    assert [s.token_id for s in reply.steps] == expected
+    # the same text tokenized again is another prompt: the ids, not the text, are what the model saw
+    retokenized = rendered + engine.encode(" Hello")
+    assert reply.prompt.ids != retokenized
+    # the reply's text goes on from the prefix's, as the whole would decode
+    assert engine.decode(prefix) + reply.text == engine.decode(prefix + [s.token_id for s in reply.steps])
+
+
+def test_a_long_prefix_keeps_a_quarter_of_the_context_for_the_prompt_or_says_it_cannot(tiny_checkpoint):
+    engine = load_engine(tiny_checkpoint, device="cpu")  # a 128-token context
+    engine.eos_ids = set()
+    rendered = engine.render(HELLO)[0]
+    prefix = engine.encode("Hello there! How are you today? I am fine, thank you.") * 5
+    assert 128 - 64 < len(prefix) < 128 - 32 and len(rendered) < 32  # more than the context less the reserve
+    reply = collect(engine.stream(HELLO, SamplingParams(temperature=0, max_new_tokens=64), prefix_ids=prefix))
+    assert reply.prompt.ids == rendered + prefix and reply.tokens == 64  # the window slid for the rest
+    with pytest.raises(EngineError, match="fork it at an earlier token") as caught:
+        list(engine.stream(HELLO, SamplingParams(max_new_tokens=8), prefix_ids=prefix * 2))
+    assert "\n" not in str(caught.value)

@@ -103,6 +103,18 @@ def test_it_streams_the_same_tokens_and_attention(remote, local):
         assert a.prob == pytest.approx(b.prob) and a.params == params
 
 
+def test_a_reply_goes_on_from_its_prefix_ids_in_the_model_process(remote, local):
+    """A fork's first tokens cross the pipe as ids: the model's process prefills them as they are."""
+    prefix = local.encode(" Hello")[:1] + local.encode("!")
+    params = SamplingParams(temperature=0.9, top_k=20, seed=3, max_new_tokens=8)
+    theirs = collect(remote.stream(CONVERSATION, params, prefix_ids=prefix))
+    ours = collect(local.stream(CONVERSATION, params, prefix_ids=prefix))
+    assert theirs.prompt.ids == ours.prompt.ids == local.render(CONVERSATION)[0] + prefix
+    assert theirs.prompt.prefix_ids == tuple(prefix)
+    assert [s.token_id for s in theirs.steps] == [s.token_id for s in ours.steps]
+    plain = collect(remote.stream(CONVERSATION, params))  # and a stream without them has none
+    assert plain.prompt.prefix_ids == () and plain.prompt.ids == local.render(CONVERSATION)[0]
+
 def test_an_edit_mid_reply_reaches_the_model(remote):
     first = SamplingParams(temperature=0.0, max_new_tokens=500)
     edited = first.with_(max_new_tokens=80)

@@ -520,3 +520,15 @@ def test_a_server_model_refuses_a_reply_with_heads_off_in_one_line(scripted):
     with pytest.raises(ServerError, match="heads cannot be switched off") as caught:
         list(engine.stream(HELLO, SamplingParams(), knock_out=frozenset({(0, 0)})))
     assert "\n" not in str(caught.value)
+
+
+def test_a_server_model_refuses_a_reply_from_token_ids_in_one_line(scripted):
+    """The chat API takes text, tokenized again on the server: a fork's exact ids cannot be sent."""
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "ok"
+    engine = RemoteEngine(url, timeout=5)
+    with pytest.raises(ServerError, match="cannot be continued from token ids") as caught:
+        list(engine.stream(HELLO, SamplingParams(), prefix_ids=[5, 6]))
+    assert "\n" not in str(caught.value)

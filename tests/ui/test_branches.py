@@ -12,11 +12,12 @@ from chat_tui.config import get_paths
 from chat_tui.engine.explain import replay_chain
 from chat_tui.engine.fake import FakeEngine
 from chat_tui.engine.params import SamplingParams
-from chat_tui.engine.types import Candidate, Message
+from chat_tui.engine.types import Candidate, Message, PromptInfo
 from chat_tui.store import ConversationInfo, Store
-from chat_tui.ui.branches import Fork, fork_choices, fork_text, verdict
+from chat_tui.ui.branches import Fork, fork_choices, fork_opening, fork_text, verdict
 from chat_tui.ui.conversation import MessageView
-from chat_tui.ui.screens import ConfirmScreen, PickScreen, conversation_label
+from chat_tui.ui.screens import ConfirmScreen, HelpScreen, PickScreen, conversation_label
+from chat_tui.ui.state import ChatItem, GenJob
 from tests.ui.conftest import ready, send, wait_for
 
 
@@ -135,6 +136,7 @@ async def test_fork_at_a_dropped_candidate_starts_with_the_kept_prefix_and_the_f
         pane.focus()
         await pilot.press("6")  # the candidates view
         pane.state.cursor = pane.store.prompt_length + 2  # the third token, " gamma"
+        kept = tuple(pane.store.ids[pane.store.prompt_length:pane.state.cursor])  # "alpha", " beta"
         await pilot.press("F")
         await wait_for(pilot, lambda: isinstance(app.screen, PickScreen), what="the fork picker")
         picker = app.screen
@@ -146,7 +148,12 @@ async def test_fork_at_a_dropped_candidate_starts_with_the_kept_prefix_and_the_f
         await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled, what="the fork")
         reply = app.conversation.items[-1]
         assert reply.content.startswith("alpha beta" + forced)
-        assert engine.records[-1].conversation[-1].content == "alpha beta" + forced, "the model went on from it"
+        record = engine.records[-1]
+        forced_id = reply.meta["fork"]["token_id"]
+        assert engine.token_text(forced_id) == forced
+        assert record.prefix_ids == (*kept, forced_id), "the model went on from the ids themselves"
+        assert record.conversation[-1].role == "user", "not from their text, tokenized again"
+        assert "continued_from_text" not in reply.meta["fork"]
         receipt = reply.meta["fork"]["receipt"]
         assert receipt.startswith(f"forked at token 3: {forced!r} (p = ") and "dropped by top-p" in receipt
         assert receipt.endswith("instead of ' gamma'")
@@ -214,3 +221,63 @@ def test_a_fork_is_continued_from_the_text_of_its_kept_tokens_and_the_forced_one
     assert fork_text(fork, engine) == "alpha beta to"
     assert fork_text(dataclasses.replace(fork, prefix_ids=(-1, -1), token_id=-1), engine) == "alpha beta to"
     assert fork.receipt() == "forked at token 3: ' to' (p = 2.88%, dropped by top-p) instead of ' gamma'"
+
+
+def test_a_fork_of_a_fork_goes_on_from_all_its_ids_and_a_server_reply_from_its_text():
+    """A reply that was itself a fork was prefilled with ids after its open text: forking it again keeps those,
+    then its own kept tokens, then the forced one. Tokens without ids (a server's) go on from their text."""
+    engine = FakeEngine(["x"])
+    earlier, kept, forced = engine.encode("alpha"), engine.encode(" beta gamma"), engine.encode(" to")[0]
+    item = ChatItem("assistant", "Well, alpha beta gamma", token_probs=[("Well", 1.0), (",", 1.0), ("alpha", 1.0),
+                                                                     (" beta", 1.0), (" gamma", 1.0)])
+    prompt = PromptInfo(ids=[1, 2, 3, *earlier], tokens=[], spans=[], dropped_messages=0, dropped_tokens=0,
+                        seed=0, prefill_s=0.0, prefix_ids=tuple(earlier))
+    job = GenJob(conversation=[Message("user", "hi"), Message("assistant", "Well,")], item=item,
+                 base_text="Well,alpha", prompt=prompt, count=3)
+    fork = Fork(index=2, prefix_ids=tuple(kept), prefix_texts=(" beta", " gamma"), token_id=forced, token=" to",
+                prob=0.01, dropped_by="top_p", instead_of=" delta", prompt_ids=tuple(prompt.ids))
+    opening = fork_opening(job, fork, engine, [item])
+    assert opening is not None and opening.item.content == "Well,alpha beta gamma to"
+    assert opening.sent_text == "Well," and opening.prefix_ids == (*earlier, *kept, forced)
+    assert "continued_from_text" not in opening.item.meta["fork"]
+    server = fork_opening(job, dataclasses.replace(fork, token_id=-1), engine, [item])
+    assert server is not None and server.prefix_ids == () and server.sent_text == "Well,alpha beta gamma to"
+    assert server.item.meta["fork"]["continued_from_text"] is True
+
+
+async def test_f_on_a_picked_reply_forks_it_at_its_last_token(make_app):
+    app, engine = make_app(["alpha beta gamma delta"])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await send(pilot, app, "hi")
+        pane = app.inspector
+        await wait_for(pilot, lambda: pane.store.generated >= 4 and app.job is None, what="the whole reply")
+        reply_ids = pane.store.ids[pane.store.prompt_length:]
+        await focus_reply(pilot, app)
+        await pilot.press("f")
+        await wait_for(pilot, lambda: isinstance(app.screen, PickScreen), what="the fork picker")
+        assert pane.display and pane.state.cursor == pane.store.length - 1, "at the reply's last token"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: engine.calls == 2 and app.job is None and app.settled, what="the fork")
+        fork = app.conversation.items[-1].meta["fork"]
+        assert fork["at"] == len(reply_ids) - 1
+        assert engine.records[-1].prefix_ids == (*reply_ids[:-1], fork["token_id"])
+        # a message that is not the inspector's reply cannot be: it says so
+        await focus_reply(pilot, app)
+        await pilot.press("up")
+        await wait_for(pilot, lambda: app.focused.item.role == "user", what="the user's message")
+        await pilot.press("f")
+        await wait_for(pilot, lambda: any("Only the newest reply" in n.message for n in app._notifications),
+                       what="the notice")
+
+
+async def test_the_keys_screen_lists_the_fork_key_of_a_picked_message(make_app):
+    app, _ = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), what="the keys screen")
+        table = app.screen.query_one("DataTable")
+        rows = [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+        assert any(row[3] == "fork_here" and "f" in row for row in rows)

@@ -286,6 +286,7 @@ class HFEngine:
         cancel: threading.Event | None = None,
         candidates: bool = True,
         knock_out: frozenset[tuple[int, int]] = frozenset(),
+        prefix_ids: Sequence[int] = (),
     ) -> Iterator[Step]:
         heads = frozenset(knock_out)
         if heads:
@@ -296,7 +297,8 @@ class HFEngine:
         # transformers' notes (Reformer pads every step) are not the user's business
         with self._lock, quiet_logs(), self._inside.hooks(None, heads) if heads else contextlib.nullcontext():
             yield from stream_engine(self, HFRunner(self), conversation, params, stops=self.format.stops,
-                                     inspect=inspect, cancel=cancel, candidates=candidates, knock_out=heads)
+                                     inspect=inspect, cancel=cancel, candidates=candidates, knock_out=heads,
+                                     prefix_ids=prefix_ids)
 
     # ------------------------------------------------------------------ the inside views (issue #14) and Explain
 

@@ -726,6 +726,15 @@ class InspectorPane(Vertical, can_focus=True):
         )
         self.fork_choices_in_background(step, store.context_ids(pos), where)
 
+    def fork_at_cursor_or_last(self) -> None:
+        """The fork picker at the cursor's token of the reply, or at the reply's last token when the cursor is
+        not on one (a fork asked for from the conversation)."""
+        store, state = self.store, self.state
+        if store.generated and (state.follow or state.cursor is None or state.cursor < store.prompt_length):
+            state.follow, state.cursor = False, store.length - 1
+            self.redraw()
+        self.action_fork()
+
     @work(thread=True, exclusive=True, group="fork", exit_on_error=False)
     def fork_choices_in_background(self, step: Step, context: list[int], where: Fork) -> None:
         """The chain replayed on the step's stored logits says which stage drops each candidate
