@@ -41,7 +41,7 @@ HEADER_LINES = 4  # the title, the subtitle (two lines at most), the selected to
 @lru_cache(maxsize=64)
 def subtitle_lines(view: str, width: int) -> tuple[str, str]:
     """The view's subtitle wrapped to `width`: two lines (the second may be empty)."""
-    lines = textwrap.wrap(VIEW_SUBTITLE[view], max(width, 10))
+    lines = textwrap.wrap(VIEW_SUBTITLE.get(view, ""), max(width, 10))  # a view without one: two blank lines
     if len(lines) > 2:  # too narrow for the whole sentence: the first two lines, the second cut
         lines[1] = fit(lines[1] + " " + " ".join(lines[2:]), width)
     return (lines + ["", ""])[0], (lines + ["", ""])[1]
