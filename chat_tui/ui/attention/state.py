@@ -205,9 +205,9 @@ class InspectorState:
         rows_visible = max(1, height - 1) * step
         self.page_rows = max(1, rows_visible - step)
         # keys: the cursor's column stays in view; on leaving it the window jumps so that the cursor
-        # sits near the right edge with an eighth of the width free for the next tokens (until then
+        # sits near the right edge with a quarter of the width free for the next tokens (until then
         # a new token changes only its own line)
-        free = max(1, map_w // 8)
+        free = max(1, map_w // 4)
         if n <= map_w:
             c0 = 0
         else:
