@@ -28,7 +28,7 @@ from chat_tui.ui.state import ChatItem, GenJob, ItemStatus
 CHROME_INTERVAL = 0.2  # seconds between updates of the details, candidates and status while streaming
 
 FINISH_LABEL = {
-    "eos": "ended its turn",
+    "eos": "ended",  # the model ended its turn (short: the line fits a narrow pane)
     "stop": "hit a stop string",
     "length": "reached max tokens",
     "context": "context full",
@@ -75,7 +75,8 @@ def fit_notice(conversation: list[Message], prompt: PromptInfo) -> str:
 
 def changed_settings(values: dict[str, Any] | None, defaults: SamplingParams | None) -> str:
     """The sampling settings of a reply that differ from the model's defaults ("T 1.2 top-k 0"), or
-    "model defaults"; without known defaults, those that differ from neutral."""
+    "defaults" (short: the line under a reply fits a narrow pane); without known defaults, those
+    that differ from neutral."""
     if not values:
         return ""
     if defaults is None:
@@ -89,7 +90,7 @@ def changed_settings(values: dict[str, Any] | None, defaults: SamplingParams | N
             parts.append(f"{name} {value:g}")
     if values.get("stop") and list(values["stop"]) != list(base.get("stop") or []):
         parts.append(f"{len(values['stop'])} stop")
-    return " ".join(parts) or "model defaults"
+    return " ".join(parts) or "defaults"
 
 
 def details_line(item: ChatItem, live: GenJob | None = None, defaults: SamplingParams | None = None) -> str:

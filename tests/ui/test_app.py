@@ -47,7 +47,7 @@ async def test_send_streams_markdown_and_saves(make_app):
         assert view is not None and view.query(MarkdownFence), "the fenced code block renders as code"
         meta = str(view.query_one(".meta").render())
         # one line under the reply; the model and the seed are in the full receipt (i on the message)
-        assert "tokens" in meta and "tok/s" in meta and "model defaults" in meta and "\n" not in meta
+        assert "tokens" in meta and "tok/s" in meta and "defaults · ended" in meta and "\n" not in meta
         receipt = receipt_text(reply)
         assert "fake-model" in receipt and "seed: 7" in receipt
         assert app.state == "idle"

@@ -49,6 +49,8 @@ async def test_maximise_and_restore_the_inspector(make_app):
         await pilot.press("f6")
         await pilot.pause()
         assert app.screen.maximized is None
+        titles = {command.title for command in app.get_system_commands(app.screen)}
+        assert {"Maximize inspector", "Maximize conversation", "Restore panes"} <= titles
         assert inspector.size.width == normal
         app.conversation.focus() if app.conversation.can_focus else app.prompt_input.focus()
         app.action_maximize("conversation")

@@ -60,6 +60,11 @@ async def one_exchange(pilot) -> None:
     if pane is not None and pane.display:
         await wait_for(pilot, lambda: pane.last_step is not None and pane.last_step.finish_reason is not None
                        and not pane._dirty, what="the inspector's last frame")
+        # where the heatmap's window stands depends on which frames the 10 Hz timer drew while the
+        # reply streamed (it jumps when the newest token leaves it): start it over, as a new reply
+        # does, so that the picture does not depend on the machine's speed
+        pane.state.first_row = pane.state.first_key = 0
+        pane.redraw()
     await pilot.pause(0.1)
 
 

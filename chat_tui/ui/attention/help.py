@@ -65,7 +65,7 @@ class ViewHelpScreen(ModalScreen[None]):
         self.title_text = title
 
     def compose(self) -> ComposeResult:
-        what, formula, reading = VIEW_HELP[self.view]
+        what, formula, reading = VIEW_HELP.get(self.view, (self.title_text, "", ""))
         with Vertical(id="view-help-box", classes="dialog"):
             yield Static(Text(self.title_text, style="bold"), classes="dialog-title")
             body = Text(what + "\n\n")

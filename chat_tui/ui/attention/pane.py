@@ -172,6 +172,7 @@ class InspectorPane(Vertical, can_focus=True):
         self.redraws = 0  # frames drawn: test_pane checks the throttle with it
         self._dirty = False
         self._row_keys: list[int] = []
+        self._footer_strips: dict[tuple, list[Strip]] = {}  # the heatmap's lines under the map, by their text
         self._shown_header: Text | None = None
         self._shown_notice = ""
         # results by key; the key last asked for, so that a pending one is not asked again; the lock
@@ -382,7 +383,15 @@ class InspectorPane(Vertical, can_focus=True):
             strips = self.painter.draw(renderable, self._row_keys, width, base)
             lines_only = options.reset_height()  # a footer line is as tall as its text, not the view
             for text in renderable.footer:
-                strips += [Strip(line, width) for line in console.render_lines(text, lines_only, style=base, pad=True)]
+                # the same Strips for the same text, so that an unchanged footer line is not repainted
+                key = (text.plain, tuple(text.spans), width, base)
+                cached = self._footer_strips.get(key)
+                if cached is None:
+                    if len(self._footer_strips) > 64:
+                        self._footer_strips.clear()
+                    cached = [Strip(line, width) for line in console.render_lines(text, lines_only, style=base, pad=True)]
+                    self._footer_strips[key] = cached
+                strips += cached
             strips = strips[:height]
         else:
             lines = console.render_lines(renderable, options, style=base, pad=True)

@@ -55,7 +55,7 @@ HEADER_LINES = 4  # the title, the subtitle (two lines at most), the selected to
 @lru_cache(maxsize=64)
 def subtitle_lines(view: str, width: int) -> tuple[str, str]:
     """The view's subtitle wrapped to `width`: two lines (the second may be empty)."""
-    lines = textwrap.wrap(VIEW_SUBTITLE[view], max(width, 10))
+    lines = textwrap.wrap(VIEW_SUBTITLE.get(view, ""), max(width, 10))  # a view without one: two blank lines
     if len(lines) > 2:  # too narrow for the whole sentence: the first two lines, the second cut
         lines[1] = fit(lines[1] + " " + " ".join(lines[2:]), width)
     return (lines + ["", ""])[0], (lines + ["", ""])[1]
@@ -225,9 +225,9 @@ class InspectorState:
         rows_visible = max(1, height - 1) * step
         self.page_rows = max(1, rows_visible - step)
         # keys: the cursor's column stays in view; on leaving it the window jumps so that the cursor
-        # sits near the right edge with an eighth of the width free for the next tokens (until then
+        # sits near the right edge with a quarter of the width free for the next tokens (until then
         # a new token changes only its own line)
-        free = max(1, map_w // 8)
+        free = max(1, map_w // 4)
         if n <= map_w:
             c0 = 0
         else:

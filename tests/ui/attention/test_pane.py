@@ -172,7 +172,7 @@ async def test_two_thousand_tokens_scroll_and_pan():
         rows_shown, c0, c1 = pane.heatmap_window(*pane.query_one(AttentionCanvas).content_size)
         assert rows_shown.stop == n and c0 <= n - 1 < c1  # follow: the newest row and its key in view
         map_w = pane.query_one(AttentionCanvas).content_size.width - HEATMAP_LABEL_WIDTH - 1  # the query labels
-        assert c1 == n and n - 1 - c0 == map_w - 1 - map_w // 8  # an eighth of the width left for new tokens
+        assert c1 == n and n - 1 - c0 == map_w - 1 - map_w // 4  # a quarter of the width left for new tokens
         assert rows_shown.start >= c0 - 1  # no blank rows above the first key shown
         await pilot.press("home")
         rows_shown, c0, c1 = pane.heatmap_window(*pane.query_one(AttentionCanvas).content_size)

@@ -107,7 +107,7 @@ def test_the_window_keeps_the_newest_token_in_view_with_room_for_more(rows_per_l
     rows, c0, c1 = state.heatmap_window(width, height, rows_per_line)
     map_w = width - 1
     assert rows.stop == n and c1 == n
-    assert n - 1 - c0 == map_w - 1 - map_w // 8  # an eighth of the width left for new tokens
+    assert n - 1 - c0 == map_w - 1 - map_w // 4  # a quarter of the width left for new tokens
     assert rows.start >= c0 - 1  # no blank rows above the first key shown
     assert rows.start % rows_per_line == 0
     assert state.page_rows == (height - 1) * rows_per_line - rows_per_line
