@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from chat_tui.engine.inside import INSIDE_VIEWS
 from chat_tui.ui.attention.help import INSIDE_SECTION, README_SECTION, VIEW_HELP, ViewHelpScreen
 from chat_tui.ui.attention.state import VIEWS
 
