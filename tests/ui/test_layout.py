@@ -6,6 +6,7 @@ from textual.widgets._footer import FooterKey
 
 from chat_tui.config import load_config
 from chat_tui.engine.params import SamplingParams
+from chat_tui.ui.attention.state import VIEW_SUBTITLE
 from chat_tui.ui.sampling import ROWS
 
 from .conftest import ready, send, wait_for
@@ -46,6 +47,9 @@ async def test_maximise_and_restore_the_inspector(make_app):
         assert inspector.outer_size.height > 40
         canvas = inspector.query_one("#attn-canvas")
         assert canvas.size.width > 150
+        header = inspector.query_one("#attn-header")
+        await wait_for(pilot, lambda: VIEW_SUBTITLE["heatmap"] in str(header.render()),
+                       what="the subtitle on one line of the whole width")
         await pilot.press("f6")
         await pilot.pause()
         assert app.screen.maximized is None

@@ -314,6 +314,10 @@ class InspectorPane(Vertical, can_focus=True):
             return self.state.notice_text(None, None)
         return self.state.notice_text(engine.attention_unavailable, engine.attention_note)
 
+    def on_resize(self) -> None:
+        """Maximised, restored or resized: the header's subtitle wraps to the new width."""
+        self.call_after_refresh(self._update_chrome)
+
     def _update_chrome(self) -> None:
         try:
             header = self.query_one("#attn-header", Static)
