@@ -26,12 +26,12 @@ VIEW_TITLE = {
     "heads": "Heads",
     "turns": "Turns",
     "candidates": "Candidates",
-    "lens": "lens",
-    "attribution": "attribution",
-    "rollout": "rollout",
-    "knockout": "knock-out",
-    "tokens": "tokens",
-    "block": "block",
+    "lens": "Lens",
+    "attribution": "Attribution",
+    "rollout": "Rollout",
+    "knockout": "Knock-out",
+    "tokens": "Tokens",
+    "block": "Block",
 }
 HEAD_MODES: tuple[HeadMode, ...] = ("single", "mean", "max")
 # one line (two at most in the pane) under each view's title: what it shows, in plain words
