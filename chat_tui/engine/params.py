@@ -5,6 +5,7 @@ Pure Python on purpose (no torch): the UI validates what the user types before t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -289,7 +290,8 @@ def settings_summary(params: SamplingParams | Mapping[str, Any] | None, *, short
         if values.get("stop"):
             parts.append(f"{len(values['stop'])} stop")
         if values.get("logit_bias"):
-            parts.append(f"{len(check_logit_bias(values['logit_bias']))} bias")
+            with contextlib.suppress(InvalidParameter):  # a saved dict is read, never refused
+                parts.append(f"{len(check_logit_bias(values['logit_bias']))} bias")
         if values.get("order") and list(values["order"]) != list(DEFAULT_ORDER):
             parts.append("custom order")
     return " ".join(parts)
