@@ -73,8 +73,11 @@ def _add_model_options(parser: argparse.ArgumentParser, *, sub: bool = False, se
 
 
 def model_options(args: argparse.Namespace) -> dict:
-    """The Hugging Face loading options that were given, for load_engine(**options)."""
-    options: dict = {}
+    """The Hugging Face loading options that were given, for load_engine(**options), and the file where
+    a server's rejected fields are remembered."""
+    from chat_tui.config import get_paths
+
+    options: dict = {"server_memory": str(get_paths().server_memory)}
     for name in ("device_map", "chat_format", "quantize", "base_url", "api_key_env", "api_key_file", "timeout"):
         if getattr(args, name, None):
             options[name] = getattr(args, name)
@@ -96,6 +99,8 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--frequency-penalty", type=str, metavar="X")
     group.add_argument("--seed", type=str, metavar="S", help="fixed seed = reproducible reply")
     group.add_argument("--max-new-tokens", type=str, metavar="N")
+    group.add_argument("--logit-bias", type=str, metavar="ID:BIAS,...", help="added to those tokens' raw logits, "
+                       "e.g. 50256:-100,198:5 (biases in [-100, 100]; -100 all but bans a token)")
     group.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     group.add_argument("--no-slide-context", dest="slide_context", action="store_false", default=None,
                        help="end the reply when the context is full (by default the window slides and the reply "
@@ -104,7 +109,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
 
 SAMPLING_FLAGS = (
     "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "seed", "max_new_tokens",
+    "presence_penalty", "frequency_penalty", "seed", "max_new_tokens", "logit_bias",
 )
 
 

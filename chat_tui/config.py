@@ -55,6 +55,11 @@ class Paths:
         return self.data / "conversations.db"
 
     @property
+    def server_memory(self) -> Path:
+        """What OpenAI-compatible servers rejected, per server and model (no keys)."""
+        return self.data / "servers.json"
+
+    @property
     def exports(self) -> Path:
         return self.data / "exports"
 

@@ -93,9 +93,13 @@ def parse_request(body: Any, defaults: SamplingParams, *, chat: bool) -> Request
     n = body.get("n", 1)
     if n not in (1, None):
         raise APIError(400, f"n={n!r}: chat-tui serve answers one choice per request (n must be 1)", param="n")
-    if body.get("logit_bias"):
-        raise APIError(400, "logit_bias is not supported by chat-tui serve", param="logit_bias")
     changes: dict[str, Any] = {}
+    bias = body.get("logit_bias")
+    if bias is not None:  # OpenAI's object of token ids (as strings) to biases in [-100, 100]
+        if not isinstance(bias, dict):
+            raise APIError(400, "logit_bias must be an object of token ids to biases, e.g. {\"50256\": -100}",
+                           param="logit_bias")
+        changes["logit_bias"] = bias
     for name, field in PARAM_NAMES.items():
         value = body.get(name)
         if value is None:

@@ -78,6 +78,16 @@ def test_ask_is_reproducible_with_a_seed(tiny_checkpoint):
     assert a.returncode == 0 and a.stdout == b.stdout
 
 
+def test_ask_logit_bias_bans_a_token(tiny_checkpoint):
+    args = ("ask", "Hello", "--model", str(tiny_checkpoint), "--temperature", "0", "--max-new-tokens", "6", "--json")
+    greedy = run(*args)
+    first = json.loads(greedy.stdout.splitlines()[0])["id"]
+    banned = run(*args, "--logit-bias", f"{first}:-100")
+    assert banned.returncode == 0, banned.stderr
+    ids = [json.loads(line)["id"] for line in banned.stdout.splitlines()[:-1]]
+    assert ids and first not in ids
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "expected"),
     [
@@ -87,6 +97,8 @@ def test_ask_is_reproducible_with_a_seed(tiny_checkpoint):
         ("--max-new-tokens", "0", "max_new_tokens"),
         ("--temperature", "nan", "temperature"),
         ("--top-p", "abc", "top_p"),
+        ("--logit-bias", "5:300", "logit_bias"),
+        ("--logit-bias", "five:1", "logit_bias"),
     ],
 )
 def test_invalid_sampling_values_fail_with_one_line(tiny_checkpoint, flag, value, expected):

@@ -112,9 +112,10 @@ def test_shipped_presets_load_and_are_sensible(paths):
 
 
 def test_save_load_delete_preset(paths):
-    params = SamplingParams(temperature=0.42, stop=("\n\nUser:",), seed=3)
+    params = SamplingParams(temperature=0.42, stop=("\n\nUser:",), seed=3, logit_bias="50256:-100,198:5")
     path = save_preset("mine", params, system_prompt="Be kind.", paths=paths)
     assert path.parent == paths.presets
+    assert 'logit_bias = "198:5,50256:-100"' in path.read_text()  # the text form, as --logit-bias takes it
     assert "mine" in list_presets(paths)
     preset = load_preset("mine", paths)
     assert preset.apply(SamplingParams()) == params and preset.system_prompt == "Be kind."

@@ -177,6 +177,26 @@ def test_every_sampling_setting_is_accepted_by_its_openai_or_vllm_name(bundled_s
     assert answer.usage.completion_tokens <= 10
 
 
+def test_logit_bias_is_applied_and_a_banned_token_never_appears(bundled_server, bundled):
+    client = bundled_server.client()
+    messages = [{"role": "user", "content": "What is AI?"}]
+    greedy = collect(bundled.stream([Message("user", "What is AI?")],
+                                    bundled.default_params().with_(temperature=0, max_new_tokens=20)))
+    banned = greedy.steps[0]  # the token the model would start with
+    for sampling in ({"temperature": 0}, {"temperature": 1.3, "seed": 5, "extra_body": {"top_k": 0}}):
+        answer = client.chat.completions.create(model=bundled.model_name, messages=messages, max_tokens=20,
+                                                logit_bias={str(banned.token_id): -100}, logprobs=True,
+                                                **sampling)
+        tokens = [entry.token for entry in answer.choices[0].logprobs.content]
+        assert tokens and banned.token not in tokens
+    # the reply is the engine's own under the same bias
+    params = bundled.default_params().with_(temperature=0, max_new_tokens=20, logit_bias={banned.token_id: -100})
+    own = collect(bundled.stream([Message("user", "What is AI?")], params))
+    answer = client.chat.completions.create(model=bundled.model_name, messages=messages, max_tokens=20,
+                                            temperature=0, logit_bias={str(banned.token_id): -100})
+    assert answer.choices[0].message.content == own.text != greedy.text
+
+
 def test_a_completion_continues_the_text(bundled_server, bundled):
     client = bundled_server.client()
     answer = client.completions.create(model=bundled.model_name, prompt="Once upon a time", temperature=0,
@@ -197,7 +217,9 @@ def test_a_completion_continues_the_text(bundled_server, bundled):
         ({"max_tokens": 0}, 400, "max_tokens"),
         ({"top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
         ({"n": 2}, 400, "n"),
-        ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
+        ({"logit_bias": {"5": 500}}, 400, "logit_bias"),
+        ({"logit_bias": {"-5": 10}}, 400, "logit_bias"),
+        ({"logit_bias": [5, 10]}, 400, "logit_bias"),
         ({"messages": [{"role": "user", "content": "   \n "}]}, 400, "messages"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": "word " * 2000}]}, 400, "messages"),

@@ -78,13 +78,14 @@ def load_engine(
     `timeout`), `model` is a model on that OpenAI-compatible server. Raises EngineError with a
     one-line message on bad input.
     """
+    remember = options.pop("server_memory", None)  # where a server's rejected fields are kept (any model)
     if options.get("base_url"):
         from chat_tui.engine.remote import DEFAULT_TIMEOUT_S, RemoteEngine, read_key
 
         key = read_key(options.get("api_key_env"), options.get("api_key_file"))  # type: ignore[arg-type]
         timeout = float(options.get("timeout") or DEFAULT_TIMEOUT_S)  # type: ignore[arg-type]
         return RemoteEngine(str(options["base_url"]), None if model is None else str(model), api_key=key,
-                            timeout=timeout)
+                            timeout=timeout, remember=remember)  # type: ignore[arg-type]
     for name in ("api_key_env", "api_key_file", "timeout"):
         if options.get(name):
             raise EngineError(f"--{name.replace('_', '-')} is for a server: give --base-url URL too")

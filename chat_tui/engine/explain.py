@@ -304,7 +304,9 @@ def replay_chain(
         context = context[-params.repetition_window :]
     where = {int(t): i for i, t in enumerate(ids.tolist())}
     local = [where[t] for t in context if t in where]
-    local_params = params.with_(repetition_window=0) if params.repetition_window else params
+    # the chain's row here is the stored candidates: a logit bias moves them by their position in it
+    local_bias = tuple((where[t], bias) for t, bias in params.logit_bias if t in where)
+    local_params = params.with_(repetition_window=0, logit_bias=local_bias)
     raising = (
         (params.repetition_penalty < 1.0 or params.presence_penalty < 0.0 or params.frequency_penalty < 0.0)
         and len(local) < len(context)
@@ -312,6 +314,9 @@ def replay_chain(
     )
     if raising:
         notes.append("a penalty below neutral could lift unseen tokens that occur in the context")
+    biased_unseen = len(local_bias) < len(params.logit_bias) and tail_mass > 0.0
+    if biased_unseen:
+        notes.append("a logit bias on tokens outside the stored candidates is not replayed")
 
     concentrated, spread = (
         _tail_models(top_logits[finite], lse, tail_mass, tail_count) if tail_mass > 0 else (None, None)
@@ -321,7 +326,7 @@ def replay_chain(
     models = [m for m in (concentrated, spread) if m is not None] or [None]
     runs = [_run(top_logits, tail, local, local_params) for tail in models]
     probs, dropped, tail_kept = runs[0]
-    exact = not raising and (tail_mass == 0.0 or concentrated is not None)
+    exact = not raising and not biased_unseen and (tail_mass == 0.0 or concentrated is not None)
     for other_probs, other_dropped, other_tail in runs[1:]:
         if (
             other_tail != tail_kept

@@ -5,6 +5,7 @@ Pure Python on purpose (no torch): the UI validates what the user types before t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -97,6 +98,9 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's logit_bias: (token id, bias) pairs added to the raw logits before every stage; in text
+    # "50256:-100,198:5"
+    logit_bias: tuple[tuple[int, float], ...] = ()
     order: tuple[str, ...] = field(default=DEFAULT_ORDER)
     top_candidates: int = 10
     # when the context is full: slide the window (the model then sees only the newest tokens) and
@@ -115,6 +119,7 @@ class SamplingParams:
         if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) for s in stop):
             raise InvalidParameter("stop", stop, "a list of strings")
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias))
         order = self.order
         allowed = "a permutation of " + ", ".join(STAGES)
         try:
@@ -137,6 +142,7 @@ class SamplingParams:
         d = asdict(self)
         d["stop"] = list(self.stop)
         d["order"] = list(self.order)
+        d["logit_bias"] = logit_bias_text(self.logit_bias)
         return d
 
     @classmethod
@@ -163,6 +169,46 @@ def check_flag(name: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in _FLAG_WORDS:
         return _FLAG_WORDS[value.strip().lower()]
     raise InvalidParameter(name, value, "on or off")
+
+
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: a bias is in [-100, 100]
+LOGIT_BIAS_ALLOWED = "token:bias pairs such as 50256:-100,198:5 (token ids >= 0, biases in [-100, 100])"
+
+
+def check_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """(token id, bias) pairs, sorted by id, from their text ("50256:-100,198:5"), a mapping
+    ({"50256": -100}, as the OpenAI API sends it) or pairs; raises InvalidParameter."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        pairs: Iterable[Any] = [item.partition(":")[::2] for item in value.replace(",", " ").split()]
+    elif isinstance(value, Mapping):
+        pairs = value.items()
+    elif isinstance(value, (tuple, list)):
+        pairs = value
+    else:
+        raise InvalidParameter("logit_bias", value, LOGIT_BIAS_ALLOWED)
+    biases: dict[int, float] = {}
+    for pair in pairs:
+        try:
+            token, bias = pair
+            if isinstance(token, bool) or isinstance(bias, bool):
+                raise ValueError
+            token_id = int(token.strip()) if isinstance(token, str) else int(token)
+            if token_id != token and not isinstance(token, str):  # 1.5 is not a token id
+                raise ValueError
+            amount = float(bias)
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidParameter("logit_bias", value, LOGIT_BIAS_ALLOWED) from None
+        if token_id < 0 or not -LOGIT_BIAS_RANGE <= amount <= LOGIT_BIAS_RANGE:  # NaN fails too
+            raise InvalidParameter("logit_bias", value, LOGIT_BIAS_ALLOWED)
+        biases[token_id] = amount
+    return tuple(sorted(biases.items()))
+
+
+def logit_bias_text(pairs: Iterable[tuple[int, float]]) -> str:
+    """The text form of (token id, bias) pairs: "50256:-100,198:5" ("" for none)."""
+    return ",".join(f"{token}:{bias:g}" for token, bias in pairs)
 
 
 def check_value(spec: ParamSpec, value: Any) -> Any:
@@ -243,6 +289,9 @@ def settings_summary(params: SamplingParams | Mapping[str, Any] | None, *, short
     if not short:
         if values.get("stop"):
             parts.append(f"{len(values['stop'])} stop")
+        if values.get("logit_bias"):
+            with contextlib.suppress(InvalidParameter):  # a saved dict is read, never refused
+                parts.append(f"{len(check_logit_bias(values['logit_bias']))} bias")
         if values.get("order") and list(values["order"]) != list(DEFAULT_ORDER):
             parts.append("custom order")
     return " ".join(parts)

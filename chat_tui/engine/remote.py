@@ -11,10 +11,13 @@ Servers differ in what they accept: a setting a server rejects (an error naming 
 dropped and the request sent again once; the engine remembers it (`unsupported`) so that every
 later request leaves it out, and the UI can say "not supported by this server". A field the error
 asks for under another name (`max_completion_tokens` for `max_tokens`) is renamed the same way.
+With a `remember` file, both are kept there per server (its URL without credentials) and model, so
+that the next connection leaves them out from its first request.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from chat_tui.engine.files import atomic_write_bytes
 from chat_tui.engine.inside import (
     INSIDE_VIEWS,
     Attribution,
@@ -56,6 +60,7 @@ MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit, which the other servers follow
 ATTENTION_UNAVAILABLE = "attention is not available over the OpenAI protocol (the server keeps it)"
 # the settings that are always sent; any other is sent only when it is on (not its neutral value)
 ALWAYS = ("temperature", "max_tokens", "max_completion_tokens")
+MAX_REMEMBERED_BYTES = 1 << 20  # the file of rejected fields is a few kB: a bigger one is not ours
 
 
 class ServerError(EngineError):
@@ -103,6 +108,8 @@ def request_fields(params: SamplingParams, *, logprobs: bool) -> dict[str, Any]:
         fields["seed"] = params.seed
     if params.stop:
         fields["stop"] = list(params.stop)
+    if params.logit_bias:  # the API's keys are token ids as strings
+        fields["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
     # vLLM, llama.cpp and chat-tui serve take these four under these names; the OpenAI API rejects them
     if params.top_k > 0:
         fields["top_k"] = params.top_k
@@ -140,6 +147,39 @@ def renamed_fields(message: str, sent: Sequence[str]) -> dict[str, str]:
     """The sent fields an error message asks to send under another name (both names in it)."""
     return {old: new for old, new in RENAMES.items()
             if old in sent and all(re.search(rf"\b{name}\b", message) for name in (old, new))}
+
+
+def recall_fields(path: Path | None, server: str, model: str) -> tuple[set[str], dict[str, str]]:
+    """The fields `server` rejected for `model` (left out) and those it takes under another name
+    (renamed), as `remember_fields` kept them; nothing when the file is missing, unreadable or corrupt."""
+    try:
+        if path is None or path.stat().st_size > MAX_REMEMBERED_BYTES:
+            return set(), {}
+        entry = json.loads(path.read_text(encoding="utf-8")).get(server, {}).get(model, {})
+        listed = entry.get("unsupported", [])
+        unsupported = {name for name in listed if isinstance(name, str)} if isinstance(listed, list) else set()
+        renamed = {old: new for old, new in entry.get("renamed", {}).items()
+                   if RENAMES.get(old) == new}  # only the renames this client knows
+        return unsupported, renamed
+    except (OSError, ValueError, AttributeError, TypeError):  # a corrupt file forgets, quietly
+        return set(), {}
+
+
+def remember_fields(path: Path, server: str, model: str, unsupported: Iterable[str], renamed: dict[str, str]) -> None:
+    """Keep what `server` (its public URL: never credentials, never the key) rejected for `model`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size <= MAX_REMEMBERED_BYTES else {}
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    models = data.get(server) if isinstance(data.get(server), dict) else {}
+    models[model] = {"unsupported": sorted(unsupported), "renamed": dict(sorted(renamed.items()))}
+    data[server] = models
+    try:
+        atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    except OSError:  # not remembered: the next connection finds out again, once
+        pass
 
 
 def server_models(base_url: str, key_env: str | None = None, key_file: str | None = None,
@@ -198,7 +238,8 @@ class RemoteEngine:
     explains = False
 
     def __init__(self, base_url: str, model: str | None = None, *, api_key: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S, retry_after_limit: float = RETRY_AFTER_LIMIT_S) -> None:
+                 timeout: float = DEFAULT_TIMEOUT_S, retry_after_limit: float = RETRY_AFTER_LIMIT_S,
+                 remember: str | os.PathLike[str] | None = None) -> None:
         try:
             import openai
         except ImportError:
@@ -212,8 +253,6 @@ class RemoteEngine:
         self._key = api_key
         self.timeout = timeout
         self.retry_after_limit = retry_after_limit
-        self.unsupported: set[str] = set()  # settings this server rejected (left out from now on)
-        self.renamed: dict[str, str] = {}  # fields this server takes under another name (sent so from now on)
         self.last_request: dict[str, Any] = {}  # the fields of the last request, as sent (no key)
         self.last_note: str | None = None  # what the last request had to change (a dropped field, a continue)
         # the SDK's own retries are off: a 429 is waited for here, where a cancel can stop the wait
@@ -234,6 +273,11 @@ class RemoteEngine:
         # vLLM says max_model_len, llama.cpp meta.n_ctx_train; 0 when the server does not say
         meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
         self.context_length = int(entry.get("max_model_len") or meta.get("n_ctx_train") or 0)
+        # what this server rejected for this model before (`remember`: the file that keeps it)
+        self._remember = Path(remember) if remember is not None else None
+        # the fields this server rejected (left out), and those it takes under another name (sent so)
+        self.unsupported, self.renamed = recall_fields(self._remember, self.server, model)
+        self._recalled = bool(self.unsupported)  # said once, with the first request that leaves them out
 
     # ------------------------------------------------------------------ the Engine interface
 
@@ -277,9 +321,13 @@ class RemoteEngine:
         if first.seed is None:  # as a local model does: a seed chosen here, sent, and shown with the reply
             first = first.with_(seed=secrets.randbits(31))
         messages = [{"role": m.role, "content": m.content} for m in conversation]
-        fields = {self.renamed.get(k, k): v for k, v in request_fields(first, logprobs=candidates).items()
-                  if k not in self.unsupported}
+        wanted = request_fields(first, logprobs=candidates)
+        fields = {self.renamed.get(k, k): v for k, v in wanted.items() if k not in self.unsupported}
         notes: list[str] = []
+        left_out = sorted(set(wanted) & self.unsupported)
+        if self._recalled and left_out:
+            self._recalled = False
+            notes.append(f"{self.server} rejected {', '.join(left_out)} before: left out")
         if messages and messages[-1]["role"] == "assistant":  # continue a stopped reply
             if self.family == "vllm":
                 fields.update(continue_final_message=True, add_generation_prompt=False)
@@ -397,6 +445,8 @@ class RemoteEngine:
                         self.unsupported.add("top_logprobs")
                 if rejected:
                     notes.append(f"{self.server} does not take {', '.join(sorted(rejected))}: left out")
+                if self._remember is not None:
+                    remember_fields(self._remember, self.server, self.model_name, self.unsupported, self.renamed)
             except Exception as exc:  # noqa: BLE001
                 raise self._error(exc) from None
 

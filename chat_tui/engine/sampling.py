@@ -2,6 +2,8 @@
 
 Each stage follows a reference implementation exactly:
 
+- ``logit_bias`` (always first, outside ``params.order``): OpenAI's, each bias added to its token's raw
+  logit (ids outside the vocabulary are ignored); it moves logits and never drops a token;
 - ``repetition``: Hugging Face ``RepetitionPenaltyLogitsProcessor`` (logit < 0: × penalty, else ÷ penalty,
   once per distinct token in the window);
 - ``presence_frequency``: OpenAI's formula ``logit -= count × frequency + (count > 0) × presence``;
@@ -120,6 +122,13 @@ def _presence_frequency(x: np.ndarray, ids: np.ndarray, counts: np.ndarray, pres
     x[ids] += (counts.astype(np.float32) * np.float32(-frequency) - np.float32(presence))  # ids are distinct
 
 
+def _logit_bias(x: np.ndarray, pairs: tuple[tuple[int, float], ...]) -> None:
+    ids = np.fromiter((token for token, _ in pairs), dtype=np.int64, count=len(pairs))
+    biases = np.fromiter((bias for _, bias in pairs), dtype=np.float32, count=len(pairs))
+    inside = ids < x.size
+    x[ids[inside]] += biases[inside]  # the ids are distinct
+
+
 def _top_k(x: np.ndarray, k: int) -> None:
     if k >= x.size:
         return
@@ -199,7 +208,7 @@ def apply_chain(
     *,
     track: bool = False,
 ) -> ChainResult:
-    """Run the sampling chain on one row of logits ([V], or [1, V]) in `params.order`.
+    """Run the sampling chain on one row of logits ([V], or [1, V]): the logit bias, then `params.order`.
 
     `logits` is a numpy array (or a torch tensor, converted). `context_ids` are the ids the
     penalties look at (prompt + reply so far); only the last `params.repetition_window` of them
@@ -216,6 +225,9 @@ def apply_chain(
     if track:
         dropped_by = np.full(vocab, -1, dtype=np.int8)
         dropped_by[x == NEG_INF] = MASKED_BEFORE
+
+    if params.logit_bias:  # on the raw logits, as OpenAI defines it
+        _logit_bias(x, params.logit_bias)
 
     penalties = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
     counted: tuple[np.ndarray, np.ndarray] | None = None
@@ -268,11 +280,12 @@ def picks_argmax(params: SamplingParams) -> bool:
     """True when the chain can only ever pick the raw argmax, so the decode loop may skip it.
 
     Greedy decoding takes the argmax of what the stages leave; top-k, top-p and min-p always keep
-    the most likely token, so only the penalties (which move logits) and typical-p (which can drop
-    the most likely token) can change the pick.
+    the most likely token, so only the logit bias and the penalties (which move logits) and typical-p
+    (which can drop the most likely token) can change the pick.
     """
     return (
         params.greedy
+        and not params.logit_bias
         and params.repetition_penalty == 1.0
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0

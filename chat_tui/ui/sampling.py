@@ -35,6 +35,7 @@ from chat_tui.engine.params import (
     SamplingParams,
     check_flag,
     check_value,
+    logit_bias_text,
     order_summary,
 )
 from chat_tui.ui.text import clean_line
@@ -60,12 +61,14 @@ TEXT_ROWS: tuple[tuple[str, str], ...] = (
     ("stop", "stop"),
     ("system_prompt", "system"),
     ("order", "order"),
+    ("logit_bias", "logit bias"),
 )
 UNSUPPORTED = "not supported by this server"
 TEXT_HELP = {
     "stop": "stop strings: the reply ends before any of them (Enter edits, one per line)",
     "system_prompt": "system prompt: sent before the conversation (Enter edits)",
     "order": "order of the sampling chain's stages (Enter edits)",
+    "logit_bias": "token:bias pairs added to the raw logits, e.g. 50256:-100,198:5 (paste them; --logit-bias)",
 }
 
 
@@ -218,6 +221,8 @@ class SamplingTable(Widget, can_focus=True):
             return self.system_prompt.splitlines()[0] if self.system_prompt.strip() else "none"
         if row.name == "order":
             return order_summary(self.params.order)
+        if row.name == "logit_bias":
+            return logit_bias_text(self.params.logit_bias) or "none"
         return format_value(row.spec, getattr(self.params, row.name))
 
     @property
@@ -445,7 +450,7 @@ class SamplingTable(Widget, can_focus=True):
         row = self.row
         if not text:
             return
-        if row.is_flag:  # "on", "off", "true", ...: refused by the check like any bad value
+        if row.is_flag or row.name == "logit_bias":  # refused by the check like any bad value
             self.post_message(self.Commit(row.name, text))
             return
         if row.spec is None:
@@ -546,7 +551,10 @@ class SamplingPane(Vertical):
         table = self.table
         spec = SPECS.get(event.name)
         try:
-            value = check_value(spec, event.value) if spec is not None else check_flag(event.name, event.value)
+            if spec is not None:
+                value = check_value(spec, event.value)
+            else:  # an on/off setting, or the logit bias's text (checked by SamplingParams)
+                value = event.value if event.name == "logit_bias" else check_flag(event.name, event.value)
             params = table.params.with_(**{event.name: value})
         except InvalidParameter as exc:
             shown = clean_line(str(exc.value))[:20]

@@ -188,3 +188,25 @@ def test_range_text():
     assert SPECS["top_p"].range_text == "(0, 1]"
     assert SPECS["temperature"].range_text == "[0, 100]"
     assert SPECS["presence_penalty"].range_text == "[-2, 2]"
+
+
+def test_logit_bias_reads_its_text_the_api_mapping_and_pairs():
+    from chat_tui.engine.params import logit_bias_text
+
+    text = SamplingParams(logit_bias=" 50256:-100, 198:5 ")
+    assert text.logit_bias == ((198, 5.0), (50256, -100.0))
+    assert SamplingParams(logit_bias={"198": 5, "50256": -100}) == text  # the OpenAI API's keys are strings
+    assert SamplingParams(logit_bias=[(50256, -100), (198, 5.0)]) == text
+    assert logit_bias_text(text.logit_bias) == "198:5,50256:-100" == text.to_dict()["logit_bias"]
+    assert SamplingParams(logit_bias="").logit_bias == () == SamplingParams(logit_bias=None).logit_bias
+    assert SamplingParams.from_dict(json.loads(json.dumps(text.to_dict()))) == text
+
+
+@pytest.mark.parametrize("bad", ["5:101", "5:-100.5", "-1:3", "5", "x:1", "5:nan", "5:inf", 7, {"1.5": 2},
+                                 {"3": True}, [(1, 2, 3)]])
+def test_a_bad_logit_bias_is_refused_in_one_line(bad):
+    with pytest.raises(InvalidParameter) as info:
+        SamplingParams(logit_bias=bad)
+    message = str(info.value)
+    assert info.value.name == "logit_bias" and "\n" not in message
+    assert "ids >= 0" in message and "[-100, 100]" in message

@@ -13,6 +13,9 @@ def test_the_details_name_what_differs_from_neutral():
     assert settings_summary(params.to_dict()) == expected, "a saved message's dict reads the same"
     assert settings_summary(SamplingParams()) == "T 1"
     assert settings_summary(SamplingParams(temperature=0, min_p=0.05)) == "greedy min-p 0.05"
+    biased = SamplingParams(temperature=0.5, logit_bias="50256:-100,198:5")
+    assert settings_summary(biased) == settings_summary(biased.to_dict()) == "T 0.5 2 bias"
+    assert settings_summary({"temperature": 0.5, "logit_bias": "garbled"}) == "T 0.5"
 
 
 def test_a_saved_dict_may_lack_keys_or_be_missing():

@@ -183,6 +183,22 @@ def test_a_setting_the_server_rejects_is_dropped_once_and_remembered(transformer
     assert "top_k" not in engine.last_request and engine.last_note is None  # not sent, not retried
 
 
+def test_a_rejected_setting_is_remembered_for_the_next_connection(transformers_serve, bundled, tmp_path):
+    memory = tmp_path / "servers.json"
+    params = bundled.default_params().with_(temperature=0, max_new_tokens=8, top_k=5)
+    first = RemoteEngine(transformers_serve, timeout=300, remember=memory)
+    collect(first.stream(HELLO, params, candidates=False))
+    assert "top_k" in first.unsupported and "does not take" in first.last_note and "top_k" in first.last_note
+    second = RemoteEngine(transformers_serve, timeout=300, remember=memory)  # a new connection, as a new session
+    assert "top_k" in second.unsupported
+    reply = collect(second.stream(HELLO, params, candidates=False))
+    assert reply.text and "top_k" not in second.last_request
+    # its first request went without top_k: no rejection, no retry, and the reply says why it was left out
+    assert "does not take" not in second.last_note and "before: left out" in second.last_note
+    assert "top_k" in second.last_note
+    assert "top_k" in reply.steps[0].prompt.unsupported  # what marks the sampling pane's row
+
+
 def test_a_wrong_model_name_lists_the_servers_models(transformers_serve, exported):
     with pytest.raises(ServerError) as caught:
         RemoteEngine(transformers_serve, "gpt-7", timeout=300)
@@ -203,6 +219,17 @@ def test_probabilities_come_from_the_servers_logprobs(chat_tui_serve, bundled):
         assert [c.text for c in r.top] == [c.text for c in s.top[:5]]
         assert math.isnan(r.chain_prob)  # the server's own sampler chose: no chain to replay
     assert engine.attention_unavailable and "OpenAI protocol" in engine.attention_unavailable
+
+
+def test_a_logit_bias_is_sent_and_the_server_bans_the_token(chat_tui_serve, bundled):
+    engine = RemoteEngine(chat_tui_serve, api_key="sk-test-4242")
+    greedy = bundled.default_params().with_(temperature=0, max_new_tokens=12)
+    first = collect(bundled.stream(HELLO, greedy)).steps[0]  # the token the model would start with
+    banned = greedy.with_(logit_bias={first.token_id: -100})
+    remote = collect(engine.stream(HELLO, banned, candidates=True))
+    assert engine.last_request["logit_bias"] == {str(first.token_id): -100}
+    assert first.token not in [s.token for s in remote.steps]
+    assert remote.text == collect(bundled.stream(HELLO, banned)).text  # the engine's own reply under the bias
 
 
 def test_ask_with_base_url_prints_the_reply_and_a_receipt(chat_tui_serve):
@@ -263,6 +290,10 @@ class Scripted(BaseHTTPRequestHandler):
         if behaviour == "401-echo":  # as the OpenAI API does: the message quotes the key it refused
             key = self.headers.get("authorization", "").removeprefix("Bearer ")
             self._json(401, {"error": {"message": f"Incorrect API key provided: {key}.", "type": "invalid_request_error"}})
+            return
+        if behaviour == "no-top-k" and "top_k" in body:  # as the OpenAI API answers an extra field
+            self._json(400, {"error": {"message": "Unrecognized request argument supplied: top_k",
+                                       "type": "invalid_request_error", "param": None, "code": None}})
             return
         if behaviour == "reasoning" and "max_tokens" in body:  # the OpenAI API's reasoning models
             self._json(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
@@ -388,14 +419,55 @@ def test_every_setting_is_sent_under_the_servers_names(scripted):
     Scripted.behaviour = "ok"
     params = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, typical_p=0.95,
                             repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.25, seed=3,
-                            stop=("\n\n",), max_new_tokens=50, top_candidates=8)
+                            stop=("\n\n",), max_new_tokens=50, top_candidates=8, logit_bias="50256:-100,198:5")
     reply_and_error(RemoteEngine(url, timeout=5), params)
     sent = Scripted.calls[-1]
     assert {k: sent[k] for k in sent if k not in ("model", "messages", "stream")} == {
         "temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "typical_p": 0.95,
         "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.25, "seed": 3,
-        "stop": ["\n\n"], "max_tokens": 50, "logprobs": True, "top_logprobs": 8}
+        "stop": ["\n\n"], "max_tokens": 50, "logprobs": True, "top_logprobs": 8,
+        "logit_bias": {"198": 5, "50256": -100}}  # the API's keys are token ids as strings
     assert sent["messages"] == [{"role": "user", "content": "What is AI?"}]
+
+
+def test_rejected_fields_are_kept_per_server_and_model_without_the_key(scripted, tmp_path):
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "no-top-k"
+    memory = tmp_path / "data" / "servers.json"
+    params = SamplingParams(top_k=40, max_new_tokens=20)
+    assert reply_and_error(RemoteEngine(url, timeout=5, api_key="sk-secret-999", remember=memory), params) == \
+        ("Hello there", None)
+    assert ["top_k" in call for call in Scripted.calls] == [True, False]  # rejected, then sent again without
+    kept = json.loads(memory.read_text())
+    assert kept == {url: {"m1": {"unsupported": ["top_k"], "renamed": {}}}}
+    assert "sk-secret-999" not in memory.read_text()
+    Scripted.calls.clear()
+    steps = list(RemoteEngine(url, timeout=5, remember=memory).stream(HELLO, params))
+    assert len(Scripted.calls) == 1 and "top_k" not in Scripted.calls[0]  # left out from the first request
+    assert steps[0].prompt.unsupported == ("top_k",)
+    # another server (the same one under another name) starts clean
+    Scripted.calls.clear()
+    other = url.replace("127.0.0.1", "localhost")
+    reply_and_error(RemoteEngine(other, timeout=5, remember=memory), params)
+    assert "top_k" in Scripted.calls[0]
+
+
+def test_a_corrupt_file_of_rejected_fields_is_ignored_and_written_anew(scripted, tmp_path):
+    from chat_tui.engine import SamplingParams
+
+    _, url = scripted
+    Scripted.behaviour = "no-top-k"
+    memory = tmp_path / "servers.json"
+    for corrupt in (b"{not json", b"[1, 2]", b'{"%s": {"m1": {"unsupported": "top_k", "renamed": 3}}}' % url.encode()):
+        memory.write_bytes(corrupt)
+        Scripted.calls.clear()
+        engine = RemoteEngine(url, timeout=5, remember=memory)
+        assert engine.unsupported == set()
+        assert reply_and_error(engine, SamplingParams(top_k=40, max_new_tokens=20)) == ("Hello there", None)
+        assert "top_k" in Scripted.calls[0]
+        assert json.loads(memory.read_text())[url]["m1"]["unsupported"] == ["top_k"]
 
 
 def test_a_key_file_others_can_read_is_refused(tmp_path):

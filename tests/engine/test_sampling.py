@@ -463,3 +463,67 @@ def test_the_decode_loop_skips_the_chain_only_when_it_would_pick_the_raw_argmax(
         changed_pick |= pick != int(torch.argmax(logits))
     # where the loop must run the chain, the chain does change the pick for some rows
     assert changed_pick != sampling.picks_argmax(params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the logit bias: OpenAI's, on the raw logits before every stage
+
+
+def test_a_logit_bias_gives_softmax_of_the_biased_logits():
+    logits = random_logits(0)
+    params = SamplingParams(temperature=0.7, logit_bias="3:2.5,10:-1,999:4")
+    biased = logits.clone()
+    biased[[3, 10, 999]] += torch.tensor([2.5, -1.0, 4.0])
+    expected = torch.softmax(biased / 0.7, dim=-1)  # added before the temperature divides
+    got = apply_chain(logits, None, params).probs
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert got[3] > torch.softmax(logits / 0.7, dim=-1)[3]  # a positive bias raises the token's chance
+
+
+def test_a_token_biased_minus_100_is_never_drawn():
+    logits = random_logits(1)
+    favourite = int(torch.argmax(logits))
+    params = SamplingParams(logit_bias={str(favourite): -100})
+    chain = apply_chain(logits, None, params)
+    generator = new_generator(0)
+    assert all(sample(chain, params, draw(generator)) != favourite for _ in range(2000))
+    greedy = params.with_(temperature=0.0)
+    assert not sampling.picks_argmax(greedy)  # the decode loop must run the chain for it
+    assert sample(apply_chain(logits, None, greedy), greedy) != favourite
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_ignored_and_drops_nothing():
+    logits = random_logits(2)
+    chain = apply_chain(logits, None, SamplingParams(logit_bias="5:-100,5000:50"), track=True)
+    assert bool((chain.dropped_by == -1).all())  # a bias moves logits; it never drops a token
+    assert chain.logits[5] == pytest.approx(float(logits[5]) - 100)
+
+
+def _stored_step(logits: np.ndarray, stored: int, params: SamplingParams):
+    from chat_tui.engine.types import Step
+
+    order = np.argsort(-logits, kind="stable")[:stored]
+    lse = float(np.log(np.exp(logits.astype(np.float64)).sum()))
+    return Step(index=0, position=0, token_id=int(order[0]), token="", text="", prob=0.0, chain_prob=0.0,
+                top=[], attention=None, top_ids=order, top_logits=logits[order], logsumexp=lse,
+                step_s=0.0, elapsed_s=0.0, params=params)
+
+
+def test_the_candidates_replay_applies_the_logit_bias_by_token_id():
+    from chat_tui.engine.explain import replay_chain
+
+    logits = random_logits(3, vocab=256).numpy()
+    step = _stored_step(logits, 256, SamplingParams())
+    ranked = np.argsort(-logits)
+    params = SamplingParams(temperature=0.8, top_k=20, logit_bias={str(ranked[0]): -100, str(ranked[40]): 8})
+    replay = replay_chain(step, [], params, vocab_size=256)
+    full = sampling.apply_chain(logits, None, params, track=True)
+    assert replay.exact
+    np.testing.assert_allclose(replay.chain_probs, full.probs[replay.ids], atol=1e-6)
+    assert int(ranked[0]) not in replay.kept_ids() and int(ranked[40]) in replay.kept_ids()
+    # a bias on a token the step did not store cannot be replayed: said so, not claimed exact
+    wide = random_logits(3, vocab=1000).numpy()
+    unseen = int(np.argsort(-wide)[500])
+    replay = replay_chain(_stored_step(wide, 256, SamplingParams()), [], SamplingParams(logit_bias={str(unseen): 50}),
+                          vocab_size=1000)
+    assert not replay.exact and any("logit bias" in note for note in replay.notes)

@@ -72,6 +72,23 @@ async def test_a_paste_onto_a_setting_types_that_value(make_app):
         assert any("temperature = 2x refused" in n for n in warnings_and_errors(app))
 
 
+async def test_a_paste_onto_the_logit_bias_row_sets_it_and_a_bad_one_is_refused(make_app):
+    app, _ = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        table = await focus_row(pilot, app, "logit_bias")
+        assert "logit bias" in str(table.render()) and "none" in str(table.render())
+        app.post_message(events.Paste("7:2, 5:-100"))
+        await pilot.pause()
+        assert app.params.logit_bias == ((5, -100.0), (7, 2.0))
+        assert "5:-100,7:2" in str(table.render()) and not warnings_and_errors(app)
+        app.post_message(events.Paste("5:999"))
+        await pilot.pause()
+        assert app.params.logit_bias == ((5, -100.0), (7, 2.0))
+        refused = [n for n in warnings_and_errors(app) if "logit_bias" in n]
+        assert refused and "\n" not in refused[0] and "[-100, 100]" in refused[0]
+
+
 async def test_a_paste_onto_the_system_prompt_opens_its_editor_with_the_text(make_app):
     app, _ = make_app()
     async with app.run_test(size=(120, 40)) as pilot:

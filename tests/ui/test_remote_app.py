@@ -21,7 +21,14 @@ from chat_tui.ui.attention import InspectorPane  # noqa: E402
 from chat_tui.ui.attention.canvas import AttentionCanvas  # noqa: E402
 from chat_tui.ui.sampling import ROWS, UNSUPPORTED, SamplingTable  # noqa: E402
 from chat_tui.ui.screens import InputScreen, PickScreen  # noqa: E402
-from tests.engine.test_remote import chat_tui_serve, free_port, running, two_models_url  # noqa: E402, F401 - fixtures
+from tests.engine.test_remote import (  # noqa: E402, F401 - fixtures
+    Scripted,
+    chat_tui_serve,
+    free_port,
+    running,
+    scripted,
+    two_models_url,
+)
 
 from .conftest import ready, send, wait_for  # noqa: E402
 
@@ -112,14 +119,14 @@ async def test_a_server_with_two_models_asks_which_and_marks_the_setting_it_reje
         status = str(app.query_one("#status").render())
         assert wanted in status
         table = app.query_one(SamplingTable)
-        assert "not supported" not in str(table.render())
+        assert "not supp" not in str(table.render())
         # top-k on: transformers serve rejects it; the reply comes without it and the row says so
         app.params = app.params.with_(temperature=0, top_k=5, max_new_tokens=8)
         await send(pilot, app, "What is AI?", wait=False)  # its first request loads the model: it takes a while
         await wait_for(pilot, lambda: app.job is None and app.last_job is not None, timeout=300, what="the reply")
         assert app.last_job.text
         lines = str(table.render()).splitlines()  # the row's note, as long as the pane's width allows
-        assert [line.split()[0] for line in lines if "not supported" in line] == ["top-k"]
+        assert [line.split()[0] for line in lines if "not supp" in line] == ["top-k"]  # "not supported", cut to fit
         table.focus()
         table.cursor = [row.name for row in ROWS].index("top_k")
         await wait_for(pilot, lambda: UNSUPPORTED in str(app.query_one("#param-help").render()),
@@ -131,7 +138,7 @@ async def test_a_server_with_two_models_asks_which_and_marks_the_setting_it_reje
         app.connect_to_server(f"{two_models_url} {other}")
         await wait_for(pilot, lambda: app.engine is not first and app.engine is not None, timeout=60,
                        what="the other model")
-        assert app.engine.model_name == other and "not supported" not in str(table.render())
+        assert app.engine.model_name == other and "not supp" not in str(table.render())
 
 
 async def test_the_key_is_never_saved_logged_or_exported(home, chat_tui_serve):  # noqa: F811
@@ -148,6 +155,27 @@ async def test_the_key_is_never_saved_logged_or_exported(home, chat_tui_serve): 
         assert chat_tui_serve in exported and "sk-test-4242" not in exported
     files = [path for path in home.rglob("*") if path.is_file()]
     assert files and not [path for path in files if b"sk-test-4242" in path.read_bytes()]
+
+
+async def test_a_setting_a_server_rejected_in_an_earlier_session_is_marked_from_the_first_reply(home, scripted):  # noqa: F811
+    _, url = scripted
+    Scripted.behaviour = "no-top-k"  # rejects top_k, as the OpenAI API does
+    memory = get_paths().server_memory  # as the command line passes it
+    earlier = RemoteEngine(url, timeout=5, remember=memory)
+    collect(earlier.stream([Message("user", "Hi")], earlier.default_params().with_(top_k=5)))
+    assert "top_k" in earlier.unsupported
+    Scripted.calls.clear()
+    app = ChatApp(paths=get_paths(), model="m1", model_process=True,
+                  load_options={"base_url": url, "server_memory": str(memory)})
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        table = app.query_one(SamplingTable)
+        app.params = app.params.with_(top_k=5, max_new_tokens=8)
+        await send(pilot, app, "What is AI?")
+        await wait_for(pilot, lambda: app.job is None and app.last_job is not None, timeout=60, what="the reply")
+        assert Scripted.calls and not [call for call in Scripted.calls if "top_k" in call]  # never sent, not once
+        lines = str(table.render()).splitlines()  # the row's note, as long as the pane's width allows
+        assert [line.split()[0] for line in lines if "not supp" in line] == ["top-k"]
 
 
 async def test_a_server_that_cannot_be_reached_is_one_notice_and_the_model_stays(home):
