@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.actions import SkipAction
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -1364,9 +1364,9 @@ class ChatApp(App[int], inherit_bindings=False):
             if pane is not None:
                 pane.set_token_text("input box", event.text_area.text)
 
-    def on_descendant_focus(self, event: object) -> None:
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
         """A message chosen (Ctrl+Up, a click): the tokens view shows its tokens while the input box is empty."""
-        focused = self.focused
+        focused = event.widget  # not self.focused: it raises once the app's last screen has gone (on exit)
         pane = self._inspector_pane() if isinstance(focused, MessageView) else None
         if pane is None:
             return

@@ -303,7 +303,8 @@ import sys
 from chat_tui.engine import Message, SamplingParams, collect
 from chat_tui.engine.process import ProcessEngine
 engine = ProcessEngine.start({str(tiny_checkpoint)!r}, device="cpu")
-reply = collect(engine.stream([Message("user", "Hello")], SamplingParams(max_new_tokens=4), inspect=True))
+reply = collect(engine.stream([Message("user", "Hello")], SamplingParams(max_new_tokens=4, seed=1),
+                              inspect=True))
 ids = reply.prompt.ids + [s.token_id for s in reply.steps]
 step = reply.steps[-1]
 explanation = engine.explain_attention(ids, len(ids) - 1, 0, 0)
@@ -312,13 +313,16 @@ replay = engine.replay_chain(step, ids[:-1], step.params)
 engine.token_text(1)
 engine.close()
 assert "torch" not in sys.modules, "torch was imported in the app's process"
-print("ok", reply.tokens, len(explanation.weights))
+print("ok", reply.tokens, len(explanation.weights), len(ids))
 """
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("ok 4 ")
+    ok, tokens, weights, context = done.stdout.split()
+    # a reply of 1 to 4 tokens (a tiny random model may end early), and the explanation of its last token
+    # covers the whole context: answered across the process boundary, with no torch on this side
+    assert ok == "ok" and 1 <= int(tokens) <= 4 and int(weights) == int(context)
 
 
 def test_a_stream_without_candidates_skips_them_in_the_model_process(remote):
