@@ -1433,6 +1433,8 @@ class ChatApp(App[int], inherit_bindings=False):
         item, store, cid = event.item, self.store, self.conversation_id
         if self._busy(" first") or store is None or cid is None or item.db_id is None:
             return
+        if not any(it is item for it in self.conversation.items):
+            return  # a key pressed again before the branch switched: its message is no longer on screen
         leaf = self._db(branches.sibling_leaf, store, item.db_id, event.delta)
         if leaf is None:
             if item.siblings[1] < 2:
@@ -1447,6 +1449,8 @@ class ChatApp(App[int], inherit_bindings=False):
         item, store, cid = event.item, self.store, self.conversation_id
         if self._busy(" first") or store is None or cid is None or item.db_id is None:
             return
+        if not any(it is item for it in self.conversation.items):
+            return  # the message left the screen (a branch switch) before the key was handled
         depth = branches.index_of(self.conversation.items, item)
 
         async def done(yes: bool | None) -> None:

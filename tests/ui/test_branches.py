@@ -70,6 +70,27 @@ async def test_regenerate_twice_gives_three_siblings_and_navigation_shows_each(m
     assert store.get_conversation(cid).branches == 3
 
 
+async def test_two_quick_presses_switch_without_an_error(make_app):
+    """The second ← can reach the app after the first has replaced the message it was pressed on."""
+    app, engine = make_app(["first answer", "second answer", "third answer"])
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "hi")
+        for calls in (2, 3):
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda calls=calls: engine.calls == calls and app.job is None and app.settled)
+        view = await focus_reply(pilot, app)
+        # both presses reach the app from the message first shown (as when keys arrive faster than a switch)
+        view.post_message(MessageView.SiblingRequested(view.item, -1))
+        view.post_message(MessageView.SiblingRequested(view.item, -1))
+        await wait_for(pilot, lambda: app.settled and app.conversation.items[-1].content != "third answer",
+                       what="another version")
+        await pilot.pause(0.1)
+        assert app.conversation.items[-1].content in ("first answer", "second answer")
+        assert not any("error" in n.message.lower() for n in app._notifications)
+        assert app.is_running
+
+
 async def test_edit_and_resend_keeps_the_original_branch(make_app):
     app, engine = make_app(["one", "two"])
     async with app.run_test() as pilot:
