@@ -134,11 +134,26 @@ def receipt_text(item: ChatItem) -> str:
         lines.append(f"checkpoint: {clean_line(str(checkpoint))}")
     lines.append(f"seed: {item.seed if item.seed is not None else 'none'}")
     for key, value in (item.params or {}).items():
+        if key == "seed":  # the seed actually used is the line above (the setting may say "random")
+            continue
         lines.append(f"{key}: {clean_line(repr(value) if isinstance(value, (list, tuple, str)) else str(value))}")
     if item.tokens is not None:
         lines.append(f"tokens: {item.tokens}" + (f" at {item.tokens_per_s:.1f} tok/s" if item.tokens_per_s else ""))
     if item.finish_reason:
         lines.append(f"ended: {FINISH_LABEL.get(item.finish_reason, item.finish_reason)}")
+    meta = item.meta or {}
+    branch = meta.get("branch")
+    if isinstance(branch, list):  # the context: the path of the conversation's tree the reply answered
+        lines.append(f"context: the {len(branch)} message{'s' if len(branch) != 1 else ''} of its branch"
+                     + (f" (ids {', '.join(str(i) for i in branch[-3:])}{' …' if len(branch) > 3 else ''})"
+                        if branch else ""))
+    fork = meta.get("fork")
+    if isinstance(fork, dict) and fork.get("receipt"):
+        lines.append(clean_line(str(fork["receipt"])))
+    if meta.get("knocked_out"):
+        lines.append("heads off: " + ", ".join(clean_line(str(n)) for n in meta["knocked_out"]))
+    if meta.get("server_note"):
+        lines.append(f"server: {clean_line(str(meta['server_note']))}")
     return "\n".join(lines)
 
 

@@ -127,6 +127,14 @@ def test_the_details_line():
     receipt = receipt_text(item)
     assert "model: tiny\u241b[2J" in receipt and "seed: 7" in receipt and "temperature: 0.0" in receipt
     assert "top_k: " in receipt and "repetition_penalty: " in receipt  # every setting
+    assert receipt.count("seed: ") == 1  # the seed used, not also the setting's "random"
+    forked = ChatItem("assistant", "x", params=defaults.to_dict(), seed=3, meta={
+        "branch": [1, 2, 5], "knocked_out": ["L1H2"],
+        "fork": {"receipt": "forked at token 3: ' to' (p = 2.88%, dropped by top-p) instead of ' gamma'"}})
+    lines = receipt_text(forked).splitlines()
+    assert "context: the 3 messages of its branch (ids 1, 2, 5)" in lines  # which path of the tree it answered
+    assert "forked at token 3: ' to' (p = 2.88%, dropped by top-p) instead of ' gamma'" in lines
+    assert "heads off: L1H2" in lines
     item.status, item.finish_reason = "stopped", "cancelled"
     assert "stopped" not in details_line(item)  # the header says it
     failed = ChatItem("assistant", "", status="error", finish_reason="error", meta={"error": "Boom\nmore"})
