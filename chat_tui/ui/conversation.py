@@ -230,10 +230,12 @@ class MessageView(Vertical, can_focus=False):
         conversation = self.query_ancestor(ConversationView)
         await (conversation.show_first() if which == "first" else conversation.show_last())
 
-    def take_focus(self) -> None:
+    def take_focus(self, *, scroll: bool = True) -> None:
+        """Focus this message; `scroll`: bring it into view (the caller may place the view itself)."""
         self.can_focus = True
-        self.focus()
-        self.scroll_visible(animate=False)
+        self.focus(scroll_visible=scroll)
+        if scroll:
+            self.scroll_visible(animate=False)
 
     def on_blur(self) -> None:
         self.can_focus = False
@@ -486,9 +488,9 @@ class ConversationView(VerticalScroll, can_focus=False):
         self.anchor(False)
         self.scroll_home(animate=False, immediate=True)
         if views:
-            views[0].take_focus()
-        # again once the new window is laid out: until then the focus scrolls to where the first message
-        # sat with the "Show earlier" button still above it, which leaves the top lines hidden
+            # no scroll to the focus: it would go to where the message sat before the new window was laid
+            # out (under the "Show earlier" button, now hidden), leaving the top lines hidden
+            views[0].take_focus(scroll=False)
         self.call_after_refresh(self.scroll_home, animate=False, immediate=True)
 
     async def show_last(self) -> None:

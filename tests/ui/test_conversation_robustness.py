@@ -220,8 +220,8 @@ async def test_a_thousand_message_conversation_opens_and_pages_to_either_end_by_
         await pilot.press("ctrl+up")  # the newest message takes the focus
         assert app.focused.item.content == "message 999"
         await pilot.press("home")
-        await wait_for(pilot, lambda: focused_content() == "message 0" and conversation.scroll_y == 0,
-                       what="the first message, scrolled to the top")
+        await wait_for(pilot, lambda: focused_content() == "message 0" and conversation.scroll_y == 0, timeout=30,
+                       what="the first message, scrolled to the top")  # 24 messages to lay out on a busy CI
         assert shown()[0] == "message 0"
         assert any(line.rstrip().endswith("message 0") for line in screen_lines(app)), "the top is on screen"
         for _ in range(conversation.page):  # Down walks on past the mounted page into the next
