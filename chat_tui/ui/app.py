@@ -1433,7 +1433,7 @@ class ChatApp(App[int], inherit_bindings=False):
         item, store, cid = event.item, self.store, self.conversation_id
         if self._busy(" first") or store is None or cid is None or item.db_id is None:
             return
-        if not any(it is item for it in self.conversation.items):
+        if self.conversation.view_for(item) is None:
             return  # a key pressed again before the branch switched: its message is no longer on screen
         leaf = self._db(branches.sibling_leaf, store, item.db_id, event.delta)
         if leaf is None:
@@ -1449,7 +1449,7 @@ class ChatApp(App[int], inherit_bindings=False):
         item, store, cid = event.item, self.store, self.conversation_id
         if self._busy(" first") or store is None or cid is None or item.db_id is None:
             return
-        if not any(it is item for it in self.conversation.items):
+        if self.conversation.view_for(item) is None:
             return  # the message left the screen (a branch switch) before the key was handled
         depth = branches.index_of(self.conversation.items, item)
 

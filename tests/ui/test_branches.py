@@ -38,14 +38,19 @@ async def switch(pilot, app, key: str) -> None:
     await wait_for(pilot, lambda: app.conversation.items is not before and app.settled, what="the other branch")
 
 
+async def three_versions(pilot, app, engine) -> None:
+    """Ask "hi", then regenerate twice: three replies, siblings under one question."""
+    await ready(pilot, app)
+    await send(pilot, app, "hi")
+    for calls in (2, 3):
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda calls=calls: engine.calls == calls and app.job is None and app.settled)
+
+
 async def test_regenerate_twice_gives_three_siblings_and_navigation_shows_each(make_app):
     app, engine = make_app(["first answer", "second answer", "third answer"])
     async with app.run_test() as pilot:
-        await ready(pilot, app)
-        await send(pilot, app, "hi")
-        for calls in (2, 3):
-            await pilot.press("ctrl+r")
-            await wait_for(pilot, lambda calls=calls: engine.calls == calls and app.job is None and app.settled)
+        await three_versions(pilot, app, engine)
         reply = app.conversation.items[-1]
         assert reply.content == "third answer" and "‹ 3/3 ›" in header(app, reply)
         await focus_reply(pilot, app)
@@ -74,11 +79,7 @@ async def test_two_quick_presses_switch_without_an_error(make_app):
     """The second ← can reach the app after the first has replaced the message it was pressed on."""
     app, engine = make_app(["first answer", "second answer", "third answer"])
     async with app.run_test() as pilot:
-        await ready(pilot, app)
-        await send(pilot, app, "hi")
-        for calls in (2, 3):
-            await pilot.press("ctrl+r")
-            await wait_for(pilot, lambda calls=calls: engine.calls == calls and app.job is None and app.settled)
+        await three_versions(pilot, app, engine)
         view = await focus_reply(pilot, app)
         # both presses reach the app from the message first shown (as when keys arrive faster than a switch)
         view.post_message(MessageView.SiblingRequested(view.item, -1))
