@@ -8,7 +8,7 @@
 3. Tokens per second reaching the screen in the app with the inspector open against closed
    (target ≥ 0.9×): the bundled model (else a tiny random mini-GPT, else the FakeEngine) answers
    the same prompt with a fixed seed, greedily, alternating open and closed runs.
-4. Tokens per second reaching the screen with the lens gutter under the reply (F8) on against off
+4. Tokens per second reaching the screen with the lens gutter under the reply (F10) on against off
    (target ≥ 0.8×), the inspector closed, the same model and alternation.
 
     PYTHONPATH=. python benchmarks/bench_inspector.py [--runs 5] [--new-tokens 128] [--skip-app] [--only-gutter]

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HTTPRequest
 
 from chat_tui.engine.params import InvalidParameter, SamplingParams
+from chat_tui.engine.token_bytes import label_bytes
 from chat_tui.engine.types import ROLES, Message, Step
 from chat_tui.errors import CLIError, EngineError, first_line
 
@@ -275,7 +276,7 @@ def check_fits(engine: Engine, request: Request) -> int:
 # ------------------------------------------------------------------------------------- responses
 
 def _token_bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
+    return list(label_bytes(text))  # a character's fragment is labelled `<0xE4>`: send its real byte
 
 
 def _logprob(p: float) -> float:

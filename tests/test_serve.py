@@ -152,7 +152,21 @@ def test_logprobs_are_the_engines_raw_probabilities(bundled_server, bundled):
         assert [t.token for t in entry.top_logprobs] == [c.text for c in step.top[:5]]
         for top, candidate in zip(entry.top_logprobs, step.top, strict=False):
             assert math.exp(top.logprob) == pytest.approx(candidate.prob, abs=1e-5)
-        assert bytes(entry.bytes).decode("utf-8", "replace") == step.token
+        assert bytes(entry.bytes).decode("utf-8", "replace") == step.text
+
+
+def test_a_token_that_is_part_of_a_character_is_sent_with_its_own_byte(bundled_server, bundled):
+    fragments = bundled.encode("龍")  # E9 BE 8D: three tokens, none a character alone
+    assert len(fragments) == 3
+    client = bundled_server.client()
+    answer = client.chat.completions.create(
+        model=bundled.model_name, messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=6,
+        logprobs=True, logit_bias={str(i): 100 for i in fragments})
+    content = answer.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:
+        assert len(entry.bytes) == 1 and entry.bytes[0] in (0xE9, 0xBE, 0x8D)
+        assert entry.token == f"<0x{entry.bytes[0]:02X}>"
 
 
 def test_a_seed_reproduces_a_sampled_reply(bundled_server, bundled):

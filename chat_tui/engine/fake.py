@@ -80,6 +80,7 @@ class StreamRecord:
     finish_reason: str | None = None
     knock_out: frozenset[Head] = field(default_factory=frozenset)  # the heads switched off
     prefix_ids: tuple[int, ...] = ()  # the reply's first tokens, given as ids (a fork)
+    lens: bool = False  # the stream was asked for each token's commitment layer
 
 
 def tokenize(text: str) -> list[str]:
@@ -144,6 +145,10 @@ class FakeEngine:
         self._ids: dict[str, int] = {t: i for i, t in enumerate(self._vocab)}
         self._lock = threading.Lock()
         self.calls = 0
+        self.lens_calls = 0  # how often `logit_lens` was asked
+        # True: a stream asked for the lens fills each Step's commit_layer, as the mini-GPT's decode loop
+        # does; False: it leaves it None, as an engine whose loop cannot (the views are asked instead)
+        self.lens_in_stream = False
         self.records: list[StreamRecord] = []
         # always, in this process; a test sets it False to play a model process that died
         self.alive = True
@@ -276,6 +281,7 @@ class FakeEngine:
         candidates: bool = True,
         knock_out: frozenset[Head] = frozenset(),
         prefix_ids: Sequence[int] = (),
+        lens: bool = False,  # commit_layer as `fake_commit_layer` says, with `lens_in_stream` (else None)
     ) -> Iterator[Step]:
         """The shared decode loop (`run_stream`) over the scripted reply, dressed with made-up numbers.
         `knock_out`: the heads to switch off, recorded (the script does not change); `prefix_ids`: the reply's
@@ -283,7 +289,7 @@ class FakeEngine:
         messages = list(conversation)
         first = resolve_params(params)
         record = StreamRecord(messages, [], inspect, knock_out=frozenset(knock_out),
-                              prefix_ids=tuple(int(i) for i in prefix_ids))
+                              prefix_ids=tuple(int(i) for i in prefix_ids), lens=lens)
         self.records.append(record)
         seed = first.seed if first.seed is not None else random.Random(self.seed + self.calls).randrange(2**31)
         prefix = self.decode(prefix_ids) if prefix_ids else ""
@@ -305,6 +311,7 @@ class FakeEngine:
             knock_out=knock_out,
             prefix_ids=prefix_ids,
         )
+        context: list[int] = []  # the ids before the next token (the lens's context)
         while True:
             # the fake model's time for a token, spent before the loop picks it: Esc meanwhile cancels it
             _wait(self.token_delay, cancel)
@@ -317,6 +324,11 @@ class FakeEngine:
             if step.finish_reason == "eos":
                 step.finish_reason = runner.scripted_reason  # type: ignore[assignment]
             self._dress(step, seed, inspect, candidates)
+            if step.prompt is not None:
+                context = list(step.prompt.ids)
+            if lens and self.lens_in_stream:
+                step.commit_layer = self.fake_commit_layer(context)
+            context.append(step.token_id)
             if step.finish_reason is not None:
                 record.finish_reason = step.finish_reason
             yield step
@@ -339,6 +351,7 @@ class FakeEngine:
         return [fillers[(start + k) % len(fillers)] for k in range(count)]
 
     def logit_lens(self, ids: Sequence[int], token_id: int, top: int = 3) -> Lens:
+        self.lens_calls += 1
         commit = self.fake_commit_layer(ids)
         rival, *rest = self._others(token_id, max(top, 2), len(ids))
         layers = []

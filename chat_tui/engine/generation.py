@@ -261,6 +261,7 @@ def run_stream(
     default_seed: int | None = None,
     knock_out: frozenset[tuple[int, int]] = frozenset(),
     prefix_ids: Sequence[int] = (),
+    lens: bool = False,
 ) -> Iterator[Step]:
     """Generate a reply, one Step per token. See `chat_tui.engine.types.Step`.
 
@@ -277,6 +278,7 @@ def run_stream(
     `prefix_ids`: the reply's first tokens, given as ids (a fork): prefilled after the rendered prompt exactly as
     they are (never tokenized again), the Steps being only the tokens after them; the PromptInfo's `ids` end with
     them and its `prefix_ids` names them.
+    `lens`: each Step's `commit_layer`, from a runner that has `commit_layer` (else None).
     """
     started = time.perf_counter()
     first = resolve_params(params)
@@ -295,6 +297,9 @@ def run_stream(
         seed = default_seed if default_seed is not None else secrets.randbits(63)
     generator = new_generator(seed)
     torch_context = _torch_context(runner)
+    commit_of = getattr(runner, "commit_layer", None) if lens else None
+    if commit_of is not None:
+        runner.lens = True  # type: ignore[attr-defined]  # keep the residuals from the prefill on
 
     with torch_context():
         prefilled = [*fitted.ids, *prefix]
@@ -343,6 +348,8 @@ def run_stream(
             top_ids = top_logits = None
             top_ids_list, top_raw, top_chain = [], [], []
             log_z = prob = chain_prob = math.nan
+
+        commit = commit_of(token, raw) if commit_of is not None else None  # before `feed` moves on
 
         finish: str | None = None
         if token in eos_ids:
@@ -400,6 +407,7 @@ def run_stream(
             prompt=prompt if index == 0 else None,
             params=current,
             window_start=window_start,
+            commit_layer=commit,
         )
         last_time = time.perf_counter()
         if finish is not None:
@@ -420,6 +428,7 @@ def stream_engine(
     candidates: bool,
     knock_out: frozenset[tuple[int, int]] = frozenset(),
     prefix_ids: Sequence[int] = (),
+    lens: bool = False,
 ) -> Iterator[Step]:
     """`run_stream` for an engine that renders and decodes itself (the mini-GPT, Hugging Face models).
 
@@ -441,4 +450,5 @@ def stream_engine(
         candidates=candidates,
         knock_out=knock_out,
         prefix_ids=prefix_ids,
+        lens=lens,
     )

@@ -12,7 +12,6 @@ torch is imported inside the functions (as in `explain`): importing this module 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from chat_tui.engine.inside import (
     head_name,
     inside,
 )
+from chat_tui.engine.token_bytes import is_byte_level, piece_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -260,40 +260,13 @@ def knock_out(heads: frozenset[Head], before: torch.Tensor, after: torch.Tensor,
 # ---------------------------------------------------------------------------------------------- tokens
 
 
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet back to bytes (the printable stand-in of each byte)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    stand_in = {b: chr(b) for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in stand_in:
-            stand_in[b] = chr(256 + n)
-            n += 1
-    return {c: b for b, c in stand_in.items()}
-
-
-_BYTE_LEVEL = _byte_level_decoder()
-_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def piece_bytes(piece: str, byte_level: bool) -> bytes:
-    """The bytes a token's vocabulary string stands for: byte-level BPE's stand-ins, SentencePiece's
-    `<0xE4>` byte fallback and ▁ for a space, else the string itself in UTF-8."""
-    if byte_level and all(c in _BYTE_LEVEL for c in piece):
-        return bytes(_BYTE_LEVEL[c] for c in piece)
-    fallback = _BYTE_FALLBACK.fullmatch(piece)
-    if fallback:
-        return bytes([int(fallback.group(1), 16)])
-    return piece.replace("\u2581", " ").encode("utf-8")
-
-
 def token_pieces(tokenizer: Any, text: str, token_text: TokenText) -> list[TokenPiece]:
     """`text` as the model reads it: a `tokenizers.Tokenizer`'s pieces with their ids, bytes and the
     characters each covers."""
     if not text:
         return []
     encoding = tokenizer.encode(text, add_special_tokens=False)
-    byte_level = "ByteLevel" in type(tokenizer.pre_tokenizer).__name__ or "ByteLevel" in type(tokenizer.decoder).__name__
+    byte_level = is_byte_level(tokenizer)
     return [
         TokenPiece(id=i, text=token_text(i), data=piece_bytes(piece, byte_level), start=start, end=end)
         for i, piece, (start, end) in zip(encoding.ids, encoding.tokens, encoding.offsets, strict=True)

@@ -37,7 +37,15 @@ from chat_tui.engine.inside import (
 )
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, ChatTokenizer
-from chat_tui.engine.types import Conversation, EngineError, Message, MessageSpan, ParamsSource, Step
+from chat_tui.engine.types import (
+    NO_COMMIT,
+    Conversation,
+    EngineError,
+    Message,
+    MessageSpan,
+    ParamsSource,
+    Step,
+)
 
 if TYPE_CHECKING:
     from chat_tui.engine.explain import ChainReplay, Explanation
@@ -146,6 +154,8 @@ class MiniGPTRunner:
 
     `masked_ids` (tokens the checkpoint never learned) get logit -inf in every row it returns.
     `knock_out` (the torch path only): heads (layer, head) whose outputs are zeroed.
+    `lens` (set before `prefill`; the numpy path only): keep the residual stream after each block of the
+    position last fed, so `commit_layer` can read the logit lens from it without another pass.
     """
 
     def __init__(self, config: GPTConfig, weights: DecodeWeights, *, model: GPT | None = None,
@@ -158,6 +168,7 @@ class MiniGPTRunner:
         self.numpy_path = model is None
         self.uses_torch = model is not None  # the decode loop enters torch.inference_mode for it
         self.masked = np.asarray(sorted(masked_ids), dtype=np.int64)
+        self.lens = False
         head_dim = config.n_embd // config.n_head
         if self.numpy_path:
             # one preallocated cache per layer (kv[i]: keys and values, each (heads, context, head_dim))
@@ -204,6 +215,30 @@ class MiniGPTRunner:
         else:
             logits, row = self._feed_torch(token_id, inspect)
         return self._out(logits), row
+
+    def commit_layer(self, token_id: int, logits: np.ndarray) -> int | None:
+        """The logit lens's commitment layer of `token_id` chosen from `logits` (the runner's last): the first
+        layer from which it stays the lens's top-1 (zero-based, the last layer being the model's own
+        logits), -1 if it is not top-1 at the end. None without `lens` (or on the torch path).
+
+        `chat_tui.engine.inside_maths.lens`'s rule, read from the decode kernel's own residuals: from the
+        last layer down, one projection through the final layer norm and the output head a layer, until
+        the token is not top-1 (a small model commits late, so this is about one projection a token)."""
+        if not (self.lens and self.numpy_path):
+            return None
+        if logits[token_id] < logits.max():
+            return NO_COMMIT
+        w, b = self.weights, self._buffers
+        commit = self.config.n_layer - 1
+        for layer in range(self.config.n_layer - 2, -1, -1):
+            _layer_norm_into(b.residuals[layer], *w.ln_f, b.eps, b.lens_normed)
+            np.matmul(b.lens_normed, w.lm_head, out=b.lens_logits)
+            if self.masked.size:
+                b.lens_logits[self.masked] = -np.inf
+            if b.lens_logits[token_id] < b.lens_logits.max():
+                break
+            commit = layer
+        return commit
 
     def _out(self, logits) -> np.ndarray:
         """float32 numpy logits with the never-learned tokens masked."""
@@ -285,6 +320,8 @@ class MiniGPTRunner:
             h = _layer_norm(x, *layer.ln_2, eps)
             h = _gelu(h @ layer.fc[0] + layer.fc[1], w.approximate)
             x = x + (h @ layer.fc_proj[0] + layer.fc_proj[1])
+            if self.lens:
+                self._buffers.residuals[i] = x[-1]
         self.length = T
         last = _layer_norm(x[-1], *w.ln_f, eps)
         return last @ w.lm_head, (np.stack(maps) if inspect else None)
@@ -306,9 +343,10 @@ class MiniGPTRunner:
         S = pos + 1
         x, normed, h, qkv, y, proj, wide, gelu_in, tmp = b.x, b.normed, b.h, b.qkv, b.y, b.proj, b.wide, b.gelu_in, b.tmp
         eps, scale, tanh_gelu = b.eps, b.scale, w.approximate == "tanh"
+        residuals = b.residuals if self.lens else None
         np.add(w.wte[token_id], w.wpe[pos], out=x)
-        for layer, (attn, attn_proj, fc, fc_proj), keys, values, weights in zip(
-                w.layers, w.biased, b.keys, b.values, b.attention, strict=True):
+        for i, (layer, (attn, attn_proj, fc, fc_proj), keys, values, weights) in enumerate(zip(
+                w.layers, w.biased, b.keys, b.values, b.attention, strict=True)):
             _layer_norm_into(x, *layer.ln_1, eps, normed)
             np.matmul(h, attn, out=qkv)
             keys[:, pos] = b.k
@@ -328,6 +366,8 @@ class MiniGPTRunner:
                 gelu_in[:] = _gelu(gelu_in, w.approximate)  # the exact form: only imported checkpoints use it
             np.matmul(wide, fc_proj, out=proj)
             x += proj
+            if residuals is not None:
+                residuals[i] = x
         self.length = S
         _layer_norm_into(x, *w.ln_f, eps, normed)
         np.matmul(normed, w.lm_head, out=b.logits)
@@ -360,6 +400,9 @@ class _FeedBuffers:
         self.attention = np.zeros((config.n_layer, nh, config.block_size), f32)  # softmax weights, per layer
         self.keys, self.values = list(kv[:, 0]), list(kv[:, 1])  # per layer: (heads, context, head_dim)
         self.logits = np.empty(config.vocab_size, f32)
+        self.residuals = np.empty((config.n_layer, C), f32)  # after each block (`lens`), and the lens's own
+        self.lens_normed = np.empty(C, f32)
+        self.lens_logits = np.empty(config.vocab_size, f32)
 
 
 def single_threaded_blas():
@@ -593,6 +636,7 @@ class MiniGPTEngine:
         candidates: bool = True,
         knock_out: frozenset[tuple[int, int]] = frozenset(),
         prefix_ids: Sequence[int] = (),
+        lens: bool = False,
     ) -> Iterator[Step]:
         heads = frozenset(knock_out)
         if heads:
@@ -604,7 +648,7 @@ class MiniGPTEngine:
             with single_threaded_blas() if runner.numpy_path else contextlib.nullcontext():
                 yield from stream_engine(self, runner, conversation, params, stops=self._format_stops,
                                          inspect=inspect, cancel=cancel, candidates=candidates, knock_out=heads,
-                                         prefix_ids=prefix_ids)
+                                         prefix_ids=prefix_ids, lens=lens)
 
     def stream_columns(self, conversation: Conversation, params: Sequence[ParamsSource], *,
                        cancel: threading.Event | None = None, candidates: bool = True) -> Iterator[tuple[int, Step]]:

@@ -296,6 +296,7 @@ class ProcessEngine:
         candidates: bool = True,
         knock_out: frozenset[tuple[int, int]] = frozenset(),
         prefix_ids: Sequence[int] = (),
+        lens: bool = False,
     ) -> Iterator[Step]:
         # one stream at a time; a caller that is cancelled while it waits for the last one gets nothing
         while not self._stream_lock.acquire(timeout=POLL_S * 10):
@@ -303,7 +304,7 @@ class ProcessEngine:
                 return
         try:
             yield from self._stream(conversation, params, inspect, cancel, candidates, frozenset(knock_out),
-                                    tuple(int(i) for i in prefix_ids))
+                                    tuple(int(i) for i in prefix_ids), lens)
         finally:
             self._stream_lock.release()
 
@@ -316,16 +317,16 @@ class ProcessEngine:
                 return
         try:
             fixed = [resolve_params(p) for p in params]
-            yield from self._stream(conversation, fixed, False, cancel, candidates, frozenset(), (),
+            yield from self._stream(conversation, fixed, False, cancel, candidates, frozenset(), (), False,
                                     request="stream_columns")
         finally:
             self._stream_lock.release()
 
     def _stream(self, conversation: Conversation, params: ParamsSource | list[SamplingParams], inspect: bool,
                 cancel: threading.Event | None, candidates: bool, knock_out: frozenset[Head],
-                prefix_ids: tuple[int, ...], request: str = "stream") -> Iterator[Any]:
+                prefix_ids: tuple[int, ...], lens: bool, request: str = "stream") -> Iterator[Any]:
         sent = params if isinstance(params, list) else resolve_params(params)
-        self._send((request, (list(conversation), sent, inspect, candidates, knock_out, prefix_ids)))
+        self._send((request, (list(conversation), sent, inspect, candidates, knock_out, prefix_ids, lens)))
         pending: deque[Any] = deque()  # received in one batch, not yet handed on
         cancel_sent = False
         ended = False
@@ -581,12 +582,12 @@ def _serve(control: Connection, steps: Connection, model: str | None, device: st
         elif kind in ("stream", "stream_columns"):
             if worker is not None:
                 worker.join()  # the app reads each stream to its end before it starts another
-            conversation, params, inspect, candidates, knock_out, prefix_ids = payload
+            conversation, params, inspect, candidates, knock_out, prefix_ids, lens = payload
             cancel = threading.Event()
             if kind == "stream":
                 latest["params"] = params
                 generate = _stream_of(engine, conversation, latest, inspect, candidates, knock_out, prefix_ids,
-                                      cancel)
+                                      lens, cancel)
             else:
                 from chat_tui.engine.compare import stream_columns
 
@@ -620,13 +621,15 @@ def _answer(engine: Any, name: str, args: tuple[Any, ...]) -> Any:
 
 
 def _stream_of(engine: Any, conversation: Conversation, latest: dict[str, SamplingParams], inspect: bool,
-               candidates: bool, knock_out: frozenset[Head], prefix_ids: tuple[int, ...],
+               candidates: bool, knock_out: frozenset[Head], prefix_ids: tuple[int, ...], lens: bool,
                cancel: threading.Event) -> Iterator[Step]:
     """A reply's steps; the settings are asked again at every token (the app sends edits as they happen)."""
     # an engine that cannot switch heads off, or take a reply's first ids, is asked only when it must
     extra: dict[str, Any] = {"knock_out": knock_out} if knock_out else {}
     if prefix_ids:
         extra["prefix_ids"] = prefix_ids
+    if lens:
+        extra["lens"] = True
     return engine.stream(conversation, lambda: latest["params"], inspect=inspect, cancel=cancel,
                          candidates=candidates, **extra)
 

@@ -310,7 +310,9 @@ class RemoteEngine:
 
     def stream(self, conversation: Conversation, params: ParamsSource, *, inspect: bool = False,
                cancel: threading.Event | None = None, candidates: bool = True,
-               knock_out: frozenset[tuple[int, int]] = frozenset(), prefix_ids: Sequence[int] = ()) -> Iterator[Step]:
+               knock_out: frozenset[tuple[int, int]] = frozenset(), prefix_ids: Sequence[int] = (),
+               lens: bool = False) -> Iterator[Step]:
+        # `lens`: the server sends no layers (commit_layer stays None; the lens view says why)
         if knock_out:
             raise ServerError(f"{self.server} runs the model: its heads cannot be switched off from here")
         if prefix_ids:  # the chat API takes text, which the server would tokenize again: not the same ids

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from chat_tui.engine.token_bytes import token_label
 from chat_tui.engine.types import Message, MessageSpan
 
 BOS, SYSTEM, USER, ASSISTANT, END = "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -74,9 +75,12 @@ class ChatTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def token_text(self, token_id: int) -> str:
-        """One token's own text; a piece of a multi-byte character shows as U+FFFD."""
+        """One token's own text; a piece of a multi-byte character shows as its bytes, `<0xE4>`."""
         if self._token_texts is None:
-            self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
+            self._token_texts = [
+                token_label(self.tokenizer.decode([i], skip_special_tokens=False), self.tokenizer.id_to_token(i), True)
+                for i in range(self.vocab_size)
+            ]
         if 0 <= token_id < len(self._token_texts):
             return self._token_texts[token_id]
         return "\ufffd"

@@ -92,7 +92,7 @@ class Step:
     index: int  # 0 for the first token of the reply
     position: int  # the token's position in the context window
     token_id: int
-    token: str  # the token's own text (for labels; may hold U+FFFD for a partial character)
+    token: str  # the token's own text (for labels; a part of a character shows as its bytes, `<0xE4>`)
     text: str  # text released to the stream by this step: never half a character, never part of a stop string
     # The candidates' fields (prob, chain_prob, top, top_ids, top_logits, logsumexp) are filled only when
     # the stream was asked for them (`stream(..., candidates=True)`, the default); else NaN, [] or None.
@@ -114,7 +114,13 @@ class Step:
     # the first position the model sees: 0 until the context fills and the window slides (then the
     # model sees only the last position + 1 - window_start tokens; attention rows are 0 before it)
     window_start: int = 0
+    # with `stream(..., lens=True)`, from an engine that reads the logit lens in its decode loop (the
+    # mini-GPT's numpy kernel): the first layer from which this token stays the lens's top-1 (zero-based),
+    # NO_COMMIT if it is not top-1 at the end; None when not computed (ask the Inside views instead)
+    commit_layer: int | None = None
 
+
+NO_COMMIT = -1  # Step.commit_layer: the token is not the model's own top-1
 
 ParamsSource = SamplingParams | Callable[[], SamplingParams]
 
@@ -164,12 +170,14 @@ class Engine(Protocol):
         candidates: bool = True,
         knock_out: frozenset[tuple[int, int]] = frozenset(),
         prefix_ids: Sequence[int] = (),
+        lens: bool = False,
     ) -> Iterator[Step]:
         """One Step per token. `knock_out`: heads (layer, head), zero-based, whose outputs are zeroed for the
         whole reply (an engine that cannot raises EngineError); the first Step's PromptInfo names them.
         `prefix_ids`: the reply's first tokens as ids, prefilled after the rendered prompt as they are (not
         tokenized again); the Steps are the tokens after them. Pass it only when non-empty: an engine
-        that cannot (a server) raises EngineError."""
+        that cannot (a server) raises EngineError. `lens`: fill each Step's `commit_layer` where the decode
+        loop can do so cheaply (a wish: an engine that cannot leaves it None)."""
         ...
 
     # How many tokens the model can emit (None when the backend does not say); the candidates

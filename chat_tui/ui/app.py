@@ -1189,7 +1189,7 @@ class ChatApp(App[int], inherit_bindings=False):
         # attention is captured only while the inspector is on screen (zero cost when hidden)
         pane = self._inspector_pane()
         self.inspect_attention = pane is not None and pane.wants_attention
-        self.replies.launch(job, engine, inspect=self.inspect_attention)
+        self.replies.launch(job, engine, inspect=self.inspect_attention, lens=self.conversation.lens_gutter)
         view = self.conversation.view_for(job.item)
         if view is not None:
             view.refresh_header()

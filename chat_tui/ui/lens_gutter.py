@@ -3,9 +3,11 @@ token, its digit the token's commitment layer (the first layer from which the ch
 logit lens's top-1, counted from 1) and its shade the token's surprisal (−log₂ p: dark = expected,
 light = surprising).
 
-The surprisal comes with every token (its probability). The commitment layers are asked of the engine
-(`chat_tui.engine.inside`) in a thread worker, a batch at a time, for the tokens streamed while the
-gutter is on. A lens is a forward pass over the whole prefix, dearer than a decode step: while the
+The surprisal comes with every token (its probability). The commitment layer comes with the token too
+when the reply was started with the gutter on and the engine reads the lens in its decode loop (the
+mini-GPT: `Step.commit_layer`, about one projection through the output head a token). Otherwise it is
+asked of the engine (`chat_tui.engine.inside`) in a thread worker, a batch at a time, for the tokens
+streamed while the gutter is on. A lens is a forward pass over the whole prefix, dearer than a decode step: while the
 reply streams the worker idles `STREAMING_SLACK` times as long as each lens took (it keeps to a tenth
 of the time), and catches up when the reply ends. The cells are redrawn at most a few times a second.
 """
@@ -23,7 +25,7 @@ from textual import work
 from textual.widgets import Static
 
 from chat_tui.engine.inside import Inside, inside
-from chat_tui.engine.types import Step
+from chat_tui.engine.types import NO_COMMIT, Step
 from chat_tui.ui.state import ChatItem
 
 REFRESH_S = 0.25  # the cells are redrawn at most this often while tokens arrive
@@ -68,6 +70,7 @@ class LensGutter(Static):
         self._lens_asking = False
         self._lens_none = False  # the engine said it has no lens: the cells show the surprisal only
         self._lens_timer = None
+        self._laid_out: tuple[int, int] | None = None  # (cell lines, width) at the last layout
 
     # ------------------------------------------------------------------ fed by the app
 
@@ -78,7 +81,10 @@ class LensGutter(Static):
             self._lens_ids = list(step.prompt.ids)
         index = len(self.item.token_probs)
         if step.position == len(self._lens_ids) and step.token_id >= 0:
-            self._lens_pending.append((index, step.position, step.token_id))
+            if step.commit_layer is not None:  # the decode loop read the lens itself: nothing to ask
+                self.commit[index] = None if step.commit_layer == NO_COMMIT else step.commit_layer
+            else:
+                self._lens_pending.append((index, step.position, step.token_id))
             self._lens_ids.append(step.token_id)
         self._kick(inside(engine))
         self.schedule()
@@ -132,4 +138,9 @@ class LensGutter(Static):
         text = Text(LEGEND + "\n", style="dim", end="")
         for index, (_, prob) in enumerate(self.item.token_probs):
             text.append(cell(self.commit.get(index), index in self.commit), style=shade(prob))
-        self.update(text)
+        # a new layout of the conversation only when the strip needs another line (a layout of a long
+        # conversation costs the reply's stream more than the strip itself)
+        width = self.content_size.width
+        lines = (len(self.item.token_probs) + width - 1) // width if width else -1
+        self.update(text, layout=(lines, width) != self._laid_out)
+        self._laid_out = (lines, width)

@@ -277,10 +277,11 @@ class ReplyController:
         """`job` counts as running from now on (its model may come later: `launch`)."""
         self.jobs.append(job)
 
-    def launch(self, job: GenJob, engine: Engine, *, inspect: bool = False) -> None:
+    def launch(self, job: GenJob, engine: Engine, *, inspect: bool = False, lens: bool = False) -> None:
         """Give `job` its model; then run `stream(job, ...)` in a worker thread."""
         job.engine = engine
         job.inspect = inspect
+        job.lens = lens
         job.item.status = "generating"
         job.item.model = engine.model_name
 
@@ -294,6 +295,8 @@ class ReplyController:
         extra: dict[str, Any] = {"knock_out": job.knock_out} if job.knock_out else {}
         if job.prefix_ids:
             extra["prefix_ids"] = job.prefix_ids
+        if job.lens:
+            extra["lens"] = True
         stream = engine.stream(job.conversation, self.params, inspect=job.inspect, cancel=job.cancel, **extra)
         # closed on every way out, even an error: a model in its own process serves one stream at a time
         with contextlib.closing(stream):

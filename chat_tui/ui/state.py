@@ -83,6 +83,7 @@ class GenJob:
     knock_out: frozenset[tuple[int, int]] = frozenset()  # heads (layer, head) switched off (the knock-out view)
     # the reply's first tokens as ids, prefilled as they are after the prompt (a fork's kept and forced tokens)
     prefix_ids: tuple[int, ...] = ()
+    lens: bool = False  # the lens gutter is on: the engine is asked for each token's commitment layer
     # thread hand-off
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pending: list[Step] = field(default_factory=list)

@@ -297,3 +297,26 @@ def test_rollout_is_the_last_row_of_the_whole_product():
     result = rollout(layers)
     assert result.rollout == pytest.approx(product[-1], abs=1e-6)
     assert result.last_layer == pytest.approx(layers[-1].mean(0)[-1], abs=1e-6)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_new_tokens=40),
+                                    SamplingParams(temperature=1.6, top_k=0, top_p=1.0, seed=3, max_new_tokens=40)])
+def test_the_decode_loops_commitment_layer_is_the_lens_views(params):
+    """The lens gutter's figure read from the decode kernel's residuals equals the lens view's own."""
+    from chat_tui.engine import load_engine
+    from chat_tui.engine.types import NO_COMMIT
+
+    engine = load_engine(None, device="cpu")
+    reply = collect(engine.stream([Message("user", "What is the capital of France?")], params, lens=True))
+    ids = list(reply.prompt.ids)
+    commits = []
+    for step in reply.steps:
+        expected = engine.logit_lens(ids, step.token_id, top=1).commit_layer
+        assert step.commit_layer == (NO_COMMIT if expected is None else expected), step.index
+        commits.append(step.commit_layer)
+        ids.append(step.token_id)
+    assert len(set(commits)) > 1  # the figure says something: tokens commit at different layers
+    if params.temperature > 1:
+        assert NO_COMMIT in commits  # a sampled token that is not the model's own top-1
+    # asked for nothing, the loop reads no lens
+    assert all(s.commit_layer is None for s in collect(engine.stream([Message("user", "Hi")], params)).steps)

@@ -158,9 +158,21 @@ def test_knocking_out_a_head_matches_zeroing_its_slice_by_hand(engines, arch):
     for token, _, p_after in ko.rows:
         assert p_after == pytest.approx(after[token.id], abs=1e-5)
     assert ko.kl_bits > 0 and ko.top_after == int(after.argmax())
+    # cold, on a context no view has seen: the first block's kept output stands in for running it again
+    fresh = ids[1:]
+    engine._inside._cache = None
+    cold = engine.knock_out(fresh, frozenset({(1, 1)}), top=5)
+    with torch.inference_mode():
+        after = torch.softmax(reference(torch.tensor([fresh])).logits[0, -1].double(), -1).numpy()
+    for token, _, p_after in cold.rows:
+        assert p_after == pytest.approx(after[token.id], abs=1e-5)
+    assert engine._inside._before[2] is not None  # it did keep the blocks' outputs
+    assert not any("forward" in layer.__dict__ for layer in engine._inside.parts.layers)  # and put them back
     # the hooks are gone: the model answers as before
     assert torch.equal(own_logits(engine, ids), own_logits(engine, ids))
-    assert engine.knock_out(ids, frozenset()).rows == nothing.rows
+    again = engine.knock_out(ids, frozenset()).rows  # (whole pass or cache: the same to float rounding)
+    assert [t.id for t, _, _ in again] == [t.id for t, _, _ in nothing.rows]
+    assert [b for _, b, _ in again] == pytest.approx([b for _, b, _ in nothing.rows], abs=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -170,6 +182,26 @@ def test_token_pieces_count_as_the_encoder_and_their_bytes_round_trip(engines, a
         pieces = engine.token_pieces(text)
         assert [p.id for p in pieces] == engine.encode(text)
         assert b"".join(p.data for p in pieces) == text.encode("utf-8")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_token_that_is_part_of_a_character_is_labelled_by_its_bytes(engines, arch):
+    from chat_tui.engine.token_bytes import label_bytes
+
+    engine = engines[arch]
+    fragments = [p for p in engine.token_pieces("龍 🙂 猫") if not _is_utf8(p.data)]
+    assert fragments  # a 400-token vocabulary splits these characters into bytes
+    for piece in fragments:
+        label = engine.token_text(piece.id)
+        assert label == "".join(f"<0x{b:02X}>" for b in piece.data) and label_bytes(label) == piece.data
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

@@ -103,6 +103,14 @@ def test_it_streams_the_same_tokens_and_attention(remote, local):
         assert a.prob == pytest.approx(b.prob) and a.params == params
 
 
+def test_the_lens_gutters_commitment_layers_come_from_the_model_process(remote, local):
+    params = SamplingParams(temperature=0.9, top_k=20, seed=3, max_new_tokens=16)
+    theirs = collect(remote.stream(CONVERSATION, params, lens=True))
+    ours = collect(local.stream(CONVERSATION, params, lens=True))
+    assert [s.commit_layer for s in theirs.steps] == [s.commit_layer for s in ours.steps]
+    assert all(s.commit_layer is not None for s in theirs.steps)
+
+
 def test_a_reply_goes_on_from_its_prefix_ids_in_the_model_process(remote, local):
     """A fork's first tokens cross the pipe as ids: the model's process prefills them as they are."""
     prefix = local.encode(" Hello")[:1] + local.encode("!")

@@ -65,8 +65,14 @@ def test_generation_prompt_opens_an_assistant_turn(tiny_tokenizer):
     assert tok.decode(ids2).endswith("<|assistant|>Hi")
 
 
-def test_token_text_shows_partial_characters_as_replacement(tiny_tokenizer):
+def test_a_token_that_is_part_of_a_character_shows_its_bytes(tiny_tokenizer):
+    from chat_tui.engine.token_bytes import label_bytes
+
     tok = tiny_tokenizer
-    pieces = [tok.token_text(i) for i in tok.encode("🚀")]
-    assert "".join(pieces) != "" and tok.decode(tok.encode("🚀")) == "🚀"
-    assert tok.token_text(tok.end_id) == END
+    ids = tok.encode("龍")  # not in the corpus: three byte tokens, none a character alone
+    labels = [tok.token_text(i) for i in ids]
+    assert labels == ["<0xE9>", "<0xBE>", "<0x8D>"]
+    assert b"".join(label_bytes(label) for label in labels) == "龍".encode()
+    # whole characters keep their text; no label anywhere in the vocabulary is U+FFFD
+    assert tok.token_text(tok.encode("你")[0]) == "你" and tok.token_text(tok.end_id) == END
+    assert not any("\ufffd" in tok.token_text(i) for i in range(tok.vocab_size))

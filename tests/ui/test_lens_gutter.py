@@ -34,8 +34,27 @@ async def test_the_gutter_shows_each_tokens_commitment_layer_while_on(make_app):
         expected = "".join(str(engine.fake_commit_layer(gutter._lens_ids[: prompt_length + i]) + 1) for i in range(n))
         assert gutter_cells(gutter) == expected
         assert LEGEND in str(gutter.render())
+        assert [r.lens for r in engine.records] == [False, True]  # asked of the stream only while on
         await pilot.press("f10")
         assert not gutter.display
+
+
+async def test_commitment_layers_that_come_with_the_tokens_are_not_asked_again(make_app):
+    app, engine = make_app([REPLY])
+    engine.lens_in_stream = True  # as the mini-GPT's decode loop: Step.commit_layer is filled
+    async with app.run_test(size=(160, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("f10")
+        await send(pilot, app, "first")
+        item = app.conversation.items[-1]
+        gutter = app.conversation.view_for(item).lens_gutter
+        n = len(item.token_probs)
+        await wait_for(pilot, lambda: len(gutter_cells(gutter)) == n and " " not in gutter_cells(gutter),
+                       what="the commitment layers")
+        prompt_length = len(gutter._lens_ids) - n
+        expected = "".join(str(engine.fake_commit_layer(gutter._lens_ids[: prompt_length + i]) + 1) for i in range(n))
+        assert gutter_cells(gutter) == expected
+        assert engine.lens_calls == 0  # no second pass over the prefix for any token
 
 
 def test_cells_and_shades():

@@ -55,6 +55,7 @@ from chat_tui.engine.hf.runner import NO_ATTENTION, HFRunner, backend_decode
 from chat_tui.engine.inside import Attribution, BlockTrace, Head, KnockOut, Lens, Rollout, TokenPiece
 from chat_tui.engine.inside_maths import check_heads_or_fail
 from chat_tui.engine.params import SamplingParams
+from chat_tui.engine.token_bytes import is_byte_level, token_label
 from chat_tui.engine.types import Conversation, MessageSpan, ParamsSource, Step
 from chat_tui.errors import EngineError, first_line
 
@@ -94,6 +95,7 @@ class HFEngine:
         self._backend_decode = backend_decode(tokenizer)
         self.relaid_head = relayout_output_head(model)
         self._token_texts: dict[int, str] = {}
+        self._byte_level = is_byte_level(getattr(tokenizer, "backend_tokenizer", None))
         self._prepare_attention()
         generation_config = getattr(model, "generation_config", None)
         self._read_generation_defaults(generation_config, defaults)
@@ -247,9 +249,14 @@ class HFEngine:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def token_text(self, token_id: int) -> str:
+        """One token's own text; a piece of a multi-byte character shows as its bytes, `<0xE4>`."""
         text = self._token_texts.get(token_id)
         if text is None:
-            text = self.decode([token_id]) if 0 <= token_id < len(self.tokenizer) else "\ufffd"
+            if 0 <= token_id < len(self.tokenizer):
+                text = token_label(self.decode([token_id]), self.tokenizer.convert_ids_to_tokens(token_id),
+                                   self._byte_level)
+            else:
+                text = "\ufffd"
             self._token_texts[token_id] = text
         return text
 
@@ -287,6 +294,7 @@ class HFEngine:
         candidates: bool = True,
         knock_out: frozenset[tuple[int, int]] = frozenset(),
         prefix_ids: Sequence[int] = (),
+        lens: bool = False,  # no lens in this loop (the Steps' commit_layer stays None): the views compute it
     ) -> Iterator[Step]:
         heads = frozenset(knock_out)
         if heads:

@@ -134,7 +134,9 @@ class HFInside:
         self.engine = engine
         self.parts = find_parts(engine.model, engine.n_layer, engine.n_head)
         self.family = engine.model_type if engine.model_type in ATTRIBUTION_FAMILIES else None
-        self._before: tuple[tuple[int, ...], torch.Tensor] | None = None  # knock-out's last original logits
+        # knock-out's last context: its original logits, and each block's whole output on it when the pass
+        # that made them ran every position (None when it reused the views' cache)
+        self._before: tuple[tuple[int, ...], torch.Tensor, list[Any] | None] | None = None
         self._cache: tuple[tuple[int, ...], Any] | None = None  # the last reused context and its KV cache
         self._cache_lock = threading.Lock()
 
@@ -334,8 +336,10 @@ class HFInside:
             logits = self._logits(self._forward(ids, reuse=True))
             parts = self.parts
             n = len(parts.layers)
-            rows = [parts.head(parts.final_norm(kept.resid_post[i][-1:]))[0].float().cpu() for i in range(n - 1)]
-        return inside_maths.lens(torch.stack([*rows, logits]), token_id, top, self.engine.token_text)
+            # every layer's row through the head at once: the head is read from memory once, not once a layer
+            residuals = torch.cat([kept.resid_post[i][-1:] for i in range(n - 1)]) if n > 1 else None
+            rows = parts.head(parts.final_norm(residuals)).float().cpu() if residuals is not None else logits[:0]
+        return inside_maths.lens(torch.cat([rows, logits[None]]), token_id, top, self.engine.token_text)
 
     def rollout(self, ids: Sequence[int]) -> Rollout:
         self._require("rollout")
@@ -365,16 +369,72 @@ class HFInside:
         with torch.inference_mode():
             key = tuple(ids)
             if self._before is not None and self._before[0] == key:  # knocking out heads again on one prefix
-                before = self._before[1]
-            else:
-                before = self._logits(self._forward(ids, reuse=True))
-                self._before = (key, before)
+                _, before, outputs = self._before
+            elif self._shares_most_of_the_cache(ids):  # the views' cache holds most of it: run the rest only
+                before, outputs = self._logits(self._forward(ids, reuse=True)), None
+            else:  # cold: one whole pass, keeping each block's output for the pass with heads off
+                before, outputs = self._whole_pass_keeping_outputs(ids)
+            self._before = (key, before, outputs)
             if heads:
-                with self.hooks(None, frozenset(heads)):
+                # the blocks below the first head off compute what they did before: with their outputs
+                # kept, they are not run again
+                skip = min(layer for layer, _ in heads) if outputs is not None else 0
+                with self.hooks(None, frozenset(heads)), self._replaying(outputs, skip):
                     after = self._logits(self._forward(ids))
             else:
                 after = before
         return inside_maths.knock_out(frozenset(heads), before, after, top, engine.token_text)
+
+    def _shares_most_of_the_cache(self, ids: Sequence[int]) -> bool:
+        cached = self._cache
+        return (cached is not None and self.engine.decode_mode == "cache"
+                and 2 * inside_maths.shared_prefix(cached[0], ids, len(ids) - 1) >= len(ids))
+
+    def _whole_pass_keeping_outputs(self, ids: Sequence[int]) -> tuple[torch.Tensor, list[Any] | None]:
+        """The model over all of `ids` (no cache): its last logits and each block's output as it returned it."""
+        layers = list(self.parts.layers or [])
+        outputs: list[Any] = [None] * len(layers)
+        owner = threading.get_ident()
+
+        def keep(i: int):
+            def hook(module, args, output):
+                if threading.get_ident() == owner:
+                    outputs[i] = output
+            return hook
+
+        handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+        try:
+            logits = self._logits(self._forward(ids))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, (outputs if layers and all(o is not None for o in outputs) else None)
+
+    @contextlib.contextmanager
+    def _replaying(self, outputs: list[Any] | None, count: int) -> Iterator[None]:
+        """The first `count` blocks answer with their kept `outputs` instead of computing them (in this
+        thread only: a reply streaming meanwhile runs them as usual)."""
+        layers = list(self.parts.layers or [])[:count] if outputs is not None else []
+        owner = threading.get_ident()
+        patched = []  # (layer, its own instance `forward` if it had one: accelerate's hooks set one)
+        for i, layer in enumerate(layers):
+            compute = layer.forward
+            patched.append((layer, layer.__dict__.get("forward")))
+
+            def forward(*args, _i=i, _compute=compute, **kwargs):
+                if threading.get_ident() == owner:
+                    return outputs[_i]
+                return _compute(*args, **kwargs)
+
+            layer.forward = forward
+        try:
+            yield
+        finally:
+            for layer, own in patched:
+                if own is None:
+                    del layer.forward  # the class's forward again
+                else:
+                    layer.forward = own
 
     def token_pieces(self, text: str) -> list[TokenPiece]:
         self._require("tokens")

@@ -18,6 +18,7 @@ from rich.style import Style
 from rich.text import Text
 
 from chat_tui.engine.inside import head_name
+from chat_tui.engine.token_bytes import fragment_label
 from chat_tui.ui.attention.render import ColorMode
 from chat_tui.ui.attention.views import BOLD, CURSOR, DIM, _wrap, bar, fit, label, pct, weight_style, window
 
@@ -246,7 +247,7 @@ def piece_label(piece: TokenPiece) -> str:
     try:
         text = piece.data.decode("utf-8")
     except UnicodeDecodeError:
-        return "".join(f"<0x{b:02X}>" for b in piece.data)
+        return fragment_label(piece.data)
     return label(text or piece.text, 40).rstrip()
 
 
