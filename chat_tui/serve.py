@@ -29,8 +29,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request as HTTPRequest
 
+from chat_tui.engine.explain import vocab_size_of
+from chat_tui.engine.inside import inside
 from chat_tui.engine.params import InvalidParameter, SamplingParams
-from chat_tui.engine.token_bytes import label_bytes
+from chat_tui.engine.token_bytes import byte_level_string, label_bytes
 from chat_tui.engine.types import ROLES, Message, Step
 from chat_tui.errors import CLIError, EngineError, first_line
 
@@ -374,6 +376,48 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
             return StreamingResponse(_sse(first, steps, request, rid, served, chat, prompt_tokens, cancel),
                                      media_type="text/event-stream")
         return await _whole(steps, request, rid, served, chat, prompt_tokens)
+
+    @app.post("/tokenize")
+    async def tokenize(http: HTTPRequest) -> dict[str, Any]:
+        """vLLM's /tokenize for a `prompt`: the ids (no special tokens added), and with `return_token_strs`
+        each token in GPT-2's byte-level alphabet, whatever the model's tokenizer (its bytes, exactly)."""
+        authorize(http)
+        body = await read_body(http)
+        check_model(body)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise APIError(400, "prompt is required (a string): this server tokenizes text, not messages",
+                           param="prompt")
+        source = inside(engine)
+        reason = "this model has no tokenizer to show" if source is None else source.inside_views().get("tokens")
+        if source is None or reason:
+            raise APIError(400, reason or "no tokens view")
+        try:
+            pieces = await asyncio.to_thread(source.token_pieces, prompt)
+        except EngineError as exc:
+            raise APIError(400, first_line(exc)) from None
+        answer: dict[str, Any] = {"count": len(pieces), "max_model_len": engine.context_length,
+                                  "tokens": [p.id for p in pieces]}
+        if body.get("return_token_strs"):
+            answer["token_strs"] = [byte_level_string(p.data) for p in pieces]
+        return answer
+
+    @app.post("/detokenize")
+    async def detokenize(http: HTTPRequest) -> dict[str, Any]:
+        """vLLM's /detokenize: the text of `tokens` (ids)."""
+        authorize(http)
+        body = await read_body(http)
+        check_model(body)
+        ids = body.get("tokens")
+        if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            raise APIError(400, "tokens is required (a list of token ids)", param="tokens")
+        vocab = vocab_size_of(engine)
+        if vocab and any(not 0 <= i < vocab for i in ids):
+            raise APIError(400, f"a token id is outside the vocabulary (0 to {vocab - 1})", param="tokens")
+        try:
+            return {"prompt": await asyncio.to_thread(engine.decode, ids)}
+        except EngineError as exc:
+            raise APIError(400, first_line(exc)) from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest) -> Any:

@@ -169,6 +169,39 @@ def test_a_token_that_is_part_of_a_character_is_sent_with_its_own_byte(bundled_s
         assert entry.token == f"<0x{entry.bytes[0]:02X}>"
 
 
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_tokenize_and_detokenize_answer_as_vllms_do(bundled_server, bundled):
+    from chat_tui.engine.remote_tokens import pieces_from_strings
+
+    root = f"http://127.0.0.1:{bundled_server.port}/"
+    text = "Hello 龍!"
+    _, answer = post_json(root + "tokenize", {"model": bundled.model_name, "prompt": text, "return_token_strs": True})
+    assert answer["tokens"] == bundled.encode(text) and answer["count"] == len(answer["tokens"])
+    assert answer["max_model_len"] == bundled.context_length
+    pieces = pieces_from_strings(text, answer["tokens"], answer["token_strs"])
+    assert pieces is not None and b"".join(p.data for p in pieces) == text.encode()
+    assert post_json(root + "detokenize", {"model": bundled.model_name, "tokens": answer["tokens"]}) == (
+        200, {"prompt": text})
+    status, bad = post_json(root + "tokenize", {"model": bundled.model_name, "messages": []})
+    assert status == 400 and "prompt is required" in bad["error"]["message"]
+    status, wrong = post_json(root + "detokenize", {"model": bundled.model_name, "tokens": [10**9]})
+    assert status == 400 and "outside the vocabulary" in wrong["error"]["message"]
+    status, unknown = post_json(root + "tokenize", {"model": "other", "prompt": text})
+    assert status == 404
+
+
 def test_a_seed_reproduces_a_sampled_reply(bundled_server, bundled):
     client = bundled_server.client()
 

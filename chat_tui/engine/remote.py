@@ -60,7 +60,8 @@ MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit, which the other servers follow
 ATTENTION_UNAVAILABLE = "attention is not available over the OpenAI protocol (the server keeps it)"
 # the settings that are always sent; any other is sent only when it is on (not its neutral value)
 ALWAYS = ("temperature", "max_tokens", "max_completion_tokens")
-MAX_REMEMBERED_BYTES = 1 << 20  # the file of rejected fields is a few kB: a bigger one is not ours
+MAX_REMEMBERED_BYTES = 1 << 20
+MAX_TOKENIZE_BYTES = 16 << 20  # a /tokenize answer for a prompt the view shows: more is not one  # the file of rejected fields is a few kB: a bigger one is not ours
 
 
 class ServerError(EngineError):
@@ -278,6 +279,10 @@ class RemoteEngine:
         # the fields this server rejected (left out), and those it takes under another name (sent so)
         self.unsupported, self.renamed = recall_fields(self._remember, self.server, model)
         self._recalled = bool(self.unsupported)  # said once, with the first request that leaves them out
+        # where the tokens view reads the model's tokenizer: "server" (/tokenize), a local tokenizer, "none";
+        # None until first asked
+        self._tokens_source: Any = None
+        self._tokens_lock = threading.Lock()
 
     # ------------------------------------------------------------------ the Engine interface
 
@@ -382,9 +387,11 @@ class RemoteEngine:
     # ------------------------------------------------------------------ the inside views (issue #14): none
 
     def inside_views(self) -> dict[str, str | None]:
-        """Every view says why not: the server keeps the model's layers, and its tokenizer too."""
-        reasons = dict.fromkeys(INSIDE_VIEWS, f"{self.server} keeps the model's layers: the server does not send them")
-        reasons["tokens"] = f"{self.server} tokenizes on the server: its tokens are not available here"
+        """The tokens view only (`token_pieces` says in one line when even that cannot be read); the others
+        say why not: the server keeps the model's layers."""
+        reasons: dict[str, str | None] = dict.fromkeys(
+            INSIDE_VIEWS, f"{self.server} keeps the model's layers: the server does not send them")
+        reasons["tokens"] = None
         return reasons
 
     def _no_view(self, view: str) -> ServerError:
@@ -403,7 +410,61 @@ class RemoteEngine:
         raise self._no_view("knockout")
 
     def token_pieces(self, text: str) -> list[TokenPiece]:
-        raise self._no_view("tokens")
+        """`text` as the server's model tokenizes it (`chat_tui.engine.remote_tokens`): the server's own
+        /tokenize, else the model's tokenizer where it is on this machine, else one line saying why not."""
+        from chat_tui.engine.remote_tokens import local_tokenizer
+
+        if not text:
+            return []
+        with self._tokens_lock:
+            if self._tokens_source is None:
+                pieces = self._server_tokenize(text)
+                if pieces is not None:
+                    self._tokens_source = "server"
+                    return pieces
+                local = local_tokenizer(self.model_name)
+                self._tokens_source = local if local is not None else "none"
+            source = self._tokens_source
+        if source == "server":
+            pieces = self._server_tokenize(text)
+            if pieces is None:
+                raise ServerError(f"{self.server}'s /tokenize answered what chat-tui cannot read")
+            return pieces
+        if callable(source):
+            return source(text)
+        raise ServerError(f"{self.server} tokenizes on the server and has no /tokenize, and the tokenizer of "
+                          f"{self.model_name!r} is not on this machine: its tokens are not available here")
+
+    def _server_tokenize(self, text: str) -> list[TokenPiece] | None:
+        """vLLM's POST /tokenize (`chat-tui serve` has it too); None when the server has none."""
+        import urllib.error
+        import urllib.request
+
+        from chat_tui.engine.remote_tokens import parse_tokenize_answer, server_root
+
+        body = {"model": self.model_name, "prompt": text, "add_special_tokens": False, "return_token_strs": True}
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        request = urllib.request.Request(server_root(self.base_url) + "/tokenize", data=json.dumps(body).encode(),
+                                         headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:  # noqa: S310 - http(s) only
+                data = answer.read(MAX_TOKENIZE_BYTES + 1)
+        except urllib.error.HTTPError:  # 404 and the like: no /tokenize here
+            return None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServerError(f"{self.server}: /tokenize failed ({first_line(exc)})") from None
+        if len(data) > MAX_TOKENIZE_BYTES:
+            return None
+        try:
+            return parse_tokenize_answer(text, json.loads(data))
+        except ValueError:
+            return None
+        try:
+            return parse_tokenize_answer(text, answer.json())
+        except ValueError:
+            return None
 
     def block_trace(self, ids: Sequence[int], layer: int, head: int) -> BlockTrace:
         raise self._no_view("block")

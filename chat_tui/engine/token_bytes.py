@@ -25,6 +25,7 @@ def _byte_level_decoder() -> dict[str, int]:
 
 
 _BYTE_LEVEL = _byte_level_decoder()
+_BYTE_LEVEL_CHAR = {b: c for c, b in _BYTE_LEVEL.items()}
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _BYTE_LABEL = re.compile(r"(?:<0x[0-9A-F]{2}>)+")
 
@@ -38,6 +39,11 @@ def piece_bytes(piece: str, byte_level: bool) -> bytes:
     if fallback:
         return bytes([int(fallback.group(1), 16)])
     return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def byte_level_string(data: bytes) -> str:
+    """Bytes in GPT-2's byte-level alphabet (what `convert_ids_to_tokens` gives for a byte-level BPE)."""
+    return "".join(_BYTE_LEVEL_CHAR[b] for b in data)
 
 
 def is_byte_level(tokenizer: object) -> bool:

@@ -172,6 +172,27 @@ def test_stop_mid_reply_closes_the_stream_and_keeps_the_partial_reply(transforme
     assert again.text  # the next prompt works
 
 
+def test_the_tokens_of_a_transformers_serve_model_come_from_its_tokenizer_on_this_machine(transformers_serve,
+                                                                                           exported):
+    from chat_tui.engine.inside import inside
+
+    engine = RemoteEngine(transformers_serve, timeout=300)  # its model id: the folder it serves
+    local = load_engine(str(exported), device="cpu")
+    text = "Hello 你好 🙂, [bold]x[/bold]"
+    pieces = inside(engine).token_pieces(text)
+    assert [p.id for p in pieces] == local.encode(text)
+    assert b"".join(p.data for p in pieces) == text.encode("utf-8")
+    assert [p.text for p in pieces] == [p.text for p in local.token_pieces(text)]
+
+
+def test_the_tokens_of_a_chat_tui_serve_model_come_from_its_tokenize(chat_tui_serve, bundled):
+    engine = RemoteEngine(chat_tui_serve, api_key="sk-test-4242", timeout=60)
+    text = "Hi 猫🎉 and 你好"
+    pieces = engine.token_pieces(text)
+    assert engine._tokens_source == "server"  # the model id, "minigpt", is no tokenizer on this machine
+    assert pieces == bundled.token_pieces(text)  # ids, labels (<0xE7>), bytes and characters alike
+
+
 def test_a_setting_the_server_rejects_is_dropped_once_and_remembered(transformers_serve, bundled):
     engine = RemoteEngine(transformers_serve, timeout=300)
     params = bundled.default_params().with_(temperature=0, max_new_tokens=8, top_k=5)
@@ -575,9 +596,10 @@ def test_a_server_model_says_why_each_inside_view_is_not_shown(scripted):
     engine = RemoteEngine(url, timeout=5)
     reasons = inside(engine).inside_views()
     assert list(reasons) == list(INSIDE_VIEWS)
-    assert all(reason and "\n" not in reason for reason in reasons.values())
-    assert "tokenizes on the server" in reasons["tokens"]
-    with pytest.raises(ServerError, match="tokenizes on the server"):
+    assert all("\n" not in reason for reason in reasons.values() if reason)
+    assert reasons["tokens"] is None  # offered: the server's /tokenize, else the tokenizer on this machine
+    assert all(reasons[view] for view in INSIDE_VIEWS if view != "tokens")
+    with pytest.raises(ServerError, match="has no /tokenize, and the tokenizer of 'm1' is not on this machine"):
         engine.token_pieces("hello")
     with pytest.raises(ServerError, match="keeps the model's layers"):
         engine.logit_lens([1, 2], 3)
