@@ -322,3 +322,24 @@ async def test_moving_while_explanations_are_computed_ends_on_the_token_selected
             assert f"▶{app.pane.position} " in app.pane.header_text(60).plain
     finally:
         engine.close()
+
+
+async def test_a_token_that_is_part_of_a_character_shows_its_byte_in_the_candidates(tiny_engine):
+    """Biased towards the three bytes of "龍" (none a character alone), the reply's tokens are labelled
+    `<0xE9>`, `<0xBE>` or `<0x8D>` in the candidates view, never as U+FFFD."""
+    from chat_tui.engine.types import Message
+
+    fragments = tiny_engine.encode("龍")
+    assert len(fragments) == 3
+    params = SamplingParams(temperature=0, max_new_tokens=3, top_candidates=5,
+                            logit_bias=tuple((i, 100.0) for i in fragments))
+    steps = list(tiny_engine.stream([Message("user", "Hello there")], params, inspect=True))
+    app = InspectorHarness(tiny_engine, color_mode="truecolor")
+    async with app.run_test(size=(110, 40)) as pilot:
+        app.feed(steps)
+        await pilot.press("6")
+        await settle(pilot, app)
+        text = canvas_text(app)
+        assert all(s.token in ("<0xE9>", "<0xBE>", "<0x8D>") for s in steps)
+        assert f"▶ {steps[-1].token}" in text  # the sampled token, at the cursor
+        assert "\ufffd" not in text
