@@ -148,6 +148,9 @@ class DecodeWeights:
         )
 
 
+LENS_RIVALS = 16  # the model's top tokens `commit_layer` asks first whether they lead a layer's lens
+
+
 class MiniGPTRunner:
     """Drives the model through a preallocated KV cache: in numpy (`weights` in the numpy layout,
     no `model`), or in torch (`model` given: a GPU, or a dtype other than float32).
@@ -169,6 +172,7 @@ class MiniGPTRunner:
         self.uses_torch = model is not None  # the decode loop enters torch.inference_mode for it
         self.masked = np.asarray(sorted(masked_ids), dtype=np.int64)
         self.lens = False
+        self._last_fed = 0  # the token whose residuals the buffers hold (a likely rival in the lens)
         head_dim = config.n_embd // config.n_head
         if self.numpy_path:
             # one preallocated cache per layer (kv[i]: keys and values, each (heads, context, head_dim))
@@ -191,6 +195,7 @@ class MiniGPTRunner:
         if len(ids) > self.config.block_size:
             raise ValueError(f"sequence of {len(ids)} tokens is longer than the context ({self.config.block_size})")
         if self.numpy_path:
+            self._last_fed = int(ids[-1]) if len(ids) else 0
             logits, matrix = self._prefill_numpy(ids, inspect)
         else:
             import torch
@@ -211,6 +216,7 @@ class MiniGPTRunner:
         if length >= self.config.block_size:
             raise ValueError(f"sequence of {length + 1} tokens is longer than the context ({self.config.block_size})")
         if self.numpy_path:
+            self._last_fed = int(token_id)
             logits, row = self._feed_numpy(token_id, inspect)
         else:
             logits, row = self._feed_torch(token_id, inspect)
@@ -222,20 +228,32 @@ class MiniGPTRunner:
         logits), -1 if it is not top-1 at the end. None without `lens` (or on the torch path).
 
         `chat_tui.engine.inside_maths.lens`'s rule, read from the decode kernel's own residuals: from the
-        last layer down, one projection through the final layer norm and the output head a layer, until
-        the token is not top-1 (a small model commits late, so this is about one projection a token)."""
+        layer before the last down, while the token stays top-1. Each layer's question is first put to a
+        few likely rivals (the model's own top tokens and the token just read, which early layers often
+        predict): one of them ahead ends the walk for the price of a tiny product; only a token still
+        ahead of them all needs the whole projection through the output head (its 4 MB read)."""
         if not (self.lens and self.numpy_path):
             return None
         if logits[token_id] < logits.max():
             return NO_COMMIT
         w, b = self.weights, self._buffers
         commit = self.config.n_layer - 1
-        for layer in range(self.config.n_layer - 2, -1, -1):
-            _layer_norm_into(b.residuals[layer], *w.ln_f, b.eps, b.lens_normed)
-            np.matmul(b.lens_normed, w.lm_head, out=b.lens_logits)
+        if commit == 0:
+            return commit
+        k = min(LENS_RIVALS, logits.size)
+        rivals = np.append(np.argpartition(logits, logits.size - k)[logits.size - k:], self._last_fed)
+        rivals = rivals[(rivals != token_id) & ~np.isin(rivals, self.masked)]
+        columns = w.lm_head[:, np.append(rivals, token_id)]  # (n_embd, rivals + the token)
+        normed, row = b.lens_normed, b.lens_logits
+        for layer in range(commit - 1, -1, -1):
+            _layer_norm_into(b.residuals[layer], *w.ln_f, b.eps, normed)
+            scores = normed @ columns
+            if rivals.size and scores[:-1].max() > scores[-1]:
+                break  # a rival is ahead: not top-1 here
+            np.matmul(normed, w.lm_head, out=row)
             if self.masked.size:
-                b.lens_logits[self.masked] = -np.inf
-            if b.lens_logits[token_id] < b.lens_logits.max():
+                row[self.masked] = -np.inf
+            if row[token_id] < row.max():
                 break
             commit = layer
         return commit
