@@ -17,7 +17,6 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Static
 
-from chat_tui.ui.lens_gutter import LensGutter
 from chat_tui.ui.state import ChatItem
 from chat_tui.ui.text import clean, safe_text
 
@@ -32,6 +31,8 @@ STATUS_LABEL = {
 
 if TYPE_CHECKING:
     from markdown_it import MarkdownIt
+
+    from chat_tui.ui.lens_gutter import LensGutter
 
 # Markdown (markdown-it, the highlighter) loads with the first reply, not before the first frame.
 
@@ -197,6 +198,8 @@ class MessageView(Vertical, can_focus=False):
         if self.item.role == "assistant":
             yield Static("", classes="probs")
             if self.show_lens_gutter:  # mounted when first shown: off, it costs nothing
+                from chat_tui.ui.lens_gutter import LensGutter  # (and not imported before the first frame)
+
                 yield LensGutter(self.item)
             yield Static(self._initial_meta or "", classes="meta")
 
@@ -353,8 +356,8 @@ class MessageView(Vertical, can_focus=False):
     @property
     def lens_gutter(self) -> LensGutter | None:
         """The reply's lens gutter (None for other messages)."""
-        found = self.query(LensGutter)
-        return found.first() if found else None
+        found = self.query(".lens-gutter")
+        return found.first() if found else None  # type: ignore[return-value]  # LensGutter's class
 
     def set_lens_gutter(self, show: bool) -> None:
         self.show_lens_gutter = show
@@ -362,6 +365,8 @@ class MessageView(Vertical, can_focus=False):
         if gutter is not None:
             gutter.display = show
         elif show and self.item.role == "assistant":
+            from chat_tui.ui.lens_gutter import LensGutter
+
             self.mount(LensGutter(self.item), before=self.query_one(".meta"))
 
     # ------------------------------------------------------------------ copy

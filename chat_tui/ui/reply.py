@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from chat_tui.engine.inside import head_name
 from chat_tui.engine.params import DETAIL_NAMES, SUMMARISED, SamplingParams, settings_summary
 from chat_tui.engine.types import Engine, Message, PromptInfo, Step
 from chat_tui.store import Store, StoreError
@@ -118,7 +117,7 @@ def details_line(item: ChatItem, live: GenJob | None = None, defaults: SamplingP
     if isinstance(fork, dict) and fork.get("receipt"):
         parts.append(clean_line(str(fork["receipt"])))
     knocked = live.knock_out if live is not None and live.knock_out else None
-    names = [head_name(*h) for h in sorted(knocked)] if knocked else item.meta.get("knocked_out")
+    names = [_head_name(h) for h in sorted(knocked)] if knocked else item.meta.get("knocked_out")
     if names:
         parts.append("heads off: " + ", ".join(clean_line(str(n)) for n in names))
     if item.status == "error" and item.meta.get("error"):
@@ -213,7 +212,7 @@ def finished_reply(job: GenJob, *, error: str | None, params: SamplingParams) ->
         if job.prompt.note:
             meta["server_note"] = job.prompt.note
     if job.knock_out:  # the receipt says which heads were off
-        meta["knocked_out"] = [head_name(*h) for h in sorted(job.knock_out)]
+        meta["knocked_out"] = [_head_name(h) for h in sorted(job.knock_out)]
     if error is not None:
         meta["error"] = error
     return FinishedReply(
@@ -432,3 +431,9 @@ class ReplyController:
             )
         except (sqlite3.Error, StoreError, OSError) as exc:
             self.sink.store_failed(exc)
+
+
+def _head_name(head: tuple[int, int]) -> str:
+    from chat_tui.engine.inside import head_name  # its dataclasses are not needed for the first frame
+
+    return head_name(*head)
