@@ -141,6 +141,11 @@ def _close_quietly(engine: Engine) -> None:
     threading.Thread(target=engine.close, name="close-model", daemon=True).start()
 
 
+# what the inspector says after another branch is shown: it keeps only the reply streamed last
+BRANCH_NOT_INSPECTED = ("This branch's replies were not streamed with the inspector open just now, so their "
+                        "attention is not kept: Ctrl+R answers again and shows it.")
+
+
 class UnexpectedError(Exception):
     """An error no handler caught, as the one line the app exits with (the log has its traceback)."""
 
@@ -370,11 +375,12 @@ class ChatApp(App[int], inherit_bindings=False):
         except NoMatches:
             return None
 
-    def _clear_inspector(self) -> None:
-        """Another conversation: the old reply's attention must not linger."""
+    def _clear_inspector(self, why: str | None = None) -> None:
+        """Another conversation or branch: the old reply's attention must not linger (`why`: what the
+        inspector says instead)."""
         pane = self._inspector_pane()
         if pane is not None:
-            pane.clear()
+            pane.clear(why)
 
     async def _mount_inspector(self) -> None:
         from chat_tui.ui.attention import InspectorPane
@@ -1466,7 +1472,8 @@ class ChatApp(App[int], inherit_bindings=False):
         last, when the branch is shorter) takes the focus."""
         self._cancel_edit()
         self.last_job = None
-        self._clear_inspector()  # the inspector's reply may be in the branch no longer shown
+        # the inspector's reply may be in the branch no longer shown
+        self._clear_inspector(BRANCH_NOT_INSPECTED)
         items = self._db(branches.load_branch, store, cid) or []
         await self.conversation.show(items, focus=min(focus, len(items) - 1) if items else None)
         self._refresh_status()

@@ -114,8 +114,8 @@ def details_line(item: ChatItem, live: GenJob | None = None, defaults: SamplingP
     if item.finish_reason in FINISH_LABEL and item.status != "stopped":
         parts.append(FINISH_LABEL[item.finish_reason])
     fork = item.meta.get("fork") if item.meta else None
-    if isinstance(fork, dict) and fork.get("receipt"):
-        parts.append(clean_line(str(fork["receipt"])))
+    if isinstance(fork, dict) and isinstance(fork.get("at"), int):  # which token and why: the full receipt
+        parts.append(f"forked at token {fork['at'] + 1}")
     knocked = live.knock_out if live is not None and live.knock_out else None
     names = [_head_name(h) for h in sorted(knocked)] if knocked else item.meta.get("knocked_out")
     if names:

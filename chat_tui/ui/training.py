@@ -546,7 +546,7 @@ class TrainingScreen(ModalScreen[None]):
         state = session.state
         style = {"running": "bold green", "stopping": "bold yellow", "done": "bold", "interrupted": "bold yellow",
                  "failed": "bold red"}.get(state, "bold")
-        line = Text(no_wrap=True, overflow="ellipsis", end="")
+        line = Text(end="")  # wraps in a narrow column: the run folder is never cut
         line.append(state, style=style)
         line.append(" · ")
         line.append(clean_line(str(session.settings.get("kind", ""))))
@@ -564,7 +564,7 @@ class TrainingScreen(ModalScreen[None]):
         if latest is None:
             checkpoint.update(Text("no checkpoint yet", style="dim"))
         else:
-            text = Text("checkpoint", style="dim", no_wrap=True, overflow="ellipsis", end="")
+            text = Text("checkpoint", style="dim", end="")
             saved = status.get("saved_step")
             if isinstance(saved, int):
                 text.append(f" at step {saved}", style="dim")

@@ -16,6 +16,7 @@ from chat_tui.engine.types import Candidate, Message, PromptInfo
 from chat_tui.store import ConversationInfo, Store
 from chat_tui.ui.branches import Fork, fork_choices, fork_opening, fork_text, verdict
 from chat_tui.ui.conversation import MessageView
+from chat_tui.ui.reply import receipt_text
 from chat_tui.ui.screens import ConfirmScreen, HelpScreen, PickScreen, conversation_label
 from chat_tui.ui.state import ChatItem, GenJob
 from tests.ui.conftest import ready, send, wait_for
@@ -181,7 +182,8 @@ async def test_fork_at_a_dropped_candidate_starts_with_the_kept_prefix_and_the_f
         assert receipt.endswith("instead of ' gamma'")
         assert reply.token_probs[2][0] == forced, "the forced token keeps its probability for the colours"
         view = app.conversation.view_for(reply)
-        assert receipt in str(view.query_one(".meta").render())
+        assert "forked at token 3" in str(view.query_one(".meta").render())  # the one line names it
+        assert receipt in receipt_text(reply)  # and `i`, the full receipt, says which token and why
         await pilot.press("f4")
         colours = view.query_one(".probs").render()
         marked = [colours.plain[s.start:s.end] for s in colours.spans if s.style.reverse]

@@ -135,6 +135,8 @@ def test_the_details_line():
     assert "context: the 3 messages of its branch (ids 1, 2, 5)" in lines  # which path of the tree it answered
     assert "forked at token 3: ' to' (p = 2.88%, dropped by top-p) instead of ' gamma'" in lines
     assert "heads off: L1H2" in lines
+    forked.meta["fork"]["at"] = 2
+    assert details_line(forked, defaults=defaults) == "defaults · forked at token 3 · heads off: L1H2"
     item.status, item.finish_reason = "stopped", "cancelled"
     assert "stopped" not in details_line(item)  # the header says it
     failed = ChatItem("assistant", "", status="error", finish_reason="error", meta={"error": "Boom\nmore"})

@@ -20,7 +20,7 @@ from rich.text import Text
 from chat_tui.engine.inside import head_name
 from chat_tui.engine.token_bytes import fragment_label
 from chat_tui.ui.attention.render import ColorMode
-from chat_tui.ui.attention.views import BOLD, CURSOR, DIM, _wrap, bar, fit, label, pct, weight_style, window
+from chat_tui.ui.attention.views import BOLD, CURSOR, DIM, bar, fit, label, pct, weight_style, window, wrapped
 
 if TYPE_CHECKING:
     from chat_tui.engine.inside import Attribution, BlockTrace, Head, KnockOut, Lens, Rollout, TokenPiece
@@ -42,10 +42,6 @@ def layer_label(layer: int, n_layers: int) -> str:
 def head_label(layer: int, head: int, n_layers: int, n_heads: int) -> str:
     """`layer 2/4 · head 3/4`, counted from 1."""
     return f"{layer_label(layer, n_layers)} · head {head + 1}/{n_heads}"
-
-
-def wrapped(text: str, width: int, style: Style | str = DIM) -> list[Text]:
-    return [Text(line.rstrip(), style=style) for line in _wrap(text, width)]
 
 
 def note_view(view: str, note: str, width: int, height: int, style: Style | str = DIM) -> Text:
@@ -72,7 +68,7 @@ def lens_view(lens: Lens, token: str, *, width: int, height: int, offset: int = 
     """Per layer, the top next tokens through the final norm and output head; the commitment layer marked."""
     n = len(lens.layers)
     head = [
-        Text(fit(f"predicting {_token(token)} · surprisal {lens.surprisal_bits:.2f} bits", width), style=DIM),
+        *wrapped(f"predicting {_token(token)} · surprisal {lens.surprisal_bits:.2f} bits", width),
         *wrapped(commit_line(lens, n), width, BOLD),
     ]
     lines = []
@@ -97,7 +93,7 @@ def lens_view(lens: Lens, token: str, *, width: int, height: int, offset: int = 
                 line.append("  ")
             line.append_text(entry)
         lines.append(line)
-    lines.append(Text(fit("◆ the commitment layer: from it on the chosen token stays first", width), style=DIM))
+    lines.extend(wrapped("◆ the commitment layer: from it on the chosen token stays first", width))
     return window(lines, height, offset, head)
 
 
@@ -116,8 +112,7 @@ def attribution_view(attribution: Attribution, token: str, n_layers: int, n_head
     """The largest contributions to the token's logit, for and against, then every head and MLP by layer."""
     check, ok = check_line(attribution)
     head = [
-        Text(fit(f"logit of {_token(token)} {attribution.logit:+.3f} · bias {attribution.bias:+.3f}", width),
-             style=DIM),
+        *wrapped(f"logit of {_token(token)} {attribution.logit:+.3f} · bias {attribution.bias:+.3f}", width),
         *wrapped(check, width, POSITIVE if ok else "bold red"),
     ]
     components = attribution.components
@@ -138,7 +133,7 @@ def attribution_view(attribution: Attribution, token: str, n_layers: int, n_head
     lines.append(Text("pushed down", style=BOLD))
     lines += [contributor(c.name, c.value) for c in reversed(ranked[-top:]) if c.value < 0]
     # every head and MLP, one line a layer
-    lines.append(Text(fit("by layer: heads H1…, then the MLP", width), style=BOLD))
+    lines.extend(wrapped("by layer: heads H1…, then the MLP", width, BOLD))
     by_layer: dict[int, dict[int | None, float]] = {}
     for c in components:
         if c.layer is not None:
@@ -309,6 +304,5 @@ def block_view(trace: BlockTrace, token: str, n_layers: int, n_heads: int, *, wi
         if row.first:
             entries = " ".join(f"{v:+.3f}" for v in row.first)
             lines.append(Text(fit(f"    first entries: {entries}", width), style=DIM))
-    lines.append(Text(fit("‖x‖: the vector's length; the residual rows are what the next block reads", width),
-                      style=DIM))
+    lines.extend(wrapped("‖x‖: the vector's length; the residual rows are what the next block reads", width))
     return window(lines, height, offset, head)

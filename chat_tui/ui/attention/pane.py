@@ -257,11 +257,11 @@ class InspectorPane(Vertical, can_focus=True):
         if self.state.view == "candidates":
             self.redraw()
 
-    def clear(self) -> None:
-        """Forget the reply (another conversation was opened)."""
+    def clear(self, why: str | None = None) -> None:
+        """Forget the reply (another conversation or branch was opened); `why`: what the empty views say."""
         self.store.reset()
         self.last_step = None
-        self.state.forget()
+        self.state.forget(why)
         self._forget_results()
         self.redraw()
 

@@ -78,6 +78,9 @@ class InspectorState:
     offsets: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VIEWS, 0))  # list views' scroll
     model_layers: int = 1
     model_heads: int = 1
+    # why the store is empty when a reply is on screen (`forget(why)`: a branch shown of replies whose
+    # attention this session did not keep); None: no reply yet
+    empty_note: str | None = None
     first_row: int = 0  # the heatmap window: its first query row and first key
     first_key: int = 0
     panned: bool = False  # the keys were panned by hand: the window no longer follows the cursor
@@ -128,10 +131,12 @@ class InspectorState:
             self.cursor = None
             self.follow = True
 
-    def forget(self) -> None:
-        """The reply is gone (another conversation): follow whatever comes next."""
+    def forget(self, why: str | None = None) -> None:
+        """The reply is gone (another conversation, another branch): follow whatever comes next. `why`:
+        what the empty views say meanwhile (a reply is on screen, its attention is not here)."""
         self.cursor = None
         self.follow = True
+        self.empty_note = why
 
     # ------------------------------------------------------------------ the user's moves
 
@@ -317,7 +322,7 @@ class InspectorState:
         if unavailable:
             return f"This backend cannot give attention: {unavailable}"
         if self.store.length == 0:
-            return "No reply yet. Attention shows here, row by row, while the model answers."
+            return self.empty_note or "No reply yet. Attention shows here, row by row, while the model answers."
         return (
             "Attention was not captured for this reply: the inspector was hidden when it started. "
             "It is captured from the next reply on while the pane is open."

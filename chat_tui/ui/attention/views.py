@@ -133,7 +133,7 @@ def row_view(
     pos_w = max(3, len(str(max(len(w) - 1, 0))))
     label_w = max(4, min(28, (width - pos_w - 8) // 2))
     bar_w = max(2, width - pos_w - 1 - label_w - 1 - 6 - 1)
-    head = [Text(fit(f"{'by weight' if sort else 'in order'} · bars ÷ row max · s: {'order' if sort else 'sort'}", width), style=DIM)]
+    head = wrapped(f"{'by weight' if sort else 'in order'} · bars ÷ row max · s: {'order' if sort else 'sort'}", width)
     lines = []
     for j in order_for(w, sort).tolist():
         v = float(w[j])
@@ -170,12 +170,12 @@ def explain_view(
     """The computation of one weight: q·k, ÷ √d, softmax, and the weighted values' sizes."""
     head: list[Text] = []
     if head_note:
-        head.append(Text(fit(head_note, width), style="yellow"))
+        head.extend(wrapped(head_note, width, "yellow"))
     if explanation is None:
         if pending:
-            head.append(Text(fit("computing q·k for this token…", width), style=DIM))
+            head.extend(wrapped("computing q·k for this token…", width))
         if unavailable:
-            head.append(Text(fit("only the weights:", width), style=DIM))
+            head.extend(wrapped("only the weights:", width))
             for part in _wrap(unavailable, width):
                 head.append(Text(part, style="yellow"))
         if stored is None:
@@ -240,6 +240,11 @@ def explain_view(
     return window(lines, height, offset, head)
 
 
+def wrapped(text: str, width: int, style: Style | str = DIM) -> list[Text]:
+    """A sentence over as many lines of `width` as it needs (never cut with "…")."""
+    return [Text(line.rstrip(), style=style) for line in _wrap(text, width)]
+
+
 def _wrap(text: str, width: int) -> list[str]:
     words, lines, current = text.split(), [], ""
     for word in words:
@@ -282,7 +287,7 @@ def heads_view(
     ]
     lines: list[Text] = []
     for title, values, fmt, heat in tables:
-        lines.append(Text(fit(title, width), style=BOLD))
+        lines.extend(wrapped(title, width, BOLD))
         top = Text("    ", style=DIM, end="")
         for h in range(h0, h1):
             top.append(f"H{h + 1}".rjust(cell), style=CURSOR if h == head else DIM)  # counted from 1
@@ -302,7 +307,7 @@ def heads_view(
                     line.append(text, style=style)
             lines.append(line)
     if h1 - h0 < heads:
-        lines.append(Text(fit(f"heads {h0 + 1}–{h1} of {heads} ({{ }} moves)", width), style=DIM))
+        lines.extend(wrapped(f"heads {h0 + 1}–{h1} of {heads} ({{ }} moves)", width))
     return window(lines, height, offset)
 
 
@@ -323,9 +328,10 @@ def turns_view(
     """The share of the query's attention that falls on each message of the conversation."""
     shares = turn_shares(weights, owner, len(labels))
     top = float(shares.max()) if shares.size else 0.0
-    label_w = max(6, min(16, width // 3))
+    # room for the longest label ("other (special tokens)"), up to half the width
+    label_w = max(6, min(max((cell_len(name) for name in labels), default=0) + 1, max(16, width // 2)))
     bar_w = max(2, width - label_w - 8)
-    head = [Text(fit("share of attention by message", width), style=DIM)]
+    head = wrapped("share of attention by message", width)
     lines = []
     for name, share in zip(labels, shares.tolist(), strict=True):
         line = Text(end="")
@@ -374,7 +380,7 @@ def candidates_view(
     # a server's sampler chose (no chain probability): the raw probability is all there is
     after = "" if step.chain_prob != step.chain_prob else f" → {step.chain_prob:.1%}"
     head = [
-        Text(fit(f"sampled {step.prob:.1%}{after} with {short_settings(step.params)}", width), style=DIM),
+        *wrapped(f"sampled {step.prob:.1%}{after} with {short_settings(step.params)}", width),
     ]
     if unavailable:
         for part in _wrap(unavailable, width):
@@ -408,8 +414,7 @@ def candidates_view(
     head.append(header)
     if show_now:
         assert now is not None
-        head.insert(1, Text(fit(f"now: {short_settings(now.params)} (replayed, no regeneration)", width),
-                            style="cyan"))
+        head[1:1] = wrapped(f"now: {short_settings(now.params)} (replayed, no regeneration)", width, "cyan")
     lines = []
     ids = as_sampled.ids.tolist()
     for i in _listed(ids, step.token_id, rows):
@@ -431,7 +436,7 @@ def candidates_view(
     for replay in (as_sampled, now):
         if replay is not None:
             notes += [n for n in replay.notes if n not in notes]
-    footer = [Text(fit(n, width), style="yellow" if "approximate" in n else DIM) for n in notes]
+    footer = [line for n in notes for line in wrapped(n, width, "yellow" if "approximate" in n else DIM)]
     lines = lines + _rank_note(ids, step.token_id, rows, width) + footer
     return window(lines, height, offset, head)
 
@@ -450,7 +455,7 @@ def _rank_note(ids: list[int] | list[int | str], chosen: int | str, rows: int | 
     """A line saying where the sampled token ranks when it is listed below the `rows` most likely."""
     if rows is None or chosen not in ids[rows:]:
         return []
-    return [Text(fit(f"▶ ranked {ids.index(chosen) + 1} of the {len(ids)} most likely", width), style=DIM)]
+    return wrapped(f"▶ ranked {ids.index(chosen) + 1} of the {len(ids)} most likely", width)
 
 
 def _token_text(step: Step, token_id: int, texts: dict[int, str] | None) -> str:
