@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -66,20 +67,6 @@ from chat_tui.ui.messages import GenerationDone, KnockOutContinue, ModelLoaded, 
 from chat_tui.ui.prompt import PromptInput
 from chat_tui.ui.reply import ReplyController, changed_settings, details_line, prompt_messages, receipt_text
 from chat_tui.ui.sampling import SamplingPane, SamplingTable
-from chat_tui.ui.screens import (
-    ConfirmScreen,
-    ConversationDeleted,
-    ConversationListScreen,
-    ConversationRenamed,
-    HelpScreen,
-    InputScreen,
-    OrderScreen,
-    PickScreen,
-    PresetScreen,
-    TextEditScreen,
-    decode_stops,
-    encode_stops,
-)
 from chat_tui.ui.settings import Settings
 from chat_tui.ui.state import ChatItem, GenJob
 from chat_tui.ui.text import clean, clean_line
@@ -88,6 +75,7 @@ if TYPE_CHECKING:
     from textual.widgets import Markdown  # loaded with the first reply
 
     from chat_tui.ui.attention import InspectorPane  # mounted after the first frame (numpy)
+    from chat_tui.ui.screens import ConversationDeleted, ConversationRenamed
     from chat_tui.ui.training import TrainingSession  # the training screen loads on first use
 
 EngineFactory = Callable[[], Engine]
@@ -139,6 +127,13 @@ def tune_runtime() -> None:
 def _close_quietly(engine: Engine) -> None:
     """Let a model go without waiting for it (a model in its own process takes a moment to stop)."""
     threading.Thread(target=engine.close, name="close-model", daemon=True).start()
+
+
+def screens() -> ModuleType:
+    """The dialogs (`chat_tui.ui.screens`), imported when the first one opens, not before the first frame."""
+    from chat_tui.ui import screens as dialogs
+
+    return dialogs
 
 
 # what the inspector says after another branch is shown: it keeps only the reply streamed last
@@ -922,7 +917,7 @@ class ChatApp(App[int], inherit_bindings=False):
             elif action == "new":
                 await self.action_new_conversation()
 
-        self.push_screen(ConversationListScreen(self.store, self.conversation_id), done)
+        self.push_screen(screens().ConversationListScreen(self.store, self.conversation_id), done)
 
     async def on_conversation_deleted(self, message: ConversationDeleted) -> None:
         if message.conversation_id == self.conversation_id and self.job is None:
@@ -945,7 +940,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 if cid == self.conversation_id:
                     self.sub_title = clean_line(title)
 
-        self.push_screen(InputScreen("Rename conversation", info.title if info else ""), done)
+        self.push_screen(screens().InputScreen("Rename conversation", info.title if info else ""), done)
 
     def action_delete_conversation(self) -> None:
         if self.conversation_id is None or self.store is None:
@@ -960,7 +955,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 if cid == self.conversation_id:
                     await self.action_new_conversation()
 
-        self.push_screen(ConfirmScreen("Delete this conversation?", "Its messages will be lost.", yes="Delete"), done)
+        self.push_screen(screens().ConfirmScreen("Delete this conversation?", "Its messages will be lost.", yes="Delete"), done)
 
     def action_export(self, fmt: str) -> None:
         if self.conversation_id is None or self.store is None:
@@ -990,7 +985,7 @@ class ChatApp(App[int], inherit_bindings=False):
             self.notify(f"Exported conversation #{cid} to {target}", markup=False)
 
         label = "Markdown" if fmt == "markdown" else "JSON"
-        self.push_screen(InputScreen(f"Export as {label} to", str(default)), done)
+        self.push_screen(screens().InputScreen(f"Export as {label} to", str(default)), done)
 
     def action_load_model_dialog(self) -> None:
         if self._busy(" first"):
@@ -1010,7 +1005,7 @@ class ChatApp(App[int], inherit_bindings=False):
             self.open_checkpoint(source.strip() or None)
 
         self.push_screen(
-            InputScreen("Load a model", "", placeholder="empty: the bundled mini-GPT",
+            screens().InputScreen("Load a model", "", placeholder="empty: the bundled mini-GPT",
                         hint="a model folder (mini-GPT or Hugging Face), a hub id such as owner/name, or a "
                              "server's URL · Enter loads · Esc cancels"),
             done,
@@ -1026,7 +1021,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 self.connect_to_server(text)
 
         self.push_screen(
-            InputScreen("Connect to a server", self.load_options.get("base_url", "") or "",
+            screens().InputScreen("Connect to a server", self.load_options.get("base_url", "") or "",
                         placeholder="http://127.0.0.1:8000/v1",
                         hint="an OpenAI-compatible server (vLLM, llama.cpp, Ollama, transformers serve, chat-tui "
                              "serve), then a space and a model name if you know it · the key comes from "
@@ -1065,7 +1060,7 @@ class ChatApp(App[int], inherit_bindings=False):
             if name:
                 self._load_from_server(url, name)
 
-        self.push_screen(PickScreen(f"Models on {url}", names, hint="Enter connects · Esc cancels"), done)
+        self.push_screen(screens().PickScreen(f"Models on {url}", names, hint="Enter connects · Esc cancels"), done)
 
     def _load_from_server(self, url: str, model: str) -> None:
         self.open_checkpoint(model, server=url)
@@ -1465,7 +1460,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 await self._show_branch(store, cid, focus=depth)
 
         detail = branches.deletion_note(item, len(self.conversation.items) - depth - 1)
-        self.push_screen(ConfirmScreen("Delete this message?", detail, yes="Delete"), done)
+        self.push_screen(screens().ConfirmScreen("Delete this message?", detail, yes="Delete"), done)
 
     async def _show_branch(self, store: Store, cid: int, *, focus: int) -> None:
         """The store's branch on screen now replaces the one mounted; the message at `focus` (or the
@@ -1522,15 +1517,15 @@ class ChatApp(App[int], inherit_bindings=False):
                 if text is None:
                     return
                 try:
-                    params = self.params.with_(stop=decode_stops(text))
+                    params = self.params.with_(stop=screens().decode_stops(text))
                 except InvalidParameter as exc:
                     self.notify(str(exc), severity="warning", markup=False)
                     return
                 self.settings = self.settings.edit(params)
 
-            stops = encode_stops(self.params.stop)
+            stops = screens().encode_stops(self.params.stop)
             self.push_screen(
-                TextEditScreen("Stop strings", "\n".join(filter(None, (stops, event.initial))),
+                screens().TextEditScreen("Stop strings", "\n".join(filter(None, (stops, event.initial))),
                                hint="one per line; write \\n for a newline"),
                 done_stop,
             )
@@ -1544,7 +1539,7 @@ class ChatApp(App[int], inherit_bindings=False):
                     self._db(self.store.set_system_prompt, self.conversation_id, self.system_prompt)
 
             text = "\n".join(filter(None, (self.system_prompt, event.initial)))  # a paste comes after the text
-            self.push_screen(TextEditScreen("System prompt", text), done_system)
+            self.push_screen(screens().TextEditScreen("System prompt", text), done_system)
         elif event.name == "order":
 
             def done_order(order: tuple[str, ...] | None) -> None:
@@ -1552,7 +1547,7 @@ class ChatApp(App[int], inherit_bindings=False):
                     return
                 self.settings = self.settings.edit(self.params.with_(order=order))
 
-            self.push_screen(OrderScreen(tuple(self.params.order)), done_order)
+            self.push_screen(screens().OrderScreen(tuple(self.params.order)), done_order)
 
     def action_presets(self) -> None:
         def done(result: tuple[str, str] | None) -> None:
@@ -1567,7 +1562,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 self._delete_preset(name)
 
         names = list_presets(self.paths)
-        self.push_screen(PresetScreen(names, SHIPPED_PRESETS, self._preset_summaries(names)), done)
+        self.push_screen(screens().PresetScreen(names, SHIPPED_PRESETS, self._preset_summaries(names)), done)
 
     def _preset_summaries(self, names: list[str]) -> dict[str, str]:
         """What each preset changes from the model's defaults ("T 0.2 top-p 0.5"), or why it cannot load."""
@@ -1610,7 +1605,7 @@ class ChatApp(App[int], inherit_bindings=False):
             self.notify(f"Saved preset {name.strip()} to {path}", markup=False)
 
         self.push_screen(
-            InputScreen("Save the current settings as a preset", self.preset_name or "",
+            screens().InputScreen("Save the current settings as a preset", self.preset_name or "",
                         placeholder="name", hint="letters, digits, space, . _ -"),
             done,
         )
@@ -1626,7 +1621,7 @@ class ChatApp(App[int], inherit_bindings=False):
                 return
             self.notify(f"Deleted preset {name} ({path})", markup=False)
 
-        self.push_screen(ConfirmScreen(f"Delete preset {name}?", yes="Delete"), done)
+        self.push_screen(screens().ConfirmScreen(f"Delete preset {name}?", yes="Delete"), done)
 
     # ------------------------------------------------------------------ focus, copy, links, view
 
@@ -1664,7 +1659,7 @@ class ChatApp(App[int], inherit_bindings=False):
             if yes:
                 self.open_url(href)
 
-        self.push_screen(ConfirmScreen("Open this link in your browser?", clean(href), yes="Open"), done)
+        self.push_screen(screens().ConfirmScreen("Open this link in your browser?", clean(href), yes="Open"), done)
 
     # ------------------------------------------------------------------ help and commands
 
@@ -1696,11 +1691,15 @@ class ChatApp(App[int], inherit_bindings=False):
         from chat_tui.ui.compare import CompareScreen
         from chat_tui.ui.training import TrainingScreen
 
-        return (*cls.BINDING_OWNERS, ("inspector", InspectorPane), ("training", TrainingScreen),
+        dialogs = screens()
+        return (*cls.BINDING_OWNERS, ("conversations", dialogs.ConversationListScreen),
+                ("presets", dialogs.PresetScreen), ("chain order", dialogs.OrderScreen),
+                ("editor", dialogs.TextEditScreen), ("dialog", dialogs.InputScreen), ("confirm", dialogs.ConfirmScreen),
+                ("help", dialogs.HelpScreen), ("inspector", InspectorPane), ("training", TrainingScreen),
                 ("compare", CompareScreen))
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(self.binding_rows(), str(self.paths.config_file)))
+        self.push_screen(screens().HelpScreen(self.binding_rows(), str(self.paths.config_file)))
 
     def deliver_screenshot(self, filename: str | None = None, path: str | None = None,
                            time_format: str | None = None) -> str | None:
@@ -1777,11 +1776,4 @@ ChatApp.BINDING_OWNERS = (
     ("prompt", PromptInput),
     ("sampling", SamplingTable),
     ("message", MessageView),
-    ("conversations", ConversationListScreen),
-    ("presets", PresetScreen),
-    ("chain order", OrderScreen),
-    ("editor", TextEditScreen),
-    ("dialog", InputScreen),
-    ("confirm", ConfirmScreen),
-    ("help", HelpScreen),
 )

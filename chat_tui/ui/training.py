@@ -295,6 +295,8 @@ class TrainingScreen(ModalScreen[None]):
     Modal (and opaque) so that the chat's keys (regenerate, continue…) do not act behind it; Ctrl+Q
     and the command palette still work."""
 
+    CSS_PATH = "training.tcss"  # parsed when the screen first opens, not before the chat's first frame
+
     BINDINGS = [
         Binding("ctrl+s", "start", "Start", id="training_start"),
         Binding("ctrl+b", "stop_run", "Stop run", id="training_stop"),

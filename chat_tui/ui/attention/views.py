@@ -69,7 +69,7 @@ def weight_style(value: float, mode: ColorMode) -> Style:
     if mode == "mono" or not np.isfinite(value):
         return Style()
     level = int(round(min(max(value, 0.0), 1.0) * (LEVELS - 1)))
-    return Style(color=level_color(max(level, 40), mode))  # never darker than readable
+    return Style(color=level_color(max(level, 100), mode))  # never darker than readable on a dark background
 
 
 def cell_style(value: float, mode: ColorMode) -> Style:
