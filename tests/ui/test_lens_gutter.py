@@ -13,6 +13,17 @@ def gutter_cells(gutter: LensGutter) -> str:
     return str(gutter.render()).split("\n", 1)[1]
 
 
+async def shows_the_fakes_commitment_layers(pilot, gutter: LensGutter, item, engine) -> None:
+    """Wait until every cell is known (a cell stays blank until then, and the strip is redrawn a moment
+    later), then check each digit is the layer the fake engine commits at for that token, from 1."""
+    n = len(item.token_probs)
+    await wait_for(pilot, lambda: len(gutter_cells(gutter)) == n and " " not in gutter_cells(gutter),
+                   what="the commitment layers")
+    prompt_length = len(gutter._lens_ids) - n
+    expected = "".join(str(engine.fake_commit_layer(gutter._lens_ids[: prompt_length + i]) + 1) for i in range(n))
+    assert gutter_cells(gutter) == expected
+
+
 async def test_the_gutter_shows_each_tokens_commitment_layer_while_on(make_app):
     app, engine = make_app([REPLY, REPLY])
     async with app.run_test(size=(160, 40)) as pilot:
@@ -26,13 +37,7 @@ async def test_the_gutter_shows_each_tokens_commitment_layer_while_on(make_app):
         item = app.conversation.items[-1]
         gutter = app.conversation.view_for(item).lens_gutter
         assert gutter is not None and gutter.display
-        n = len(item.token_probs)
-        # a cell stays blank until its layer is known (and the strip is redrawn a moment later)
-        await wait_for(pilot, lambda: len(gutter_cells(gutter)) == n and " " not in gutter_cells(gutter),
-                       what="the commitment layers")
-        prompt_length = len(gutter._lens_ids) - n
-        expected = "".join(str(engine.fake_commit_layer(gutter._lens_ids[: prompt_length + i]) + 1) for i in range(n))
-        assert gutter_cells(gutter) == expected
+        await shows_the_fakes_commitment_layers(pilot, gutter, item, engine)
         assert LEGEND in str(gutter.render())
         assert [r.lens for r in engine.records] == [False, True]  # asked of the stream only while on
         await pilot.press("f10")
@@ -48,12 +53,7 @@ async def test_commitment_layers_that_come_with_the_tokens_are_not_asked_again(m
         await send(pilot, app, "first")
         item = app.conversation.items[-1]
         gutter = app.conversation.view_for(item).lens_gutter
-        n = len(item.token_probs)
-        await wait_for(pilot, lambda: len(gutter_cells(gutter)) == n and " " not in gutter_cells(gutter),
-                       what="the commitment layers")
-        prompt_length = len(gutter._lens_ids) - n
-        expected = "".join(str(engine.fake_commit_layer(gutter._lens_ids[: prompt_length + i]) + 1) for i in range(n))
-        assert gutter_cells(gutter) == expected
+        await shows_the_fakes_commitment_layers(pilot, gutter, item, engine)
         assert engine.lens_calls == 0  # no second pass over the prefix for any token
 
 
