@@ -95,6 +95,17 @@ def load_average() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def median_seconds(work: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
+    """The median time of `repeats` runs of `work`, after one untimed run that touches every page."""
+    work()
+    seconds = []
+    for _ in range(repeats):
+        start = clock()
+        work()
+        seconds.append(clock() - start)
+    return statistics.median(seconds)
+
+
 def memory_bandwidth(mib: int = 512, repeats: int = 5, clock: Callable[[], float] = time.perf_counter) -> float:
     """This machine's memory bandwidth now: bytes copied per second by a large numpy copy (the
     median of `repeats` copies of `mib` MiB, far larger than any cache). Each byte is read once
@@ -104,13 +115,7 @@ def memory_bandwidth(mib: int = 512, repeats: int = 5, clock: Callable[[], float
 
     source = np.ones(mib * 2**20 // 4, dtype=np.float32)
     target = np.empty_like(source)
-    np.copyto(target, source)  # touch every page first
-    seconds = []
-    for _ in range(repeats):
-        start = clock()
-        np.copyto(target, source)
-        seconds.append(clock() - start)
-    return source.nbytes / statistics.median(seconds)
+    return source.nbytes / median_seconds(lambda: np.copyto(target, source), repeats, clock)
 
 
 def product_bandwidth(mib: int = 512, repeats: int = 5, clock: Callable[[], float] = time.perf_counter) -> float:
@@ -122,13 +127,7 @@ def product_bandwidth(mib: int = 512, repeats: int = 5, clock: Callable[[], floa
     matrix = torch.ones(mib * 2**20 // (4 * 4096), 4096)
     vector = torch.ones(matrix.shape[0])
     with torch.inference_mode():
-        torch.matmul(vector, matrix)  # touch every page first
-        seconds = []
-        for _ in range(repeats):
-            start = clock()
-            torch.matmul(vector, matrix)
-            seconds.append(clock() - start)
-    return matrix.numel() * 4 / statistics.median(seconds)
+        return matrix.numel() * 4 / median_seconds(lambda: torch.matmul(vector, matrix), repeats, clock)
 
 
 def fast_bf16() -> str:

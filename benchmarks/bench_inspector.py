@@ -22,6 +22,7 @@ import asyncio
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -240,22 +241,25 @@ def long_replies(engine) -> None:
 
 
 def app_engine(new_tokens: int):
-    """(a factory of the engine as the app gets it, its name): the bundled model in a process of its own,
-    as `chat-tui` runs it (ProcessEngine: the UI's work then takes a core, not the model's thread's
-    turns at the interpreter); without it, a stand-in in this process."""
+    """(a factory of the engine as the app gets it, its name, whether it has a lens): the bundled model in
+    a process of its own, as `chat-tui` runs it (ProcessEngine: the UI's work then takes a core, not the
+    model's thread's turns at the interpreter); without it, a stand-in in this process."""
     import importlib
 
     from chat_tui.engine import CheckpointError, bundled_model_path
+    from chat_tui.engine.inside import inside
     from chat_tui.engine.process import ProcessEngine
 
     try:
         bundled_model_path()
     except CheckpointError:
         engine, name = engine_for_app(new_tokens)
-        long_replies(engine) if hasattr(engine, "eos_ids") else None
-        return (lambda: engine), name
+        if hasattr(engine, "eos_ids"):
+            long_replies(engine)
+        return (lambda: engine), name, inside(engine) is not None
     setup = importlib.import_module("bench_inspector").long_replies  # by module name: the child imports it
-    return (lambda: ProcessEngine.start(None, device="cpu", setup=setup)), "bundled mini-GPT in its own process"
+    return ((lambda: ProcessEngine.start(None, device="cpu", setup=setup)), "bundled mini-GPT in its own process",
+            True)
 
 
 async def one_run(engine_factory, open_pane: bool, new_tokens: int, home: Path,
@@ -293,9 +297,8 @@ async def one_run(engine_factory, open_pane: bool, new_tokens: int, home: Path,
         return took, tokens, inspected
 
 
-def bench_app(runs: int, new_tokens: int, threads: int) -> None:
-    import tempfile
-
+def torch_threads(threads: int) -> None:
+    """Torch's threads for a model in this process (the bundled one runs in its own, in numpy)."""
     try:
         import torch
 
@@ -303,16 +306,32 @@ def bench_app(runs: int, new_tokens: int, threads: int) -> None:
     except ImportError:
         pass
 
-    factory, name = app_engine(new_tokens)
-    print(f"== tokens/s reaching the screen ({name}, {new_tokens} new tokens, greedy, {runs} runs each, alternating)")
+
+def alternating_rates(factory, runs: int, new_tokens: int, *, gutter: bool,
+                      describe: Callable[[bool, bool], str]) -> dict[bool, list[float]]:
+    """Tokens/s reaching the screen, `runs` runs with the setting on (the inspector open or, with `gutter`,
+    the lens gutter on) and as many with it off, alternating so both see the same background load.
+    `describe(on, attention_captured)` names a run in its printed line."""
+    import tempfile
+
     rates: dict[bool, list[float]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as home:
         for i in range(runs):
-            for open_pane in ((True, False) if i % 2 == 0 else (False, True)):
-                took, tokens, inspected = asyncio.run(one_run(factory, open_pane, new_tokens, Path(home)))
-                rates[open_pane].append(tokens / took)
-                print(f"  run {i + 1} inspector {'open  ' if open_pane else 'closed'}: {tokens} tokens in "
-                      f"{took:5.2f} s = {tokens / took:6.1f} tok/s (attention captured: {inspected})")
+            for on in ((True, False) if i % 2 == 0 else (False, True)):
+                took, tokens, inspected = asyncio.run(one_run(factory, on and not gutter, new_tokens, Path(home),
+                                                              gutter=on and gutter))
+                rates[on].append(tokens / took)
+                print(f"  run {i + 1} {describe(on, inspected)}: {tokens} tokens in {took:5.2f} s = "
+                      f"{tokens / took:6.1f} tok/s")
+    return rates
+
+
+def bench_app(runs: int, new_tokens: int, threads: int) -> None:
+    torch_threads(threads)
+    factory, name, _ = app_engine(new_tokens)
+    print(f"== tokens/s reaching the screen ({name}, {new_tokens} new tokens, greedy, {runs} runs each, alternating)")
+    rates = alternating_rates(factory, runs, new_tokens, gutter=False, describe=lambda on, inspected: (
+        f"inspector {'open  ' if on else 'closed'}") + f" (attention captured: {inspected})")
     best_open, best_closed = max(rates[True]), max(rates[False])
     med_open, med_closed = statistics.median(rates[True]), statistics.median(rates[False])
     # The runs alternate open and closed, so both see the same background load; the median of each is
@@ -323,29 +342,13 @@ def bench_app(runs: int, new_tokens: int, threads: int) -> None:
 
 
 def bench_gutter(runs: int, new_tokens: int, threads: int) -> None:
-    import tempfile
-
-    from chat_tui.engine.inside import inside
-
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
-    factory, name = app_engine(new_tokens)
-    probe, _ = engine_for_app(new_tokens)
-    lens = "its lens computed per token" if inside(probe) is not None else "surprisal only: this engine has no lens"
+    torch_threads(threads)
+    factory, name, has_lens = app_engine(new_tokens)
+    lens = "its lens computed per token" if has_lens else "surprisal only: this engine has no lens"
     print(f"== tokens/s reaching the screen with the lens gutter on and off ({name}, {lens}, {new_tokens} new "
           f"tokens, greedy, inspector closed, {runs} runs each, alternating)")
-    rates: dict[bool, list[float]] = {True: [], False: []}
-    with tempfile.TemporaryDirectory() as home:
-        for i in range(runs):
-            for on in ((True, False) if i % 2 == 0 else (False, True)):
-                took, tokens, _ = asyncio.run(one_run(factory, False, new_tokens, Path(home), gutter=on))
-                rates[on].append(tokens / took)
-                print(f"  run {i + 1} gutter {'on ' if on else 'off'}: {tokens} tokens in {took:5.2f} s = "
-                      f"{tokens / took:6.1f} tok/s")
+    rates = alternating_rates(factory, runs, new_tokens, gutter=True,
+                              describe=lambda on, _: f"gutter {'on ' if on else 'off'}")
     med_on, med_off = statistics.median(rates[True]), statistics.median(rates[False])
     print(f"  median: on {med_on:6.1f} tok/s, off {med_off:6.1f} tok/s, ratio {med_on / med_off:.2f} (target ≥ 0.80)")
 
@@ -356,7 +359,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=6, help="app runs per setting (interleaved; the median is the figure)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-app", action="store_true", help="only the drawing timings")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for the model in the app runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for a stand-in model in the app runs "
+                        "(the bundled one runs in its own process, in numpy on one thread)")
     parser.add_argument("--only-gutter", action="store_true", help="only the lens gutter's tokens/s (4.)")
     args = parser.parse_args()
     if args.only_gutter:

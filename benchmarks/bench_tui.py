@@ -40,6 +40,7 @@ import sys
 import tempfile
 import termios
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,6 +178,20 @@ def headless_rate(engine, params, conversation, inspect: bool) -> tuple[int, flo
     return count, count / (time.perf_counter() - start)
 
 
+async def key_latency(app, char: str, shown: Callable[[], str]) -> float:
+    """Seconds from a key reaching the app (as the terminal driver delivers it) until `shown()` changes."""
+    from textual import events
+
+    before = shown()
+    event = events.Key(char, char)
+    event.set_sender(app)
+    start = time.perf_counter()
+    app._driver.send_message(event)
+    while shown() == before:
+        await asyncio.sleep(0.0005)
+    return time.perf_counter() - start
+
+
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process (Linux /proc), or None where that cannot be read."""
     try:
@@ -312,7 +327,6 @@ def bench_throughput(kind: str, tokens: int, delay: float, runs: int) -> dict:
 
 
 async def responsiveness(kind: str, delay: float, samples: int, home: str) -> dict[str, float]:
-    from textual import events
 
     from chat_tui.config import get_paths
     from chat_tui.store import Store
@@ -350,15 +364,7 @@ async def responsiveness(kind: str, delay: float, samples: int, home: str) -> di
         for i in range(samples):
             if app.job is None:  # that reply ended (at the context's end): keys count only while one streams
                 await ask()
-            char = "abcdefghij"[i % 10]
-            before = prompt.text
-            event = events.Key(char, char)
-            event.set_sender(app)
-            start = time.perf_counter()
-            app._driver.send_message(event)
-            while prompt.text == before:
-                await asyncio.sleep(0.0005)
-            latencies.append(time.perf_counter() - start)
+            latencies.append(await key_latency(app, "abcdefghij"[i % 10], lambda: prompt.text))
             await asyncio.sleep(0.03)
         streamed = app.tokens_on_screen
         if app.job is not None:
@@ -375,7 +381,6 @@ async def responsiveness(kind: str, delay: float, samples: int, home: str) -> di
 
 async def compare_screen(kind: str, tokens: int, delay: float, samples: int, runs: int, home: str) -> dict:
     """Two columns on the compare screen: their tokens per second on screen, then key latency meanwhile."""
-    from textual import events
 
     from chat_tui.config import get_paths
     from chat_tui.ui.compare import CompareScreen
@@ -421,15 +426,7 @@ async def compare_screen(kind: str, tokens: int, delay: float, samples: int, run
         for i in range(samples):
             if not all(r.job is not None and not r.job.done and r.steps for r in screen.runs):
                 break  # keys count only while both columns stream
-            char = "abcdefghij"[i % 10]
-            before = field.value
-            event = events.Key(char, char)
-            event.set_sender(app)
-            start = time.perf_counter()
-            app._driver.send_message(event)
-            while field.value == before:
-                await asyncio.sleep(0.0005)
-            latencies.append(time.perf_counter() - start)
+            latencies.append(await key_latency(app, "abcdefghij"[i % 10], lambda: field.value))
             await asyncio.sleep(0.03)
         streamed = [len(r.steps) for r in screen.runs]
         await close(screen)

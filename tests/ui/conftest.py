@@ -67,6 +67,11 @@ async def ready(pilot, app: ChatApp) -> None:
     await wait_for(pilot, lambda: app.engine is not None and app.conversation.is_mounted, what="the engine")
 
 
+async def inspector_ready(pilot, app: ChatApp) -> None:
+    """The inspector is mounted after the first frame: wait for it."""
+    await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+
+
 async def send(pilot, app: ChatApp, text: str, *, wait: bool = True) -> None:
     before = len(app.conversation.items)
     app.prompt_input.focus()

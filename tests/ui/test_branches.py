@@ -19,7 +19,7 @@ from chat_tui.ui.conversation import MessageView
 from chat_tui.ui.reply import receipt_text
 from chat_tui.ui.screens import ConfirmScreen, HelpScreen, PickScreen, conversation_label
 from chat_tui.ui.state import ChatItem, GenJob
-from tests.ui.conftest import ready, send, wait_for
+from tests.ui.conftest import inspector_ready, ready, send, wait_for
 
 
 def header(app, item) -> str:
@@ -149,7 +149,7 @@ async def test_fork_at_a_dropped_candidate_starts_with_the_kept_prefix_and_the_f
     app, engine = make_app(["alpha beta gamma delta"])
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot, app)
-        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await inspector_ready(pilot, app)
         await send(pilot, app, "hi")
         original = app.conversation.items[-1]
         pane = app.inspector
@@ -273,7 +273,7 @@ async def test_f_on_a_picked_reply_forks_it_at_its_last_token(make_app):
     app, engine = make_app(["alpha beta gamma delta"])
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot, app)
-        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await inspector_ready(pilot, app)
         await send(pilot, app, "hi")
         pane = app.inspector
         await wait_for(pilot, lambda: pane.store.generated >= 4 and app.job is None, what="the whole reply")

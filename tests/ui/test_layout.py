@@ -9,7 +9,7 @@ from chat_tui.engine.params import SamplingParams
 from chat_tui.ui.attention.state import VIEW_SUBTITLE
 from chat_tui.ui.sampling import ROWS
 
-from .conftest import ready, send, wait_for
+from .conftest import inspector_ready, ready, send, wait_for
 
 
 async def test_the_sampling_pane_lists_only_what_differs_until_it_has_the_focus(make_app):
@@ -36,7 +36,7 @@ async def test_maximise_and_restore_the_inspector(make_app):
     app, _ = make_app()
     async with app.run_test(size=(200, 50)) as pilot:
         await ready(pilot, app)
-        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await inspector_ready(pilot, app)
         await send(pilot, app, "hi")
         inspector = app.inspector
         normal = inspector.size.width
@@ -67,7 +67,7 @@ async def test_resize_keys_change_the_widths_and_they_persist(make_app, home):
     app, _ = make_app()
     async with app.run_test(size=(160, 40)) as pilot:
         await ready(pilot, app)
-        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await inspector_ready(pilot, app)
         before = app.query_one("#inspector").outer_size.width
         app.inspector.focus()
         await pilot.press("f8")
@@ -81,7 +81,7 @@ async def test_resize_keys_change_the_widths_and_they_persist(make_app, home):
     again, _ = make_app()
     async with again.run_test(size=(160, 40)) as pilot:
         await ready(pilot, again)
-        await wait_for(pilot, lambda: again._inspector_pane() is not None, what="the inspector")
+        await inspector_ready(pilot, again)
         await pilot.pause()
         assert again.query_one("#inspector").outer_size.width == before - 4
 
@@ -122,7 +122,7 @@ async def test_the_heatmap_labels_its_rows_with_the_window_tokens_and_explains_i
     app, _ = make_app()
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot, app)
-        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await inspector_ready(pilot, app)
         await send(pilot, app, "Write an add function in Python")
         pane = app.inspector
         size = pane.query_one("#attn-canvas").content_size
@@ -168,7 +168,7 @@ async def test_the_explain_view_fits_every_column_at_120x40(home, tiny_checkpoin
     app = ChatApp(str(tiny_checkpoint), paths=get_paths(), device="cpu")  # the real q·k, in the app's process
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot, app)
-        await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+        await inspector_ready(pilot, app)
         await send(pilot, app, "hello there")
         pane = app.inspector
         pane.focus()

@@ -14,7 +14,7 @@ from chat_tui.store import Store
 from chat_tui.ui.app import ChatApp
 from chat_tui.ui.state import GenJob
 
-from .conftest import CODE_REPLY, send, wait_for
+from .conftest import CODE_REPLY, inspector_ready, send, wait_for
 
 
 class Clock:
@@ -50,7 +50,7 @@ async def one_exchange(pilot) -> None:
     await wait_for(pilot, lambda: app.engine is not None)
     # the inspector is mounted just after the first frame: a reply sent before that reached it
     # only in part (the picture then depended on how fast the machine was)
-    await wait_for(pilot, lambda: app._inspector_pane() is not None, what="the inspector")
+    await inspector_ready(pilot, app)
     app.prompt_input.cursor_blink = False
     await send(pilot, app, "Write an add function in Python")
     # the inspector redraws on a 10 Hz timer: wait until it has drawn the whole reply, so the
