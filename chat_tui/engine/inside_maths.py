@@ -257,6 +257,21 @@ def knock_out(heads: frozenset[Head], before: torch.Tensor, after: torch.Tensor,
                     top_after=int(q.argmax()))
 
 
+# ---------------------------------------------------------------------------------------------- block
+
+BLOCK_FIRST = 6  # the entries of q and k the block view shows
+
+
+def block_norm(vector: torch.Tensor) -> float:
+    """A block row's length, ‖x‖ (in float32 whatever the model's dtype)."""
+    return float(vector.float().norm())
+
+
+def block_first(vector: torch.Tensor) -> list[float]:
+    """The first BLOCK_FIRST entries of a vector (q or k of the head in view)."""
+    return [float(v) for v in vector[:BLOCK_FIRST].float().tolist()]
+
+
 # ---------------------------------------------------------------------------------------------- tokens
 
 

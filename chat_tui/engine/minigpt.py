@@ -35,6 +35,7 @@ from chat_tui.engine.inside import (
     Rollout,
     TokenPiece,
 )
+from chat_tui.engine.inside_maths import block_first, block_norm
 from chat_tui.engine.params import SamplingParams
 from chat_tui.engine.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, ChatTokenizer
 from chat_tui.engine.types import (
@@ -815,25 +816,14 @@ class MiniGPTEngine:
         c = capture[layer]
         with torch.inference_mode():
             position = len(ids) - 1
-            rows = [BlockRow("token embedding", _norm(model.transformer.wte.weight[ids[-1]])),
-                    BlockRow("position embedding", _norm(model.transformer.wpe.weight[position]))]
+            rows = [BlockRow("token embedding", block_norm(model.transformer.wte.weight[ids[-1]])),
+                    BlockRow("position embedding", block_norm(model.transformer.wpe.weight[position]))]
             if layer > 0:
-                rows.append(BlockRow("residual in", _norm(c.resid_pre[0, -1])))
-            rows.append(BlockRow("layer norm 1", _norm(c.ln_1[0, -1])))
+                rows.append(BlockRow("residual in", block_norm(c.resid_pre[0, -1])))
+            rows.append(BlockRow("layer norm 1", block_norm(c.ln_1[0, -1])))
             q, k, v = c.q[0, head, -1], c.k[0, head, position], c.v[0, head, position]
-            rows += [BlockRow("q", _norm(q), _first(q)), BlockRow("k", _norm(k), _first(k)), BlockRow("v", _norm(v))]
-            rows += [BlockRow(name, _norm(value[0, -1])) for name, value in (
+            rows += [BlockRow("q", block_norm(q), block_first(q)), BlockRow("k", block_norm(k), block_first(k)), BlockRow("v", block_norm(v))]
+            rows += [BlockRow(name, block_norm(value[0, -1])) for name, value in (
                 ("attention output", c.attn_out), ("residual + attention", c.resid_mid), ("layer norm 2", c.ln_2),
                 ("MLP output", c.mlp_out), ("residual + MLP", c.resid_post))]
         return BlockTrace(layer=layer, head=head, rows=rows)
-
-
-BLOCK_FIRST = 6  # the entries of q and k the block view shows
-
-
-def _norm(vector) -> float:
-    return float(vector.float().norm())
-
-
-def _first(vector) -> list[float]:
-    return [float(v) for v in vector[:BLOCK_FIRST].float().tolist()]

@@ -117,11 +117,10 @@ class CausalSelfAttention(nn.Module):
                 scores = scores.masked_fill(~_causal_mask(T, S, past, x.device), float("-inf"))
             weights = F.softmax(scores, dim=-1)
             y = self.attn_dropout(weights) @ v
-            if head_mask is not None:
-                y = y * head_mask.view(1, -1, 1, 1).to(y.dtype)
-            capture.append(AttentionCapture(q, k, v, scores, weights, heads=y))
-        if capture is None and head_mask is not None:
+        if head_mask is not None:  # heads knocked out: their outputs zeroed before the projection
             y = y * head_mask.view(1, -1, 1, 1).to(y.dtype)
+        if capture is not None:
+            capture.append(AttentionCapture(q, k, v, scores, weights, heads=y))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -60,8 +60,8 @@ MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit, which the other servers follow
 ATTENTION_UNAVAILABLE = "attention is not available over the OpenAI protocol (the server keeps it)"
 # the settings that are always sent; any other is sent only when it is on (not its neutral value)
 ALWAYS = ("temperature", "max_tokens", "max_completion_tokens")
-MAX_REMEMBERED_BYTES = 1 << 20
-MAX_TOKENIZE_BYTES = 16 << 20  # a /tokenize answer for a prompt the view shows: more is not one  # the file of rejected fields is a few kB: a bigger one is not ours
+MAX_REMEMBERED_BYTES = 1 << 20  # the file of rejected fields is a few kB: a bigger one is not ours
+MAX_TOKENIZE_BYTES = 16 << 20  # a /tokenize answer for a prompt the view shows: more is not one
 
 
 class ServerError(EngineError):
@@ -459,10 +459,6 @@ class RemoteEngine:
             return None
         try:
             return parse_tokenize_answer(text, json.loads(data))
-        except ValueError:
-            return None
-        try:
-            return parse_tokenize_answer(text, answer.json())
         except ValueError:
             return None
 

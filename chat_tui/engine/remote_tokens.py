@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from chat_tui.engine.inside import TokenPiece
-from chat_tui.engine.token_bytes import fragment_label, is_byte_level, piece_bytes, token_label
+from chat_tui.engine.token_bytes import bytes_label, is_byte_level, piece_bytes, token_label
 
 Tokenize = Callable[[str], list[TokenPiece]]
 
@@ -53,16 +53,9 @@ def _with_offsets(target: bytes, ids: list[int], data: list[bytes]) -> list[Toke
             start, end = char_of_byte[at], char_of_byte[at + len(chunk) - 1] + 1
         else:
             start = end = char_of_byte[at] if at < len(char_of_byte) else len(target.decode("utf-8"))
-        pieces.append(TokenPiece(id=int(token_id), text=_label(chunk), data=chunk, start=start, end=end))
+        pieces.append(TokenPiece(id=int(token_id), text=bytes_label(chunk), data=chunk, start=start, end=end))
         at += len(chunk)
     return pieces
-
-
-def _label(chunk: bytes) -> str:
-    try:
-        return chunk.decode("utf-8")
-    except UnicodeDecodeError:
-        return fragment_label(chunk)
 
 
 def local_tokenizer(model: str) -> Tokenize | None:

@@ -57,16 +57,20 @@ def fragment_label(data: bytes) -> str:
     return "".join(f"<0x{b:02X}>" for b in data)
 
 
+def bytes_label(data: bytes) -> str:
+    """A token's bytes as text: the characters they are, or `<0xE4>` labels when they are not UTF-8 alone."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return fragment_label(data)
+
+
 def token_label(decoded: str, piece: str | None, byte_level: bool) -> str:
     """A token's text for tables: `decoded` (the tokenizer's decode of it alone), unless that lost
     bytes to U+FFFD, in which case the token's own bytes (from its vocabulary `piece`) as `<0xE4>`."""
     if "\ufffd" not in decoded or piece is None:
         return decoded
-    data = piece_bytes(piece, byte_level)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return fragment_label(data)
+    return bytes_label(piece_bytes(piece, byte_level))
 
 
 def label_bytes(label: str) -> bytes:

@@ -1443,7 +1443,7 @@ class ChatApp(App[int], inherit_bindings=False):
                             "your last message).", timeout=3, markup=False)
             return
         self._db(store.set_leaf, cid, leaf)
-        await self._show_branch(store, cid, focus=branches.index_of(self.conversation.items, item))
+        await self._show_branch(store, cid, focus=self.conversation.position_of(item))
 
     def on_message_view_delete_requested(self, event: MessageView.DeleteRequested) -> None:
         """Delete on a message: it and everything below it go, in every branch; its siblings stay."""
@@ -1452,7 +1452,7 @@ class ChatApp(App[int], inherit_bindings=False):
             return
         if self.conversation.view_for(item) is None:
             return  # the message left the screen (a branch switch) before the key was handled
-        depth = branches.index_of(self.conversation.items, item)
+        depth = self.conversation.position_of(item)
 
         async def done(yes: bool | None) -> None:
             if yes and self.conversation_id == cid and not self._busy(" first"):

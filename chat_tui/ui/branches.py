@@ -74,11 +74,6 @@ def new_sibling_position(store: Store, conversation_id: int, parent: int | None)
     return (n, n)
 
 
-def index_of(items: list[ChatItem], item: ChatItem) -> int:
-    """Where `item` (that very object) is in `items`."""
-    return next(i for i, it in enumerate(items) if it is item)
-
-
 def deletion_note(item: ChatItem, below: int) -> str:
     """What deleting `item` deletes and keeps, for the question asked first."""
     others = item.siblings[1] - 1

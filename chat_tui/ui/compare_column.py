@@ -65,7 +65,6 @@ class CompareColumn(Vertical, can_focus=True):
         self.model_name = model_name
         self.steps: list[Step] = []
         self.summary = ""  # the settings in short ("T 0.7 top-p 0.9")
-        self.at_divergence: ColumnAtDivergence | None = None
         self.divergence_index: int | None = None
         self.reply = Text()  # the reply as drawn
         self._drawn = 0  # how many of `steps` `reply` shows
@@ -98,7 +97,6 @@ class CompareColumn(Vertical, can_focus=True):
         self.summary = params_summary
         self.model_name = model_name
         self.steps = []
-        self.at_divergence = None
         self.divergence_index = None
         self.reply, self._drawn, self._marked = Text(), 0, None
         self.query_one(".column-settings", Input).value = settings_text
@@ -116,7 +114,7 @@ class CompareColumn(Vertical, can_focus=True):
         self.query_one(".column-error", Static).update(Text(clean_line(text)))
 
     def mark_divergence(self, index: int | None, at: ColumnAtDivergence | None, labels: list[str]) -> None:
-        self.divergence_index, self.at_divergence = index, at
+        self.divergence_index = index
         note = Text("")
         if index is not None and at is not None:
             if at.token_id is None:

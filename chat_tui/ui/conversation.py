@@ -457,7 +457,8 @@ class ConversationView(VerticalScroll, can_focus=False):
         return MessageView(item, markdown=self.markdown, show_probs=self.show_probs, meta=meta,
                            lens_gutter=self.lens_gutter)
 
-    def _index(self, item: ChatItem) -> int:
+    def position_of(self, item: ChatItem) -> int:
+        """Where `item` (that very object) is in the conversation."""
         return next(i for i, it in enumerate(self.items) if it is item)
 
     async def _mount_window(self, start: int) -> list[MessageView]:
@@ -546,14 +547,14 @@ class ConversationView(VerticalScroll, can_focus=False):
             return
         if oldest:
             await self._remove(views[:excess])
-            self._first_shown = self._index(views[excess].item)
+            self._first_shown = self.position_of(views[excess].item)
         else:
             await self._remove(views[-excess:])
-            self._end_shown = self._index(views[-excess].item)
+            self._end_shown = self.position_of(views[-excess].item)
 
     async def remove_from(self, item: ChatItem) -> None:
         """Remove `item` and every later message."""
-        index = self._index(item)
+        index = self.position_of(item)
         doomed = self.items[index:]
         del self.items[index:]
         views = [v for v in self._views() if any(v.item is d for d in doomed)]

@@ -200,8 +200,6 @@ class SamplingTable(Widget, can_focus=True):
         self.params = SamplingParams()
         self.defaults: SamplingParams | None = None  # the model's own (None: not known yet)
         self.system_prompt = ""
-        # a word after a row's value, by setting name (e.g. why a server leaves the setting out)
-        self.notes: dict[str, str] = {}
         self.editing: str | None = None
         self.error: str | None = None  # the last refusal, shown until the next change
         self.unsupported: frozenset[str] = frozenset()  # the settings a server rejected (mark_unsupported)
@@ -282,10 +280,6 @@ class SamplingTable(Widget, can_focus=True):
                 line.append(rng.rjust(range_width), style="dim")
             if row.name in self.unsupported and not (selected and self.editing is not None):
                 line = unsupported_line(label, width)
-            else:
-                note = self.notes.get(row.name)
-                if note and not compact:
-                    line.append(f" {note}", style="dim italic")
             if line_style:
                 line.stylize_before(line_style)
             out.append_text(line)

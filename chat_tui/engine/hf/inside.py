@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 # the families whose blocks are x + attn(norm(x)) then x + mlp(norm(x)), and where their parts are
 ATTRIBUTION_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
 NOT_FOR_ARCHITECTURE = "{view} is not available for this architecture ({model_type})"
-BLOCK_FIRST = 6  # the entries of q and k the block view shows
 _ROTARY_PATCH = threading.Lock()
 ROLLOUT_WAIT_S = 0.5  # how long rollout waits for a reply that runs without attention weights
 
@@ -177,17 +176,17 @@ class HFInside:
     # ------------------------------------------------------------------ one hooked pass
 
     @contextlib.contextmanager
-    def hooks(self, kept: _Kept | None, heads_off: frozenset[Head] = frozenset(), *, qkv: bool = False,
-              everywhere: bool = False) -> Iterator[None]:
+    def hooks(self, kept: _Kept | None, heads_off: frozenset[Head] = frozenset(), *,
+              qkv: bool = False) -> Iterator[None]:
         """Hooks that keep what a view needs in `kept` and zero the heads in `heads_off`, in this thread
-        only (`everywhere`: in any thread, for a reply generated with heads off)."""
+        only (a reply generated with heads off runs its loop in the thread that entered them)."""
         parts = self.parts
         owner = threading.get_ident()
         handles = []
         patched: list[tuple[Any, Any]] = []
 
         def mine() -> bool:
-            return everywhere or threading.get_ident() == owner
+            return threading.get_ident() == owner
 
         def keep(store: dict[int, torch.Tensor], i: int, value: Any) -> None:
             store[i] = _first(value)[0].detach()
@@ -509,22 +508,22 @@ class HFInside:
             kv_head = head // max(1, q.shape[0] // k.shape[0])
             base = engine.model.base_model
             embed = engine.model.get_input_embeddings()
-            rows = [BlockRow("token embedding", _norm(embed.weight[ids[-1]]))]
+            rows = [BlockRow("token embedding", inside_maths.block_norm(embed.weight[ids[-1]]))]
             wpe = getattr(base, "wpe", None)
             if wpe is not None:
-                rows.append(BlockRow("position embedding", _norm(wpe.weight[len(ids) - 1])))
+                rows.append(BlockRow("position embedding", inside_maths.block_norm(wpe.weight[len(ids) - 1])))
             if layer > 0 or wpe is None:
-                rows.append(BlockRow("residual in", _norm(kept.resid_pre[layer][-1])))
-            rows.append(BlockRow("layer norm 1", _norm(kept.ln_1[layer][-1])))
+                rows.append(BlockRow("residual in", inside_maths.block_norm(kept.resid_pre[layer][-1])))
+            rows.append(BlockRow("layer norm 1", inside_maths.block_norm(kept.ln_1[layer][-1])))
             qh, kh, vh = q[head, -1], k[kv_head, -1], v[kv_head, -1]
-            rows += [BlockRow("q", _norm(qh), _first_entries(qh)), BlockRow("k", _norm(kh), _first_entries(kh)),
-                     BlockRow("v", _norm(vh))]
+            rows += [BlockRow("q", inside_maths.block_norm(qh), inside_maths.block_first(qh)), BlockRow("k", inside_maths.block_norm(kh), inside_maths.block_first(kh)),
+                     BlockRow("v", inside_maths.block_norm(vh))]
             attn_out = kept.attn_out[layer][-1]
             mid = kept.resid_pre[layer][-1] + attn_out
-            rows += [BlockRow("attention output", _norm(attn_out)), BlockRow("residual + attention", _norm(mid)),
-                     BlockRow("layer norm 2", _norm(kept.ln_2[layer][-1])),
-                     BlockRow("MLP output", _norm(kept.mlp_out[layer][-1])),
-                     BlockRow("residual + MLP", _norm(kept.resid_post[layer][-1]))]
+            rows += [BlockRow("attention output", inside_maths.block_norm(attn_out)), BlockRow("residual + attention", inside_maths.block_norm(mid)),
+                     BlockRow("layer norm 2", inside_maths.block_norm(kept.ln_2[layer][-1])),
+                     BlockRow("MLP output", inside_maths.block_norm(kept.mlp_out[layer][-1])),
+                     BlockRow("residual + MLP", inside_maths.block_norm(kept.resid_post[layer][-1]))]
         return BlockTrace(layer=layer, head=head, rows=rows)
 
     def explain(self, ids: Sequence[int], query_position: int, layer: int, head: int) -> Explanation:
@@ -570,11 +569,3 @@ def inside_maths_unavailable(reason: str) -> Exception:
     from chat_tui.engine.explain import ExplainUnavailable
 
     return ExplainUnavailable(reason)
-
-
-def _norm(vector: torch.Tensor) -> float:
-    return float(vector.float().norm())
-
-
-def _first_entries(vector: torch.Tensor) -> list[float]:
-    return [float(v) for v in vector[:BLOCK_FIRST].float().tolist()]

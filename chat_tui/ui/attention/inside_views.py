@@ -20,7 +20,20 @@ from rich.text import Text
 from chat_tui.engine.inside import head_name
 from chat_tui.engine.token_bytes import fragment_label
 from chat_tui.ui.attention.render import ColorMode
-from chat_tui.ui.attention.views import BOLD, CURSOR, DIM, bar, fit, label, pct, weight_style, window, wrapped
+from chat_tui.ui.attention.views import (
+    BOLD,
+    CURSOR,
+    DIM,
+    bar,
+    fit,
+    head_label,
+    label,
+    layer_label,
+    pct,
+    weight_style,
+    window,
+    wrapped,
+)
 
 if TYPE_CHECKING:
     from chat_tui.engine.inside import Attribution, BlockTrace, Head, KnockOut, Lens, Rollout, TokenPiece
@@ -34,17 +47,7 @@ CHECK_TOLERANCE = 1e-4
 SHADES = (Style(bgcolor="grey35"), Style(bgcolor="grey23"))  # alternate tokens of the cut text
 
 
-def layer_label(layer: int, n_layers: int) -> str:
-    """`layer 2/4` for the zero-based layer 1 of 4."""
-    return f"layer {layer + 1}/{n_layers}"
-
-
-def head_label(layer: int, head: int, n_layers: int, n_heads: int) -> str:
-    """`layer 2/4 · head 3/4`, counted from 1."""
-    return f"{layer_label(layer, n_layers)} · head {head + 1}/{n_heads}"
-
-
-def note_view(view: str, note: str, width: int, height: int, style: Style | str = DIM) -> Text:
+def note_view(note: str, width: int, height: int, style: Style | str = DIM) -> Text:
     """A note (unavailable, pending, nothing to show); the view's description is in the header above."""
     return window([], height, 0, wrapped(note, width, style))
 
@@ -107,7 +110,7 @@ def check_line(attribution: Attribution) -> tuple[str, bool]:
     return f"components + bias = the logit, to 1e-4: error {error:.1e} {'✓' if ok else '✗'}", ok
 
 
-def attribution_view(attribution: Attribution, token: str, n_layers: int, n_heads: int, *, width: int,
+def attribution_view(attribution: Attribution, token: str, n_heads: int, *, width: int,
                      height: int, offset: int = 0, top: int = 5) -> Text:
     """The largest contributions to the token's logit, for and against, then every head and MLP by layer."""
     check, ok = check_line(attribution)

@@ -548,14 +548,13 @@ class InspectorPane(Vertical, can_focus=True):
         source = inside(engine)
         warn = "yellow"
         if engine is None:
-            return inside_views.note_view(view, "No model is loaded.", width, height)
+            return inside_views.note_view("No model is loaded.", width, height)
         if source is None:
-            return inside_views.note_view(
-                view, f"Not available: the {engine.backend} backend does not open up its next token.",
+            return inside_views.note_view(f"Not available: the {engine.backend} backend does not open up its next token.",
                 width, height, warn)
         reason = (self._inside_views or {}).get(view)
         if reason:
-            return inside_views.note_view(view, f"Not available: {clean_line(reason)}", width, height, warn)
+            return inside_views.note_view(f"Not available: {clean_line(reason)}", width, height, warn)
         pos = state.position
         request = self._inside_request(view, pos)
         result: object = None
@@ -567,7 +566,7 @@ class InspectorPane(Vertical, can_focus=True):
                 self.inside_in_background(source, key, view, ids, token_id, state.attn_layer, state.head,
                                           state.knocked, self.token_source[1])
         if isinstance(result, Exception):
-            return inside_views.note_view(view, f"Could not compute it: {first_line(result)}", width, height, warn)
+            return inside_views.note_view(f"Could not compute it: {first_line(result)}", width, height, warn)
         n_layers, n_heads = state.n_layers, state.n_heads
         if view == "knockout" and not (isinstance(request, str) and request):
             selected = inside_views.head_label(state.attn_layer, state.head, n_layers, n_heads)
@@ -576,15 +575,15 @@ class InspectorPane(Vertical, can_focus=True):
                 result, state.knocked, selected, width=width, height=height, offset=offset,  # type: ignore[arg-type]
                 pending=isinstance(request, tuple), can_continue=can_continue)
         if isinstance(request, str):
-            return inside_views.note_view(view, request, width, height)
+            return inside_views.note_view(request, width, height)
         if result is None:
-            return inside_views.note_view(view, "computing…", width, height)
+            return inside_views.note_view("computing…", width, height)
         token = store.tokens[pos] if pos is not None and pos < len(store.tokens) else ""
         if view == "lens":
             return inside_views.lens_view(result, token, width=width, height=height,  # type: ignore[arg-type]
                                           offset=offset, mode=self.mode)
         if view == "attribution":
-            return inside_views.attribution_view(result, token, n_layers, n_heads,  # type: ignore[arg-type]
+            return inside_views.attribution_view(result, token, n_heads,  # type: ignore[arg-type]
                                                  width=width, height=height, offset=offset)
         if view == "rollout":
             assert pos is not None

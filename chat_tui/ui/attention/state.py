@@ -14,7 +14,7 @@ from rich.text import Text
 from chat_tui.engine.inside import INSIDE_VIEWS, Head
 from chat_tui.ui.attention.render import SCALE_LABEL, SCALES, Scale
 from chat_tui.ui.attention.store import AttentionStore, HeadMode
-from chat_tui.ui.attention.views import fit
+from chat_tui.ui.attention.views import fit, layer_label
 from chat_tui.ui.text import clean_line, token_label
 
 ATTENTION_VIEWS = ("heatmap", "row", "explain", "heads", "turns", "candidates")
@@ -113,7 +113,7 @@ class InspectorState:
             return "no layers"
         head = {"single": f"head {self.head + 1}/{self.n_heads}", "mean": f"mean of {self.n_heads} heads",
                 "max": f"max of {self.n_heads} heads"}[self.head_mode]
-        return f"layer {self.attn_layer + 1}/{self.n_layers} · {head}"
+        return f"{layer_label(self.attn_layer, self.n_layers)} · {head}"
 
     # ------------------------------------------------------------------ what the pane is told
 

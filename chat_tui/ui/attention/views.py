@@ -64,6 +64,16 @@ def bar(fraction: float, width: int) -> str:
     return ("█" * full + (BAR[rest] if rest else "")).ljust(width)[:width]
 
 
+def layer_label(layer: int, n_layers: int) -> str:
+    """`layer 2/4` for the zero-based layer 1 of 4."""
+    return f"layer {layer + 1}/{n_layers}"
+
+
+def head_label(layer: int, head: int, n_layers: int, n_heads: int) -> str:
+    """`layer 2/4 · head 3/4`, counted from 1."""
+    return f"{layer_label(layer, n_layers)} · head {head + 1}/{n_heads}"
+
+
 def weight_style(value: float, mode: ColorMode) -> Style:
     """The heatmap's colour for a value in [0, 1] (nothing in monochrome)."""
     if mode == "mono" or not np.isfinite(value):
